@@ -1,0 +1,4 @@
+from altp2m_replay.cli import main
+
+if __name__ == "__main__":
+    main()

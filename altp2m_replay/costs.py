@@ -1,0 +1,94 @@
+"""Cost model (SPEC §8): counters times cycles per event, with profiles and overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from altp2m_replay.errors import PolicyError, did_you_mean
+
+# key -> (default cycles, counters it is charged per). Order is the report's order.
+COSTS: dict[str, tuple[float, tuple[str, ...]]] = {
+    "ept_exit": (5000, ("ept_exits",)),
+    "lazy_copy": (500, ("lazy_copies",)),
+    "vm_event_sync": (90000, ("mem_access_events", "singlestep_events")),
+    "monitor_callback": (30000, ("mem_access_events", "singlestep_events")),
+    "vm_event_async": (5000, ("async_events",)),
+    "mtf_exit": (3000, ("mtf_exits",)),
+    "view_switch": (200, ("switches_vm_event", "switches_fast_ss")),
+    "vmfunc": (150, ("switches_vmfunc",)),
+    "ve_delivery": (500, ("ve_delivered",)),
+    "ve_agent": (2500, ("ve_delivered",)),
+    "emulation": (10000, ("emulations", "ve_emulations")),
+    "access_change": (3000, ("access_changes",)),
+    "superpage_split": (8000, ("superpage_splits", "shatters")),
+    "mmio": (40000, ("mmio_accesses",)),
+}
+PROFILES: dict[str, dict[str, float]] = {
+    "xen-dom0": {},
+    "polling-agent": {"vm_event_sync": 15000, "monitor_callback": 0},
+}
+DEFAULT_GHZ = 3.0
+EXTRA_KEYS = ("cpu_ghz", "profile")
+
+
+def check_cost_table(table: Mapping, where: str) -> None:
+    """Refuse unknown keys and non-numeric or negative values in a ``[costs]`` table."""
+    allowed = list(COSTS) + list(EXTRA_KEYS)
+    for key, value in table.items():
+        if key not in allowed:
+            raise PolicyError(f'{where}: unknown cost key "{key}"{did_you_mean(key, allowed)}')
+        if key == "profile":
+            if value not in PROFILES:
+                raise PolicyError(f'{where}: unknown profile {value!r}{did_you_mean(value, PROFILES)}')
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise PolicyError(f'{where}: cost "{key}" must be a number >= 0, found {value!r}')
+        if key == "cpu_ghz" and value <= 0:
+            raise PolicyError(f'{where}: "cpu_ghz" must be > 0, found {value!r}')
+
+
+def parse_cost_options(items) -> dict[str, float]:
+    """``--cost KEY=VALUE`` strings -> a checked dict."""
+    out: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise PolicyError(f"--cost {item}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise PolicyError(f"--cost {item}: {value!r} is not a number") from None
+    check_cost_table(out, "--cost")
+    return out
+
+
+def effective_costs(policy_costs: Mapping, profile: str | None = None,
+                    overrides: Mapping | None = None) -> dict[str, float]:
+    """Defaults, then the profile, then the policy's ``[costs]``, then the command line.
+
+    A ``--profile`` on the command line wins over a profile named in the policy.
+    Returns every cost key plus ``cpu_ghz``.
+    """
+    name = profile or policy_costs.get("profile") or "xen-dom0"
+    if name not in PROFILES:
+        raise PolicyError(f"--profile: unknown profile {name!r}{did_you_mean(name, PROFILES)}")
+    out = {k: float(v[0]) for k, v in COSTS.items()}
+    out["cpu_ghz"] = DEFAULT_GHZ
+    out.update(PROFILES[name])
+    out.update({k: float(v) for k, v in policy_costs.items() if k != "profile"})
+    if profile:  # an explicit profile re-applies over the policy's own values
+        out.update(PROFILES[name])
+    out.update({k: float(v) for k, v in (overrides or {}).items()})
+    return out
+
+
+def cycles(counters: Mapping[str, float], costs: Mapping[str, float]) -> dict[str, float]:
+    """``cycles_<key>`` per cost key and ``cycles_total`` for one row of counters."""
+    out = {}
+    total = 0.0
+    for key, (_, charged) in COSTS.items():
+        c = costs[key] * sum(counters[name] for name in charged)
+        out[f"cycles_{key}"] = c
+        total += c
+    out["cycles_total"] = total
+    return out

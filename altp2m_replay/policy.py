@@ -1,0 +1,677 @@
+"""Policy files (SPEC §9): TOML in, a validated ``Policy`` out, resolved against a trace.
+
+Loading happens in two steps. ``load_policy`` parses and checks everything that does not
+depend on a trace and returns a ``Policy`` whose gfn selectors are still symbolic.
+``resolve`` then turns every selector into sorted, merged ``[first, last]`` ranges using the
+trace's statistics (``{ set = ..., top = N }``) and the domain's RAM, and returns a
+``Resolved`` policy the engine consumes.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from altp2m_replay.errors import PolicyError, did_you_mean
+
+# p2m_access_t values, in Xen's order (xen/include/xen/mem_access.h).
+ACCESS_CODES = {
+    "n": 0, "r": 1, "w": 2, "rw": 3, "x": 4, "rx": 5, "wx": 6, "rwx": 7, "rx2rw": 8, "n2rwx": 9,
+}
+ACCESS_NAMES = {v: k for k, v in ACCESS_CODES.items()}
+KIND_CODES = {"r": 0, "w": 1, "x": 2}
+# Actions, as small integers for the kernel.
+RESPONSE_CODES = {"step": 0, "emulate": 1, "switch": 2, "set-access": 3}
+VE_CODES = {"vmfunc-step": 0, "vmfunc-switch": 1, "emulate": 2}
+SETUP_OPS = (
+    "set_mem_access", "change_gfn", "set_suppress_ve", "set_visibility", "add_ram",
+    "switch_p2m", "enable_notify",
+)
+GFN_LIMIT = 1 << 36
+
+TOP_KEYS = ("name", "description", "domain", "view", "setup", "on_violation", "on_ve", "costs")
+DOMAIN_KEYS = (
+    "altp2m", "nr_altp2m", "host_order", "host_access", "exec_sp", "monitor",
+    "access_required", "xen", "ram",
+)
+VIEW_KEYS = ("name", "index", "default_access", "visible")
+SETUP_KEYS = {
+    "set_mem_access": ("view", "gfns", "access"),
+    "change_gfn": ("view", "old", "new"),
+    "set_suppress_ve": ("view", "gfns", "suppress"),
+    "set_visibility": ("view", "visible"),
+    "add_ram": ("gfns",),
+    "switch_p2m": ("view",),
+    "enable_notify": ("vcpus",),
+}
+RULE_KEYS = ("view", "kind", "gfns", "action", "to", "fast", "access")
+VE_KEYS = ("action", "to")
+SELECTOR_SETS = ("executed", "written", "read", "touched")
+
+
+# --------------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class Domain:
+    """``[domain]`` settings, SPEC §3."""
+
+    altp2m: bool = True
+    nr_altp2m: int = 10
+    host_order: int = 9
+    host_access: str = "rwx"
+    exec_sp: bool = True
+    monitor: bool = True
+    access_required: bool = True
+    xen: tuple[int, int] = (4, 22)
+    ram: tuple[tuple[int, int], ...] | None = None
+
+
+@dataclass(frozen=True)
+class View:
+    name: str
+    index: int
+    default_access: str
+    visible: bool
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A gfn selector as written: static ``ranges``, a trace set, or ``above_ram`` offsets."""
+
+    ranges: tuple[tuple[int, int], ...] = ()
+    set: str | None = None
+    top: int | None = None
+    above_ram: tuple[int, int] | None = None
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class SetupOp:
+    op: str
+    where: str                     # "setup[3]" for messages
+    view: int | None = None
+    gfns: Selector | None = None   # set_mem_access, set_suppress_ve, add_ram; `old` of change_gfn
+    new: Selector | None = None    # change_gfn target; None means "invalid"
+    access: str | None = None
+    suppress: bool | None = None
+    visible: bool | None = None
+    vcpus: tuple[int, ...] | None = None   # None means "all"
+
+
+@dataclass(frozen=True)
+class Rule:
+    where: str
+    action: str
+    view: int | None = None
+    kinds: tuple[str, ...] | None = None
+    gfns: Selector | None = None
+    to: int = 0
+    fast: bool = False
+    access: str = "rwx"
+
+
+@dataclass(frozen=True)
+class OnVE:
+    action: str
+    to: int = 0
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    description: str
+    source: str
+    domain: Domain
+    views: tuple[View, ...]          # declared views (view 0 is implicit)
+    setup: tuple[SetupOp, ...]
+    rules: tuple[Rule, ...]
+    on_ve: OnVE | None
+    costs: dict[str, Any] = field(default_factory=dict)
+    text: str = ""
+
+    def view_name(self, index: int) -> str:
+        for v in self.views:
+            if v.index == index:
+                return v.name
+        return "0" if index == 0 else str(index)
+
+
+# --------------------------------------------------------------------------- parsing
+def _fail(where: str, msg: str) -> PolicyError:
+    return PolicyError(f"{where}: {msg}")
+
+
+def _check_keys(table: dict, allowed, where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise _fail(where, f'unknown key "{key}"{did_you_mean(key, allowed)}')
+
+
+def _gfn(value, where: str) -> int:
+    if isinstance(value, bool):
+        raise _fail(where, f"expected a gfn (integer or hex string), found {value!r}")
+    if isinstance(value, int):
+        g = value
+    elif isinstance(value, str):
+        try:
+            g = int(value, 0)
+        except ValueError:
+            raise _fail(where, f'expected a gfn (integer or hex string like "0x1f000"), found "{value}"') from None
+    else:
+        raise _fail(where, f"expected a gfn (integer or hex string), found {value!r}")
+    if not 0 <= g < GFN_LIMIT:
+        raise _fail(where, f"gfn {g:#x} out of range (0 .. 2^36-1)")
+    return g
+
+
+def _is_gfn(value) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def parse_selector(value, where: str) -> Selector:
+    """Parse a SPEC §9 gfn selector (plus ``{ above_ram = [a, b] }``)."""
+    text = repr(value)
+    if isinstance(value, dict):
+        _check_keys(value, ("set", "top", "above_ram"), where)
+        if "above_ram" in value:
+            if len(value) != 1:
+                raise _fail(where, "above_ram cannot be combined with set/top")
+            pair = value["above_ram"]
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in pair) and pair[0] <= pair[1]):
+                raise _fail(where, f"above_ram must be [first_offset, last_offset] with 0 <= first <= last, found {pair!r}")
+            return Selector(above_ram=(pair[0], pair[1]), text=text)
+        if "set" not in value:
+            raise _fail(where, 'a selector table needs "set"')
+        name = value["set"]
+        if not isinstance(name, str) or not (name in SELECTOR_SETS or name.startswith("meta:")):
+            raise _fail(where, f'set must be one of {", ".join(SELECTOR_SETS)} or "meta:NAME", found {name!r}{did_you_mean(name, SELECTOR_SETS)}')
+        top = value.get("top")
+        if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < 1):
+            raise _fail(where, f"top must be a positive integer, found {top!r}")
+        return Selector(set=name, top=top, text=text)
+    if _is_gfn(value):
+        g = _gfn(value, where)
+        return Selector(ranges=((g, g),), text=text)
+    if isinstance(value, list):
+        if len(value) == 2 and all(_is_gfn(v) for v in value):
+            a, b = _gfn(value[0], where), _gfn(value[1], where)
+            if a > b:
+                raise _fail(where, f"range [{a:#x}, {b:#x}] is empty (first > last)")
+            return Selector(ranges=((a, b),), text=text)
+        ranges = []
+        for item in value:
+            if isinstance(item, list):
+                if not (len(item) == 2 and all(_is_gfn(v) for v in item)):
+                    raise _fail(where, f"a range must be [first, last], found {item!r}")
+                a, b = _gfn(item[0], where), _gfn(item[1], where)
+                if a > b:
+                    raise _fail(where, f"range [{a:#x}, {b:#x}] is empty (first > last)")
+                ranges.append((a, b))
+            elif _is_gfn(item):
+                g = _gfn(item, where)
+                ranges.append((g, g))
+            else:
+                raise _fail(where, f"expected a gfn or [first, last], found {item!r}")
+        return Selector(ranges=tuple(ranges), text=text)
+    raise _fail(where, f"expected a gfn selector, found {value!r}")
+
+
+def _access(value, where: str, allow_special: bool = True) -> str:
+    if not isinstance(value, str) or value not in ACCESS_CODES:
+        raise _fail(where, f"unknown access {value!r}{did_you_mean(value, ACCESS_CODES)}")
+    if value in ("w", "wx"):
+        raise _fail(where, f'access "{value}" is write-without-read: an EPT misconfiguration that crashes the domain (Xen refuses it)')
+    if not allow_special and value in ("rx2rw", "n2rwx"):
+        raise _fail(where, f'access "{value}" is not allowed here')
+    return value
+
+
+def _bool(table: dict, key: str, default: bool, where: str) -> bool:
+    v = table.get(key, default)
+    if not isinstance(v, bool):
+        raise _fail(where, f'"{key}" must be true or false, found {v!r}')
+    return v
+
+
+def _int(table: dict, key: str, default: int, where: str, lo: int, hi: int) -> int:
+    v = table.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise _fail(where, f'"{key}" must be an integer in {lo}..{hi}, found {v!r}')
+    return v
+
+
+def _parse_domain(t: dict) -> Domain:
+    where = "[domain]"
+    if not isinstance(t, dict):
+        raise _fail(where, "must be a table")
+    _check_keys(t, DOMAIN_KEYS, where)
+    xen_s = t.get("xen", "4.22")
+    try:
+        major, minor = (int(p) for p in str(xen_s).split(".")[:2])
+    except ValueError:
+        raise _fail(where, f'"xen" must be a version like "4.22", found {xen_s!r}') from None
+    xen = (major, minor)
+    if xen < (4, 6):
+        raise _fail(where, f'"xen" {xen_s} predates altp2m (4.6)')
+    max_views = 512 if xen >= (4, 21) else 10
+    nr = t.get("nr_altp2m", 10)
+    if not isinstance(nr, int) or isinstance(nr, bool) or not 1 <= nr <= max_views:
+        raise _fail(where, f'"nr_altp2m" must be in 1..{max_views} for xen {xen_s}, found {nr!r}')
+    host_order = t.get("host_order", 9)
+    if host_order not in (0, 9, 18) or isinstance(host_order, bool):
+        raise _fail(where, f'"host_order" must be 0, 9 or 18, found {host_order!r}')
+    ram = None
+    if "ram" in t:
+        sel = parse_selector(t["ram"], where + " ram")
+        if sel.set or sel.above_ram:
+            raise _fail(where, '"ram" must be a list of [first_gfn, last_gfn]')
+        ram = sel.ranges
+    return Domain(
+        altp2m=_bool(t, "altp2m", True, where),
+        nr_altp2m=nr,
+        host_order=host_order,
+        host_access=_access(t.get("host_access", "rwx"), where + " host_access"),
+        exec_sp=_bool(t, "exec_sp", True, where),
+        monitor=_bool(t, "monitor", True, where),
+        access_required=_bool(t, "access_required", True, where),
+        xen=xen,
+        ram=ram,
+    )
+
+
+def _view_ref(value, names: dict[str, int], where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value == 0:
+            return 0
+        for idx in names.values():
+            if idx == value:
+                return idx
+        raise _fail(where, f"view {value} is not declared")
+    if isinstance(value, str):
+        if value in ("host", "view0", "0"):
+            return 0
+        if value in names:
+            return names[value]
+        raise _fail(where, f'unknown view "{value}"{did_you_mean(value, list(names) + ["host"])}')
+    raise _fail(where, f"expected a view name or index, found {value!r}")
+
+
+def parse_policy(text: str, source: str) -> Policy:
+    """Parse and check policy TOML ``text``; ``source`` names it in messages."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{source}: broken TOML: {exc}") from None
+    try:
+        return _build(doc, text, source)
+    except PolicyError as exc:
+        raise PolicyError(f"{source}: {exc}") from None
+
+
+def _build(doc: dict, text: str, source: str) -> Policy:
+    _check_keys(doc, TOP_KEYS, "policy")
+    name = doc.get("name")
+    if not isinstance(name, str) or not name:
+        raise _fail("policy", 'needs a "name" string')
+    description = doc.get("description", "")
+    domain = _parse_domain(doc.get("domain", {}))
+
+    raw_views = doc.get("view", [])
+    if not isinstance(raw_views, list):
+        raise _fail("[[view]]", "must be an array of tables")
+    if raw_views and not domain.altp2m:
+        raise _fail("[[view]]", "views need altp2m; this policy sets [domain] altp2m = false")
+    taken = {0}
+    explicit: dict[int, int] = {}
+    for i, v in enumerate(raw_views):
+        where = f"view[{i}]"
+        if not isinstance(v, dict):
+            raise _fail(where, "must be a table")
+        _check_keys(v, VIEW_KEYS, where)
+        if "index" in v:
+            idx = _int(v, "index", 0, where, 1, 511)
+            if idx in explicit.values():
+                raise _fail(where, f"index {idx} is already taken by another view")
+            explicit[i] = idx
+            taken.add(idx)
+    views: list[View] = []
+    names: dict[str, int] = {}
+    next_free = 1
+    for i, v in enumerate(raw_views):
+        where = f"view[{i}]"
+        vname = v.get("name")
+        if not isinstance(vname, str) or not vname or vname in ("host", "view0", "0"):
+            raise _fail(where, 'needs a "name" (not "host", "view0" or "0")')
+        if vname in names:
+            raise _fail(where, f'view name "{vname}" is used twice')
+        if i in explicit:
+            idx = explicit[i]
+        else:
+            while next_free in taken:
+                next_free += 1
+            idx = next_free
+            taken.add(idx)
+        if idx >= domain.nr_altp2m:
+            raise _fail(where, f"view index {idx} is not below nr_altp2m = {domain.nr_altp2m}: Xen has no free slot for it")
+        access = _access(v.get("default_access", domain.host_access), where + " default_access")
+        views.append(View(vname, idx, access, _bool(v, "visible", True, where)))
+        names[vname] = idx
+
+    setup = tuple(_parse_setup(doc.get("setup", []), names, domain))
+    rules = tuple(_parse_rules(doc.get("on_violation", []), names, domain))
+    on_ve = _parse_on_ve(doc.get("on_ve"), names, domain)
+    costs = doc.get("costs", {})
+    if not isinstance(costs, dict):
+        raise _fail("[costs]", "must be a table")
+    from altp2m_replay.costs import check_cost_table
+
+    check_cost_table(costs, "[costs]")
+    policy = Policy(name, description, source, domain, tuple(views), setup, rules, on_ve, dict(costs), text)
+    _check_semantics(policy)
+    return policy
+
+
+def _parse_setup(raw, names: dict[str, int], domain: Domain) -> list[SetupOp]:
+    if not isinstance(raw, list):
+        raise _fail("[[setup]]", "must be an array of tables")
+    ops = []
+    for i, t in enumerate(raw):
+        where = f"setup[{i}]"
+        if not isinstance(t, dict):
+            raise _fail(where, "must be a table")
+        op = t.get("op")
+        if op not in SETUP_KEYS:
+            raise _fail(where, f"unknown op {op!r}{did_you_mean(op, SETUP_OPS)}")
+        where = f"setup[{i}] ({op})"
+        _check_keys(t, ("op",) + SETUP_KEYS[op], where)
+        for key in SETUP_KEYS[op]:
+            if key not in t and not (op == "enable_notify" and key == "vcpus"):
+                raise _fail(where, f'missing "{key}"')
+        if not domain.altp2m and op not in ("set_mem_access", "add_ram"):
+            raise _fail(where, f"{op} needs altp2m; this policy sets [domain] altp2m = false")
+        view = _view_ref(t["view"], names, where) if "view" in t else None
+        if op == "set_mem_access":
+            ops.append(SetupOp(op, where, view=view, gfns=parse_selector(t["gfns"], where + " gfns"),
+                               access=_access(t["access"], where + " access")))
+        elif op == "change_gfn":
+            new = t["new"]
+            new_sel = None if new == "invalid" else parse_selector(new, where + " new")
+            ops.append(SetupOp(op, where, view=view, gfns=parse_selector(t["old"], where + " old"), new=new_sel))
+        elif op == "set_suppress_ve":
+            ops.append(SetupOp(op, where, view=view, gfns=parse_selector(t["gfns"], where + " gfns"),
+                               suppress=_bool(t, "suppress", True, where)))
+        elif op == "set_visibility":
+            if view == 0 and not t["visible"]:
+                pass  # Xen allows hiding view 0; nothing to refuse here
+            ops.append(SetupOp(op, where, view=view, visible=_bool(t, "visible", True, where)))
+        elif op == "add_ram":
+            ops.append(SetupOp(op, where, gfns=parse_selector(t["gfns"], where + " gfns")))
+        elif op == "switch_p2m":
+            ops.append(SetupOp(op, where, view=view))
+        elif op == "enable_notify":
+            vc = t.get("vcpus", "all")
+            if vc == "all":
+                vcpus = None
+            elif isinstance(vc, list) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 4096 for x in vc):
+                vcpus = tuple(sorted(set(vc)))
+            else:
+                raise _fail(where, f'"vcpus" must be "all" or a list of vCPU numbers (0..4095), found {vc!r}')
+            ops.append(SetupOp(op, where, vcpus=vcpus))
+    return ops
+
+
+def _parse_rules(raw, names: dict[str, int], domain: Domain) -> list[Rule]:
+    if not isinstance(raw, list):
+        raise _fail("[[on_violation]]", "must be an array of tables")
+    rules = []
+    for i, t in enumerate(raw):
+        where = f"on_violation[{i}]"
+        if not isinstance(t, dict):
+            raise _fail(where, "must be a table")
+        _check_keys(t, RULE_KEYS, where)
+        action = t.get("action")
+        if action not in RESPONSE_CODES:
+            raise _fail(where, f"unknown action {action!r}{did_you_mean(action, RESPONSE_CODES)}")
+        if not domain.altp2m and action in ("step", "switch"):
+            raise _fail(where, f'action "{action}" switches views, which needs altp2m; with altp2m = false only emulate and set-access exist')
+        view = _view_ref(t["view"], names, where) if "view" in t else None
+        kinds = None
+        if "kind" in t:
+            k = t["kind"]
+            ks = [k] if isinstance(k, str) else k
+            if not isinstance(ks, list) or not ks or any(x not in KIND_CODES for x in ks):
+                raise _fail(where, f'"kind" must be "r", "w", "x" or a list of them, found {k!r}')
+            kinds = tuple(sorted(set(ks)))
+        gfns = parse_selector(t["gfns"], where + " gfns") if "gfns" in t else None
+        extra = {"step": ("to", "fast"), "switch": ("to",), "set-access": ("access",), "emulate": ()}[action]
+        for key in ("to", "fast", "access"):
+            if key in t and key not in extra:
+                raise _fail(where, f'"{key}" does not apply to action "{action}"')
+        if action == "switch" and "to" not in t:
+            raise _fail(where, 'action "switch" needs "to"')
+        to = _view_ref(t["to"], names, where + " to") if "to" in t else 0
+        if action in ("step", "switch") and view is not None and to == view:
+            raise _fail(where, f'"to" is the view the rule filters on ({t["to"]!r}): the access would fault again in the same view')
+        fast = _bool(t, "fast", False, where)
+        if fast and domain.xen < (4, 14):
+            raise _fail(where, "fast single-step needs xen >= 4.14")
+        access = _access(t.get("access", "rwx"), where + " access") if action == "set-access" else "rwx"
+        rules.append(Rule(where, action, view, kinds, gfns, to, fast, access))
+    return rules
+
+
+def _parse_on_ve(raw, names: dict[str, int], domain: Domain) -> OnVE | None:
+    if raw is None:
+        return None
+    where = "[on_ve]"
+    if not isinstance(raw, dict):
+        raise _fail(where, "must be a table")
+    if not domain.altp2m:
+        raise _fail(where, "#VE needs altp2m; this policy sets [domain] altp2m = false")
+    _check_keys(raw, VE_KEYS, where)
+    action = raw.get("action")
+    if action not in VE_CODES:
+        raise _fail(where, f"unknown action {action!r}{did_you_mean(action, VE_CODES)}")
+    if action == "emulate":
+        if "to" in raw:
+            raise _fail(where, '"to" does not apply to action "emulate"')
+        return OnVE(action)
+    if "to" not in raw:
+        raise _fail(where, f'action "{action}" needs "to"')
+    return OnVE(action, _view_ref(raw["to"], names, where + " to"))
+
+
+def _check_semantics(p: Policy) -> None:
+    """Refuse what Xen would refuse once setup has run (visibility, VMFUNC prerequisites)."""
+    visible = {0: True} | {v.index: v.visible for v in p.views}
+    notify_any = False
+    for op in p.setup:
+        if op.op == "set_visibility":
+            visible[op.view] = op.visible
+        elif op.op == "switch_p2m" and not visible[op.view]:
+            raise _fail(op.where, f"switch_p2m to invisible view {p.view_name(op.view)!r}: Xen returns -EINVAL")
+        elif op.op == "enable_notify":
+            notify_any = True
+        elif op.op == "change_gfn" and op.new is None and op.gfns is not None and op.gfns.set is None:
+            pass
+    if p.on_ve is not None:
+        if not notify_any:
+            raise _fail("[on_ve]", "the #VE agent needs #VE and VMFUNC: add a setup op enable_notify for its vCPUs")
+        if p.on_ve.action != "emulate" and not visible.get(p.on_ve.to, False):
+            raise _fail("[on_ve]", f"VMFUNC target view {p.view_name(p.on_ve.to)!r} is invisible at the end of setup: the guest's VMFUNC would raise #UD")
+
+
+# --------------------------------------------------------------------------- loading
+def builtin_names() -> list[str]:
+    files = resources.files("altp2m_replay") / "policies"
+    return sorted(f.name[:-5] for f in files.iterdir() if f.name.endswith(".toml"))
+
+
+def builtin_text(name: str) -> str:
+    return (resources.files("altp2m_replay") / "policies" / f"{name}.toml").read_text(encoding="utf-8")
+
+
+def load_policy(ref: str) -> Policy:
+    """Load a policy by file path or built-in name."""
+    path = Path(ref)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise PolicyError(f"{ref}: no such policy file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError(f"{ref}: cannot read policy file ({exc})") from None
+        return parse_policy(text, str(ref))
+    names = builtin_names()
+    if ref not in names:
+        raise PolicyError(f'no policy file or built-in policy named "{ref}"{did_you_mean(ref, names)}')
+    return parse_policy(builtin_text(ref), f"builtin:{ref}")
+
+
+# --------------------------------------------------------------------------- resolution
+@dataclass
+class TraceFacts:
+    """What selector resolution needs from a trace: max gfn, metadata, page counts."""
+
+    max_gfn: int
+    meta_ram: list[tuple[int, int]] | None = None
+    gfn_sets: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    page_counts: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+    touched_counts: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def merge_ranges(ranges) -> np.ndarray:
+    """Sort and merge ``[first, last]`` pairs into an int64 array of shape (n, 2)."""
+    arr = np.asarray(sorted((int(a), int(b)) for a, b in ranges), dtype=np.int64).reshape(-1, 2)
+    if len(arr) <= 1:
+        return arr
+    out = [list(arr[0])]
+    for a, b in arr[1:]:
+        if a <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return np.asarray(out, dtype=np.int64)
+
+
+def gfns_to_ranges(gfns: np.ndarray) -> np.ndarray:
+    """Sorted unique gfns (any int dtype) -> merged ranges, int64 (n, 2)."""
+    g = np.unique(np.asarray(gfns, dtype=np.int64))
+    if len(g) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(g) != 1)
+    starts = np.concatenate(([g[0]], g[breaks + 1]))
+    ends = np.concatenate((g[breaks], [g[-1]]))
+    return np.stack([starts, ends], axis=1)
+
+
+def needs_page_counts(p: Policy) -> bool:
+    sels = [op.gfns for op in p.setup] + [op.new for op in p.setup] + [r.gfns for r in p.rules]
+    return any(s is not None and s.set is not None and not s.set.startswith("meta:") for s in sels)
+
+
+def ram_ranges(p: Policy, facts: TraceFacts) -> np.ndarray:
+    """Guest RAM, SPEC §3: policy ``ram``, else trace metadata ``ram``, else aligned max gfn."""
+    if p.domain.ram is not None:
+        return merge_ranges(p.domain.ram)
+    if facts.meta_ram:
+        return merge_ranges(facts.meta_ram)
+    size = 1 << p.domain.host_order
+    last = int(math.ceil((facts.max_gfn + 1) / size) * size) - 1
+    return np.asarray([[0, last]], dtype=np.int64)
+
+
+@dataclass
+class ResolvedSelectors:
+    """Every selector of a policy as int64 (n, 2) ranges, keyed by ``id(selector)``."""
+
+    ranges: dict[int, np.ndarray]
+    warnings: list[str]
+
+
+def resolve_selector(sel: Selector, facts: TraceFacts, ram_top: int, warnings: list[str], where: str) -> np.ndarray:
+    """Turn one selector into sorted merged ranges (int64, shape (n, 2))."""
+    if sel.above_ram is not None:
+        a, b = sel.above_ram
+        first, last = ram_top + 1 + a, ram_top + 1 + b
+        if last >= GFN_LIMIT:
+            raise PolicyError(f"{where}: above_ram reaches beyond gfn 2^36")
+        return np.asarray([[first, last]], dtype=np.int64)
+    if sel.set is None:
+        return merge_ranges(sel.ranges)
+    if sel.set.startswith("meta:"):
+        set_name = sel.set[5:]
+        if set_name not in facts.gfn_sets:
+            warnings.append(f"{where}: the trace has no gfn set \"{set_name}\" in its metadata; the selector is empty")
+            return np.zeros((0, 2), dtype=np.int64)
+        ranges = merge_ranges(facts.gfn_sets[set_name])
+        if sel.top is None:
+            return ranges
+        gfns, counts = facts.page_counts["touched"] if facts.page_counts else (np.zeros(0, np.uint64), np.zeros(0, np.int64))
+        g = gfns.astype(np.int64)
+        inside = np.zeros(len(g), dtype=bool)
+        for a, b in ranges:
+            inside |= (g >= a) & (g <= b)
+        return _top(g[inside], counts[inside], sel.top)
+    if facts.page_counts is None:
+        raise PolicyError(f"{where}: selector {sel.text} needs the trace's page counts")
+    gfns, counts = facts.page_counts[sel.set]
+    g = gfns.astype(np.int64)
+    if sel.top is None:
+        return gfns_to_ranges(g)
+    return _top(g, counts, sel.top)
+
+
+def _top(gfns: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
+    # Most rows first, ties broken by the lower gfn (SPEC §9).
+    order = np.lexsort((gfns, -counts))
+    return gfns_to_ranges(gfns[order[:n]])
+
+
+def resolve_all(p: Policy, facts: TraceFacts) -> tuple[np.ndarray, ResolvedSelectors]:
+    """Resolve RAM and every selector of ``p`` against ``facts``."""
+    ram = ram_ranges(p, facts)
+    ram_top = int(ram[:, 1].max()) if len(ram) else -1
+    warnings: list[str] = []
+    out: dict[int, np.ndarray] = {}
+    for op in p.setup:
+        for sel, tag in ((op.gfns, "gfns"), (op.new, "new")):
+            if sel is not None:
+                out[id(sel)] = resolve_selector(sel, facts, ram_top, warnings, f"{op.where} {tag}")
+    for r in p.rules:
+        if r.gfns is not None:
+            out[id(r.gfns)] = resolve_selector(r.gfns, facts, ram_top, warnings, f"{r.where} gfns")
+    return ram, ResolvedSelectors(out, warnings)
+
+
+def expand(ranges: np.ndarray) -> np.ndarray:
+    """int64 (n, 2) ranges -> every gfn, int64 (m,)."""
+    if len(ranges) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(a, b + 1, dtype=np.int64) for a, b in ranges])
+
+
+def page_counts_from_arrays(gfn: np.ndarray, access: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Rows per gfn for the selector sets: gfn uint64 (n,), access uint8 (n,)."""
+    out = {}
+    for name, bit in (("read", 1), ("written", 2), ("executed", 4), ("touched", 7)):
+        g, c = np.unique(gfn[(access & bit) != 0], return_counts=True)
+        out[name] = (g.astype(np.uint64), c.astype(np.int64))
+    return out
+
+
+def facts_from_arrays(arrays: dict[str, np.ndarray], meta_ram=None, gfn_sets=None) -> TraceFacts:
+    """TraceFacts for an in-memory trace (``gfn`` and ``access`` arrays)."""
+    gfn = np.asarray(arrays["gfn"], dtype=np.uint64)
+    access = np.asarray(arrays["access"], dtype=np.uint8)
+    return TraceFacts(
+        max_gfn=int(gfn.max()) if len(gfn) else 0,
+        meta_ram=meta_ram,
+        gfn_sets=dict(gfn_sets or {}),
+        page_counts=page_counts_from_arrays(gfn, access),
+    )
