@@ -1,0 +1,759 @@
+"""Numba kernels: EPT-shaped p2m trees in flat arrays and the per-access procedure of SPEC §5.
+
+Everything here takes NumPy arrays and scalars only. All state lives in arrays owned by the
+driver (``simulate.py``), so a run can stop at any row boundary (to grow a pool, or at the end
+of a batch) and carry on with identical results.
+
+**p2m trees.** Every p2m (index 0 = host, 1 + i = view i) is a 4-level radix tree over a shared
+node pool ``pool`` (int64, shape (capacity, 512)). ``roots[p]`` is the node of its top level.
+An entry is one int64:
+
+    bits 0-1  kind: 0 empty, 1 table, 2 valid leaf, 3 removed leaf (keeps its suppress-VE bit)
+    bits 2-5  access (p2m_access_t code, 0..9)
+    bit  6    suppress-VE
+    bits 8-   mfn of the first 4 KiB page (leaf) or node index (table)
+
+Entry levels: 4 (top, 512 GiB slots, tables only), 3 (1 GiB), 2 (2 MiB), 1 (4 KiB). A leaf's
+page order follows from its level. The type is always ``ram_rw`` (the only type the host
+creates), so it is not stored.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# ---- entry layout
+EMPTY = 0
+TABLE = 1
+LEAF = 2
+REMOVED = 3
+SVE_BIT = 64
+MFN_SHIFT = 8
+MFN_OFFSET = 1 << 24  # mfn = gfn + 2^24 for host RAM (SPEC §3)
+
+# ---- counters, per vCPU slot: vc[slot, C_*]
+C_RECORDS = 0
+C_INSTRUCTIONS = 1
+C_EPT_EXITS = 2
+C_LAZY = 3
+C_LAZY_4K = 4
+C_LAZY_2M = 5
+C_LAZY_1G = 6
+C_LAZY_PAGES = 7
+C_VIOLATIONS = 8
+C_MEM_ACCESS = 9
+C_SINGLESTEP = 10
+C_ASYNC = 11
+C_VE = 12
+C_VE_BLOCKED = 13
+C_VE_EMUL = 14
+C_MTF = 15
+C_SW_EVENT = 16
+C_SW_FAST = 17
+C_SW_VMFUNC = 18
+C_EMULATIONS = 19
+C_REC_EMUL = 20
+C_ACCESS_CHANGES = 21
+C_SPLITS = 22
+C_SHATTERS = 23
+C_MMIO = 24
+N_COUNTERS = 25
+
+# ---- per-view counters: pv[view, V_*]
+V_COMPLETED = 0
+V_EXITS = 1
+V_LAZY = 2
+V_LAZY_PAGES = 3
+V_VIOLATIONS = 4
+V_VE = 5
+V_SWITCHES_IN = 6
+N_VIEW_COUNTERS = 7
+
+# ---- per-gfn counters in the hash table: hvals[i, G_*]
+G_EXITS = 0
+G_VIOL_R = 1  # + kind (0 r, 1 w, 2 x)
+G_VE = 4
+G_LAZY = 5
+N_GFN_COUNTERS = 6
+
+# ---- per-vCPU state: vst[slot, S_*]
+S_VIEW = 0
+S_VE_EN = 1
+S_VE_BUSY = 2
+S_SS_ON = 3
+S_SS_RET = 4
+S_SS_FAST = 5
+S_VES_ON = 6
+S_VES_RET = 7
+S_INSN = 8
+S_STARTED = 9
+S_EMUL = 10
+N_VCPU_STATE = 11
+
+# ---- global scalars: gs[G_*]
+GS_NFREE = 0
+GS_HCOUNT = 1
+GS_CRASHED = 2
+GS_CRASH_ROW = 3
+GS_ERR_ROW = 4
+GS_ERR_GFN = 5
+GS_SETUP_SPLITS = 6
+GS_SETUP_SKIPPED = 7
+GS_NEXT_WIN = 8
+GS_SPLITS = 9  # scratch: splits done by the last tree write
+N_GS = 10
+
+# ---- domain scalars: dom[D_*]
+D_ALTP2M = 0
+D_EXEC_SP = 1
+D_MONITOR = 2
+D_ACCESS_REQUIRED = 3
+D_LAZY_MIN = 4        # xen >= 4.17: lazy copy order min(host, hole)
+D_LAZY_DEFAULT = 5    # xen >= 4.19: lazy copies take the view's default access
+D_PREPOP_DEFAULT = 6  # xen >= 4.22: prepopulate takes the view's default access
+D_VE_ACTION = 7       # -1 none, 0 vmfunc-step, 1 vmfunc-switch, 2 emulate
+D_VE_TO = 8
+D_HOST_ACCESS = 9
+D_WINDOW = 10
+D_HEADROOM = 11
+N_DOM = 12
+
+# ---- statuses returned to the driver
+ST_DONE = 0
+ST_NEED_NODES = 1
+ST_NEED_HASH = 2
+ST_CRASH = 3
+ST_UNMATCHED = 4
+ST_RETRIES = 5
+ST_NO_ENTRY = 6   # setup: change_gfn / set_suppress_ve found no effective entry
+ST_NOT_RAM = 7    # setup: change_gfn old is not host RAM
+
+# Monitor responses (policy.RESPONSE_CODES).
+A_STEP = 0
+A_EMULATE = 1
+A_SWITCH = 2
+A_SET_ACCESS = 3
+
+MAX_RETRIES = 64
+
+# Which of r(1)/w(2)/x(4) each p2m_access_t permits; rx2rw permits rx, n2rwx nothing.
+PERMITS = np.array([0, 1, 2, 3, 4, 5, 6, 7, 5, 0], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- entries
+@njit(cache=True)
+def make_leaf(mfn, access, sve):
+    return (mfn << MFN_SHIFT) | (sve << 6) | (access << 2) | LEAF
+
+
+@njit(cache=True)
+def e_kind(e):
+    return e & 3
+
+
+@njit(cache=True)
+def e_access(e):
+    return (e >> 2) & 15
+
+
+@njit(cache=True)
+def e_sve(e):
+    return (e >> 6) & 1
+
+
+@njit(cache=True)
+def e_ptr(e):
+    return e >> MFN_SHIFT
+
+
+@njit(cache=True)
+def level_shift(level):
+    return 9 * (level - 1)
+
+
+@njit(cache=True)
+def level_order(level):
+    return 9 * (level - 1)
+
+
+@njit(cache=True)
+def with_access(e, access):
+    return (e & ~np.int64(15 << 2)) | (access << 2)
+
+
+@njit(cache=True)
+def with_sve(e, sve):
+    return (e & ~np.int64(SVE_BIT)) | (sve << 6)
+
+
+@njit(cache=True)
+def piece_at(e, level, g):
+    """The 4 KiB leaf for gfn ``g`` inside leaf ``e`` of entry ``level``."""
+    off = g & ((np.int64(1) << level_order(level)) - 1)
+    return e + (off << MFN_SHIFT)
+
+
+# --------------------------------------------------------------------------- trees
+@njit(cache=True)
+def walk(pool, root, g):
+    """Walk one p2m for gfn ``g``: (entry, level) of the leaf, or (0, level) where it stops."""
+    e = pool[root, (g >> 27) & 511]
+    if e & 3 != TABLE:
+        return e, 4
+    e = pool[e >> MFN_SHIFT, (g >> 18) & 511]
+    if e & 3 != TABLE:
+        return e, 3
+    e = pool[e >> MFN_SHIFT, (g >> 9) & 511]
+    if e & 3 != TABLE:
+        return e, 2
+    return pool[e >> MFN_SHIFT, g & 511], 1
+
+
+@njit(cache=True)
+def alloc_node(pool, gs):
+    n = gs[GS_NFREE]
+    gs[GS_NFREE] = n + 1
+    pool[n, :] = 0
+    return n
+
+
+@njit(cache=True)
+def split_once(pool, gs, node, idx, level):
+    """Turn the leaf at ``pool[node, idx]`` (entry ``level``) into a table of 512 pieces."""
+    e = pool[node, idx]
+    child = alloc_node(pool, gs)
+    step = np.int64(1) << level_order(level - 1)
+    for i in range(512):
+        pool[child, i] = e + ((i * step) << MFN_SHIFT)
+    pool[node, idx] = (child << MFN_SHIFT) | TABLE
+    return child
+
+
+@njit(cache=True)
+def split_leaf(pool, gs, node, idx, level, target):
+    """Split the leaf at ``pool[node, idx]`` on the way to entry level ``target``; returns splits.
+
+    A 1 GiB leaf taken to 4 KiB splits all 512 of its 2 MiB pieces too, as Xen's
+    ``ept_split_super_page`` does (513 splits). Not recursive: Numba's cache mishandles
+    self-recursive functions.
+    """
+    child = split_once(pool, gs, node, idx, level)
+    if level == 3 and target == 1:
+        for i in range(512):
+            split_once(pool, gs, child, i, 2)
+        return 513
+    return 1
+
+
+@njit(cache=True)
+def set_leaf(pool, gs, roots, maxm, p, g, level, entry):
+    """Write ``entry`` as the leaf of entry ``level`` covering ``g`` in p2m ``p``.
+
+    Creates missing tables, splits a larger leaf above it (splits land in gs[GS_SPLITS]),
+    and replaces whatever subtree the slot held, as ``ept_set_entry`` does.
+    """
+    node = roots[p]
+    for lv in range(4, level, -1):
+        idx = (g >> level_shift(lv)) & 511
+        e = pool[node, idx]
+        k = e & 3
+        if k == TABLE:
+            node = e >> MFN_SHIFT
+        elif k == LEAF and lv <= 3:
+            gs[GS_SPLITS] += split_leaf(pool, gs, node, idx, lv, level)
+            node = pool[node, idx] >> MFN_SHIFT
+        else:
+            child = alloc_node(pool, gs)
+            pool[node, idx] = (child << MFN_SHIFT) | TABLE
+            node = child
+    pool[node, (g >> level_shift(level)) & 511] = entry
+    if entry & 3 == LEAF:
+        last = (g | ((np.int64(1) << level_order(level)) - 1))
+        if last > maxm[p]:
+            maxm[p] = last
+
+
+@njit(cache=True)
+def write_4k(pool, gs, roots, maxm, p, g, entry):
+    """A 4 KiB write (splitting a covering superpage); returns the number of splits."""
+    gs[GS_SPLITS] = 0
+    set_leaf(pool, gs, roots, maxm, p, g, 1, entry)
+    return gs[GS_SPLITS]
+
+
+@njit(cache=True)
+def propagate(pool, gs, roots, maxm, active, g, host_entry):
+    """Push the host's new 4 KiB entry for ``g`` into every active view holding ``g``.
+
+    Each view keeps its own suppress-VE bit. Returns splits.
+    """
+    splits = 0
+    for p in range(1, len(roots)):
+        if not active[p]:
+            continue
+        e, lv = walk(pool, roots[p], g)
+        if e & 3 == LEAF:
+            splits += write_4k(pool, gs, roots, maxm, p, g, with_sve(host_entry, e_sve(e)))
+    return splits
+
+
+@njit(cache=True)
+def host_set(pool, gs, roots, maxm, active, g, access, sve):
+    """View-0 ``set_mem_access`` / ``set_suppress_ve``: host 4 KiB write, then propagate.
+
+    ``access`` or ``sve`` of -1 keeps the current value. Returns (done, splits).
+    """
+    e, lv = walk(pool, roots[0], g)
+    if e & 3 != LEAF:
+        return False, 0
+    new = piece_at(e, lv, g)
+    if access >= 0:
+        new = with_access(new, access)
+    if sve >= 0:
+        new = with_sve(new, sve)
+    splits = write_4k(pool, gs, roots, maxm, 0, g, new)
+    splits += propagate(pool, gs, roots, maxm, active, g, new)
+    return True, splits
+
+
+@njit(cache=True)
+def prepopulate(pool, gs, roots, maxm, dflt, dom, p, g):
+    """Copy the host leaf covering ``g`` into view p2m ``p`` at the host order (SPEC §4).
+
+    Returns (entry for g, splits) or (-1, 0) when the host does not map ``g``.
+    """
+    e, lv = walk(pool, roots[p], g)
+    if e & 3 == LEAF:
+        return piece_at(e, lv, g), 0
+    h, hl = walk(pool, roots[0], g)
+    if h & 3 != LEAF:
+        return np.int64(-1), 0
+    access = dflt[p] if dom[D_PREPOP_DEFAULT] else e_access(h)
+    base = g & ~((np.int64(1) << level_order(hl)) - 1)
+    copy = with_sve(with_access(h, access), 1)
+    gs[GS_SPLITS] = 0
+    set_leaf(pool, gs, roots, maxm, p, base, hl, copy)
+    return piece_at(copy, hl, g), gs[GS_SPLITS]
+
+
+@njit(cache=True)
+def tree_stats(pool, root):
+    """(pages_mapped, leaves_4k, leaves_2m, leaves_1g) of one p2m."""
+    pages = 0
+    l4k = 0
+    l2m = 0
+    l1g = 0
+    for a in range(512):
+        ea = pool[root, a]
+        if ea & 3 != TABLE:
+            continue
+        na = ea >> MFN_SHIFT
+        for b in range(512):
+            eb = pool[na, b]
+            kb = eb & 3
+            if kb == LEAF:
+                l1g += 1
+                pages += 1 << 18
+            elif kb == TABLE:
+                nb = eb >> MFN_SHIFT
+                for c in range(512):
+                    ec = pool[nb, c]
+                    kc = ec & 3
+                    if kc == LEAF:
+                        l2m += 1
+                        pages += 512
+                    elif kc == TABLE:
+                        nc = ec >> MFN_SHIFT
+                        for d in range(512):
+                            if pool[nc, d] & 3 == LEAF:
+                                l4k += 1
+                                pages += 1
+    return pages, l4k, l2m, l1g
+
+
+# --------------------------------------------------------------------------- setup
+@njit(cache=True)
+def map_host(pool, gs, roots, maxm, bases, levels, access, start):
+    """Map host RAM pieces from index ``start``: ``bases`` int64 (n,) first gfns,
+    ``levels`` int64 (n,) entry levels. Returns (status, index reached)."""
+    for i in range(start, len(bases)):
+        if pool.shape[0] - gs[GS_NFREE] < 8:
+            return ST_NEED_NODES, i
+        g = bases[i]
+        set_leaf(pool, gs, roots, maxm, 0, g, levels[i], make_leaf(g + MFN_OFFSET, access, 1))
+    return ST_DONE, len(bases)
+
+
+@njit(cache=True)
+def setup_gfns(op, pool, gs, roots, maxm, active, dflt, dom, p, gfns, arg, start):
+    """Apply one setup op to ``gfns`` (int64 (n,)) from index ``start``.
+
+    op 0 set_mem_access (arg = access), 1 set_suppress_ve (arg = bit), 2 add_ram,
+    3 change_gfn to "invalid". Returns (status, index reached).
+    """
+    for i in range(start, len(gfns)):
+        if pool.shape[0] - gs[GS_NFREE] < dom[D_HEADROOM]:
+            return ST_NEED_NODES, i
+        g = gfns[i]
+        if op == 2:
+            h, hl = walk(pool, roots[0], g)
+            if h & 3 != LEAF:
+                set_leaf(pool, gs, roots, maxm, 0, g, 1, make_leaf(g + MFN_OFFSET, dom[D_HOST_ACCESS], 1))
+            continue
+        if p == 0 and op != 3:
+            done, splits = host_set(pool, gs, roots, maxm, active, g,
+                                    arg if op == 0 else -1, arg if op == 1 else -1)
+            gs[GS_SETUP_SPLITS] += splits
+            if not done:
+                gs[GS_SETUP_SKIPPED] += 1
+            continue
+        e, lv = walk(pool, roots[p], g)
+        if op == 0:
+            if e & 3 == LEAF:
+                new = with_access(piece_at(e, lv, g), arg)
+            else:
+                cur, splits = prepopulate(pool, gs, roots, maxm, dflt, dom, p, g)
+                gs[GS_SETUP_SPLITS] += splits
+                if cur < 0:
+                    gs[GS_SETUP_SKIPPED] += 1
+                    continue
+                new = with_access(cur, arg)
+            gs[GS_SETUP_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, new)
+        elif op == 1:
+            if e & 3 == LEAF:
+                src = piece_at(e, lv, g)
+            else:
+                h, hl = walk(pool, roots[0], g)
+                if h & 3 != LEAF:
+                    gs[GS_ERR_GFN] = g
+                    return ST_NO_ENTRY, i
+                src = piece_at(h, hl, g)
+            gs[GS_SETUP_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_sve(src, arg))
+        elif op == 3:
+            if e & 3 == LEAF:
+                removed = (piece_at(e, lv, g) & ~np.int64(3)) | REMOVED
+                gs[GS_SETUP_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, removed)
+    return ST_DONE, len(gfns)
+
+
+@njit(cache=True)
+def setup_change_gfn(pool, gs, roots, maxm, dflt, dom, remap, p, olds, news, start):
+    """``change_gfn`` pairs ``olds[i] -> news[i]`` (int64 (n,)) in view p2m ``p``."""
+    for i in range(start, len(olds)):
+        if pool.shape[0] - gs[GS_NFREE] < dom[D_HEADROOM]:
+            return ST_NEED_NODES, i
+        old = olds[i]
+        new = news[i]
+        cur, splits = prepopulate(pool, gs, roots, maxm, dflt, dom, p, old)
+        gs[GS_SETUP_SPLITS] += splits
+        if cur < 0:
+            gs[GS_ERR_GFN] = old
+            return ST_NOT_RAM, i
+        e, lv = walk(pool, roots[p], new)
+        if e & 3 == LEAF:
+            src = piece_at(e, lv, new)
+        else:
+            h, hl = walk(pool, roots[0], new)
+            if h & 3 != LEAF:
+                gs[GS_ERR_GFN] = new
+                return ST_NO_ENTRY, i
+            src = piece_at(h, hl, new)
+        gs[GS_SETUP_SPLITS] += write_4k(pool, gs, roots, maxm, p, old, with_sve(src, 1))
+        if new < remap[p, 0]:
+            remap[p, 0] = new
+        if new > remap[p, 1]:
+            remap[p, 1] = new
+    return ST_DONE, len(olds)
+
+
+# --------------------------------------------------------------------------- replay
+@njit(cache=True)
+def gfn_slot(hkeys, hvals, gs, view, g):
+    """Slot of (view, g) in the open-addressing table, inserting it if new."""
+    key = (view << 36) + g + 1
+    mask = len(hkeys) - 1
+    h = (key * np.int64(-7046029254386353131)) >> 20
+    i = h & mask
+    while True:
+        k = hkeys[i]
+        if k == key:
+            return i
+        if k == 0:
+            hkeys[i] = key
+            gs[GS_HCOUNT] += 1
+            return i
+        i = (i + 1) & mask
+
+
+@njit(cache=True)
+def switch_view(vst, vc, pv, s, to, counter):
+    if vst[s, S_VIEW] != to:
+        vst[s, S_VIEW] = to
+        vc[s, counter] += 1
+        pv[to, V_SWITCHES_IN] += 1
+
+
+@njit(cache=True)
+def end_instruction(vst, vc, pv, s):
+    """Close vCPU slot ``s``'s instruction (SPEC §6.3): single-step first, then #VE step."""
+    if vst[s, S_SS_ON]:
+        vc[s, C_MTF] += 1
+        if vst[s, S_SS_FAST]:
+            switch_view(vst, vc, pv, s, vst[s, S_SS_RET], C_SW_FAST)
+        else:
+            vc[s, C_SINGLESTEP] += 1
+            switch_view(vst, vc, pv, s, vst[s, S_SS_RET], C_SW_EVENT)
+        vst[s, S_SS_ON] = 0
+    if vst[s, S_VES_ON]:
+        switch_view(vst, vc, pv, s, vst[s, S_VES_RET], C_SW_VMFUNC)
+        vst[s, S_VES_ON] = 0
+    vst[s, S_VE_BUSY] = 0
+    vst[s, S_EMUL] = 0
+
+
+@njit(cache=True)
+def match_rule(rules, granges, view, kind, g):
+    """First rule matching (view, kind, g); rules int64 (n, 8), see simulate.rule_table."""
+    for r in range(rules.shape[0]):
+        if rules[r, 0] >= 0 and rules[r, 0] != view:
+            continue
+        if not (rules[r, 1] >> kind) & 1:
+            continue
+        lo = rules[r, 2]
+        hi = rules[r, 3]
+        if lo >= 0:
+            # binary search in the rule's sorted, merged ranges
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if granges[mid, 1] < g:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo >= rules[r, 3] or granges[lo, 0] > g:
+                continue
+        return r
+    return -1
+
+
+@njit(cache=True)
+def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hvals,
+                rules, granges, s, g, kind, row):
+    """SPEC §5 steps 1-8 for one access that did not complete on the fast path."""
+    kb = np.int64(1) << kind
+    altp2m = dom[D_ALTP2M]
+    for _ in range(MAX_RETRIES + 1):
+        view = vst[s, S_VIEW] if altp2m else 0
+        p = view + 1 if altp2m else 0
+        e, lv = walk(pool, roots[p], g)
+        k = e & 3
+        acc = (e >> 2) & 15
+        permitted = k == LEAF and (PERMITS[acc] & kb) != 0
+        shatter = permitted and kind == 2 and lv > 1 and not dom[D_EXEC_SP]
+        if permitted and not shatter:
+            pv[view, V_COMPLETED] += 1
+            return ST_DONE
+        # 3. #VE: the deciding entry is the leaf (valid or removed); an empty slot has sve 1.
+        sve = (e >> 6) & 1 if k >= LEAF else 1
+        if vst[s, S_VE_EN] and sve == 0:
+            if not vst[s, S_VE_BUSY]:
+                vc[s, C_VE] += 1
+                pv[view, V_VE] += 1
+                hvals[gfn_slot(hkeys, hvals, gs, view, g), G_VE] += 1
+                vst[s, S_VE_BUSY] = 1
+                act = dom[D_VE_ACTION]
+                if act == 2:
+                    vc[s, C_VE_EMUL] += 1
+                    vc[s, C_REC_EMUL] += 1
+                    vst[s, S_EMUL] = 1
+                    return ST_DONE
+                if act == 0:
+                    vst[s, S_VES_ON] = 1
+                    vst[s, S_VES_RET] = view
+                switch_view(vst, vc, pv, s, dom[D_VE_TO], C_SW_VMFUNC)
+                continue
+            vc[s, C_VE_BLOCKED] += 1
+        # 4. VM exit
+        vc[s, C_EPT_EXITS] += 1
+        pv[view, V_EXITS] += 1
+        hs = gfn_slot(hkeys, hvals, gs, view, g)
+        hvals[hs, G_EXITS] += 1
+        if k != LEAF:
+            h, hl = walk(pool, roots[0], g) if p != 0 else (e, lv)
+            if p != 0 and h & 3 == LEAF:
+                # 5. lazy copy at min(host order, hole order)
+                host_order = level_order(hl)
+                if g > maxm[p]:
+                    if (g & ~np.int64((1 << 18) - 1)) > maxm[p]:
+                        hole = 18
+                    elif (g & ~np.int64(511)) > maxm[p]:
+                        hole = 9
+                    else:
+                        hole = 0
+                else:
+                    hole = 18 if lv >= 3 else level_order(lv)
+                order = min(host_order, hole) if dom[D_LAZY_MIN] else host_order
+                level = order // 9 + 1
+                base = g & ~((np.int64(1) << order) - 1)
+                access = dflt[p] if dom[D_LAZY_DEFAULT] else e_access(h)
+                src = piece_at(h, hl, base)
+                set_leaf(pool, gs, roots, maxm, p, base, level, with_sve(with_access(src, access), 1))
+                pages = np.int64(1) << order
+                vc[s, C_LAZY] += 1
+                vc[s, C_LAZY_4K + level - 1] += 1
+                vc[s, C_LAZY_PAGES] += pages
+                pv[view, V_LAZY] += 1
+                pv[view, V_LAZY_PAGES] += pages
+                hvals[hs, G_LAZY] += 1
+                continue
+            # 6. hole: emulated MMIO
+            vc[s, C_MMIO] += 1
+            return ST_DONE
+        if not permitted:
+            # 7. access violation
+            vc[s, C_VIOLATIONS] += 1
+            pv[view, V_VIOLATIONS] += 1
+            hvals[hs, G_VIOL_R + kind] += 1
+            if acc == 8 and kind == 1:
+                vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), 3))
+                vc[s, C_ACCESS_CHANGES] += 1
+                continue
+            n2 = acc == 9
+            if n2:
+                vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), 7))
+                vc[s, C_ACCESS_CHANGES] += 1
+            if not dom[D_MONITOR]:
+                if dom[D_ACCESS_REQUIRED]:
+                    gs[GS_CRASHED] = 1
+                    gs[GS_CRASH_ROW] = row
+                    return ST_CRASH
+                if not n2:
+                    vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), 7))
+                    vc[s, C_ACCESS_CHANGES] += 1
+                continue
+            if n2:
+                vc[s, C_ASYNC] += 1
+                continue
+            vc[s, C_MEM_ACCESS] += 1
+            r = match_rule(rules, granges, view, kind, g)
+            if r < 0:
+                gs[GS_ERR_ROW] = row
+                return ST_UNMATCHED
+            action = rules[r, 4]
+            if action == A_STEP:
+                if not vst[s, S_SS_ON]:
+                    vst[s, S_SS_ON] = 1
+                    vst[s, S_SS_RET] = view
+                    vst[s, S_SS_FAST] = rules[r, 6]
+                switch_view(vst, vc, pv, s, rules[r, 5], C_SW_EVENT)
+            elif action == A_EMULATE:
+                vc[s, C_EMULATIONS] += 1
+                vc[s, C_REC_EMUL] += 1
+                vst[s, S_EMUL] = 1
+                return ST_DONE
+            elif action == A_SWITCH:
+                switch_view(vst, vc, pv, s, rules[r, 5], C_SW_EVENT)
+            else:
+                new = with_access(piece_at(e, lv, g), rules[r, 7])
+                if p <= 1:
+                    done, splits = host_set(pool, gs, roots, maxm, active, g, rules[r, 7], -1)
+                    vc[s, C_SPLITS] += splits
+                else:
+                    vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, new)
+                vc[s, C_ACCESS_CHANGES] += 1
+            continue
+        # 8. XSA-304: execute on a superpage with exec_sp = false shatters it
+        write_4k(pool, gs, roots, maxm, p, g, piece_at(e, lv, g))
+        vc[s, C_SHATTERS] += 1
+    gs[GS_ERR_ROW] = row
+    return ST_RETRIES
+
+
+@njit(cache=True)
+def snapshot(vc, snaps, w, nslots):
+    for c in range(vc.shape[1]):
+        t = 0
+        for s in range(nslots):
+            t += vc[s, c]
+        snaps[w, c] = t
+
+
+@njit(cache=True)
+def replay_batch(gfn, access, vcpu, insn, has_insn, start_row, begin,
+                 pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hvals,
+                 rules, granges, lut, snaps):
+    """Replay rows ``begin..`` of one batch; returns (status, index of the next row to do).
+
+    gfn int64 (n,), access uint8 (n,), vcpu uint16 (n,), insn int64 (n,) (ignored unless
+    ``has_insn``); ``start_row`` is the global index of the batch's row 0; ``lut`` int64
+    (4096,) maps a vCPU number to its counter slot.
+    """
+    altp2m = dom[D_ALTP2M]
+    exec_sp = dom[D_EXEC_SP]
+    window = dom[D_WINDOW]
+    headroom = dom[D_HEADROOM]
+    nslots = vc.shape[0]
+    hcap = len(hkeys)
+    n = len(gfn)
+    for i in range(begin, n):
+        if pool.shape[0] - gs[GS_NFREE] < headroom:
+            return ST_NEED_NODES, i
+        if (gs[GS_HCOUNT] + 2 * MAX_RETRIES + 4) * 2 > hcap:
+            return ST_NEED_HASH, i
+        row = start_row + i
+        if row >= gs[GS_NEXT_WIN] * window:
+            snapshot(vc, snaps, gs[GS_NEXT_WIN], nslots)
+            gs[GS_NEXT_WIN] += 1
+        s = lut[vcpu[i]]
+        ins = insn[i] if has_insn else row
+        if not vst[s, S_STARTED] or vst[s, S_INSN] != ins:
+            if vst[s, S_STARTED]:
+                end_instruction(vst, vc, pv, s)
+            vst[s, S_STARTED] = 1
+            vst[s, S_INSN] = ins
+            vc[s, C_INSTRUCTIONS] += 1
+        vc[s, C_RECORDS] += 1
+        if vst[s, S_EMUL]:
+            vc[s, C_REC_EMUL] += 1
+            continue
+        g = gfn[i]
+        a = access[i]
+        kind = 2 if a & 4 else (1 if a & 2 else 0)
+        # Fast path: a valid leaf that permits the access.
+        view = vst[s, S_VIEW] if altp2m else 0
+        p = view + 1 if altp2m else 0
+        e, lv = walk(pool, roots[p], g)
+        if (e & 3) == LEAF and (PERMITS[(e >> 2) & 15] >> kind) & 1 and (exec_sp or kind != 2 or lv == 1):
+            pv[view, V_COMPLETED] += 1
+            continue
+        st = access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hvals,
+                         rules, granges, s, g, kind, row)
+        if st != ST_DONE:
+            return st, i + 1
+    return ST_DONE, n
+
+
+@njit(cache=True)
+def finish(vst, vc, pv):
+    """End every open instruction at the end of the trace."""
+    for s in range(vst.shape[0]):
+        if vst[s, S_STARTED]:
+            end_instruction(vst, vc, pv, s)
+
+
+@njit(cache=True)
+def grow_hash(hkeys, hvals, new_cap):
+    """Rehash into tables of ``new_cap`` slots (a power of two)."""
+    nk = np.zeros(new_cap, dtype=np.int64)
+    nv = np.zeros((new_cap, hvals.shape[1]), dtype=np.int64)
+    mask = new_cap - 1
+    for i in range(len(hkeys)):
+        key = hkeys[i]
+        if key == 0:
+            continue
+        j = ((key * np.int64(-7046029254386353131)) >> 20) & mask
+        while nk[j] != 0:
+            j = (j + 1) & mask
+        nk[j] = key
+        nv[j, :] = hvals[i, :]
+    return nk, nv

@@ -1,0 +1,433 @@
+"""Python driver of the replay engine: build the p2ms, run setup, feed batches, collect counters.
+
+``Replayer`` owns every state array of one trace x policy cell. It checks and prepares
+inputs, calls the kernels in ``_kernels`` and grows the node pool or the per-gfn table when a
+kernel stops at a row boundary to ask for room. Feeding the same rows in batches of any size
+gives identical results, because all state lives in these arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from altp2m_replay.engine import _kernels as K
+from altp2m_replay.errors import PolicyError, ReplayRuntimeError
+from altp2m_replay.policy import (
+    ACCESS_CODES,
+    KIND_CODES,
+    RESPONSE_CODES,
+    VE_CODES,
+    Policy,
+    TraceFacts,
+    expand,
+    facts_from_arrays,
+    resolve_all,
+)
+
+# Kernel counter columns, in kernel order (C_* in _kernels).
+KERNEL_COUNTERS = (
+    "records", "instructions", "ept_exits", "lazy_copies", "lazy_copies_4k", "lazy_copies_2m",
+    "lazy_copies_1g", "lazy_copy_pages", "access_violations", "mem_access_events",
+    "singlestep_events", "async_events", "ve_delivered", "ve_blocked", "ve_emulations",
+    "mtf_exits", "switches_vm_event", "switches_fast_ss", "switches_vmfunc", "emulations",
+    "records_emulated", "access_changes", "superpage_splits", "shatters", "mmio_accesses",
+)
+# SPEC §7 order of the run / vCPU counters.
+COUNTERS = (
+    "records", "instructions", "ept_exits", "lazy_copies", "lazy_copies_4k", "lazy_copies_2m",
+    "lazy_copies_1g", "lazy_copy_pages", "access_violations", "mem_access_events",
+    "singlestep_events", "async_events", "vm_events", "ve_delivered", "ve_blocked",
+    "ve_emulations", "mtf_exits", "switches_vm_event", "switches_fast_ss", "switches_vmfunc",
+    "view_switches", "emulations", "records_emulated", "access_changes", "superpage_splits",
+    "shatters", "mmio_accesses", "crashed", "crash_record", "setup_splits", "setup_skipped",
+)
+VIEW_COUNTERS = (
+    "records_completed", "ept_exits", "lazy_copies", "lazy_copy_pages", "access_violations",
+    "ve_delivered", "switches_in", "pages_mapped", "leaves_4k", "leaves_2m", "leaves_1g",
+)
+GFN_COUNTERS = ("ept_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
+TIMELINE_COUNTERS = ("ept_exits", "vm_events", "ve_delivered", "lazy_copies", "view_switches")
+
+_KIDX = {name: i for i, name in enumerate(KERNEL_COUNTERS)}
+_NODES_PER_P2M = 520  # most nodes one access can allocate in one p2m (1 GiB split: 513, + path)
+
+
+def derive(row: dict) -> dict:
+    """Add the sums SPEC §7 defines (vm_events, view_switches) to a dict of kernel counters."""
+    row["vm_events"] = row["mem_access_events"] + row["singlestep_events"] + row["async_events"]
+    row["view_switches"] = row["switches_vm_event"] + row["switches_fast_ss"] + row["switches_vmfunc"]
+    return row
+
+
+def carve_ram(ranges: np.ndarray, host_order: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split RAM ranges into the largest aligned pages of order <= host_order wholly inside.
+
+    Returns (bases int64 (n,), entry levels int64 (n,)).
+    """
+    bases, levels = [], []
+
+    def carve(a: int, b: int, order: int) -> None:
+        if a > b:
+            return
+        size = 1 << order
+        lo = -(-a // size) * size
+        hi = ((b + 1) // size) * size
+        if order == 0 or lo >= hi:
+            if order == 0:
+                bases.append(np.arange(a, b + 1, dtype=np.int64))
+                levels.append(np.full(b + 1 - a, 1, dtype=np.int64))
+                return
+            carve(a, b, order - 9)
+            return
+        bases.append(np.arange(lo, hi, size, dtype=np.int64))
+        levels.append(np.full((hi - lo) // size, order // 9 + 1, dtype=np.int64))
+        carve(a, lo - 1, order - 9)
+        carve(hi, b, order - 9)
+
+    for a, b in ranges:
+        carve(int(a), int(b), host_order)
+    if not bases:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(bases), np.concatenate(levels)
+
+
+@dataclass
+class SimResult:
+    """Counters of one trace x policy cell (SPEC §7), as plain dicts and arrays."""
+
+    total: dict[str, int]
+    vcpus: dict[int, dict[str, int]]
+    views: dict[int, dict[str, int]]
+    gfns: dict[tuple[int, int], dict[str, int]]
+    timeline: dict[str, np.ndarray]
+    window: int
+    warnings: list[str] = field(default_factory=list)
+    guest_cycles: dict[int, int] = field(default_factory=dict)
+
+
+class Replayer:
+    """State and driver of one trace x policy cell.
+
+    ``vcpus`` lists every vCPU number in the trace (uint16-valued ints); ``total_rows`` and
+    ``window`` size the timeline.
+    """
+
+    def __init__(self, policy: Policy, facts: TraceFacts, vcpus, total_rows: int,
+                 window: int | None = None):
+        self.policy = policy
+        d = policy.domain
+        self.ram, sels = resolve_all(policy, facts)
+        self.warnings = list(sels.warnings) + setup_warnings(policy)
+        self.total_rows = int(total_rows)
+        self.window = int(window or max(1, math.ceil(self.total_rows / 256)))
+        self.n_windows = max(1, math.ceil(self.total_rows / self.window))
+
+        self.vcpu_list = [int(v) for v in vcpus]
+        self.lut = np.zeros(4096, dtype=np.int64)
+        self.lut[self.vcpu_list] = np.arange(len(self.vcpu_list))
+        nslots = max(1, len(self.vcpu_list))
+
+        n_p2m = 1 + (d.nr_altp2m if d.altp2m else 0)
+        self.active = np.zeros(n_p2m, dtype=np.bool_)
+        self.active[0] = True
+        if d.altp2m:
+            self.active[1] = True
+            for v in policy.views:
+                self.active[v.index + 1] = True
+        self.headroom = int(self.active.sum()) * _NODES_PER_P2M + 16
+        self.pool = np.zeros((2 * self.headroom + 64, 512), dtype=np.int64)
+        self.gs = np.zeros(K.N_GS, dtype=np.int64)
+        self.gs[K.GS_NFREE] = 0
+        self.roots = np.full(n_p2m, -1, dtype=np.int64)
+        for p in np.flatnonzero(self.active):
+            self.roots[p] = K.alloc_node(self.pool, self.gs)
+        self.maxm = np.zeros(n_p2m, dtype=np.int64)
+        self.remap = np.zeros((n_p2m, 2), dtype=np.int64)
+        self.remap[:, 0] = 1 << 62
+        self.dflt = np.full(n_p2m, ACCESS_CODES[d.host_access], dtype=np.int64)
+        for v in policy.views:
+            self.dflt[v.index + 1] = ACCESS_CODES[v.default_access]
+
+        self.dom = np.zeros(K.N_DOM, dtype=np.int64)
+        self.dom[K.D_ALTP2M] = d.altp2m
+        self.dom[K.D_EXEC_SP] = d.exec_sp
+        self.dom[K.D_MONITOR] = d.monitor
+        self.dom[K.D_ACCESS_REQUIRED] = d.access_required
+        self.dom[K.D_LAZY_MIN] = d.xen >= (4, 17)
+        self.dom[K.D_LAZY_DEFAULT] = d.xen >= (4, 19)
+        self.dom[K.D_PREPOP_DEFAULT] = d.xen >= (4, 22)
+        self.dom[K.D_VE_ACTION] = VE_CODES[policy.on_ve.action] if policy.on_ve else -1
+        self.dom[K.D_VE_TO] = policy.on_ve.to if policy.on_ve else 0
+        self.dom[K.D_HOST_ACCESS] = ACCESS_CODES[d.host_access]
+        self.dom[K.D_WINDOW] = self.window
+        self.dom[K.D_HEADROOM] = self.headroom
+
+        self.vst = np.zeros((nslots, K.N_VCPU_STATE), dtype=np.int64)
+        self.vc = np.zeros((nslots, K.N_COUNTERS), dtype=np.int64)
+        self.pv = np.zeros((max(1, n_p2m - 1), K.N_VIEW_COUNTERS), dtype=np.int64)
+        self.hkeys = np.zeros(1 << 12, dtype=np.int64)
+        self.hvals = np.zeros((1 << 12, K.N_GFN_COUNTERS), dtype=np.int64)
+        self.snaps = np.zeros((self.n_windows + 1, K.N_COUNTERS), dtype=np.int64)
+        self.rules, self.granges = rule_table(policy, sels.ranges)
+        self.guest_first = np.full(nslots, -1, dtype=np.int64)
+        self.guest_last = np.full(nslots, -1, dtype=np.int64)
+        self.done = False
+        self._build_host()
+        self._run_setup(sels.ranges)
+
+    # ------------------------------------------------------------------ set-up
+    def _grow_pool(self) -> None:
+        used = int(self.gs[K.GS_NFREE])
+        new = np.zeros((max(2 * self.pool.shape[0], used + 2 * self.headroom), 512), dtype=np.int64)
+        new[:used] = self.pool[:used]
+        self.pool = new
+
+    def _build_host(self) -> None:
+        bases, levels = carve_ram(self.ram, self.policy.domain.host_order)
+        i = 0
+        while True:
+            st, i = K.map_host(self.pool, self.gs, self.roots, self.maxm, bases, levels,
+                               self.dom[K.D_HOST_ACCESS], i)
+            if st == K.ST_DONE:
+                return
+            self._grow_pool()
+
+    def _setup_call(self, fn, *args):
+        # fn reads self.pool when called, so a grown pool is picked up on the next call.
+        i = 0
+        while True:
+            st, i = fn(*args, i)
+            if st != K.ST_NEED_NODES:
+                return st, i
+            self._grow_pool()
+
+    def _run_setup(self, ranges: dict[int, np.ndarray]) -> None:
+        p = self.policy
+        visible = {0: True} | {v.index: v.visible for v in p.views}
+        start_view = 0
+        notify: set[int] | None = set()
+        for op in p.setup:
+            if op.op == "set_visibility":
+                visible[op.view] = op.visible
+            elif op.op == "switch_p2m":
+                start_view = op.view
+            elif op.op == "enable_notify":
+                if op.vcpus is None:
+                    notify = None
+                elif notify is not None:
+                    notify |= set(op.vcpus)
+            elif op.op == "change_gfn":
+                olds = expand(ranges[id(op.gfns)])
+                pview = op.view + 1
+                if op.new is None:
+                    st, i = self._setup_call(self._gfns_op, 3, pview, olds, 0)
+                else:
+                    news = expand(ranges[id(op.new)])
+                    if len(news) == 1:
+                        news = np.full(len(olds), news[0], dtype=np.int64)
+                    elif len(news) < len(olds):
+                        raise PolicyError(f"{p.source}: {op.where}: \"new\" selects {len(news)} gfns for {len(olds)} old gfns")
+                    news = np.ascontiguousarray(news[: len(olds)])
+                    st, i = self._setup_call(self._change_gfn, pview, olds, news)
+                self._setup_status(op, st)
+            else:
+                gfns = expand(ranges[id(op.gfns)])
+                if op.op == "add_ram":
+                    st, _ = self._setup_call(self._gfns_op, 2, 0, gfns, 0)
+                else:
+                    code = 0 if op.op == "set_mem_access" else 1
+                    arg = ACCESS_CODES[op.access] if code == 0 else int(op.suppress)
+                    pview = 0 if op.view == 0 else op.view + 1
+                    st, _ = self._setup_call(self._gfns_op, code, pview, gfns, arg)
+                self._setup_status(op, st)
+        if p.domain.altp2m:
+            self.vst[:, K.S_VIEW] = start_view
+        for v, slot in zip(self.vcpu_list, range(len(self.vcpu_list)), strict=True):
+            if p.domain.altp2m and (notify is None or v in notify):
+                self.vst[slot, K.S_VE_EN] = 1
+
+    def _gfns_op(self, code, pview, gfns, arg, start):
+        return K.setup_gfns(code, self.pool, self.gs, self.roots, self.maxm, self.active,
+                            self.dflt, self.dom, pview, gfns, arg, start)
+
+    def _change_gfn(self, pview, olds, news, start):
+        return K.setup_change_gfn(self.pool, self.gs, self.roots, self.maxm, self.dflt, self.dom,
+                                  self.remap, pview, olds, news, start)
+
+    def _setup_status(self, op, st) -> None:
+        g = int(self.gs[K.GS_ERR_GFN])
+        if st == K.ST_NOT_RAM:
+            raise PolicyError(f"{self.policy.source}: {op.where}: old gfn {g:#x} is not host RAM (Xen returns -ESRCH)")
+        if st == K.ST_NO_ENTRY:
+            raise PolicyError(f"{self.policy.source}: {op.where}: gfn {g:#x} has no entry in the view nor host RAM (Xen returns -ESRCH)")
+
+    # ------------------------------------------------------------------ replay
+    def feed(self, gfn, access, vcpu=None, insn=None, tsc=None, start_row: int = 0) -> None:
+        """Replay one batch. gfn uint64 (n,), access uint8 (n,), vcpu uint16 (n,) or None,
+        insn uint64 (n,) or None, tsc uint64 (n,) or None; rows start at global ``start_row``."""
+        if self.done:
+            return
+        n = len(gfn)
+        gfn = np.ascontiguousarray(gfn, dtype=np.uint64).view(np.int64)
+        access = np.ascontiguousarray(access, dtype=np.uint8)
+        vcpu = np.zeros(n, dtype=np.uint16) if vcpu is None else np.ascontiguousarray(vcpu, dtype=np.uint16)
+        has_insn = insn is not None
+        insn_arr = np.ascontiguousarray(insn, dtype=np.uint64).view(np.int64) if has_insn else gfn
+        i = 0
+        while True:
+            st, i = K.replay_batch(gfn, access, vcpu, insn_arr, has_insn, start_row, i,
+                                   self.pool, self.gs, self.roots, self.maxm, self.active,
+                                   self.dflt, self.dom, self.vst, self.vc, self.pv,
+                                   self.hkeys, self.hvals, self.rules, self.granges, self.lut,
+                                   self.snaps)
+            if st == K.ST_NEED_NODES:
+                self._grow_pool()
+            elif st == K.ST_NEED_HASH:
+                self.hkeys, self.hvals = K.grow_hash(self.hkeys, self.hvals, 2 * len(self.hkeys))
+            elif st == K.ST_CRASH:
+                self.done = True
+                break
+            elif st == K.ST_UNMATCHED:
+                row = int(self.gs[K.GS_ERR_ROW])
+                raise ReplayRuntimeError(
+                    f"row {row}: violation in view {self.policy.view_name(self._err_view(row, vcpu, start_row))!r} "
+                    f"(gfn {int(gfn[row - start_row]):#x}) matches no [[on_violation]] rule of policy {self.policy.name!r}")
+            elif st == K.ST_RETRIES:
+                row = int(self.gs[K.GS_ERR_ROW])
+                raise ReplayRuntimeError(
+                    f"row {row}: access to gfn {int(gfn[row - start_row]):#x} retried more than "
+                    f"{K.MAX_RETRIES} times under policy {self.policy.name!r} (responses send it back where it faulted)")
+            else:
+                break
+        if tsc is not None:
+            self._track_tsc(np.asarray(tsc, dtype=np.uint64)[:i].view(np.int64), vcpu[:i])
+
+    def _err_view(self, row, vcpu, start_row) -> int:
+        return int(self.vst[self.lut[vcpu[row - start_row]], K.S_VIEW]) if self.policy.domain.altp2m else 0
+
+    def _track_tsc(self, tsc: np.ndarray, vcpu: np.ndarray) -> None:
+        if len(tsc) == 0:
+            return
+        slots = self.lut[vcpu]
+        uniq, first = np.unique(slots, return_index=True)
+        _, last_rev = np.unique(slots[::-1], return_index=True)
+        last = len(slots) - 1 - last_rev
+        fresh = self.guest_first[uniq] < 0
+        self.guest_first[uniq[fresh]] = tsc[first[fresh]]
+        self.guest_last[uniq] = tsc[last]
+
+    def finish(self) -> SimResult:
+        """End open instructions (unless crashed) and collect every table."""
+        if not self.done:
+            K.finish(self.vst, self.vc, self.pv)
+        self.done = True
+        w = int(self.gs[K.GS_NEXT_WIN])
+        for j in range(w, self.n_windows + 1):
+            K.snapshot(self.vc, self.snaps, j, self.vc.shape[0])
+        return self._collect()
+
+    def _collect(self) -> SimResult:
+        crashed = int(self.gs[K.GS_CRASHED])
+        crash_row = int(self.gs[K.GS_CRASH_ROW]) if crashed else -1
+        vcpus = {}
+        for slot, v in enumerate(self.vcpu_list):
+            row = {name: int(self.vc[slot, i]) for i, name in enumerate(KERNEL_COUNTERS)}
+            row.update(crashed=crashed, crash_record=crash_row, setup_splits=0, setup_skipped=0)
+            vcpus[v] = {k: derive(row)[k] for k in COUNTERS}
+        tot = {name: int(self.vc[:, i].sum()) for i, name in enumerate(KERNEL_COUNTERS)}
+        tot.update(crashed=crashed, crash_record=crash_row,
+                   setup_splits=int(self.gs[K.GS_SETUP_SPLITS]),
+                   setup_skipped=int(self.gs[K.GS_SETUP_SKIPPED]))
+        total = {k: derive(tot)[k] for k in COUNTERS}
+
+        views = {}
+        view_ids = [0] + [v.index for v in self.policy.views]
+        for view in sorted(view_ids):
+            p = view + 1 if self.policy.domain.altp2m else 0
+            pages, l4k, l2m, l1g = K.tree_stats(self.pool, self.roots[p])
+            row = {name: int(self.pv[view, i]) for i, name in enumerate(VIEW_COUNTERS[:7])}
+            row.update(pages_mapped=int(pages), leaves_4k=int(l4k), leaves_2m=int(l2m), leaves_1g=int(l1g))
+            views[view] = row
+
+        used = np.flatnonzero(self.hkeys)
+        keys = self.hkeys[used] - 1
+        vals = self.hvals[used]
+        keep = (vals[:, K.G_EXITS] > 0) | (vals[:, K.G_VE] > 0)
+        order = np.lexsort(((keys & ((1 << 36) - 1))[keep], (keys >> 36)[keep]))
+        gfns = {}
+        for key, val in zip(keys[keep][order], vals[keep][order], strict=True):
+            gfns[(int(key >> 36), int(key & ((1 << 36) - 1)))] = {
+                name: int(val[i]) for i, name in enumerate(GFN_COUNTERS)}
+
+        diffs = np.diff(self.snaps, axis=0)
+        tl = {name: diffs[:, _KIDX[name]] for name in KERNEL_COUNTERS}
+        timeline = {
+            "window": np.arange(self.n_windows, dtype=np.int64),
+            "first_record": np.arange(self.n_windows, dtype=np.int64) * self.window,
+        }
+        timeline.update(derive(tl))
+        guest = {}
+        for slot, v in enumerate(self.vcpu_list):
+            first, last = self.guest_first[slot], self.guest_last[slot]
+            guest[v] = int(last - first) if first >= 0 else 0
+        return SimResult(total, vcpus, views, gfns, timeline, self.window, self.warnings, guest)
+
+
+def rule_table(policy: Policy, ranges: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Rules as int64 (n, 8): view (-1 any), kind mask, gfn range [lo, hi) or -1, action, to,
+    fast, access; and the concatenated gfn ranges int64 (m, 2) they point into."""
+    rows, chunks, at = [], [], 0
+    for r in policy.rules:
+        mask = 7 if r.kinds is None else sum(1 << KIND_CODES[k] for k in r.kinds)
+        lo = hi = -1
+        if r.gfns is not None:
+            rr = ranges[id(r.gfns)]
+            lo, hi = at, at + len(rr)
+            chunks.append(rr)
+            at = hi
+        rows.append([-1 if r.view is None else r.view, mask, lo, hi, RESPONSE_CODES[r.action],
+                     r.to, int(r.fast), ACCESS_CODES[r.access]])
+    table = np.asarray(rows, dtype=np.int64).reshape(-1, 8)
+    granges = np.concatenate(chunks) if chunks else np.zeros((1, 2), dtype=np.int64)
+    return table, np.ascontiguousarray(granges, dtype=np.int64)
+
+
+def setup_warnings(policy: Policy) -> list[str]:
+    """SPEC §4 warnings: view-0 restrictions that a lazy copy will drop, view-0 suppress-VE."""
+    out = []
+    d = policy.domain
+    if not d.altp2m:
+        return out
+    for op in policy.setup:
+        if op.op == "set_mem_access" and op.view == 0 and d.xen >= (4, 19) and op.access != d.host_access:
+            out.append(f"{op.where}: view-0 access {op.access!r} is written to the host p2m; view 0 "
+                       f"copies gfns it has not mapped yet with its default access {d.host_access!r} "
+                       "(xen >= 4.19), so the restriction is lost on those gfns")
+        if op.op == "set_suppress_ve" and op.view == 0:
+            out.append(f"{op.where}: set_suppress_ve on view 0 writes the host p2m; the bit never "
+                       "reaches the tables vCPUs walk")
+    return out
+
+
+def simulate_arrays(policy: Policy, arrays: dict[str, np.ndarray], *, meta_ram=None,
+                    gfn_sets=None, batch_rows: int | None = None, window: int | None = None) -> SimResult:
+    """Replay an in-memory trace (dict of arrays: gfn, access, optional vcpu, insn, tsc)."""
+    gfn = np.asarray(arrays["gfn"], dtype=np.uint64)
+    n = len(gfn)
+    vcpu = arrays.get("vcpu")
+    vcpu = np.zeros(n, dtype=np.uint16) if vcpu is None else np.asarray(vcpu, dtype=np.uint16)
+    facts = facts_from_arrays(arrays, meta_ram=meta_ram, gfn_sets=gfn_sets)
+    rep = Replayer(policy, facts, np.unique(vcpu), n, window=window)
+    step = batch_rows or max(n, 1)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        insn = arrays.get("insn")
+        tsc = arrays.get("tsc")
+        rep.feed(gfn[a:b], arrays["access"][a:b], vcpu[a:b],
+                 None if insn is None else insn[a:b], None if tsc is None else tsc[a:b], start_row=a)
+        if rep.done:
+            break
+    return rep.finish()
