@@ -84,3 +84,75 @@ def trace_import(fmt, input_path, output, base_gfn):
 
     rows = importers.import_trace(fmt, input_path, output, base_gfn=base_gfn)
     click.echo(f"wrote {output}: {rows:,} rows")
+
+
+# --------------------------------------------------------------------------- replay
+@main.command()
+@click.argument("traces", nargs=-1, required=True, metavar="TRACE_OR_DIR...")
+@click.option("-p", "--policy", "policies", multiple=True, required=True,
+              help="Policy file or built-in name (repeatable).")
+@click.option("-o", "--output", "out_dir", default="reports/latest", show_default=True,
+              type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--cost", "costs", multiple=True, metavar="KEY=VALUE", help="Override one cost (repeatable).")
+@click.option("--profile", default=None, help="Cost profile: xen-dom0 (default) or polling-agent.")
+@click.option("--window", type=click.IntRange(min=1), default=None,
+              help="Timeline window in rows (default: rows / 256).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Processes for traces in parallel (default: number of cores).")
+@click.option("--no-html", is_flag=True, help="Skip report.html.")
+def replay(traces, policies, out_dir, costs, profile, window, jobs, no_html):
+    """Replay every TRACE (file, or folder of .parquet) under every POLICY."""
+    from altp2m_replay import costs as cost_mod
+    from altp2m_replay import run
+
+    overrides = cost_mod.parse_cost_options(costs)
+    manifest = run.replay(traces, policies, out_dir, cost_overrides=overrides, profile=profile,
+                          window=window, jobs=jobs, html=not no_html,
+                          command="altp2m-replay " + " ".join(sys.argv[1:]))
+    cells = manifest["cells"]
+    rate = manifest["timings"]["records_per_second"]
+    click.echo(f"{len(cells)} cells, {sum(c['records'] for c in cells):,} records "
+               f"in {manifest['timings']['seconds']:.2f} s ({rate or 0:,} records/s) -> {out_dir}")
+    for c in cells:
+        for w in c["warnings"]:
+            click.echo(f"warning: {c['policy']}: {w}", err=True)
+
+
+# --------------------------------------------------------------------------- policy
+@main.group(cls=_Group)
+def policy():
+    """List, show and check introspection policies (SPEC §9)."""
+
+
+@policy.command("list")
+def policy_list():
+    """Built-in policies and what each models."""
+    from altp2m_replay.policy import builtin_names, load_policy
+
+    for name in builtin_names():
+        p = load_policy(name)
+        first = " ".join(p.description.split()).split(": ")[0]
+        click.echo(f"{name:34s} {first[:90]}")
+
+
+@policy.command("show")
+@click.argument("name")
+def policy_show(name):
+    """Print a policy's TOML."""
+    from altp2m_replay.policy import load_policy
+
+    click.echo(load_policy(name).text.rstrip())
+
+
+@policy.command("check")
+@click.argument("ref", metavar="FILE_OR_NAME")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False), default=None,
+              help="Resolve trace-dependent gfn selectors and run setup against this trace.")
+def policy_check(ref, trace_path):
+    """Check a policy; with --trace also run its setup on that trace's RAM."""
+    from altp2m_replay import checks
+
+    report = checks.check_policy(ref, trace_path)
+    for w in report.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(report.summary)

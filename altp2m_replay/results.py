@@ -1,0 +1,102 @@
+"""Results: engine counters -> polars tables (SPEC §10) -> Parquet, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import polars as pl
+
+from altp2m_replay.costs import COSTS, cycles
+from altp2m_replay.engine.simulate import (
+    COUNTERS,
+    GFN_COUNTERS,
+    TIMELINE_COUNTERS,
+    VIEW_COUNTERS,
+    SimResult,
+)
+
+TABLES = ("summary", "by_view", "by_gfn", "timeline")
+
+
+def cell_tables(trace: str, policy, res: SimResult, costs: dict[str, float]) -> dict[str, pl.DataFrame]:
+    """The four tables of one trace x policy cell."""
+    ghz = costs["cpu_ghz"]
+    rows = []
+    for vcpu, counters in [(-1, res.total)] + sorted(res.vcpus.items()):
+        row = {"trace": trace, "policy": policy.name, "vcpu": vcpu}
+        row.update(counters)
+        if vcpu != -1:
+            row["setup_splits"] = 0
+            row["setup_skipped"] = 0
+        cyc = cycles(counters, costs)
+        row.update(cyc)
+        row["cycles_per_record"] = cyc["cycles_total"] / counters["records"] if counters["records"] else 0.0
+        row["overhead_us"] = cyc["cycles_total"] / (ghz * 1e3)
+        guest = sum(res.guest_cycles.values()) if vcpu == -1 else res.guest_cycles.get(vcpu, 0)
+        row["guest_cycles"] = guest
+        row["slowdown"] = (guest + cyc["cycles_total"]) / guest if guest > 0 else None
+        rows.append(row)
+    schema = {"trace": pl.Utf8, "policy": pl.Utf8, "vcpu": pl.Int32}
+    schema.update({c: pl.Int64 for c in COUNTERS})
+    schema.update({f"cycles_{k}": pl.Float64 for k in COSTS})
+    schema.update({"cycles_total": pl.Float64, "cycles_per_record": pl.Float64,
+                   "overhead_us": pl.Float64, "guest_cycles": pl.Int64, "slowdown": pl.Float64})
+    summary = pl.DataFrame(rows, schema=schema, orient="row")
+
+    view_rows = [{"trace": trace, "policy": policy.name, "view": v, "view_name": policy.view_name(v), **c}
+                 for v, c in sorted(res.views.items())]
+    vschema = {"trace": pl.Utf8, "policy": pl.Utf8, "view": pl.Int32, "view_name": pl.Utf8}
+    vschema.update({c: pl.Int64 for c in VIEW_COUNTERS})
+    by_view = pl.DataFrame(view_rows, schema=vschema, orient="row")
+
+    gschema = {"trace": pl.Utf8, "policy": pl.Utf8, "view": pl.Int32, "gfn": pl.UInt64}
+    gschema.update({c: pl.Int64 for c in GFN_COUNTERS})
+    by_gfn = pl.DataFrame(
+        [{"trace": trace, "policy": policy.name, "view": v, "gfn": g, **c} for (v, g), c in res.gfns.items()],
+        schema=gschema, orient="row")
+
+    tl = res.timeline
+    win_cycles = sum(costs[k] * sum(tl[name] for name in charged) for k, (_, charged) in COSTS.items())
+    timeline = pl.DataFrame({
+        "trace": [trace] * len(tl["window"]),
+        "policy": [policy.name] * len(tl["window"]),
+        "window": tl["window"],
+        "first_record": tl["first_record"],
+        **{name: tl[name] for name in TIMELINE_COUNTERS},
+        "cycles_total": win_cycles.astype(float),
+    })
+    return {"summary": summary, "by_view": by_view, "by_gfn": by_gfn, "timeline": timeline}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".parquet", dir=path.parent)
+    os.close(fd)
+    try:
+        df.write_parquet(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(obj, path: Path) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
