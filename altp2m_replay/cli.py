@@ -118,6 +118,19 @@ def replay(traces, policies, out_dir, costs, profile, window, jobs, no_html):
             click.echo(f"warning: {c['policy']}: {w}", err=True)
 
 
+# --------------------------------------------------------------------------- bench
+@main.command()
+@click.option("-n", "rows", type=click.IntRange(min=1000), default=20_000_000, show_default=True)
+@click.option("--vcpus", type=click.IntRange(1, 4096), default=4, show_default=True)
+@click.option("-p", "--policy", default="xen-access-altp2m-write", show_default=True)
+@click.option("--workload", default="kernel", show_default=True)
+def bench(rows, vcpus, policy, workload):
+    """Replay throughput (SPEC §13): bare scan, kernel and end-to-end rows/s."""
+    from altp2m_replay.bench import format_bench, run_bench
+
+    click.echo(format_bench(run_bench(rows, vcpus, policy, workload, echo=lambda m: click.echo(m, err=True))))
+
+
 # --------------------------------------------------------------------------- policy
 @main.group(cls=_Group)
 def policy():

@@ -1,0 +1,35 @@
+# altp2m-replay: `make run` and `make test` each set up .venv on their own.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+POLICIES := none baseline memaccess-write xen-access-altp2m-write xen-access-altp2m-exec \
+            drakvuf-hidden-breakpoints drakvuf-hidden-breakpoints-fast hvmi-ve-pagetables \
+            split-rx codemon-flip
+
+.DEFAULT_GOAL := help
+.PHONY: help run test lint bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP) ## Replay the bundled sample traces under every built-in policy into reports/samples
+	$(PY) -m altp2m_replay replay traces $(foreach p,$(POLICIES),-p $(p)) -o reports/samples
+
+test: $(STAMP) ## Run the test suite
+	$(PY) -m pytest -q
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check altp2m_replay tests
+
+bench: $(STAMP) ## Throughput figures of SPEC §13 (kernel, end-to-end, bare scan)
+	$(PY) -m altp2m_replay bench
+
+clean: ## Remove the virtual environment, caches and generated reports
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache reports/samples
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
