@@ -695,15 +695,20 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, start_row, begin,
     nslots = vc.shape[0]
     hcap = len(hkeys)
     n = len(gfn)
+    # Room checks and the next window boundary live in locals: only the slow path and a
+    # snapshot change them, and locals stay in registers across the counter stores.
+    room = pool.shape[0] - gs[GS_NFREE] >= headroom and (gs[GS_HCOUNT] + 2 * MAX_RETRIES + 4) * 2 <= hcap
+    next_snap = gs[GS_NEXT_WIN] * window
     for i in range(begin, n):
-        if pool.shape[0] - gs[GS_NFREE] < headroom:
-            return ST_NEED_NODES, i
-        if (gs[GS_HCOUNT] + 2 * MAX_RETRIES + 4) * 2 > hcap:
+        if not room:
+            if pool.shape[0] - gs[GS_NFREE] < headroom:
+                return ST_NEED_NODES, i
             return ST_NEED_HASH, i
         row = start_row + i
-        if row >= gs[GS_NEXT_WIN] * window:
+        if row >= next_snap:
             snapshot(vc, snaps, gs[GS_NEXT_WIN], nslots)
             gs[GS_NEXT_WIN] += 1
+            next_snap = gs[GS_NEXT_WIN] * window
         s = lut[vcpu[i]]
         ins = insn[i] if has_insn else row
         if not vst[s, S_STARTED] or vst[s, S_INSN] != ins:
@@ -730,6 +735,7 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, start_row, begin,
                          rules, granges, s, g, kind, row)
         if st != ST_DONE:
             return st, i + 1
+        room = pool.shape[0] - gs[GS_NFREE] >= headroom and (gs[GS_HCOUNT] + 2 * MAX_RETRIES + 4) * 2 <= hcap
     return ST_DONE, n
 
 
