@@ -65,7 +65,15 @@ def trace_validate(file):
 @click.option("--vcpus", type=click.IntRange(1, 4096), default=1, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 def trace_generate(workload, rows, seed, vcpus, output):
-    """Write a seeded synthetic trace of WORKLOAD (see `trace generate --help`)."""
+    """Write a seeded synthetic trace of WORKLOAD to FILE (same seed, same bytes).
+
+    \b
+    WORKLOAD is one of:
+      kernel  hot kernel code, Zipf data, stacks, page-table writes
+      scan    memcpy-like sequential walk through two large buffers
+      random  uniform random gfns and access kinds over 4 GiB
+      jit     kernel mix plus code written then executed (W then X)
+    """
     from altp2m_replay import generate
 
     generate.generate(workload, rows, seed=seed, vcpus=vcpus, output=output)
@@ -115,7 +123,7 @@ def replay(traces, policies, out_dir, costs, profile, window, jobs, no_html):
                f"in {manifest['timings']['seconds']:.2f} s ({rate or 0:,} records/s) -> {out_dir}")
     for c in cells:
         for w in c["warnings"]:
-            click.echo(f"warning: {c['policy']}: {w}", err=True)
+            click.echo(f"warning: {c['trace']} x {c['policy']}: {w}", err=True)
 
 
 # --------------------------------------------------------------------------- bench
@@ -169,3 +177,35 @@ def policy_check(ref, trace_path):
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo(report.summary)
+
+
+# --------------------------------------------------------------------------- report / compare
+@main.command("report")
+@click.argument("out_dir", metavar="DIR", type=click.Path())
+def report_cmd(out_dir):
+    """Re-render DIR/report.html from the Parquet tables in DIR."""
+    from altp2m_replay.report import write_report
+
+    click.echo(f"wrote {write_report(out_dir)}")
+
+
+@main.command("compare")
+@click.argument("base_dir", type=click.Path())
+@click.argument("new_dir", type=click.Path())
+@click.option("--metric", "metrics", multiple=True, metavar="NAME",
+              help="Numeric summary column to gate on (repeatable; default: cycles_total, "
+                   "ept_exits, vm_events).")
+@click.option("--max-increase", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              metavar="PCT", help="Allowed growth in percent before the gate fails.")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text",
+              show_default=True)
+def compare_cmd(base_dir, new_dir, metrics, max_increase, fmt):
+    """CI gate: compare two replay outputs; exit 1 when a metric grew past the threshold."""
+    from altp2m_replay.compare import compare
+    from altp2m_replay.errors import GateFailed
+
+    text, failed = compare(base_dir, new_dir, metrics, max_increase, fmt)
+    click.echo(text)
+    if failed:
+        raise GateFailed(f"{new_dir}: a metric grew more than {max_increase:g}% over {base_dir}, "
+                         f"or a cell of {base_dir} is missing (see above)")

@@ -1,0 +1,379 @@
+"""``trace import``: convert Valgrind lackey logs, QEMU ``mem`` plugin CSV and plain CSV into
+trace Parquet (SPEC §2). Inputs are read line by line and written in chunks, so memory stays
+bounded; a malformed line stops the import with no output file left behind.
+
+Decisions the SPEC leaves open (also in traces/README.md):
+
+* lackey: vcpu is always 0 (lackey does not tag threads); ``ip`` is the address of the
+  current ``I`` line; an access that crosses page boundaries becomes one row per page, the
+  later rows starting at their page's first byte. ``gfn_sets`` gets ``code``: the gfns of
+  the pages instructions were fetched from.
+* qemu-mem: the plugin logs data accesses only (no fetch rows). ``mem_hwaddr`` is the gpa
+  when present and non-zero (user-mode QEMU prints 0); otherwise ``mem_vaddr`` goes through
+  the first-touch allocator and page-crossing accesses are split as for lackey. Instruction
+  grouping: a store directly after a load with the same ``insn_vaddr`` completes that
+  load's instruction (read-modify-write, push/pop of memory, one ``movs`` iteration); every
+  other row starts a new instruction, so a loop that re-runs one memory instruction gives
+  one instruction per execution. Plugin summary lines at the end are skipped.
+* csv: header required; unknown columns are ignored; numbers are decimal or 0x-hex.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from array import array
+from pathlib import Path
+
+import numpy as np
+
+from altp2m_replay.errors import ImportFormatError, did_you_mean
+from altp2m_replay.traces import GFN_LIMIT, GPA_LIMIT, VCPU_LIMIT, TraceWriter
+
+FORMATS = ("lackey", "qemu-mem", "csv")
+FLUSH_ROWS = 1 << 20  # rows buffered before a chunk goes to the writer
+_TYPECODE = {"gpa": "Q", "gfn": "Q", "access": "B", "vcpu": "H", "insn": "Q", "gla": "Q",
+             "ip": "Q", "tsc": "Q", "op": "B", "arg": "Q"}
+_DTYPE = {"Q": np.uint64, "B": np.uint8, "H": np.uint16}
+_U64_MAX = (1 << 64) - 1
+
+
+class _Rows:
+    """Column buffers (``array.array``, cheap appends) flushed to a TraceWriter in chunks."""
+
+    def __init__(self, writer: TraceWriter, columns: list[str]):
+        self.writer = writer
+        self.columns = columns
+        self.bufs = {c: array(_TYPECODE[c]) for c in columns}
+        self.count = 0
+
+    def flush(self) -> None:
+        if len(self.bufs[self.columns[0]]):
+            self.writer.write({c: np.frombuffer(b, dtype=_DTYPE[b.typecode]) if len(b) else
+                               np.empty(0, _DTYPE[b.typecode]) for c, b in self.bufs.items()})
+            self.bufs = {c: array(_TYPECODE[c]) for c in self.columns}
+
+    def maybe_flush(self) -> None:
+        if len(self.bufs[self.columns[0]]) >= FLUSH_ROWS:
+            self.flush()
+
+
+class _FirstTouch:
+    """Deterministic first-touch page allocator: virtual page -> base_gfn, base_gfn + 1, ..."""
+
+    def __init__(self, base_gfn: int, label: str):
+        self.base = base_gfn
+        self.pages: dict[int, int] = {}
+        self.label = label
+
+    def gfn(self, vpage: int, lineno: int) -> int:
+        g = self.pages.get(vpage)
+        if g is None:
+            g = self.base + len(self.pages)
+            if g >= GFN_LIMIT:
+                raise ImportFormatError(f"{self.label}: line {lineno}: more virtual pages than "
+                                        f"gfns below 2^36 starting at --base-gfn {self.base:#x}")
+            self.pages[vpage] = g
+        return g
+
+    def ram(self) -> list[list[int]]:
+        return [[self.base, self.base + len(self.pages) - 1]] if self.pages else []
+
+
+def _open_text(path: Path):
+    # surrogateescape: undecodable bytes become a "malformed line" error, not a traceback
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
+    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+
+
+def _ranges(gfns) -> list[list[int]]:
+    """Sorted unique gfns -> [[first, last], ...] runs of consecutive gfns."""
+    out: list[list[int]] = []
+    for g in sorted(gfns):
+        if out and g == out[-1][1] + 1:
+            out[-1][1] = g
+        else:
+            out.append([g, g])
+    return out
+
+
+def _merge_ranges(ranges) -> list[list[int]]:
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _show(line: str) -> str:
+    text = line.rstrip("\r\n")
+    return repr(text[:60] + ("..." if len(text) > 60 else ""))
+
+
+def import_trace(fmt: str, input_path, output, base_gfn: int = 0x1000) -> int:
+    """Convert ``input_path`` in ``fmt`` (lackey, qemu-mem, csv) to a trace at ``output``;
+    return the number of rows written."""
+    if fmt not in FORMATS:
+        raise ImportFormatError(f'unknown import format "{fmt}"{did_you_mean(fmt, FORMATS)}; '
+                                f"expected one of {', '.join(FORMATS)}")
+    src = Path(input_path)
+    label = str(input_path)
+    if not src.is_file():
+        raise ImportFormatError(f"{label}: no such file" if not src.exists() else f"{label}: not a file")
+    if not 0 <= base_gfn < GFN_LIMIT:
+        raise ImportFormatError(f"--base-gfn must be in 0..2^36-1, found {base_gfn}")
+    meta = {"format": 1, "source": f"import {fmt} {src.name}", "vcpus": 1}
+    parse = {"lackey": _lackey, "qemu-mem": _qemu_mem, "csv": _csv}[fmt]
+    with TraceWriter(output, meta=meta) as writer:
+        try:
+            with _open_text(src) as fh:
+                rows = parse(fh, label, writer, base_gfn)
+        except (OSError, EOFError) as exc:  # unreadable file, broken gzip stream
+            raise ImportFormatError(f"{label}: cannot read: {exc}") from None
+        if rows == 0:
+            raise ImportFormatError(f"{label}: no memory accesses found, expected at least one")
+    return rows
+
+
+# --------------------------------------------------------------------------- lackey
+_LACKEY_KIND = {"L": 1, "S": 2, "M": 3}
+_LACKEY_HELP = 'expected "I  ADDR,SIZE", " L|S|M ADDR,SIZE" or "==PID== ..."'
+
+
+def _lackey(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
+    alloc = _FirstTouch(base_gfn, label)
+    out = _Rows(writer, ["gpa", "access", "insn", "gla", "ip"])
+    code_gfns: set[int] = set()
+    insn = -1
+    ip = 0
+    rows = 0
+    for lineno, line in enumerate(fh, 1):
+        # ==PID== is lackey's own output; --PID-- and **PID** are valgrind core messages.
+        if not line.strip() or line[:2] in ("==", "--", "**"):
+            continue
+        head = line[:3]
+        if head[0] == "I":
+            access, rest = 4, line[1:]
+        elif head[0] == " " and len(head) == 3 and head[2] == " " and head[1] in _LACKEY_KIND:
+            access, rest = _LACKEY_KIND[head[1]], line[3:]
+        else:
+            raise ImportFormatError(f"{label}: line {lineno}: {_LACKEY_HELP}, found {_show(line)}")
+        try:
+            addr_s, size_s = rest.strip().split(",")
+            addr, size = int(addr_s, 16), int(size_s, 10)
+        except ValueError:
+            raise ImportFormatError(f"{label}: line {lineno}: {_LACKEY_HELP} with ADDR in hex "
+                                    f"and SIZE in decimal, found {_show(line)}") from None
+        if not (0 <= addr <= _U64_MAX and 0 <= size <= 1 << 20) or addr + max(size, 1) - 1 > _U64_MAX:
+            raise ImportFormatError(f"{label}: line {lineno}: address or size out of range, "
+                                    f"found {_show(line)}")
+        if access == 4:
+            insn += 1
+            ip = addr
+        elif insn < 0:
+            insn = 0  # data before any fetch: an instruction without a fetch row
+        b = out.bufs
+        vpage, last = addr >> 12, (addr + max(size, 1) - 1) >> 12
+        gla = addr
+        while True:
+            gfn = alloc.gfn(vpage, lineno)
+            if access == 4:
+                code_gfns.add(gfn)
+            b["gpa"].append((gfn << 12) | (gla & 0xFFF))
+            b["access"].append(access)
+            b["insn"].append(insn)
+            b["gla"].append(gla)
+            b["ip"].append(ip)
+            rows += 1
+            if vpage == last:
+                break
+            vpage += 1
+            gla = vpage << 12
+        out.maybe_flush()
+    out.flush()
+    writer.meta["ram"] = alloc.ram()
+    writer.meta["gfn_sets"] = {"code": _ranges(code_gfns)}
+    return rows
+
+
+# --------------------------------------------------------------------------- qemu-mem
+_QEMU_HEADER = "insn_vaddr,insn_symbol,mem_vaddr,mem_hwaddr,access_size,access_type,mem_value"
+_QEMU_SUMMARY = ("mem accesses:", "io accesses:", "Warning:")
+
+
+def _qemu_mem(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
+    alloc = _FirstTouch(base_gfn, label)
+    out = _Rows(writer, ["gpa", "access", "insn", "gla", "ip"])
+    header_seen = False
+    insn = -1
+    prev_ip, prev_kind = None, 0  # prev_kind: 1 load that may be completed by a store
+    rows = 0
+    max_hw_gfn = -1
+    for lineno, line in enumerate(fh, 1):
+        text = line.strip()
+        if not text:
+            continue
+        if not header_seen:
+            if text.replace(" ", "") != _QEMU_HEADER:
+                raise ImportFormatError(f'{label}: line {lineno}: expected the header "{_QEMU_HEADER}", '
+                                        f"found {_show(line)}")
+            header_seen = True
+            continue
+        if text == _QEMU_HEADER or text.startswith(_QEMU_SUMMARY):
+            continue
+        if text.startswith("Region Base"):
+            break  # region summary printed at exit: no more accesses follow
+        fields = text.split(",")
+        if len(fields) < 7:
+            raise ImportFormatError(f"{label}: line {lineno}: expected 7 comma-separated fields "
+                                    f"({_QEMU_HEADER}), found {len(fields)}: {_show(line)}")
+        # The symbol may itself contain commas (C++): count the fixed fields from both ends.
+        insn_s = fields[0]
+        vaddr_s, hw_s, size_s, kind_s = fields[-5:-1]
+        try:
+            ip = int(insn_s, 16)
+            vaddr = int(vaddr_s, 16)
+            hw = int(hw_s, 16) if hw_s.strip() else 0
+            bits = int(size_s, 10)
+        except ValueError:
+            raise ImportFormatError(f"{label}: line {lineno}: expected hex addresses and a decimal "
+                                    f"access_size, found {_show(line)}") from None
+        kind = kind_s.strip()
+        if kind not in ("load", "store"):
+            raise ImportFormatError(f'{label}: line {lineno}: access_type must be "load" or "store", '
+                                    f"found {kind!r}")
+        if bits <= 0 or bits % 8:
+            raise ImportFormatError(f"{label}: line {lineno}: access_size must be a positive number "
+                                    f"of bits divisible by 8, found {bits}")
+        if not (0 <= ip <= _U64_MAX and 0 <= vaddr <= _U64_MAX and 0 <= hw < GPA_LIMIT):
+            raise ImportFormatError(f"{label}: line {lineno}: address out of range (mem_hwaddr must be "
+                                    f"below 2^48), found {_show(line)}")
+        access = 2 if kind == "store" else 1
+        if not (access == 2 and prev_kind == 1 and ip == prev_ip):
+            insn += 1
+        prev_ip, prev_kind = ip, (1 if access == 1 else 0)
+        b = out.bufs
+        if hw:
+            gpas = [(hw, vaddr)]
+            max_hw_gfn = max(max_hw_gfn, hw >> 12)
+        else:
+            size = bits // 8
+            vpage, last = vaddr >> 12, min(vaddr + size - 1, _U64_MAX) >> 12
+            gpas = []
+            gla = vaddr
+            while True:
+                gpas.append(((alloc.gfn(vpage, lineno) << 12) | (gla & 0xFFF), gla))
+                if vpage == last:
+                    break
+                vpage += 1
+                gla = vpage << 12
+        for gpa, gla in gpas:
+            b["gpa"].append(gpa)
+            b["access"].append(access)
+            b["insn"].append(insn)
+            b["gla"].append(gla)
+            b["ip"].append(ip)
+            rows += 1
+        out.maybe_flush()
+    if not header_seen:
+        raise ImportFormatError(f'{label}: line 1: expected the header "{_QEMU_HEADER}", found an empty file')
+    out.flush()
+    ram = alloc.ram() + ([[0, max_hw_gfn]] if max_hw_gfn >= 0 else [])
+    writer.meta["ram"] = _merge_ranges(ram)
+    return rows
+
+
+# --------------------------------------------------------------------------- csv
+_CSV_LIMITS = {
+    "gpa": (GPA_LIMIT - 1, "a guest-physical address below 2^48"),
+    "gfn": (GFN_LIMIT - 1, "a gfn below 2^36"),
+    "vcpu": (VCPU_LIMIT - 1, "a vCPU number in 0..4095"),
+    "op": (255, "an op code in 0..255"),
+}
+
+
+def _parse_access(s: str) -> int | None:
+    """'1'..'7' or letters r/w/x in any order without repeats -> mask; None if neither."""
+    if s.isdigit():
+        v = int(s)
+        return v if 1 <= v <= 7 else None
+    letters = s.lower()
+    if not letters or len(set(letters)) != len(letters) or not set(letters) <= {"r", "w", "x"}:
+        return None
+    return ("r" in letters) * 1 | ("w" in letters) * 2 | ("x" in letters) * 4
+
+
+def _parse_uint(s: str) -> int:
+    s = s.strip()
+    v = int(s[2:], 16) if s[:2].lower() == "0x" else int(s, 10)
+    if v < 0 or s[:1] in "+-":
+        raise ValueError
+    return v
+
+
+def _csv(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
+    del base_gfn  # addresses come from the file
+    reader = csv.reader(fh)
+    header = None
+    for fields in reader:
+        if fields and any(f.strip() for f in fields):
+            header = [f.strip().lower() for f in fields]
+            break
+    if header is None:
+        raise ImportFormatError(f"{label}: line 1: expected a header naming the columns "
+                                f"(gpa or gfn, access, ...), found an empty file")
+    hl = reader.line_num
+    dup = {c for c in header if header.count(c) > 1 and c}
+    if dup:
+        raise ImportFormatError(f'{label}: line {hl}: column "{sorted(dup)[0]}" appears twice in the header')
+    if ("gpa" in header) == ("gfn" in header):
+        found = "both" if "gpa" in header else "neither"
+        raise ImportFormatError(f'{label}: line {hl}: expected exactly one of the columns "gpa" and "gfn", '
+                                f"found {found}")
+    if "access" not in header:
+        raise ImportFormatError(f'{label}: line {hl}: expected an "access" column in the header, '
+                                f"found {', '.join(header)}")
+    cols = [c for c in _TYPECODE if c in header]
+    idx = [(c, header.index(c)) for c in cols]
+    out = _Rows(writer, cols)
+    width = len(header)
+    rows = 0
+    max_gfn = 0
+    addr = "gpa" if "gpa" in header else "gfn"
+    for fields in reader:
+        if not fields or (len(fields) == 1 and not fields[0].strip()):
+            continue
+        lineno = reader.line_num
+        if len(fields) != width:
+            raise ImportFormatError(f"{label}: line {lineno}: expected {width} fields as in the header, "
+                                    f"found {len(fields)}")
+        b = out.bufs
+        for c, i in idx:
+            s = fields[i].strip()
+            if c == "access":
+                v = _parse_access(s)
+                if v is None:
+                    raise ImportFormatError(f'{label}: line {lineno}: column "access": expected 1..7 or '
+                                            f"letters r, w, x (e.g. rw), found {s!r}")
+            else:
+                try:
+                    v = _parse_uint(s)
+                except ValueError:
+                    raise ImportFormatError(f'{label}: line {lineno}: column "{c}": expected a non-negative '
+                                            f"integer (decimal or 0x-hex), found {s!r}") from None
+                hi, what = _CSV_LIMITS.get(c, (_U64_MAX, "a value below 2^64"))
+                if v > hi:
+                    raise ImportFormatError(f'{label}: line {lineno}: column "{c}": expected {what}, found {s}')
+            b[c].append(v)
+        g = b[addr][-1] >> (12 if addr == "gpa" else 0)
+        if g > max_gfn:
+            max_gfn = g
+        rows += 1
+        out.maybe_flush()
+    out.flush()
+    writer.meta["ram"] = [[0, max_gfn]]
+    writer.meta.pop("vcpus")  # unknown: the CSV's vcpu column says what it says
+    return rows
