@@ -1,0 +1,92 @@
+"""Read a ``replay`` output folder back: checked Parquet tables and the manifest."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+
+from altp2m_replay.errors import OutputError
+
+KEYS = ("trace", "policy")
+SUMMARY_REQUIRED = (
+    "trace", "policy", "vcpu", "records", "ept_exits", "vm_events", "ve_delivered",
+    "view_switches", "lazy_copies", "crashed", "crash_record", "cycles_total",
+    "cycles_per_record", "overhead_us", "slowdown",
+)
+BY_VIEW_REQUIRED = (
+    "trace", "policy", "view", "view_name", "records_completed", "ept_exits", "lazy_copies",
+    "lazy_copy_pages", "switches_in", "pages_mapped", "leaves_4k", "leaves_2m", "leaves_1g",
+)
+BY_GFN_REQUIRED = (
+    "trace", "policy", "view", "gfn", "ept_exits", "viol_r", "viol_w", "viol_x", "ve_delivered",
+    "lazy_copies",
+)
+TIMELINE_REQUIRED = (
+    "trace", "policy", "window", "first_record", "ept_exits", "vm_events", "ve_delivered",
+    "lazy_copies",
+)
+
+
+def results_dir(path) -> Path:
+    """``path`` as a folder that holds ``summary.parquet``, or an ``OutputError``."""
+    d = Path(path)
+    if not d.exists():
+        raise OutputError(f"{path}: no such folder")
+    if not d.is_dir():
+        raise OutputError(f"{path}: not a folder; expected a `replay` output folder")
+    if not (d / "summary.parquet").is_file():
+        raise OutputError(f"{path}: no summary.parquet; expected a `replay` output folder")
+    return d
+
+
+def read_table(d: Path, name: str, required: Sequence[str], *, optional: bool = False
+               ) -> pl.DataFrame | None:
+    """``d/name.parquet`` with ``required`` columns; None when absent and ``optional``."""
+    path = d / f"{name}.parquet"
+    if not path.is_file():
+        if optional:
+            return None
+        raise OutputError(f"{path}: no such file")
+    try:
+        df = pl.read_parquet(path)
+    except Exception as exc:  # polars/arrow raise several types for a corrupt file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OutputError(f"{path}: not a readable Parquet table ({reason})") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise OutputError(f"{path}: missing column(s) {', '.join(missing)}; "
+                          f"expected the {name} table that `replay` writes")
+    return df
+
+
+def read_manifest(d: Path) -> dict:
+    """``manifest.json`` as a dict; {} when absent (the Parquet alone can still be rendered)."""
+    path = d / "manifest.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OutputError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise OutputError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    # the report trusts these shapes below, so a hand-edited manifest fails here, by name
+    for key in ("inputs", "policies", "cells"):
+        items = data.setdefault(key, [])
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise OutputError(f'{path}: "{key}" must be a list of objects')
+    for i, cell in enumerate(data["cells"]):
+        costs = cell.setdefault("costs", {})
+        if not isinstance(costs, dict):
+            raise OutputError(f"{path}: cells[{i}].costs must be an object")
+        for k, v in costs.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise OutputError(f'{path}: cells[{i}].costs "{k}" must be a number, found {v!r}')
+        if not isinstance(cell.setdefault("warnings", []), list):
+            raise OutputError(f"{path}: cells[{i}].warnings must be a list")
+    if not isinstance(data.get("timings", {}), dict):
+        raise OutputError(f'{path}: "timings" must be an object')
+    return data

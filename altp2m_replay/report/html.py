@@ -1,0 +1,453 @@
+"""``report.html``: one self-contained page rendered from a replay output folder (SPEC §10).
+
+``render_html(dir)`` is pure: it reads the Parquet tables and ``manifest.json`` and returns
+the page; ``write_report(dir)`` writes it atomically. The page has no external scripts, fonts
+or styles: CSS is inline, the charts are static inline SVG drawn by ``charts`` (see its
+docstring for why), and the only scripts are two tiny ones (a load marker and an error
+recorder) that the headless-browser test reads.
+Identical inputs give identical bytes: nothing is timestamped, and every list is ordered
+(traces and policies in the manifest's order, then by name; rows by their keys).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import jinja2
+import polars as pl
+from markupsafe import Markup
+
+from altp2m_replay import __version__
+from altp2m_replay.costs import COSTS, PROFILES, effective_costs
+from altp2m_replay.errors import OutputError
+from altp2m_replay.report import charts
+from altp2m_replay.report.data import (
+    BY_GFN_REQUIRED,
+    BY_VIEW_REQUIRED,
+    SUMMARY_REQUIRED,
+    TIMELINE_REQUIRED,
+    read_manifest,
+    read_table,
+    results_dir,
+)
+
+REFERENCE_POLICIES = ("none", "baseline")
+TOP_GFNS = 20
+WIDE = 1180  # px of a full-width chart: the card's inner width at the page's max width
+PANEL = 580  # px of a chart in a two-column grid
+MAX_POINTS = 512  # timeline points per line; more windows are merged so the SVG stays small
+TIMELINE_METRICS = (
+    ("ept_exits", "EPT exits"),
+    ("vm_events", "vm_events"),
+    ("ve_delivered", "#VE delivered"),
+    ("lazy_copies", "Lazy copies"),
+)
+POLICY_COLOURS = ("#2563eb", "#ea580c", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04",
+                  "#db2777", "#65a30d", "#4f46e5", "#0d9488", "#b45309")
+REFERENCE_COLOURS = {"none": "#9ca3af", "baseline": "#4b5563"}
+CATEGORY_COLOURS = {
+    "ept_exit": "#4e79a7", "lazy_copy": "#a0cbe8", "vm_event_sync": "#e15759",
+    "monitor_callback": "#ff9d9a", "vm_event_async": "#f28e2b", "mtf_exit": "#ffbe7d",
+    "view_switch": "#59a14f", "vmfunc": "#8cd17d", "ve_delivery": "#b6992d",
+    "ve_agent": "#f1ce63", "emulation": "#499894", "access_change": "#86bcb6",
+    "superpage_split": "#b07aa1", "mmio": "#9d7660",
+}
+EXTRA_CATEGORY_COLOURS = ("#d37295", "#fabfd2", "#79706e", "#bab0ac")
+
+
+# ----------------------------------------------------------------------------- formatting
+def fmt_int(v) -> str:
+    """12345 -> '12,345'; None -> '—'."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{round(v):,}"
+
+
+def fmt_signed(v) -> str:
+    return "—" if v is None else ("+" if v > 0 else "") + f"{round(v):,}"
+
+
+def fmt_us(v) -> str:
+    """Microseconds with precision that shrinks as the number grows."""
+    if v is None:
+        return "—"
+    if v == 0:
+        return "0 µs"
+    digits = 2 if abs(v) < 10 else 1 if abs(v) < 1000 else 0
+    return f"{v:,.{digits}f} µs"
+
+
+def fmt_ratio(v) -> str:
+    """A slowdown factor: '1.000×', '12.84×', '21,819×'; None (no guest cycles) -> '—'."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    digits = 3 if v < 10 else 2 if v < 100 else 1 if v < 1000 else 0
+    return f"{v:,.{digits}f}×"
+
+
+def fmt_float(v, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:,.{digits}f}"
+
+
+def fmt_bytes(v) -> str:
+    if v is None:
+        return "—"
+    for div, unit in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if v >= div:
+            return f"{v / div:,.1f} {unit}"
+    return f"{v:,} B"
+
+
+def fmt_pages(pages) -> str:
+    """4 KiB pages as a size: 70144 -> '274.0 MiB'."""
+    return "—" if pages is None else fmt_bytes(int(pages) * 4096)
+
+
+def fmt_gfn(v) -> str:
+    return f"{int(v):#x}"
+
+
+# ----------------------------------------------------------------------------- ordering
+def _ordered(present, preferred) -> list[str]:
+    """``present`` values in ``preferred`` order first, the rest by name."""
+    present = set(present)
+    head = [p for p in dict.fromkeys(preferred) if p in present]
+    return head + sorted(present - set(head))
+
+
+def _policy_colours(policies: list[str]) -> dict[str, str]:
+    out, i = {}, 0
+    for p in policies:
+        if p in REFERENCE_COLOURS:
+            out[p] = REFERENCE_COLOURS[p]
+        else:
+            out[p] = POLICY_COLOURS[i % len(POLICY_COLOURS)]
+            i += 1
+    return out
+
+
+def _cost_categories(columns) -> list[str]:
+    """``cycles_<key>`` columns in the cost model's order, unknown keys after, by name."""
+    keys = [c[len("cycles_"):] for c in columns
+            if c.startswith("cycles_") and c not in ("cycles_total", "cycles_per_record")]
+    return [k for k in COSTS if k in keys] + sorted(k for k in keys if k not in COSTS)
+
+
+def _category_colours(keys: list[str]) -> dict[str, str]:
+    extra = [k for k in keys if k not in CATEGORY_COLOURS]
+    out = {k: CATEGORY_COLOURS[k] for k in keys if k in CATEGORY_COLOURS}
+    out.update({k: EXTRA_CATEGORY_COLOURS[i % len(EXTRA_CATEGORY_COLOURS)]
+                for i, k in enumerate(extra)})
+    return out
+
+
+# ----------------------------------------------------------------------------- sections
+def _profile_name(costs: dict) -> str:
+    """The profile whose defaults equal ``costs`` exactly, else 'custom'."""
+    for name in PROFILES:
+        if effective_costs({}, name) == {k: float(v) for k, v in costs.items()}:
+            return name
+    return "custom"
+
+
+def _cost_sets(manifest: dict) -> list[dict]:
+    """Distinct effective cost tables of the run's cells, each with the cells using it."""
+    groups: dict[tuple, dict] = {}
+    for cell in manifest.get("cells", []):
+        costs = cell["costs"]
+        if not costs:
+            continue
+        key = tuple(sorted((str(k), float(v)) for k, v in costs.items()))
+        g = groups.setdefault(key, {"costs": dict(key), "cells": []})
+        g["cells"].append(f"{cell.get('trace')} · {cell.get('policy')}")
+    out = []
+    for g in groups.values():
+        g["profile"] = _profile_name(g["costs"])
+        out.append(g)
+    keys = [k for k in COSTS] + ["cpu_ghz"]
+    keys += sorted({k for g in out for k in g["costs"]} - set(keys))
+    defaults = effective_costs({})
+    rows = [{"key": k, "vals": [g["costs"].get(k) for g in out],
+             "default": defaults.get(k)} for k in keys if any(k in g["costs"] for g in out)]
+    return [{"sets": out, "rows": rows}] if out else []
+
+
+def _alerts(summary: pl.DataFrame, manifest: dict, traces, policies) -> dict:
+    crashes = (summary.filter((pl.col("vcpu") == -1) & (pl.col("crashed") != 0))
+               .select("trace", "policy", "crash_record", "records").to_dicts())
+    rank = {(t, p): (i, j) for i, t in enumerate(traces) for j, p in enumerate(policies)}
+    crashes.sort(key=lambda r: rank[(r["trace"], r["policy"])])
+    warnings = []
+    for cell in manifest.get("cells", []):
+        for w in cell["warnings"]:
+            warnings.append({"trace": cell.get("trace"), "policy": cell.get("policy"),
+                             "text": str(w)})
+    warnings.sort(key=lambda r: (rank.get((r["trace"], r["policy"]), (1 << 30, 0)),
+                                 str(r["trace"]), str(r["policy"]), r["text"]))
+    return {"crashes": crashes, "warnings": warnings}
+
+
+def _comparison(summary: pl.DataFrame, trace: str, policies, pcolour, categories, ccolour) -> dict:
+    total = summary.filter((pl.col("trace") == trace) & (pl.col("vcpu") == -1))
+    by_policy = {r["policy"]: r for r in total.to_dicts()}
+    names = [p for p in policies if p in by_policy]
+    ref = next((p for p in ("baseline", "none") if p in by_policy), None)
+    ref_cycles = by_policy[ref]["cycles_total"] if ref else None
+    rows = []
+    for p in names:
+        r = by_policy[p]
+        rows.append({**r, "colour": pcolour[p], "reference": p in REFERENCE_POLICIES,
+                     "vs_ref": None if ref is None or p == ref else r["cycles_total"] - ref_cycles})
+    used = [k for k in categories if any((by_policy[p].get(f"cycles_{k}") or 0) > 0 for p in names)]
+    series = [(k.replace("_", " "), ccolour[k]) for k in used]
+    bars = [charts.BarRow(p, [by_policy[p].get(f"cycles_{k}") or 0.0 for k in used],
+                          f"{charts.compact(by_policy[p]['cycles_total'])} cycles")
+            for p in names]
+    return {
+        "rows": rows, "ref": ref,
+        "legend": [(k.replace("_", " "), ccolour[k]) for k in used],
+        "bars": Markup(charts.stacked_bars(bars, series, width=WIDE,
+                                           aria=f"cycles by category, {trace}")),
+        "shares": Markup(charts.stacked_bars(bars, series, normalize=True, width=WIDE,
+                                             aria=f"share of cycles by category, {trace}")),
+    }
+
+
+def _merge_windows(df: pl.DataFrame, counters: list[str]) -> tuple[pl.DataFrame, int]:
+    """Sum consecutive windows so that a line has at most MAX_POINTS points."""
+    n = df.height
+    k = max(1, math.ceil(n / MAX_POINTS))
+    if k == 1:
+        return df, 1
+    merged = (df.with_columns((pl.col("window") // k).alias("_w"))
+              .group_by("_w", maintain_order=True)
+              .agg(pl.col("first_record").min(), *[pl.col(c).sum() for c in counters])
+              .sort("_w"))
+    return merged, k
+
+
+def _timeline(timeline: pl.DataFrame | None, summary: pl.DataFrame, trace: str, policies,
+              pcolour) -> dict | None:
+    if timeline is None:
+        return None
+    tl = timeline.filter(pl.col("trace") == trace)
+    if tl.height == 0:
+        return None
+    names = [p for p in policies if p in set(tl["policy"].to_list())]
+    # the lazy curve counts pages when a per-window page count exists, else copies
+    lazy_col = "lazy_copy_pages" if "lazy_copy_pages" in tl.columns else "lazy_copies"
+    counters = sorted({m for m, _ in TIMELINE_METRICS} | {lazy_col})
+    records = {r["policy"]: r["records"] for r in summary.filter(
+        (pl.col("trace") == trace) & (pl.col("vcpu") == -1)).to_dicts()}
+    per_policy, window_rows, merge = {}, None, 1
+    for p in names:
+        df = tl.filter(pl.col("policy") == p).sort("window")
+        if window_rows is None and df.height > 1:
+            window_rows = int(df["first_record"][1] - df["first_record"][0])
+        df, merge = _merge_windows(df, counters)
+        per_policy[p] = df
+    panels = []
+    for metric, title in TIMELINE_METRICS:
+        lines = [charts.Line(p, pcolour[p], per_policy[p]["first_record"].to_list(),
+                             per_policy[p][metric].to_list(), dashed=p in REFERENCE_POLICIES)
+                 for p in names]
+        panels.append({"title": title, "metric": metric,
+                       "svg": Markup(charts.line_chart(lines, x_label="record", width=PANEL,
+                                                       aria=f"{title} per window, {trace}"))})
+    lazy_lines = []
+    for p in names:
+        df = per_policy[p]
+        starts = df["first_record"].to_list()
+        # cumulative value at the END of each window: the next window's start, the run's end last
+        ends = starts[1:] + [records.get(p, starts[-1])]
+        cum = df[lazy_col].cum_sum().to_list()
+        lazy_lines.append(charts.Line(p, pcolour[p], [0, *ends], [0, *cum],
+                                      dashed=p in REFERENCE_POLICIES))
+    lazy_title = "Lazy copy pages (cumulative)" if lazy_col == "lazy_copy_pages" else \
+        "Lazy copies (cumulative)"
+    return {
+        "panels": panels,
+        "legend": [(p, pcolour[p], p in REFERENCE_POLICIES) for p in names],
+        "window_rows": window_rows * merge if window_rows else None,
+        "merged": merge,
+        "lazy_title": lazy_title,
+        "lazy_svg": Markup(charts.line_chart(lazy_lines, x_label="record", width=WIDE, height=280,
+                                             aria=f"{lazy_title}, {trace}")),
+    }
+
+
+def _views(by_view: pl.DataFrame | None, trace: str, policies, pcolour) -> list[dict]:
+    if by_view is None:
+        return []
+    rows = by_view.filter(pl.col("trace") == trace).to_dicts()
+    rank = {p: i for i, p in enumerate(policies)}
+    rows.sort(key=lambda r: (rank.get(r["policy"], 1 << 30), r["view"]))
+    top = max((r["pages_mapped"] for r in rows), default=0) or 1
+    prev = None
+    for r in rows:
+        r["first"] = r["policy"] != prev
+        r["colour"] = pcolour.get(r["policy"], "#999")
+        r["bar"] = f"{100 * r['pages_mapped'] / top:.1f}"
+        prev = r["policy"]
+    return rows
+
+
+def _vcpus(summary: pl.DataFrame, trace: str, policies, pcolour) -> list[dict]:
+    rows = summary.filter(pl.col("trace") == trace).to_dicts()
+    rank = {p: i for i, p in enumerate(policies)}
+    # each policy's vCPUs in order, then its total row (vcpu -1) last
+    rows.sort(key=lambda r: (rank.get(r["policy"], 1 << 30), r["vcpu"] < 0, r["vcpu"]))
+    prev = None
+    for r in rows:
+        r["first"] = r["policy"] != prev
+        r["colour"] = pcolour.get(r["policy"], "#999")
+        prev = r["policy"]
+    return rows
+
+
+def _hotspots(by_gfn: pl.DataFrame | None, by_view: pl.DataFrame | None, trace: str,
+              policies, pcolour) -> list[dict]:
+    if by_gfn is None:
+        return []
+    df = by_gfn.filter(pl.col("trace") == trace)
+    names = {}
+    if by_view is not None:
+        names = {(r["policy"], r["view"]): r["view_name"]
+                 for r in by_view.filter(pl.col("trace") == trace)
+                 .select("policy", "view", "view_name").to_dicts()}
+    out = []
+    for p in policies:
+        sub = df.filter(pl.col("policy") == p)
+        if sub.height == 0:
+            continue
+        top = sub.sort(["ept_exits", "view", "gfn"], descending=[True, False, False]).head(TOP_GFNS)
+        rows = top.to_dicts()
+        peak = max((r["ept_exits"] for r in rows), default=0) or 1
+        for r in rows:
+            name = names.get((p, r["view"]))
+            named = name and name != str(r["view"])
+            r["view_label"] = f"{r['view']} · {name}" if named else str(r["view"])
+            r["bar"] = f"{100 * r['ept_exits'] / peak:.1f}"
+        out.append({"policy": p, "colour": pcolour[p], "rows": rows, "gfns": sub.height,
+                    "exits": int(sub["ept_exits"].sum())})
+    if out:
+        busiest = max(range(len(out)), key=lambda i: (out[i]["exits"], -i))
+        for i, h in enumerate(out):
+            h["open"] = i == busiest
+    return out
+
+
+def _traces_meta(manifest: dict, summary: pl.DataFrame, traces) -> list[dict]:
+    inputs = {i.get("trace"): i for i in manifest.get("inputs", [])}
+    records = {r["trace"]: r["records"] for r in summary.filter(pl.col("vcpu") == -1)
+               .group_by("trace").agg(pl.col("records").max()).to_dicts()}
+    vcpus = {r["trace"]: r["vcpu"] for r in summary.filter(pl.col("vcpu") >= 0)
+             .group_by("trace").agg(pl.col("vcpu").n_unique()).to_dicts()}
+    return [{"name": t, "records": records.get(t), "vcpus": vcpus.get(t),
+             "bytes": inputs.get(t, {}).get("bytes"), "sha256": inputs.get(t, {}).get("sha256"),
+             "path": inputs.get(t, {}).get("path")} for t in traces]
+
+
+def build_context(out_dir) -> dict:
+    """Everything the template needs, read from ``out_dir``; ordered and formatted-ready."""
+    d = results_dir(out_dir)
+    summary = read_table(d, "summary", SUMMARY_REQUIRED)
+    if summary.height == 0:
+        raise OutputError(f"{d / 'summary.parquet'}: holds no rows")
+    by_view = read_table(d, "by_view", BY_VIEW_REQUIRED, optional=True)
+    by_gfn = read_table(d, "by_gfn", BY_GFN_REQUIRED, optional=True)
+    timeline = read_table(d, "timeline", TIMELINE_REQUIRED, optional=True)
+    manifest = read_manifest(d)
+
+    traces = _ordered(summary["trace"].unique().to_list(),
+                      [i.get("trace") for i in manifest.get("inputs", [])])
+    manifest_policies = manifest.get("policies", [])
+    policies = _ordered(summary["policy"].unique().to_list(),
+                        [*REFERENCE_POLICIES, *(p.get("name") for p in manifest_policies)])
+    pcolour = _policy_colours(policies)
+    categories = _cost_categories(summary.columns)
+    ccolour = _category_colours(categories)
+    ghz = sorted({float(c["costs"]["cpu_ghz"]) for c in manifest.get("cells", [])
+                  if "cpu_ghz" in c["costs"]})
+    described = {p.get("name"): p for p in manifest_policies}
+    timings = manifest.get("timings") or {}
+
+    per_trace = []
+    for t in traces:
+        per_trace.append({
+            "name": t,
+            "comparison": _comparison(summary, t, policies, pcolour, categories, ccolour),
+            "timeline": _timeline(timeline, summary, t, policies, pcolour),
+            "views": _views(by_view, t, policies, pcolour),
+            "vcpus": _vcpus(summary, t, policies, pcolour),
+            "hotspots": _hotspots(by_gfn, by_view, t, policies, pcolour),
+        })
+    return {
+        "manifest": manifest,
+        "version": manifest.get("version") or __version__,
+        "command": manifest.get("command"),
+        "timings": {"seconds": timings.get("seconds"),
+                    "records_per_second": timings.get("records_per_second")},
+        "traces": _traces_meta(manifest, summary, traces),
+        "policies": [{"name": p, "colour": pcolour[p], "reference": p in REFERENCE_POLICIES,
+                      "source": described.get(p, {}).get("source"),
+                      "description": " ".join(str(described.get(p, {}).get("description")
+                                                  or "").split())}
+                     for p in policies],
+        "costs": _cost_sets(manifest),
+        "ghz": ghz[0] if len(ghz) == 1 else None,
+        "alerts": _alerts(summary, manifest, traces, policies),
+        "per_trace": per_trace,
+        "multi_trace": len(traces) > 1,
+        "top_gfns": TOP_GFNS,
+        "has_by_view": by_view is not None,
+        "has_by_gfn": by_gfn is not None,
+        "has_timeline": timeline is not None,
+    }
+
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("altp2m_replay", "templates"),
+    autoescape=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+)
+_ENV.filters.update(num=fmt_int, signed=fmt_signed, us=fmt_us, ratio=fmt_ratio, flt=fmt_float,
+                    size=fmt_bytes, pages=fmt_pages, gfn=fmt_gfn, compact=charts.compact)
+
+
+def render_html(out_dir) -> str:
+    """The report page for a replay output folder, as a string."""
+    return _ENV.get_template("report.html.j2").render(**build_context(out_dir))
+
+
+def write_report(out_dir) -> Path:
+    """Render and write ``out_dir/report.html`` atomically; return its path."""
+    page = render_html(out_dir)
+    path = Path(out_dir) / "report.html"
+    _write_atomically(path, page.encode("utf-8"))
+    return path
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, then ``os.replace``: readers never see half a page."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        # mkstemp makes 0600 files; a report is meant to be shared, so give it the mode a
+        # plain open() would (0666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
