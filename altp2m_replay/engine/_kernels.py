@@ -89,7 +89,8 @@ S_VES_RET = 7
 S_INSN = 8
 S_STARTED = 9
 S_EMUL = 10
-N_VCPU_STATE = 11
+S_PENDING = 11    # 1 while any of SS_ON, VES_ON, VE_BUSY, EMUL is set: the instruction end has work
+N_VCPU_STATE = 12
 
 # ---- global scalars: gs[G_*]
 GS_NFREE = 0
@@ -139,6 +140,9 @@ MAX_RETRIES = 64
 
 # Which of r(1)/w(2)/x(4) each p2m_access_t permits; rx2rw permits rx, n2rwx nothing.
 PERMITS = np.array([0, 1, 2, 3, 4, 5, 6, 7, 5, 0], dtype=np.int64)
+# The kind of an access value (SPEC §2) as a permission bit: x if bit 4, else w if bit 2, else r.
+KIND_BIT = np.array([1, 1, 2, 2, 4, 4, 4, 4], dtype=np.int64)
+KIND_OF_BIT = np.array([0, 0, 1, 0, 2], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- entries
@@ -510,6 +514,7 @@ def end_instruction(vst, vc, pv, s):
         vst[s, S_VES_ON] = 0
     vst[s, S_VE_BUSY] = 0
     vst[s, S_EMUL] = 0
+    vst[s, S_PENDING] = 0
 
 
 @njit(cache=True)
@@ -538,14 +543,18 @@ def match_rule(rules, granges, view, kind, g):
 
 @njit(cache=True)
 def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hvals,
-                rules, granges, s, g, kind, row):
-    """SPEC §5 steps 1-8 for one access that did not complete on the fast path."""
+                rules, granges, s, g, kind, row, e, lv):
+    """SPEC §5 steps 1-8 for one access that did not complete on the fast path.
+
+    ``e``, ``lv``: the fast path's walk of the current view, reused by the first pass.
+    """
     kb = np.int64(1) << kind
     altp2m = dom[D_ALTP2M]
-    for _ in range(MAX_RETRIES + 1):
+    for attempt in range(MAX_RETRIES + 1):
         view = vst[s, S_VIEW] if altp2m else 0
         p = view + 1 if altp2m else 0
-        e, lv = walk(pool, roots[p], g)
+        if attempt > 0:
+            e, lv = walk(pool, roots[p], g)
         k = e & 3
         acc = (e >> 2) & 15
         permitted = k == LEAF and (PERMITS[acc] & kb) != 0
@@ -561,6 +570,7 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hv
                 pv[view, V_VE] += 1
                 hvals[gfn_slot(hkeys, hvals, gs, view, g), G_VE] += 1
                 vst[s, S_VE_BUSY] = 1
+                vst[s, S_PENDING] = 1
                 act = dom[D_VE_ACTION]
                 if act == 2:
                     vc[s, C_VE_EMUL] += 1
@@ -643,6 +653,7 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hv
             if action == A_STEP:
                 if not vst[s, S_SS_ON]:
                     vst[s, S_SS_ON] = 1
+                    vst[s, S_PENDING] = 1
                     vst[s, S_SS_RET] = view
                     vst[s, S_SS_FAST] = rules[r, 6]
                 switch_view(vst, vc, pv, s, rules[r, 5], C_SW_EVENT)
@@ -650,6 +661,7 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hv
                 vc[s, C_EMULATIONS] += 1
                 vc[s, C_REC_EMUL] += 1
                 vst[s, S_EMUL] = 1
+                vst[s, S_PENDING] = 1
                 return ST_DONE
             elif action == A_SWITCH:
                 switch_view(vst, vc, pv, s, rules[r, 5], C_SW_EVENT)
@@ -699,6 +711,9 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, start_row, begin,
     # snapshot change them, and locals stay in registers across the counter stores.
     room = pool.shape[0] - gs[GS_NFREE] >= headroom and (gs[GS_HCOUNT] + 2 * MAX_RETRIES + 4) * 2 <= hcap
     next_snap = gs[GS_NEXT_WIN] * window
+    last_s = -1
+    view = 0
+    root = roots[0]
     for i in range(begin, n):
         if not room:
             if pool.shape[0] - gs[GS_NFREE] < headroom:
@@ -711,30 +726,34 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, start_row, begin,
             next_snap = gs[GS_NEXT_WIN] * window
         s = lut[vcpu[i]]
         ins = insn[i] if has_insn else row
-        if not vst[s, S_STARTED] or vst[s, S_INSN] != ins:
-            if vst[s, S_STARTED]:
+        if vst[s, S_INSN] != ins or not vst[s, S_STARTED]:
+            if vst[s, S_PENDING]:
                 end_instruction(vst, vc, pv, s)
+                last_s = -1
             vst[s, S_STARTED] = 1
             vst[s, S_INSN] = ins
             vc[s, C_INSTRUCTIONS] += 1
         vc[s, C_RECORDS] += 1
-        if vst[s, S_EMUL]:
+        if vst[s, S_PENDING] and vst[s, S_EMUL]:
             vc[s, C_REC_EMUL] += 1
             continue
+        if s != last_s:
+            # the slot's view and root stay in registers while rows of one vCPU follow each other
+            last_s = s
+            view = vst[s, S_VIEW] if altp2m else 0
+            root = roots[view + 1] if altp2m else roots[0]
         g = gfn[i]
-        a = access[i]
-        kind = 2 if a & 4 else (1 if a & 2 else 0)
+        kb = KIND_BIT[access[i]]
         # Fast path: a valid leaf that permits the access.
-        view = vst[s, S_VIEW] if altp2m else 0
-        p = view + 1 if altp2m else 0
-        e, lv = walk(pool, roots[p], g)
-        if (e & 3) == LEAF and (PERMITS[(e >> 2) & 15] >> kind) & 1 and (exec_sp or kind != 2 or lv == 1):
+        e, lv = walk(pool, root, g)
+        if (e & 3) == LEAF and (PERMITS[(e >> 2) & 15] & kb) and (exec_sp or kb != 4 or lv == 1):
             pv[view, V_COMPLETED] += 1
             continue
         st = access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hvals,
-                         rules, granges, s, g, kind, row)
+                         rules, granges, s, g, KIND_OF_BIT[kb], row, e, lv)
         if st != ST_DONE:
             return st, i + 1
+        last_s = -1
         room = pool.shape[0] - gs[GS_NFREE] >= headroom and (gs[GS_HCOUNT] + 2 * MAX_RETRIES + 4) * 2 <= hcap
     return ST_DONE, n
 
