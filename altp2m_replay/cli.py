@@ -107,15 +107,20 @@ def trace_import(fmt, input_path, output, base_gfn):
               help="Timeline window in rows (default: rows / 256).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
               help="Processes for traces in parallel (default: number of cores).")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run cells on an existing Dask cluster (tcp://HOST:PORT).")
+@click.option("--resume", is_flag=True, help="Skip cells already finished in the output folder.")
 @click.option("--no-html", is_flag=True, help="Skip report.html.")
-def replay(traces, policies, out_dir, costs, profile, window, jobs, no_html):
+def replay(traces, policies, out_dir, costs, profile, window, jobs, scheduler, resume, no_html):
     """Replay every TRACE (file, or folder of .parquet) under every POLICY."""
     from altp2m_replay import costs as cost_mod
     from altp2m_replay import run
+    from altp2m_replay.progress import Progress
 
     overrides = cost_mod.parse_cost_options(costs)
     manifest = run.replay(traces, policies, out_dir, cost_overrides=overrides, profile=profile,
-                          window=window, jobs=jobs, html=not no_html,
+                          window=window, jobs=jobs, scheduler=scheduler, resume=resume,
+                          html=not no_html, progress=Progress.for_terminal(),
                           command="altp2m-replay " + " ".join(sys.argv[1:]))
     cells = manifest["cells"]
     rate = manifest["timings"]["records_per_second"]

@@ -71,6 +71,13 @@ def cell_tables(trace: str, policy, res: SimResult, costs: dict[str, float]) -> 
     return {"summary": summary, "by_view": by_view, "by_gfn": by_gfn, "timeline": timeline}
 
 
+def _umask_mode() -> int:
+    # mkstemp creates 0600 files; published outputs get the usual 0666 & ~umask
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
@@ -78,6 +85,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -91,6 +99,7 @@ def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
     os.close(fd)
     try:
         df.write_parquet(tmp)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,17 +1,24 @@
-"""``replay``: every trace x every policy, streamed once per trace, tables and manifest out.
+"""``replay``: every trace x every policy, each trace decoded once, tables and manifest out.
 
-One trace is validated (a streaming pre-pass that also gathers what gfn selectors need), then
-its row groups are decoded once and fed to the state of every policy, so N policies cost one
-decode. Cells of different traces run in separate processes with ``jobs`` > 1.
+A run has two phases. First every trace is validated (a streaming pre-pass that also gathers
+what gfn selectors need), so bad input stops the run before any output exists. Then work
+units — one trace with a group of policies — replay in this process, in ``jobs`` local
+processes, or on a Dask cluster. A unit decodes its trace's row groups once and feeds every
+policy's state from the same batches. Each finished cell (trace x policy) is stored at once
+under ``DIR/.cells/`` so an interrupted run loses nothing finished, and ``--resume`` skips
+cells whose inputs have not changed. The final tables are concatenated from the cells.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import sys
+import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +27,11 @@ import polars as pl
 from altp2m_replay import __version__, traces
 from altp2m_replay.costs import effective_costs
 from altp2m_replay.engine import Replayer
-from altp2m_replay.errors import OutputError, PolicyError, TraceError
+from altp2m_replay.errors import OutputError, PolicyError, ReplayError, TraceError
 from altp2m_replay.policy import Policy, TraceFacts, load_policy, needs_page_counts
 from altp2m_replay.results import TABLES, atomic_write_json, atomic_write_parquet, cell_tables
+
+CELLS = ".cells"
 
 
 def expand_trace_args(args) -> list[Path]:
@@ -41,11 +50,15 @@ def expand_trace_args(args) -> list[Path]:
             raise TraceError(f"{a}: no such file or folder")
     seen: dict[str, Path] = {}
     for p in paths:
-        name = p.name[:-8] if p.name.endswith(".parquet") else p.name
+        name = trace_name(p)
         if name in seen:
             raise TraceError(f"two traces are named {name!r} ({seen[name]} and {p}); trace names must be unique in a run")
         seen[name] = p
     return paths
+
+
+def trace_name(p: Path) -> str:
+    return p.name[:-8] if p.name.endswith(".parquet") else p.name
 
 
 def load_policies(refs) -> list[Policy]:
@@ -77,30 +90,39 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profile: str | None,
-                 window: int | None, batch_rows: int | None = None) -> list[CellOutput]:
-    """Replay one trace under every policy with a single decode of the trace."""
+def trace_facts(path: Path, page_counts: bool) -> tuple[traces.TraceStats, TraceFacts]:
+    """Validate one trace (full streaming pass) and gather what selector resolution needs."""
     tr = traces.open_trace(path)
-    stats = traces.validate(tr, page_counts=any(needs_page_counts(p) for p in policies))
-    facts = TraceFacts(
-        max_gfn=stats.max_gfn,
-        meta_ram=tr.meta.ram,
-        gfn_sets=dict(tr.meta.gfn_sets or {}),
-        page_counts=stats.page_counts,
-    )
+    stats = traces.validate(tr, page_counts=page_counts)
+    facts = TraceFacts(max_gfn=stats.max_gfn, meta_ram=tr.meta.ram,
+                       gfn_sets=dict(tr.meta.gfn_sets or {}), page_counts=stats.page_counts)
+    return stats, facts
+
+
+def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profile: str | None,
+                 window: int | None, batch_rows: int | None = None, prepared=None,
+                 progress=None) -> list[CellOutput]:
+    """Replay one trace under every policy with a single decode of the trace.
+
+    ``prepared`` is ``trace_facts``'s result when the caller validated the trace already;
+    ``progress(rows)`` is called after each batch.
+    """
+    path = Path(path)
+    if prepared is None:
+        prepared = trace_facts(path, any(needs_page_counts(p) for p in policies))
+    stats, facts = prepared
+    tr = traces.open_trace(path)
     t0 = time.perf_counter()
     reps = [Replayer(p, facts, stats.vcpus, stats.rows, window=window) for p in policies]
-    columns = ["gfn", "access", "vcpu"]
-    if "insn" in tr.columns:
-        columns.append("insn")
-    if "tsc" in tr.columns:
-        columns.append("tsc")
+    columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc") if c in tr.columns]
     for b in tr.batches(batch_rows=batch_rows, columns=tuple(columns)):
         live = [r for r in reps if not r.done]
         if not live:
             break
         for r in live:
             r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start)
+        if progress is not None:
+            progress(len(b.gfn) * len(reps))
     elapsed = time.perf_counter() - t0
     out = []
     for p, r in zip(policies, reps, strict=True):
@@ -111,56 +133,214 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     return out
 
 
-def _worker(args):
+def _validate_unit(args):
+    path, page_counts = args
+    return trace_facts(path, page_counts)
+
+
+def _replay_unit(args):
     return replay_trace(*args)
 
 
+# --------------------------------------------------------------------------- cell store
+def cell_key(trace_sha: str, policy: Policy, costs: dict, window) -> str:
+    """What a cell's numbers depend on: trace bytes, policy text, costs, window, version."""
+    blob = json.dumps([__version__, trace_sha, policy.text, policy.source, costs, window],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _cell_dir(out: Path, trace: str, policy: str) -> Path:
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{trace}__{policy}")
+    return out / CELLS / safe
+
+
+def store_cell(out: Path, cell: CellOutput, key: str) -> None:
+    """Write one cell's tables atomically: a temporary folder renamed into place."""
+    final = _cell_dir(out, cell.trace, cell.policy)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        for name, df in cell.tables.items():
+            df.write_parquet(tmp / f"{name}.parquet")
+        meta = {"key": key, "trace": cell.trace, "policy": cell.policy, "records": cell.records,
+                "seconds": cell.seconds, "warnings": cell.warnings, "costs": cell.costs}
+        (tmp / "cell.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_cell(out: Path, trace: str, policy: str, key: str) -> CellOutput | None:
+    """A stored cell with this key, or None (absent, stale or unreadable)."""
+    d = _cell_dir(out, trace, policy)
+    try:
+        meta = json.loads((d / "cell.json").read_text(encoding="utf-8"))
+        if meta.get("key") != key:
+            return None
+        tables = {name: pl.read_parquet(d / f"{name}.parquet") for name in TABLES}
+    except (OSError, ValueError, pl.exceptions.PolarsError):
+        return None
+    return CellOutput(trace, policy, tables, meta["seconds"], meta["records"], meta["warnings"], meta["costs"])
+
+
+# --------------------------------------------------------------------------- executors
+class _Local:
+    """Runs functions in this process, with the executor interface the run uses."""
+
+    def map(self, fn, items):
+        return [fn(i) for i in items]
+
+    def submit_all(self, fn, items):
+        for i, item in enumerate(items):
+            yield i, fn(item)
+
+    def close(self):
+        pass
+
+
+class _Processes:
+    def __init__(self, jobs: int):
+        self.ex = ProcessPoolExecutor(max_workers=jobs)
+
+    def map(self, fn, items):
+        return list(self.ex.map(fn, items))
+
+    def submit_all(self, fn, items):
+        futs = {self.ex.submit(fn, item): i for i, item in enumerate(items)}
+        for f in as_completed(futs):
+            yield futs[f], f.result()
+
+    def close(self):
+        self.ex.shutdown(cancel_futures=True)
+
+
+class _Dask:
+    """Cells on an existing Dask distributed cluster; workers read the trace files themselves."""
+
+    def __init__(self, address: str):
+        try:
+            from distributed import Client
+        except ImportError:
+            raise ReplayError("--scheduler needs Dask distributed: pip install 'altp2m-replay[cluster]'") from None
+        try:
+            self.client = Client(address, timeout="10s")
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ReplayError(f"--scheduler {address}: cannot connect ({exc})") from None
+
+    def map(self, fn, items):
+        return self.client.gather(self.client.map(fn, items, pure=False))
+
+    def submit_all(self, fn, items):
+        from distributed import as_completed as dask_completed
+
+        futs = self.client.map(fn, items, pure=False)
+        index = {f.key: i for i, f in enumerate(futs)}
+        for f in dask_completed(futs):
+            yield index[f.key], f.result()
+
+    def close(self):
+        self.client.close()
+
+
+def _executor(jobs: int, units: int, scheduler: str | None):
+    if scheduler:
+        return _Dask(scheduler)
+    if jobs > 1 and units > 1:
+        return _Processes(min(jobs, units))
+    return _Local()
+
+
+def _split(items: list, parts: int) -> list[list]:
+    parts = max(1, min(parts, len(items)))
+    return [items[i::parts] for i in range(parts)]
+
+
+# --------------------------------------------------------------------------- run
 def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=None, window=None,
-           jobs=None, html=True, command=None, batch_rows=None, echo=None) -> dict:
+           jobs=None, scheduler=None, resume=False, html=True, command=None, batch_rows=None,
+           progress=None) -> dict:
     """Run every trace x policy and write SPEC §10's outputs into ``out_dir``.
 
-    Everything is checked (policies, trace schemas and values) before the first output file is
-    written, and every file is written atomically.
+    Policies, trace schemas and every trace value are checked before the first output file
+    exists; every file is written atomically. ``progress`` is an optional object with
+    ``start(total_rows)``, ``advance(rows)`` and ``done()``.
     """
     paths = expand_trace_args(trace_args)
     policies = load_policies(policy_refs)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a folder")
-    for p in paths:
-        traces.open_trace(p)  # schema errors surface before any work
-    t0 = time.perf_counter()
+    opened = [traces.open_trace(p) for p in paths]  # schema errors surface before any work
+    overrides = cost_overrides or {}
+    for p in policies:
+        effective_costs(p.costs, profile, overrides)  # a bad profile fails here, not in a worker
     jobs = jobs or os.cpu_count() or 1
-    args = [(p, policies, cost_overrides or {}, profile, window, batch_rows) for p in paths]
-    if jobs > 1 and len(paths) > 1:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(paths))) as ex:
-            results = list(ex.map(_worker, args))
-    else:
-        results = []
-        for a in args:
-            if echo:
-                echo(f"replaying {a[0].name} under {len(policies)} policies")
-            results.append(_worker(a))
-    cells = [c for r in results for c in r]
+    t0 = time.perf_counter()
+    need_counts = any(needs_page_counts(p) for p in policies)
+    shas = [sha256(p) for p in paths]
+
+    ex = _executor(jobs, len(paths) * len(policies), scheduler)
+    try:
+        prepared = ex.map(_validate_unit, [(p, need_counts) for p in paths])
+        # Which cells still need computing (all of them unless resuming).
+        keys = {}
+        done: dict[tuple[str, str], CellOutput] = {}
+        todo: dict[int, list[Policy]] = {}
+        for ti, (path, sha) in enumerate(zip(paths, shas, strict=True)):
+            for pol in policies:
+                costs = effective_costs(pol.costs, profile, overrides)
+                key = cell_key(sha, pol, costs, window)
+                keys[(trace_name(path), pol.name)] = key
+                cached = load_cell(out, trace_name(path), pol.name, key) if resume else None
+                if cached is not None:
+                    done[(cached.trace, cached.policy)] = cached
+                else:
+                    todo.setdefault(ti, []).append(pol)
+        groups_per_trace = max(1, jobs // max(1, len(todo))) if not scheduler else len(policies)
+        # In this process the unit reports every batch; elsewhere each finished unit does.
+        inline = progress.advance if progress is not None and isinstance(ex, _Local) else None
+        units = [(paths[ti], group, overrides, profile, window, batch_rows, prepared[ti], inline)
+                 for ti, pols in todo.items() for group in _split(pols, groups_per_trace)]
+        if progress is not None:
+            progress.start(sum(opened[ti].rows * len(pols) for ti, pols in todo.items()))
+        if units:
+            out.mkdir(parents=True, exist_ok=True)
+        for i, cells in ex.submit_all(_replay_unit, units):
+            for cell in cells:
+                store_cell(out, cell, keys[(cell.trace, cell.policy)])
+                done[(cell.trace, cell.policy)] = cell
+            if progress is not None and inline is None:
+                progress.advance(int(units[i][6][0].rows) * len(units[i][1]))
+    finally:
+        ex.close()
+        if progress is not None:
+            progress.done()
+
+    cells = [done[(trace_name(p), pol.name)] for p in paths for pol in policies]
     elapsed = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     for name in TABLES:
-        frames = [c.tables[name] for c in cells]
-        atomic_write_parquet(pl.concat(frames, how="vertical"), out / f"{name}.parquet")
-    records = sum(c.records for c in cells)
+        atomic_write_parquet(pl.concat([c.tables[name] for c in cells], how="vertical"), out / f"{name}.parquet")
+    fresh = sum(len(u[1]) for u in units)
+    records = sum(opened[paths.index(u[0])].rows * len(u[1]) for u in units)
     manifest = {
         "tool": "altp2m-replay",
         "version": __version__,
         "command": command or " ".join(sys.argv),
-        "inputs": [{"trace": p.name[:-8] if p.name.endswith(".parquet") else p.name, "path": str(p),
-                    "bytes": p.stat().st_size, "sha256": sha256(p)} for p in paths],
+        "inputs": [{"trace": trace_name(p), "path": str(p), "bytes": p.stat().st_size, "sha256": sha,
+                    "rows": tr.rows} for p, sha, tr in zip(paths, shas, opened, strict=True)],
         "policies": [{"name": p.name, "source": p.source, "description": p.description,
                       "text": p.text} for p in policies],
         "cells": [{"trace": c.trace, "policy": c.policy, "records": c.records,
                    "seconds": round(c.seconds, 6), "costs": c.costs, "warnings": c.warnings}
                   for c in cells],
         "timings": {"seconds": round(elapsed, 6),
-                    "records_per_second": round(records / elapsed) if elapsed > 0 else None},
+                    "records_per_second": round(records / elapsed) if elapsed > 0 else None,
+                    "jobs": jobs, "scheduler": scheduler, "resumed_cells": len(cells) - fresh},
     }
     atomic_write_json(manifest, out / "manifest.json")
     if html:
@@ -168,3 +348,4 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
 
         write_report(out)
     return manifest
+
