@@ -24,10 +24,35 @@ class _Group(click.Group):
             sys.exit(2)
 
 
+class _Root(_Group):
+    """The top-level group: also makes Click's usage errors one ``Error:`` line (SPEC §12)."""
+
+    invoked_args: list[str] = []
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        _Root.invoked_args = args
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
-@click.group(cls=_Group, context_settings=CONTEXT)
+@click.group(cls=_Root, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="altp2m-replay")
 def main():
     """Replay memory-access traces through Xen altp2m views and price introspection policies."""
@@ -121,7 +146,7 @@ def replay(traces, policies, out_dir, costs, profile, window, jobs, scheduler, r
     manifest = run.replay(traces, policies, out_dir, cost_overrides=overrides, profile=profile,
                           window=window, jobs=jobs, scheduler=scheduler, resume=resume,
                           html=not no_html, progress=Progress.for_terminal(),
-                          command="altp2m-replay " + " ".join(sys.argv[1:]))
+                          command="altp2m-replay " + " ".join(_Root.invoked_args))
     cells = manifest["cells"]
     rate = manifest["timings"]["records_per_second"]
     click.echo(f"{len(cells)} cells, {sum(c['records'] for c in cells):,} records "

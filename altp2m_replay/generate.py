@@ -286,6 +286,11 @@ class _Generator:
         pt = (u >= 0.30) & (u < 0.31)
         gfn[pt] = self.pt[rng.integers(0, len(self.pt), int(pt.sum()))]
         access[pt] = np.where(u[pt] < 0.3085, 2, 3)
+        # Loads from the instruction's own code page (RIP-relative constants, jump tables,
+        # integrity checks): what execute-only hooks on hot code pages trap.
+        lit = (u >= 0.39) & (u < 0.41)
+        gfn[lit] = code_gfn[data_insn[lit]]
+        access[lit] = 1
         if jit:
             # Stores of freshly generated code into the current emit page.
             emit = sk.index[data_insn] // JIT_PERIOD

@@ -639,13 +639,16 @@ def resolve_all(p: Policy, facts: TraceFacts) -> tuple[np.ndarray, ResolvedSelec
     ram_top = int(ram[:, 1].max()) if len(ram) else -1
     warnings: list[str] = []
     out: dict[int, np.ndarray] = {}
-    for op in p.setup:
-        for sel, tag in ((op.gfns, "gfns"), (op.new, "new")):
-            if sel is not None:
-                out[id(sel)] = resolve_selector(sel, facts, ram_top, warnings, f"{op.where} {tag}")
-    for r in p.rules:
-        if r.gfns is not None:
-            out[id(r.gfns)] = resolve_selector(r.gfns, facts, ram_top, warnings, f"{r.where} gfns")
+    try:
+        for op in p.setup:
+            for sel, tag in ((op.gfns, "gfns"), (op.new, "new")):
+                if sel is not None:
+                    out[id(sel)] = resolve_selector(sel, facts, ram_top, warnings, f"{op.where} {tag}")
+        for r in p.rules:
+            if r.gfns is not None:
+                out[id(r.gfns)] = resolve_selector(r.gfns, facts, ram_top, warnings, f"{r.where} gfns")
+    except PolicyError as exc:
+        raise PolicyError(f"{p.source}: {exc}") from None
     return ram, ResolvedSelectors(out, warnings)
 
 

@@ -27,7 +27,13 @@ import polars as pl
 from altp2m_replay import __version__, traces
 from altp2m_replay.costs import effective_costs
 from altp2m_replay.engine import Replayer
-from altp2m_replay.errors import OutputError, PolicyError, ReplayError, TraceError
+from altp2m_replay.errors import (
+    OutputError,
+    PolicyError,
+    ReplayError,
+    ReplayRuntimeError,
+    TraceError,
+)
 from altp2m_replay.policy import Policy, TraceFacts, load_policy, needs_page_counts
 from altp2m_replay.results import TABLES, atomic_write_json, atomic_write_parquet, cell_tables
 
@@ -113,16 +119,20 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     stats, facts = prepared
     tr = traces.open_trace(path)
     t0 = time.perf_counter()
-    reps = [Replayer(p, facts, stats.vcpus, stats.rows, window=window) for p in policies]
-    columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc") if c in tr.columns]
-    for b in tr.batches(batch_rows=batch_rows, columns=tuple(columns)):
-        live = [r for r in reps if not r.done]
-        if not live:
-            break
-        for r in live:
-            r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start)
-        if progress is not None:
-            progress(len(b.gfn) * len(reps))
+    try:
+        reps = [Replayer(p, facts, stats.vcpus, stats.rows, window=window) for p in policies]
+        columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc") if c in tr.columns]
+        for b in tr.batches(batch_rows=batch_rows, columns=tuple(columns)):
+            live = [r for r in reps if not r.done]
+            if not live:
+                break
+            for r in live:
+                r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start)
+            if progress is not None:
+                progress(len(b.gfn) * len(reps))
+    except (ReplayRuntimeError, PolicyError) as exc:
+        # The engine knows the row and the policy; the user also needs the trace file.
+        raise type(exc)(f"{path}: {exc}") from None
     elapsed = time.perf_counter() - t0
     out = []
     for p, r in zip(policies, reps, strict=True):
