@@ -13,13 +13,12 @@ data working set half of which straddles the 1 GiB boundary, scan buffers and a 
 
 from __future__ import annotations
 
-import queue
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from altp2m_replay.errors import TraceError, did_you_mean
+from altp2m_replay.prefetch import prefetch
 from altp2m_replay.traces import DEFAULT_ROW_GROUP, VCPU_LIMIT, TraceWriter
 
 WORKLOADS: dict[str, str] = {
@@ -384,7 +383,7 @@ def generate(workload: str, n: int, seed: int = 0, vcpus: int = 1, output=None,
         raise TypeError("generate() needs output=PATH")
     _check(workload, n, vcpus)
     meta = metadata(workload, seed, vcpus)
-    chunks = _prefetch(iter_chunks(workload, n, seed, vcpus))
+    chunks = prefetch(iter_chunks(workload, n, seed, vcpus))
     try:
         with TraceWriter(output, meta=meta, row_group_size=row_group_size) as w:
             for chunk in chunks:
@@ -392,44 +391,3 @@ def generate(workload: str, n: int, seed: int = 0, vcpus: int = 1, output=None,
     finally:
         chunks.close()
     return Path(output)
-
-
-def _prefetch(it, depth: int = 2):
-    """Run iterator ``it`` in a background thread, ``depth`` items ahead: numpy generation
-    and Parquet encoding both release the GIL, so they overlap on two cores."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce():
-        try:
-            for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put((done, None))
-        except BaseException as exc:  # handed to the consumer, re-raised there
-            q.put((done, exc))
-
-    worker = threading.Thread(target=produce, name="generate", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item, exc = q.get()
-            if item is done:
-                if exc is not None:
-                    raise exc
-                return
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                worker.join(0.05)

@@ -456,7 +456,7 @@ def _parse_rules(raw, names: dict[str, int], domain: Domain) -> list[Rule]:
             raise _fail(where, 'action "switch" needs "to"')
         to = _view_ref(t["to"], names, where + " to") if "to" in t else 0
         if action in ("step", "switch") and view is not None and to == view:
-            raise _fail(where, f'"to" is the view the rule filters on ({t["to"]!r}): the access would fault again in the same view')
+            raise _fail(where, f'"to" is the view the rule filters on ({t.get("to", 0)!r}): the access would fault again in the same view')
         fast = _bool(t, "fast", False, where)
         if fast and domain.xen < (4, 14):
             raise _fail(where, "fast single-step needs xen >= 4.14")
@@ -499,6 +499,10 @@ def _check_semantics(p: Policy) -> None:
             notify_any = True
         elif op.op == "change_gfn" and op.new is None and op.gfns is not None and op.gfns.set is None:
             pass
+    clears_sve = any(op.op == "set_suppress_ve" and not op.suppress for op in p.setup)
+    if p.on_ve is None and notify_any and clears_sve:
+        raise _fail("[on_ve]", "enable_notify and set_suppress_ve = false make violations #VEs, "
+                    "but no [on_ve] agent says what the guest does with them: add [on_ve]")
     if p.on_ve is not None:
         if not notify_any:
             raise _fail("[on_ve]", "the #VE agent needs #VE and VMFUNC: add a setup op enable_notify for its vCPUs")

@@ -54,9 +54,12 @@ def cell_tables(trace: str, policy, res: SimResult, costs: dict[str, float]) -> 
 
     gschema = {"trace": pl.Utf8, "policy": pl.Utf8, "view": pl.Int32, "gfn": pl.UInt64}
     gschema.update({c: pl.Int64 for c in GFN_COUNTERS})
-    by_gfn = pl.DataFrame(
-        [{"trace": trace, "policy": policy.name, "view": v, "gfn": g, **c} for (v, g), c in res.gfns.items()],
-        schema=gschema, orient="row")
+    n = len(res.gfn_keys)
+    by_gfn = pl.DataFrame({
+        "trace": [trace] * n, "policy": [policy.name] * n,
+        "view": res.gfn_keys[:, 0], "gfn": res.gfn_keys[:, 1],
+        **{c: res.gfn_values[:, i] for i, c in enumerate(GFN_COUNTERS)},
+    }).cast(gschema)
 
     tl = res.timeline
     win_cycles = sum(costs[k] * sum(tl[name] for name in charged) for k, (_, charged) in COSTS.items())

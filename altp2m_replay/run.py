@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -35,6 +36,7 @@ from altp2m_replay.errors import (
     TraceError,
 )
 from altp2m_replay.policy import Policy, TraceFacts, load_policy, needs_page_counts
+from altp2m_replay.prefetch import prefetch
 from altp2m_replay.results import TABLES, atomic_write_json, atomic_write_parquet, cell_tables
 
 CELLS = ".cells"
@@ -122,7 +124,8 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     try:
         reps = [Replayer(p, facts, stats.vcpus, stats.rows, window=window) for p in policies]
         columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc") if c in tr.columns]
-        for b in tr.batches(batch_rows=batch_rows, columns=tuple(columns)):
+        # Decode the next row group while the kernel (nogil) replays this one.
+        for b in prefetch(tr.batches(batch_rows=batch_rows, columns=tuple(columns))):
             live = [r for r in reps if not r.done]
             if not live:
                 break
@@ -214,7 +217,9 @@ class _Local:
 
 class _Processes:
     def __init__(self, jobs: int):
-        self.ex = ProcessPoolExecutor(max_workers=jobs)
+        # spawn, not fork: a forked child inherits polars' and pyarrow's thread pools in
+        # whatever state they were and can deadlock. Workers load kernels from Numba's cache.
+        self.ex = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
 
     def map(self, fn, items):
         return list(self.ex.map(fn, items))

@@ -690,7 +690,7 @@ def snapshot(vc, snaps, w, nslots):
         snaps[w, c] = t
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def replay_batch(gfn, access, vcpu, insn, has_insn, start_row, begin,
                  pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hvals,
                  rules, granges, lut, snaps):

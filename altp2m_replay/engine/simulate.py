@@ -96,16 +96,26 @@ def carve_ram(ranges: np.ndarray, host_order: int) -> tuple[np.ndarray, np.ndarr
 
 @dataclass
 class SimResult:
-    """Counters of one trace x policy cell (SPEC §7), as plain dicts and arrays."""
+    """Counters of one trace x policy cell (SPEC §7), as plain dicts and arrays.
+
+    Per-gfn counters are arrays (``gfn_keys`` int64 (n, 2) of view, gfn sorted; ``gfn_values``
+    int64 (n, 6) in GFN_COUNTERS order); ``gfns`` offers them as a dict.
+    """
 
     total: dict[str, int]
     vcpus: dict[int, dict[str, int]]
     views: dict[int, dict[str, int]]
-    gfns: dict[tuple[int, int], dict[str, int]]
+    gfn_keys: np.ndarray
+    gfn_values: np.ndarray
     timeline: dict[str, np.ndarray]
     window: int
     warnings: list[str] = field(default_factory=list)
     guest_cycles: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def gfns(self) -> dict[tuple[int, int], dict[str, int]]:
+        return {(int(k[0]), int(k[1])): dict(zip(GFN_COUNTERS, map(int, v), strict=True))
+                for k, v in zip(self.gfn_keys, self.gfn_values, strict=True)}
 
 
 class Replayer:
@@ -356,11 +366,10 @@ class Replayer:
         keys = self.hkeys[used] - 1
         vals = self.hvals[used]
         keep = (vals[:, K.G_EXITS] > 0) | (vals[:, K.G_VE] > 0)
-        order = np.lexsort(((keys & ((1 << 36) - 1))[keep], (keys >> 36)[keep]))
-        gfns = {}
-        for key, val in zip(keys[keep][order], vals[keep][order], strict=True):
-            gfns[(int(key >> 36), int(key & ((1 << 36) - 1)))] = {
-                name: int(val[i]) for i, name in enumerate(GFN_COUNTERS)}
+        views_, gfns_ = keys[keep] >> 36, keys[keep] & ((1 << 36) - 1)
+        order = np.lexsort((gfns_, views_))
+        gfn_keys = np.stack([views_[order], gfns_[order]], axis=1)
+        gfn_values = vals[keep][order]
 
         diffs = np.diff(self.snaps, axis=0)
         tl = {name: diffs[:, _KIDX[name]] for name in KERNEL_COUNTERS}
@@ -373,7 +382,8 @@ class Replayer:
         for slot, v in enumerate(self.vcpu_list):
             first, last = self.guest_first[slot], self.guest_last[slot]
             guest[v] = int(last - first) if first >= 0 else 0
-        return SimResult(total, vcpus, views, gfns, timeline, self.window, self.warnings, guest)
+        return SimResult(total, vcpus, views, gfn_keys, gfn_values, timeline, self.window,
+                         self.warnings, guest)
 
 
 def rule_table(policy: Policy, ranges: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
