@@ -199,7 +199,7 @@ def piece_at(e, level, g):
 
 
 # --------------------------------------------------------------------------- trees
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def walk(pool, root, g):
     """Walk one p2m for gfn ``g``: (entry, level) of the leaf, or (0, level) where it stops."""
     e = pool[root, (g >> 27) & 511]
@@ -472,7 +472,7 @@ def setup_change_gfn(pool, gs, roots, maxm, dflt, dom, remap, p, olds, news, sta
 
 
 # --------------------------------------------------------------------------- replay
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def gfn_slot(hkeys, hvals, gs, view, g):
     """Slot of (view, g) in the open-addressing table, inserting it if new."""
     key = (view << 36) + g + 1
@@ -490,7 +490,7 @@ def gfn_slot(hkeys, hvals, gs, view, g):
         i = (i + 1) & mask
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def switch_view(vst, vc, pv, s, to, counter):
     if vst[s, S_VIEW] != to:
         vst[s, S_VIEW] = to
@@ -498,7 +498,7 @@ def switch_view(vst, vc, pv, s, to, counter):
         pv[to, V_SWITCHES_IN] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def end_instruction(vst, vc, pv, s):
     """Close vCPU slot ``s``'s instruction (SPEC §6.3): single-step first, then #VE step."""
     if vst[s, S_SS_ON]:
@@ -517,7 +517,7 @@ def end_instruction(vst, vc, pv, s):
     vst[s, S_PENDING] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def match_rule(rules, granges, view, kind, g):
     """First rule matching (view, kind, g); rules int64 (n, 8), see simulate.rule_table."""
     for r in range(rules.shape[0]):
@@ -541,7 +541,7 @@ def match_rule(rules, granges, view, kind, g):
     return -1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hvals,
                 rules, granges, s, g, kind, row, e, lv):
     """SPEC §5 steps 1-8 for one access that did not complete on the fast path.
