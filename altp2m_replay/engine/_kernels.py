@@ -690,6 +690,14 @@ def snapshot(vc, snaps, w, nslots):
         snaps[w, c] = t
 
 
+@njit(cache=True, inline="always")
+def flush_counts(vc, pv, s, view, recs, comp):
+    """Add locally counted records (vCPU slot ``s``) and completions (``view``)."""
+    if s >= 0:
+        vc[s, C_RECORDS] += recs
+        pv[view, V_COMPLETED] += comp
+
+
 @njit(cache=True, nogil=True)
 def replay_batch(gfn, access, vcpu, insn, has_insn, start_row, begin,
                  pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hvals,
@@ -711,50 +719,80 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, start_row, begin,
     # snapshot change them, and locals stay in registers across the counter stores.
     room = pool.shape[0] - gs[GS_NFREE] >= headroom and (gs[GS_HCOUNT] + 2 * MAX_RETRIES + 4) * 2 <= hcap
     next_snap = gs[GS_NEXT_WIN] * window
+    # The current vCPU slot's state lives in locals while its rows follow each other, and its
+    # records / completions are counted locally, flushed (flush_counts) before anything that
+    # reads or changes them: another slot, a window snapshot, an instruction end, the slow path.
     last_s = -1
     view = 0
     root = roots[0]
+    cur_ins = np.int64(0)
+    pend = 0
+    recs = 0
+    comp = 0
     for i in range(begin, n):
         if not room:
+            flush_counts(vc, pv, last_s, view, recs, comp)
             if pool.shape[0] - gs[GS_NFREE] < headroom:
                 return ST_NEED_NODES, i
             return ST_NEED_HASH, i
         row = start_row + i
         if row >= next_snap:
+            flush_counts(vc, pv, last_s, view, recs, comp)
+            recs = 0
+            comp = 0
             snapshot(vc, snaps, gs[GS_NEXT_WIN], nslots)
             gs[GS_NEXT_WIN] += 1
             next_snap = gs[GS_NEXT_WIN] * window
         s = lut[vcpu[i]]
         ins = insn[i] if has_insn else row
-        if vst[s, S_INSN] != ins or not vst[s, S_STARTED]:
-            if vst[s, S_PENDING]:
-                end_instruction(vst, vc, pv, s)
-                last_s = -1
-            vst[s, S_STARTED] = 1
-            vst[s, S_INSN] = ins
-            vc[s, C_INSTRUCTIONS] += 1
-        vc[s, C_RECORDS] += 1
-        if vst[s, S_PENDING] and vst[s, S_EMUL]:
-            vc[s, C_REC_EMUL] += 1
-            continue
         if s != last_s:
-            # the slot's view and root stay in registers while rows of one vCPU follow each other
+            flush_counts(vc, pv, last_s, view, recs, comp)
+            recs = 0
+            comp = 0
             last_s = s
             view = vst[s, S_VIEW] if altp2m else 0
             root = roots[view + 1] if altp2m else roots[0]
+            pend = vst[s, S_PENDING]
+            cur_ins = vst[s, S_INSN]
+            new_insn = cur_ins != ins or not vst[s, S_STARTED]
+        else:
+            new_insn = cur_ins != ins
+        if new_insn:
+            if pend:
+                flush_counts(vc, pv, s, view, recs, comp)
+                recs = 0
+                comp = 0
+                end_instruction(vst, vc, pv, s)
+                pend = 0
+                view = vst[s, S_VIEW] if altp2m else 0
+                root = roots[view + 1] if altp2m else roots[0]
+            vst[s, S_STARTED] = 1
+            vst[s, S_INSN] = ins
+            cur_ins = ins
+            vc[s, C_INSTRUCTIONS] += 1
+        recs += 1
+        if pend and vst[s, S_EMUL]:
+            vc[s, C_REC_EMUL] += 1
+            continue
         g = gfn[i]
         kb = KIND_BIT[access[i]]
         # Fast path: a valid leaf that permits the access.
         e, lv = walk(pool, root, g)
         if (e & 3) == LEAF and (PERMITS[(e >> 2) & 15] & kb) and (exec_sp or kb != 4 or lv == 1):
-            pv[view, V_COMPLETED] += 1
+            comp += 1
             continue
+        flush_counts(vc, pv, s, view, recs, comp)
+        recs = 0
+        comp = 0
         st = access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hvals,
                          rules, granges, s, g, KIND_OF_BIT[kb], row, e, lv)
         if st != ST_DONE:
             return st, i + 1
-        last_s = -1
+        view = vst[s, S_VIEW] if altp2m else 0
+        root = roots[view + 1] if altp2m else roots[0]
+        pend = vst[s, S_PENDING]
         room = pool.shape[0] - gs[GS_NFREE] >= headroom and (gs[GS_HCOUNT] + 2 * MAX_RETRIES + 4) * 2 <= hcap
+    flush_counts(vc, pv, last_s, view, recs, comp)
     return ST_DONE, n
 
 
