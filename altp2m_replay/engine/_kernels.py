@@ -796,6 +796,18 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, start_row, begin,
     return ST_DONE, n
 
 
+@njit(cache=True, nogil=True)
+def track_tsc(tsc, vcpu, lut, seen, first, last, n):
+    """First and last ``tsc`` (uint64 (m,)) per vCPU slot over rows ``0..n`` of a batch;
+    ``seen`` (int64 (m,)) marks slots that have a first value."""
+    for i in range(n):
+        s = lut[vcpu[i]]
+        if not seen[s]:
+            seen[s] = 1
+            first[s] = tsc[i]
+        last[s] = tsc[i]
+
+
 @njit(cache=True)
 def finish(vst, vc, pv):
     """End every open instruction at the end of the trace."""

@@ -182,8 +182,9 @@ class Replayer:
         self.hvals = np.zeros((1 << 12, K.N_GFN_COUNTERS), dtype=np.int64)
         self.snaps = np.zeros((self.n_windows + 1, K.N_COUNTERS), dtype=np.int64)
         self.rules, self.granges = rule_table(policy, sels.ranges)
-        self.guest_first = np.full(nslots, -1, dtype=np.int64)
-        self.guest_last = np.full(nslots, -1, dtype=np.int64)
+        self.guest_seen = np.zeros(nslots, dtype=np.int64)
+        self.guest_first = np.zeros(nslots, dtype=np.uint64)
+        self.guest_last = np.zeros(nslots, dtype=np.uint64)
         self.done = False
         self._build_host()
         self._run_setup(sels.ranges)
@@ -313,21 +314,11 @@ class Replayer:
             else:
                 break
         if tsc is not None:
-            self._track_tsc(np.asarray(tsc, dtype=np.uint64)[:i].view(np.int64), vcpu[:i])
+            K.track_tsc(np.ascontiguousarray(tsc, dtype=np.uint64), vcpu, self.lut,
+                        self.guest_seen, self.guest_first, self.guest_last, i)
 
     def _err_view(self, row, vcpu, start_row) -> int:
         return int(self.vst[self.lut[vcpu[row - start_row]], K.S_VIEW]) if self.policy.domain.altp2m else 0
-
-    def _track_tsc(self, tsc: np.ndarray, vcpu: np.ndarray) -> None:
-        if len(tsc) == 0:
-            return
-        slots = self.lut[vcpu]
-        uniq, first = np.unique(slots, return_index=True)
-        _, last_rev = np.unique(slots[::-1], return_index=True)
-        last = len(slots) - 1 - last_rev
-        fresh = self.guest_first[uniq] < 0
-        self.guest_first[uniq[fresh]] = tsc[first[fresh]]
-        self.guest_last[uniq] = tsc[last]
 
     def finish(self) -> SimResult:
         """End open instructions (unless crashed) and collect every table."""
@@ -380,8 +371,8 @@ class Replayer:
         timeline.update(derive(tl))
         guest = {}
         for slot, v in enumerate(self.vcpu_list):
-            first, last = self.guest_first[slot], self.guest_last[slot]
-            guest[v] = int(last - first) if first >= 0 else 0
+            seen = self.guest_seen[slot]
+            guest[v] = int(self.guest_last[slot]) - int(self.guest_first[slot]) if seen else 0
         return SimResult(total, vcpus, views, gfn_keys, gfn_values, timeline, self.window,
                          self.warnings, guest)
 
