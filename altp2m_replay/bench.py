@@ -41,13 +41,15 @@ def run_bench(rows: int = 20_000_000, vcpus: int = 4, policy: str = "xen-access-
         generate.generate(workload, rows, seed=seed, vcpus=vcpus, output=path)
         tr = traces.open_trace(path)
         stats = traces.validate(tr)
-        batches = list(tr.batches(columns=("gfn", "access", "vcpu", "insn")))
+        # the kernel is fed what end-to-end replay feeds it (ip too, for the per-ip table)
+        batches = list(tr.batches(columns=("gfn", "access", "vcpu", "insn", "ip")))
         facts = TraceFacts(stats.max_gfn, tr.meta.ram, dict(tr.meta.gfn_sets or {}), None)
 
         # warm-up: compile (or load from cache) every kernel on a small slice
         warm = Replayer(p, facts, stats.vcpus, stats.rows)
         b0 = batches[0]
-        warm.feed(b0.gfn[:1000], b0.access[:1000], b0.vcpu[:1000], b0.insn[:1000], None, start_row=0)
+        warm.feed(b0.gfn[:1000], b0.access[:1000], b0.vcpu[:1000], b0.insn[:1000], None, start_row=0,
+                  ip=b0.ip[:1000])
         warm.finish()
         _bare_scan(b0.gfn[:10].view(np.int64), b0.access[:10], b0.vcpu[:10], b0.insn[:10].view(np.int64))
 
@@ -59,7 +61,7 @@ def run_bench(rows: int = 20_000_000, vcpus: int = 4, policy: str = "xen-access-
         rep = Replayer(p, facts, stats.vcpus, stats.rows)
         t = time.perf_counter()
         for b in batches:
-            rep.feed(b.gfn, b.access, b.vcpu, b.insn, None, start_row=b.start)
+            rep.feed(b.gfn, b.access, b.vcpu, b.insn, None, start_row=b.start, ip=b.ip)
         kernel_s = time.perf_counter() - t
         res = rep.finish()
         del batches

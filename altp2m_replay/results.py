@@ -18,7 +18,7 @@ from altp2m_replay.engine.simulate import (
     SimResult,
 )
 
-TABLES = ("summary", "by_view", "by_gfn", "timeline")
+TABLES = ("summary", "by_view", "by_gfn", "by_ip", "timeline")
 
 
 def cell_tables(trace: str, policy, res: SimResult, costs: dict[str, float]) -> dict[str, pl.DataFrame]:
@@ -61,6 +61,13 @@ def cell_tables(trace: str, policy, res: SimResult, costs: dict[str, float]) -> 
         **{c: res.gfn_values[:, i] for i, c in enumerate(GFN_COUNTERS)},
     }).cast(gschema)
 
+    m = len(res.ip_keys)
+    by_ip = pl.DataFrame({
+        "trace": [trace] * m, "policy": [policy.name] * m, "ip": res.ip_keys,
+        "ept_exits": res.ip_values[:, 0], "ve_delivered": res.ip_values[:, 1],
+    }).cast({"trace": pl.Utf8, "policy": pl.Utf8, "ip": pl.UInt64, "ept_exits": pl.Int64,
+             "ve_delivered": pl.Int64})
+
     tl = res.timeline
     win_cycles = sum(costs[k] * sum(tl[name] for name in charged) for k, (_, charged) in COSTS.items())
     timeline = pl.DataFrame({
@@ -71,7 +78,7 @@ def cell_tables(trace: str, policy, res: SimResult, costs: dict[str, float]) -> 
         **{name: tl[name] for name in TIMELINE_COUNTERS},
         "cycles_total": win_cycles.astype(float),
     })
-    return {"summary": summary, "by_view": by_view, "by_gfn": by_gfn, "timeline": timeline}
+    return {"summary": summary, "by_view": by_view, "by_gfn": by_gfn, "by_ip": by_ip, "timeline": timeline}
 
 
 def _umask_mode() -> int:

@@ -123,14 +123,14 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     t0 = time.perf_counter()
     try:
         reps = [Replayer(p, facts, stats.vcpus, stats.rows, window=window) for p in policies]
-        columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc") if c in tr.columns]
+        columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc", "ip") if c in tr.columns]
         # Decode the next row group while the kernel (nogil) replays this one.
         for b in prefetch(tr.batches(batch_rows=batch_rows, columns=tuple(columns))):
             live = [r for r in reps if not r.done]
             if not live:
                 break
             for r in live:
-                r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start)
+                r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start, ip=b.ip)
             if progress is not None:
                 progress(len(b.gfn) * len(reps))
     except (ReplayRuntimeError, PolicyError) as exc:

@@ -70,12 +70,18 @@ V_VE = 5
 V_SWITCHES_IN = 6
 N_VIEW_COUNTERS = 7
 
-# ---- per-gfn counters in the hash table: hvals[i, G_*]
-G_EXITS = 0
-G_VIOL_R = 1  # + kind (0 r, 1 w, 2 x)
-G_VE = 4
-G_LAZY = 5
+# ---- per-gfn table: htab[i] = key (view << 36 | gfn) + 1 (0: empty), then counters G_*.
+# One 64-byte row per entry, so an exit touches one cache line of it.
+G_EXITS = 1
+G_VIOL_R = 2  # + kind (0 r, 1 w, 2 x)
+G_VE = 5
+G_LAZY = 6
 N_GFN_COUNTERS = 6
+H_WIDTH = 8
+# ---- per-ip table: itab[i] = used, ip, ept_exits, ve_delivered (32 bytes a row)
+I_EXITS = 2
+I_VE = 3
+I_WIDTH = 4
 
 # ---- per-vCPU state: vst[slot, S_*]
 S_VIEW = 0
@@ -103,7 +109,8 @@ GS_SETUP_SPLITS = 6
 GS_SETUP_SKIPPED = 7
 GS_NEXT_WIN = 8
 GS_SPLITS = 9  # scratch: splits done by the last tree write
-N_GS = 10
+GS_ICOUNT = 10  # entries in the per-ip table
+N_GS = 11
 
 # ---- domain scalars: dom[D_*]
 D_ALTP2M = 0
@@ -129,6 +136,7 @@ ST_UNMATCHED = 4
 ST_RETRIES = 5
 ST_NO_ENTRY = 6   # setup: change_gfn / set_suppress_ve found no effective entry
 ST_NOT_RAM = 7    # setup: change_gfn old is not host RAM
+ST_NEED_IPHASH = 8
 
 # Monitor responses (policy.RESPONSE_CODES).
 A_STEP = 0
@@ -473,19 +481,34 @@ def setup_change_gfn(pool, gs, roots, maxm, dflt, dom, remap, p, olds, news, sta
 
 # --------------------------------------------------------------------------- replay
 @njit(cache=True, inline="always")
-def gfn_slot(hkeys, hvals, gs, view, g):
-    """Slot of (view, g) in the open-addressing table, inserting it if new."""
+def gfn_slot(htab, gs, view, g):
+    """Row of (view, g) in the open-addressing per-gfn table, inserting it if new."""
     key = (view << 36) + g + 1
-    mask = len(hkeys) - 1
-    h = (key * np.int64(-7046029254386353131)) >> 20
-    i = h & mask
+    mask = htab.shape[0] - 1
+    i = ((key * np.int64(-7046029254386353131)) >> 20) & mask
     while True:
-        k = hkeys[i]
+        k = htab[i, 0]
         if k == key:
             return i
         if k == 0:
-            hkeys[i] = key
+            htab[i, 0] = key
             gs[GS_HCOUNT] += 1
+            return i
+        i = (i + 1) & mask
+
+
+@njit(cache=True, inline="always")
+def ip_slot(itab, gs, ip):
+    """Row of instruction pointer ``ip`` (any int64 bit pattern) in the per-ip table."""
+    mask = itab.shape[0] - 1
+    i = ((ip * np.int64(-7046029254386353131)) >> 20) & mask
+    while True:
+        if not itab[i, 0]:
+            itab[i, 0] = 1
+            itab[i, 1] = ip
+            gs[GS_ICOUNT] += 1
+            return i
+        if itab[i, 1] == ip:
             return i
         i = (i + 1) & mask
 
@@ -542,11 +565,12 @@ def match_rule(rules, granges, view, kind, g):
 
 
 @njit(cache=True, inline="always")
-def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hvals,
-                rules, granges, s, g, kind, row, e, lv):
+def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, htab,
+                rules, granges, s, g, kind, row, e, lv, has_ip, ipv, itab):
     """SPEC §5 steps 1-8 for one access that did not complete on the fast path.
 
     ``e``, ``lv``: the fast path's walk of the current view, reused by the first pass.
+    With ``has_ip``, exits and #VEs are also counted for the row's instruction pointer ``ipv``.
     """
     kb = np.int64(1) << kind
     altp2m = dom[D_ALTP2M]
@@ -568,7 +592,9 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hv
             if not vst[s, S_VE_BUSY]:
                 vc[s, C_VE] += 1
                 pv[view, V_VE] += 1
-                hvals[gfn_slot(hkeys, hvals, gs, view, g), G_VE] += 1
+                htab[gfn_slot(htab, gs, view, g), G_VE] += 1
+                if has_ip:
+                    itab[ip_slot(itab, gs, ipv), I_VE] += 1
                 vst[s, S_VE_BUSY] = 1
                 vst[s, S_PENDING] = 1
                 act = dom[D_VE_ACTION]
@@ -586,8 +612,10 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hv
         # 4. VM exit
         vc[s, C_EPT_EXITS] += 1
         pv[view, V_EXITS] += 1
-        hs = gfn_slot(hkeys, hvals, gs, view, g)
-        hvals[hs, G_EXITS] += 1
+        hs = gfn_slot(htab, gs, view, g)
+        htab[hs, G_EXITS] += 1
+        if has_ip:
+            itab[ip_slot(itab, gs, ipv), I_EXITS] += 1
         if k != LEAF:
             h, hl = walk(pool, roots[0], g) if p != 0 else (e, lv)
             if p != 0 and h & 3 == LEAF:
@@ -614,7 +642,7 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hv
                 vc[s, C_LAZY_PAGES] += pages
                 pv[view, V_LAZY] += 1
                 pv[view, V_LAZY_PAGES] += pages
-                hvals[hs, G_LAZY] += 1
+                htab[hs, G_LAZY] += 1
                 continue
             # 6. hole: emulated MMIO
             vc[s, C_MMIO] += 1
@@ -623,7 +651,7 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hv
             # 7. access violation
             vc[s, C_VIOLATIONS] += 1
             pv[view, V_VIOLATIONS] += 1
-            hvals[hs, G_VIOL_R + kind] += 1
+            htab[hs, G_VIOL_R + kind] += 1
             if acc == 8 and kind == 1:
                 vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), 3))
                 vc[s, C_ACCESS_CHANGES] += 1
@@ -699,13 +727,13 @@ def flush_counts(vc, pv, s, view, recs, comp):
 
 
 @njit(cache=True, nogil=True)
-def replay_batch(gfn, access, vcpu, insn, has_insn, start_row, begin,
-                 pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hvals,
+def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin,
+                 pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, htab, itab,
                  rules, granges, lut, snaps):
     """Replay rows ``begin..`` of one batch; returns (status, index of the next row to do).
 
     gfn int64 (n,), access uint8 (n,), vcpu uint16 (n,), insn int64 (n,) (ignored unless
-    ``has_insn``); ``start_row`` is the global index of the batch's row 0; ``lut`` int64
+    ``has_insn``), ip int64 (n,) (ignored unless ``has_ip``); ``start_row`` is the global index of the batch's row 0; ``lut`` int64
     (4096,) maps a vCPU number to its counter slot.
     """
     altp2m = dom[D_ALTP2M]
@@ -713,11 +741,13 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, start_row, begin,
     window = dom[D_WINDOW]
     headroom = dom[D_HEADROOM]
     nslots = vc.shape[0]
-    hcap = len(hkeys)
+    hcap = htab.shape[0]
+    icap = itab.shape[0]
     n = len(gfn)
     # Room checks and the next window boundary live in locals: only the slow path and a
     # snapshot change them, and locals stay in registers across the counter stores.
-    room = pool.shape[0] - gs[GS_NFREE] >= headroom and (gs[GS_HCOUNT] + 2 * MAX_RETRIES + 4) * 2 <= hcap
+    room = (pool.shape[0] - gs[GS_NFREE] >= headroom and (gs[GS_HCOUNT] + 2 * MAX_RETRIES + 4) * 2 <= hcap
+                and (gs[GS_ICOUNT] + 2 * MAX_RETRIES + 4) * 2 <= icap)
     next_snap = gs[GS_NEXT_WIN] * window
     # The current vCPU slot's state lives in locals while its rows follow each other, and its
     # records / completions are counted locally, flushed (flush_counts) before anything that
@@ -734,7 +764,9 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, start_row, begin,
             flush_counts(vc, pv, last_s, view, recs, comp)
             if pool.shape[0] - gs[GS_NFREE] < headroom:
                 return ST_NEED_NODES, i
-            return ST_NEED_HASH, i
+            if (gs[GS_HCOUNT] + 2 * MAX_RETRIES + 4) * 2 > hcap:
+                return ST_NEED_HASH, i
+            return ST_NEED_IPHASH, i
         row = start_row + i
         if row >= next_snap:
             flush_counts(vc, pv, last_s, view, recs, comp)
@@ -784,14 +816,16 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, start_row, begin,
         flush_counts(vc, pv, s, view, recs, comp)
         recs = 0
         comp = 0
-        st = access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, hkeys, hvals,
-                         rules, granges, s, g, KIND_OF_BIT[kb], row, e, lv)
+        st = access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, htab,
+                         rules, granges, s, g, KIND_OF_BIT[kb], row, e, lv,
+                         has_ip, ip[i] if has_ip else np.int64(0), itab)
         if st != ST_DONE:
             return st, i + 1
         view = vst[s, S_VIEW] if altp2m else 0
         root = roots[view + 1] if altp2m else roots[0]
         pend = vst[s, S_PENDING]
-        room = pool.shape[0] - gs[GS_NFREE] >= headroom and (gs[GS_HCOUNT] + 2 * MAX_RETRIES + 4) * 2 <= hcap
+        room = (pool.shape[0] - gs[GS_NFREE] >= headroom and (gs[GS_HCOUNT] + 2 * MAX_RETRIES + 4) * 2 <= hcap
+                and (gs[GS_ICOUNT] + 2 * MAX_RETRIES + 4) * 2 <= icap)
     flush_counts(vc, pv, last_s, view, recs, comp)
     return ST_DONE, n
 
@@ -817,18 +851,27 @@ def finish(vst, vc, pv):
 
 
 @njit(cache=True)
-def grow_hash(hkeys, hvals, new_cap):
-    """Rehash into tables of ``new_cap`` slots (a power of two)."""
-    nk = np.zeros(new_cap, dtype=np.int64)
-    nv = np.zeros((new_cap, hvals.shape[1]), dtype=np.int64)
+def grow_ip_hash(itab, new_cap):
+    """Rehash the per-ip table into ``new_cap`` rows (a power of two)."""
+    nt = np.zeros((new_cap, I_WIDTH), dtype=np.int64)
+    gs = np.zeros(N_GS, dtype=np.int64)
+    for i in range(itab.shape[0]):
+        if itab[i, 0]:
+            nt[ip_slot(nt, gs, itab[i, 1]), :] = itab[i, :]
+    return nt
+
+
+@njit(cache=True)
+def grow_hash(htab, new_cap):
+    """Rehash the per-gfn table into ``new_cap`` rows (a power of two)."""
+    nt = np.zeros((new_cap, H_WIDTH), dtype=np.int64)
     mask = new_cap - 1
-    for i in range(len(hkeys)):
-        key = hkeys[i]
+    for i in range(htab.shape[0]):
+        key = htab[i, 0]
         if key == 0:
             continue
         j = ((key * np.int64(-7046029254386353131)) >> 20) & mask
-        while nk[j] != 0:
+        while nt[j, 0] != 0:
             j = (j + 1) & mask
-        nk[j] = key
-        nv[j, :] = hvals[i, :]
-    return nk, nv
+        nt[j, :] = htab[i, :]
+    return nt

@@ -107,6 +107,8 @@ class SimResult:
     views: dict[int, dict[str, int]]
     gfn_keys: np.ndarray
     gfn_values: np.ndarray
+    ip_keys: np.ndarray      # uint64 (m,) instruction pointers with an exit or #VE, sorted
+    ip_values: np.ndarray    # int64 (m, 2): ept_exits, ve_delivered
     timeline: dict[str, np.ndarray]
     window: int
     warnings: list[str] = field(default_factory=list)
@@ -178,14 +180,15 @@ class Replayer:
         self.vst = np.zeros((nslots, K.N_VCPU_STATE), dtype=np.int64)
         self.vc = np.zeros((nslots, K.N_COUNTERS), dtype=np.int64)
         self.pv = np.zeros((max(1, n_p2m - 1), K.N_VIEW_COUNTERS), dtype=np.int64)
-        self.hkeys = np.zeros(1 << 12, dtype=np.int64)
-        self.hvals = np.zeros((1 << 12, K.N_GFN_COUNTERS), dtype=np.int64)
+        self.htab = np.zeros((1 << 12, K.H_WIDTH), dtype=np.int64)
+        self.itab = np.zeros((1 << 10, K.I_WIDTH), dtype=np.int64)
         self.snaps = np.zeros((self.n_windows + 1, K.N_COUNTERS), dtype=np.int64)
         self.rules, self.granges = rule_table(policy, sels.ranges)
         self.guest_seen = np.zeros(nslots, dtype=np.int64)
         self.guest_first = np.zeros(nslots, dtype=np.uint64)
         self.guest_last = np.zeros(nslots, dtype=np.uint64)
         self.done = False
+        self.has_ip = False
         self._build_host()
         self._run_setup(sels.ranges)
 
@@ -276,9 +279,9 @@ class Replayer:
             raise PolicyError(f"{self.policy.source}: {op.where}: gfn {g:#x} has no entry in the view nor host RAM (Xen returns -ESRCH)")
 
     # ------------------------------------------------------------------ replay
-    def feed(self, gfn, access, vcpu=None, insn=None, tsc=None, start_row: int = 0) -> None:
+    def feed(self, gfn, access, vcpu=None, insn=None, tsc=None, start_row: int = 0, ip=None) -> None:
         """Replay one batch. gfn uint64 (n,), access uint8 (n,), vcpu uint16 (n,) or None,
-        insn uint64 (n,) or None, tsc uint64 (n,) or None; rows start at global ``start_row``."""
+        insn, tsc and ip uint64 (n,) or None; rows start at global ``start_row``."""
         if self.done:
             return
         n = len(gfn)
@@ -287,17 +290,22 @@ class Replayer:
         vcpu = np.zeros(n, dtype=np.uint16) if vcpu is None else np.ascontiguousarray(vcpu, dtype=np.uint16)
         has_insn = insn is not None
         insn_arr = np.ascontiguousarray(insn, dtype=np.uint64).view(np.int64) if has_insn else gfn
+        has_ip = ip is not None
+        ip_arr = np.ascontiguousarray(ip, dtype=np.uint64).view(np.int64) if has_ip else gfn
+        self.has_ip = self.has_ip or has_ip
         i = 0
         while True:
-            st, i = K.replay_batch(gfn, access, vcpu, insn_arr, has_insn, start_row, i,
-                                   self.pool, self.gs, self.roots, self.maxm, self.active,
-                                   self.dflt, self.dom, self.vst, self.vc, self.pv,
-                                   self.hkeys, self.hvals, self.rules, self.granges, self.lut,
-                                   self.snaps)
+            st, i = K.replay_batch(gfn, access, vcpu, insn_arr, has_insn, ip_arr, has_ip,
+                                   start_row, i, self.pool, self.gs, self.roots, self.maxm,
+                                   self.active, self.dflt, self.dom, self.vst, self.vc, self.pv,
+                                   self.htab, self.itab,
+                                   self.rules, self.granges, self.lut, self.snaps)
             if st == K.ST_NEED_NODES:
                 self._grow_pool()
             elif st == K.ST_NEED_HASH:
-                self.hkeys, self.hvals = K.grow_hash(self.hkeys, self.hvals, 2 * len(self.hkeys))
+                self.htab = K.grow_hash(self.htab, 2 * self.htab.shape[0])
+            elif st == K.ST_NEED_IPHASH:
+                self.itab = K.grow_ip_hash(self.itab, 2 * self.itab.shape[0])
             elif st == K.ST_CRASH:
                 self.done = True
                 break
@@ -353,10 +361,10 @@ class Replayer:
             row.update(pages_mapped=int(pages), leaves_4k=int(l4k), leaves_2m=int(l2m), leaves_1g=int(l1g))
             views[view] = row
 
-        used = np.flatnonzero(self.hkeys)
-        keys = self.hkeys[used] - 1
-        vals = self.hvals[used]
-        keep = (vals[:, K.G_EXITS] > 0) | (vals[:, K.G_VE] > 0)
+        used = np.flatnonzero(self.htab[:, 0])
+        keys = self.htab[used, 0] - 1
+        vals = self.htab[used, K.G_EXITS:K.G_EXITS + K.N_GFN_COUNTERS]
+        keep = (vals[:, K.G_EXITS - 1] > 0) | (vals[:, K.G_VE - 1] > 0)
         views_, gfns_ = keys[keep] >> 36, keys[keep] & ((1 << 36) - 1)
         order = np.lexsort((gfns_, views_))
         gfn_keys = np.stack([views_[order], gfns_[order]], axis=1)
@@ -373,8 +381,12 @@ class Replayer:
         for slot, v in enumerate(self.vcpu_list):
             seen = self.guest_seen[slot]
             guest[v] = int(self.guest_last[slot]) - int(self.guest_first[slot]) if seen else 0
-        return SimResult(total, vcpus, views, gfn_keys, gfn_values, timeline, self.window,
-                         self.warnings, guest)
+        used_ip = np.flatnonzero(self.itab[:, 0])
+        ips = self.itab[used_ip, 1].view(np.uint64)
+        iorder = np.argsort(ips, kind="stable")
+        ip_values = self.itab[used_ip][:, K.I_EXITS:K.I_VE + 1][iorder]
+        return SimResult(total, vcpus, views, gfn_keys, gfn_values, ips[iorder], ip_values,
+                         timeline, self.window, self.warnings, guest)
 
 
 def rule_table(policy: Policy, ranges: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
