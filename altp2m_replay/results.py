@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from altp2m_replay.costs import COSTS, cycles
@@ -18,7 +19,7 @@ from altp2m_replay.engine.simulate import (
     SimResult,
 )
 
-TABLES = ("summary", "by_view", "by_gfn", "by_ip", "timeline")
+TABLES = ("summary", "by_view", "by_gfn", "by_ip", "timeline", "population")
 
 
 def cell_tables(trace: str, policy, res: SimResult, costs: dict[str, float]) -> dict[str, pl.DataFrame]:
@@ -78,7 +79,20 @@ def cell_tables(trace: str, policy, res: SimResult, costs: dict[str, float]) -> 
         **{name: tl[name] for name in TIMELINE_COUNTERS},
         "cycles_total": win_cycles.astype(float),
     })
-    return {"summary": summary, "by_view": by_view, "by_gfn": by_gfn, "by_ip": by_ip, "timeline": timeline}
+    nw = len(tl["window"])
+    views = sorted(res.population)
+    population = pl.DataFrame({
+        "trace": [trace] * (nw * len(views)),
+        "policy": [policy.name] * (nw * len(views)),
+        "view": np.repeat(np.asarray(views, dtype=np.int32), nw),
+        "view_name": [policy.view_name(v) for v in views for _ in range(nw)],
+        "window": np.tile(tl["window"], len(views)),
+        "first_record": np.tile(tl["first_record"], len(views)),
+        "pages_mapped": np.concatenate([res.population[v] for v in views]) if views else np.zeros(0, np.int64),
+    }).cast({"trace": pl.Utf8, "policy": pl.Utf8, "view": pl.Int32, "view_name": pl.Utf8,
+             "window": pl.Int64, "first_record": pl.Int64, "pages_mapped": pl.Int64})
+    return {"summary": summary, "by_view": by_view, "by_gfn": by_gfn, "by_ip": by_ip,
+            "timeline": timeline, "population": population}
 
 
 def _umask_mode() -> int:

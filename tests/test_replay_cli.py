@@ -22,7 +22,7 @@ from altp2m_replay import __version__, run
 from altp2m_replay.cli import main
 from altp2m_replay.traces import write_trace
 
-TABLES = ("summary", "by_view", "by_gfn", "by_ip", "timeline")
+TABLES = ("summary", "by_view", "by_gfn", "by_ip", "timeline", "population")
 THREE = ("xen-access-altp2m-write", "hvmi-ve-pagetables", "memaccess-write")
 
 # SPEC §8, copied from the contract: key -> (default cycles, counters charged).

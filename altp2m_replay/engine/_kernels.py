@@ -710,12 +710,16 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, htab,
 
 
 @njit(cache=True)
-def snapshot(vc, snaps, w, nslots):
-    for c in range(vc.shape[1]):
+def snapshot(vc, pv, snaps, w, nslots):
+    """Row ``w`` of ``snaps``: run totals of every counter, then each view's lazy-copy pages."""
+    nc = vc.shape[1]
+    for c in range(nc):
         t = 0
         for s in range(nslots):
             t += vc[s, c]
         snaps[w, c] = t
+    for v in range(snaps.shape[1] - nc):
+        snaps[w, nc + v] = pv[v, V_LAZY_PAGES]
 
 
 @njit(cache=True, inline="always")
@@ -772,7 +776,7 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
             flush_counts(vc, pv, last_s, view, recs, comp)
             recs = 0
             comp = 0
-            snapshot(vc, snaps, gs[GS_NEXT_WIN], nslots)
+            snapshot(vc, pv, snaps, gs[GS_NEXT_WIN], nslots)
             gs[GS_NEXT_WIN] += 1
             next_snap = gs[GS_NEXT_WIN] * window
         s = lut[vcpu[i]]

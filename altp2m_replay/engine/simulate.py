@@ -110,6 +110,7 @@ class SimResult:
     ip_keys: np.ndarray      # uint64 (m,) instruction pointers with an exit or #VE, sorted
     ip_values: np.ndarray    # int64 (m, 2): ept_exits, ve_delivered
     timeline: dict[str, np.ndarray]
+    population: dict[int, np.ndarray]   # view -> int64 (windows,) pages mapped at each window end
     window: int
     warnings: list[str] = field(default_factory=list)
     guest_cycles: dict[int, int] = field(default_factory=dict)
@@ -182,7 +183,8 @@ class Replayer:
         self.pv = np.zeros((max(1, n_p2m - 1), K.N_VIEW_COUNTERS), dtype=np.int64)
         self.htab = np.zeros((1 << 12, K.H_WIDTH), dtype=np.int64)
         self.itab = np.zeros((1 << 10, K.I_WIDTH), dtype=np.int64)
-        self.snaps = np.zeros((self.n_windows + 1, K.N_COUNTERS), dtype=np.int64)
+        # per window: every counter, then each view's cumulative lazy-copy pages
+        self.snaps = np.zeros((self.n_windows + 1, K.N_COUNTERS + self.pv.shape[0]), dtype=np.int64)
         self.rules, self.granges = rule_table(policy, sels.ranges)
         self.guest_seen = np.zeros(nslots, dtype=np.int64)
         self.guest_first = np.zeros(nslots, dtype=np.uint64)
@@ -191,6 +193,16 @@ class Replayer:
         self.has_ip = False
         self._build_host()
         self._run_setup(sels.ranges)
+        self.setup_pages = {view: int(K.tree_stats(self.pool, self.roots[self._p2m(view)])[0])
+                            for view in self.view_ids}
+
+    @property
+    def view_ids(self) -> list[int]:
+        return sorted([0] + [v.index for v in self.policy.views])
+
+    def _p2m(self, view: int) -> int:
+        """p2m index of a view: the host stands for view 0 when altp2m is off."""
+        return view + 1 if self.policy.domain.altp2m else 0
 
     # ------------------------------------------------------------------ set-up
     def _grow_pool(self) -> None:
@@ -335,7 +347,7 @@ class Replayer:
         self.done = True
         w = int(self.gs[K.GS_NEXT_WIN])
         for j in range(w, self.n_windows + 1):
-            K.snapshot(self.vc, self.snaps, j, self.vc.shape[0])
+            K.snapshot(self.vc, self.pv, self.snaps, j, self.vc.shape[0])
         return self._collect()
 
     def _collect(self) -> SimResult:
@@ -353,9 +365,8 @@ class Replayer:
         total = {k: derive(tot)[k] for k in COUNTERS}
 
         views = {}
-        view_ids = [0] + [v.index for v in self.policy.views]
-        for view in sorted(view_ids):
-            p = view + 1 if self.policy.domain.altp2m else 0
+        for view in self.view_ids:
+            p = self._p2m(view)
             pages, l4k, l2m, l1g = K.tree_stats(self.pool, self.roots[p])
             row = {name: int(self.pv[view, i]) for i, name in enumerate(VIEW_COUNTERS[:7])}
             row.update(pages_mapped=int(pages), leaves_4k=int(l4k), leaves_2m=int(l2m), leaves_1g=int(l1g))
@@ -370,13 +381,17 @@ class Replayer:
         gfn_keys = np.stack([views_[order], gfns_[order]], axis=1)
         gfn_values = vals[keep][order]
 
-        diffs = np.diff(self.snaps, axis=0)
+        diffs = np.diff(self.snaps[:, :K.N_COUNTERS], axis=0)
         tl = {name: diffs[:, _KIDX[name]] for name in KERNEL_COUNTERS}
         timeline = {
             "window": np.arange(self.n_windows, dtype=np.int64),
             "first_record": np.arange(self.n_windows, dtype=np.int64) * self.window,
         }
         timeline.update(derive(tl))
+        # pages mapped per view at the end of each window: after setup, plus lazy copies so far
+        # (exact from xen 4.17 on, where a lazy copy never covers pages the view maps already)
+        population = {view: self.setup_pages[view] + self.snaps[1:, K.N_COUNTERS + view]
+                      for view in self.view_ids}
         guest = {}
         for slot, v in enumerate(self.vcpu_list):
             seen = self.guest_seen[slot]
@@ -386,7 +401,7 @@ class Replayer:
         iorder = np.argsort(ips, kind="stable")
         ip_values = self.itab[used_ip][:, K.I_EXITS:K.I_VE + 1][iorder]
         return SimResult(total, vcpus, views, gfn_keys, gfn_values, ips[iorder], ip_values,
-                         timeline, self.window, self.warnings, guest)
+                         timeline, population, self.window, self.warnings, guest)
 
 
 def rule_table(policy: Policy, ranges: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

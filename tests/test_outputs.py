@@ -1,0 +1,34 @@
+"""Cross-table facts of the extra outputs: per-view population and per-ip counts."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from altp2m_replay import run
+
+POLICIES = ["xen-access-altp2m-write", "drakvuf-hidden-breakpoints", "hvmi-ve-pagetables", "codemon-flip"]
+
+
+def test_population_ends_at_by_view_pages_and_never_shrinks(kernel_trace, tmp_path):
+    run.replay([kernel_trace], POLICIES, tmp_path, jobs=1, html=False)
+    pop = pl.read_parquet(tmp_path / "population.parquet")
+    by_view = pl.read_parquet(tmp_path / "by_view.parquet")
+    last = pop.filter(pl.col("window") == pop["window"].max()).select("policy", "view", "pages_mapped")
+    joined = last.join(by_view.select("policy", "view", pl.col("pages_mapped").alias("end")), on=["policy", "view"])
+    assert joined.height == by_view.height
+    assert (joined["pages_mapped"] == joined["end"]).all()
+    steps = pop.sort("policy", "view", "window").group_by("policy", "view").agg(
+        (pl.col("pages_mapped").diff().drop_nulls() >= 0).all().alias("monotone"))
+    assert steps["monotone"].all()
+
+
+def test_per_ip_counts_add_up_to_the_totals(kernel_trace, tmp_path):
+    run.replay([kernel_trace], POLICIES, tmp_path, jobs=1, html=False)
+    total = pl.read_parquet(tmp_path / "summary.parquet").filter(pl.col("vcpu") == -1)
+    by_ip = pl.read_parquet(tmp_path / "by_ip.parquet").group_by("policy").agg(
+        pl.col("ept_exits").sum(), pl.col("ve_delivered").sum())
+    j = total.select("policy", "ept_exits", "ve_delivered").join(by_ip, on="policy", how="left", suffix="_ip")
+    for row in j.iter_rows(named=True):
+        assert (row["ept_exits_ip"] or 0) == row["ept_exits"], row["policy"]
+        assert (row["ve_delivered_ip"] or 0) == row["ve_delivered"], row["policy"]
+    assert j["ept_exits"].sum() > 0
