@@ -27,8 +27,9 @@ test: $(STAMP) ## Run the test suite
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check altp2m_replay tests
 
-bench: $(STAMP) ## Throughput figures of SPEC §13 (kernel, end-to-end, bare scan)
+bench: $(STAMP) ## Throughput of SPEC §13 (bench command), then the pytest-benchmark suites
 	$(PY) -m altp2m_replay bench
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=mean,stddev,rounds
 
 clean: ## Remove the virtual environment, caches and generated reports
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache reports/samples
