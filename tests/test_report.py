@@ -103,12 +103,94 @@ def test_crashes_and_warnings_are_shown_before_the_results(copy_dir):
     assert "No crashes" not in page
 
 
+def _population_svgs(page: str) -> list[str]:
+    """The per-policy population panels of the lazy section, in page order."""
+    lazy = page[page.index('id="lazy"'):page.index('id="vcpus"')]
+    figures = re.findall(r'<figure class="population">.*?</figure>', lazy, re.S)
+    return [re.search(r"<svg\b.*?</svg>", f, re.S).group(0) for f in figures]
+
+
+def _ip_section(page: str) -> str:
+    hot = page[page.index('id="hotspots"'):page.index('id="run"')]
+    return hot[hot.index("Top faulting instructions"):]
+
+
+def test_population_has_one_curve_per_view_per_policy(out_dir):
+    page = render_html(out_dir)
+    pop = pl.read_parquet(out_dir / "population.parquet")
+    views = {p: sorted(pop.filter(pl.col("policy") == p)["view"].unique().to_list())
+             for p in POLICIES}
+    svgs = _population_svgs(page)
+    assert len(svgs) == len(POLICIES)  # one panel per policy, in the report's policy order
+    for p, svg in zip(POLICIES, svgs, strict=True):
+        assert f'aria-label="pages mapped per view, {p}, kern"' in svg
+        assert svg.count("<polyline") == len(views[p]) >= 1
+    assert max(len(v) for v in views.values()) >= 2  # the write policy has a second view
+    # y axis in sizes of 4 KiB pages; the legend and tooltips give each view's final size
+    final = pop.filter((pl.col("policy") == "baseline") & (pl.col("view") == 0)).sort("window")
+    pages = final["pages_mapped"][-1]
+    assert re.search(r">\d+ (KiB|MiB|GiB)</text>", svgs[1])
+    assert f"{pages * 4096 / (1 << 20):,.1f} MiB" in page
+    assert f"({pages:,} pages)</title>" in svgs[1]
+    assert "view 1 · watch" in page
+    assert "Lazy copies (cumulative)" not in page and "Lazy copy pages (cumulative)" not in page
+    assert "Views at the end of the run" in page
+
+
+def test_top_faulting_instructions(out_dir):
+    page = render_html(out_dir)
+    section = _ip_section(page)
+    by_ip = pl.read_parquet(out_dir / "by_ip.parquet")
+    assert by_ip.height > 0  # generated traces have an ip column
+    for p in POLICIES[1:]:
+        sub = by_ip.filter(pl.col("policy") == p)
+        top = sub.sort(["ept_exits", "ve_delivered", "ip"], descending=[True, True, False])
+        assert f"{p}<span>{sub['ept_exits'].sum():,} EPT exits" in section
+        assert f"{top['ip'][0]:#x}</td>" in section  # hex, like the gfns
+    tables = re.findall(r"<table>.*?</table>", section, re.S)
+    assert len(tables) == by_ip["policy"].n_unique()
+    assert all(1 <= t.count("<tr>") - 1 <= 20 for t in tables)
+    assert "no ip column" not in page
+
+
 def test_missing_optional_tables_still_render(copy_dir):
     for name in ("by_view.parquet", "by_gfn.parquet", "timeline.parquet", "manifest.json"):
         (copy_dir / name).unlink()
     page = render_html(copy_dir)
     assert "No timeline.parquet" in page and "No by_gfn.parquet" in page
     assert "Policy comparison" in page
+    assert len(_population_svgs(page)) == len(POLICIES)  # population needs no timeline table
+    for name in ("by_ip.parquet", "population.parquet"):
+        (copy_dir / name).unlink()
+    page = render_html(copy_dir)
+    assert "No by_ip.parquet in this folder" in page
+    assert not _population_svgs(page)
+
+
+def test_older_folders_fall_back_to_the_cumulative_lazy_curve(copy_dir):
+    (copy_dir / "population.parquet").unlink()
+    (copy_dir / "by_ip.parquet").unlink()
+    page = render_html(copy_dir)
+    lazy = page[page.index('id="lazy"'):page.index('id="vcpus"')]
+    assert re.search(r"Lazy cop(ies|y pages) \(cumulative\)", lazy)
+    assert "No population.parquet in this folder" in lazy
+    assert lazy.count("<polyline") == len(POLICIES)  # one cumulative curve per policy
+    assert "Views at the end of the run" in lazy
+    assert "No by_ip.parquet in this folder" in _ip_section(page)
+
+
+def test_a_trace_without_ip_says_so(tmp_path):
+    src = tmp_path / "src.parquet"
+    r = cli("trace", "generate", "kernel", "-n", 3_000, "--seed", 2, "-o", src)
+    assert r.exit_code == 0, r.output
+    pl.read_parquet(src).drop("ip").write_parquet(tmp_path / "noip.parquet")
+    r = cli("replay", tmp_path / "noip.parquet", "-p", "none", "-p", "xen-access-altp2m-write",
+            "--jobs", 1, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert pl.read_parquet(tmp_path / "out" / "by_ip.parquet").height == 0
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "the trace has no ip column" in _ip_section(page)
+    assert len(_population_svgs(page)) == 2
 
 
 def test_several_traces_and_merged_windows(tmp_path):
@@ -196,11 +278,22 @@ def test_chromium_renders_the_report(out_dir, tmp_path):
     for h in HEADINGS:
         assert f"<h2>{h}</h2>" in dom
     svgs = re.findall(r"<svg\b.*?</svg>", dom, re.S)
-    # per trace: 2 bar charts, 4 timeline panels, 1 lazy-population curve
-    assert len(svgs) >= 7
+    # per trace: 2 bar charts, 4 timeline panels, 1 population panel per policy
+    assert len(svgs) >= 6 + len(POLICIES)
     for svg in svgs:
         assert re.search(r"<(rect|path|polyline)\b", svg), svg[:300]
     assert dom.count("<polyline") >= 5 * len(POLICIES)
+    # the per-view population curves: every policy's panel draws one line per view
+    pop = pl.read_parquet(out_dir / "population.parquet")
+    panels = _population_svgs(dom)
+    assert len(panels) == len(POLICIES)
+    most_views = max(pop.group_by("policy").agg(pl.col("view").n_unique())["view"])
+    assert sum(svg.count("<polyline") for svg in panels) >= most_views >= 2
+    for p, svg in zip(POLICIES, panels, strict=True):
+        assert svg.count("<polyline") == pop.filter(pl.col("policy") == p)["view"].n_unique()
+    # the top-instructions table is in the rendered DOM, hex ips and all
+    ips = _ip_section(dom)
+    assert re.search(r"<th[^>]*>ip</th>", ips) and re.search(r">0x[0-9a-f]+</td>", ips)
 
     png = tmp_path / "report.png"
     r = _run_chromium(page, tmp_path, f"--screenshot={png}", "--window-size=1280,2400")

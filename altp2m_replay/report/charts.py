@@ -129,16 +129,47 @@ class Line:
     dashed: bool = False
 
 
+YAxis = Callable[[float], tuple[list[float], Callable[[float], str]]]
+
+
+def count_axis(vmax: float) -> tuple[list[float], Callable[[float], str]]:
+    """Ticks and labels for a count axis: 0, 250, 500, ... as '250', '1.5k'."""
+    return nice_ticks(vmax, 4), compact
+
+
+def size_axis(vmax: float) -> tuple[list[float], Callable[[float], str]]:
+    """Ticks and labels for a byte axis, on round binary units: 0, 100 MiB, 200 MiB, ..."""
+    unit, name = next((u, n) for u, n in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"),
+                                          (1, "B")) if vmax >= u or u == 1)
+    ticks = [t * unit for t in nice_ticks(vmax / unit, 4)]
+
+    def fmt(v: float) -> str:
+        return "0" if v == 0 else f"{v / unit:g} {name}"
+
+    return ticks, fmt
+
+
 def line_chart(lines: Sequence[Line], *, x_label: str, width: int = 540, height: int = 230,
-               aria: str = "") -> str:
-    """Several series over a shared x axis (record index), y from 0."""
-    left, right, top, bottom = 56, 14, 10, 40
-    plot_w, plot_h = width - left - right, height - top - bottom
+               aria: str = "", y_axis: YAxis = count_axis, x_from_zero: bool = False,
+               min_left: int = 56) -> str:
+    """Several series over a shared x axis (record index), y from 0.
+
+    ``y_axis(vmax)`` gives the y ticks and their label format; ``x_from_zero`` starts the x
+    axis at 0 even when the first point is later (values sampled at window ends). The plot
+    starts ``min_left`` px in, further when the y labels need it: small multiples pass the
+    same value so that their plots line up.
+    """
+    right, top, bottom = 14, 10, 40
     xs_all = [x for ln in lines for x in ln.xs]
     x0, x1 = (min(xs_all), max(xs_all)) if xs_all else (0, 1)
+    if x_from_zero:
+        x0 = min(x0, 0)
     if x1 <= x0:
         x1 = x0 + 1
-    y_ticks = nice_ticks(max((y for ln in lines for y in ln.ys), default=0), 4)
+    y_ticks, y_fmt = y_axis(max((y for ln in lines for y in ln.ys), default=0))
+    y_labels = [y_fmt(t) for t in y_ticks]
+    left = max(min_left, round(CHAR_PX * max(len(s) for s in y_labels) + 14))
+    plot_w, plot_h = width - left - right, height - top - bottom
     x_ticks = [t for t in nice_ticks(x1, 5) if x0 <= t <= x1]
     ymax = y_ticks[-1]
 
@@ -150,10 +181,10 @@ def line_chart(lines: Sequence[Line], *, x_label: str, width: int = 540, height:
 
     out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="100%" role="img"'
            f' aria-label="{escape(aria)}" font-size="{FONT_PX}">']
-    for t in y_ticks:
+    for t, label in zip(y_ticks, y_labels, strict=True):
         out.append(f'<line x1="{left}" y1="{_c(py(t))}" x2="{width - right}" y2="{_c(py(t))}" '
                    f'stroke="{GRID}"/>')
-        out.append(_text(left - 6, py(t) + 4, compact(t), "end", "tick"))
+        out.append(_text(left - 6, py(t) + 4, label, "end", "tick"))
     for t in x_ticks:
         out.append(f'<line x1="{_c(px(t))}" y1="{top + plot_h}" x2="{_c(px(t))}" '
                    f'y2="{top + plot_h + 4}" stroke="{AXIS}"/>')

@@ -28,6 +28,10 @@ TIMELINE_REQUIRED = (
     "trace", "policy", "window", "first_record", "ept_exits", "vm_events", "ve_delivered",
     "lazy_copies",
 )
+BY_IP_REQUIRED = ("trace", "policy", "ip", "ept_exits", "ve_delivered")
+POPULATION_REQUIRED = (
+    "trace", "policy", "view", "view_name", "window", "first_record", "pages_mapped",
+)
 
 
 def results_dir(path) -> Path:

@@ -27,7 +27,9 @@ from altp2m_replay.errors import OutputError
 from altp2m_replay.report import charts
 from altp2m_replay.report.data import (
     BY_GFN_REQUIRED,
+    BY_IP_REQUIRED,
     BY_VIEW_REQUIRED,
+    POPULATION_REQUIRED,
     SUMMARY_REQUIRED,
     TIMELINE_REQUIRED,
     read_manifest,
@@ -37,6 +39,8 @@ from altp2m_replay.report.data import (
 
 REFERENCE_POLICIES = ("none", "baseline")
 TOP_GFNS = 20
+TOP_IPS = 20
+PAGE = 4096  # bytes per 4 KiB page: population is counted in pages
 WIDE = 1180  # px of a full-width chart: the card's inner width at the page's max width
 PANEL = 580  # px of a chart in a two-column grid
 MAX_POINTS = 512  # timeline points per line; more windows are merged so the SVG stays small
@@ -57,6 +61,9 @@ CATEGORY_COLOURS = {
     "superpage_split": "#b07aa1", "mmio": "#9d7660",
 }
 EXTRA_CATEGORY_COLOURS = ("#d37295", "#fabfd2", "#79706e", "#bab0ac")
+# views of one policy, by their position among that policy's views (view 0 first)
+VIEW_COLOURS = ("#475569", "#2563eb", "#ea580c", "#16a34a", "#9333ea", "#dc2626", "#0891b2",
+                "#ca8a04", "#db2777", "#65a30d")
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -280,6 +287,60 @@ def _timeline(timeline: pl.DataFrame | None, summary: pl.DataFrame, trace: str, 
     }
 
 
+def _view_label(view: int, name) -> str:
+    """'view 1 · idx'; just 'view 0' when the policy did not name the view."""
+    named = name is not None and str(name) != str(view)
+    return f"view {view} · {name}" if named else f"view {view}"
+
+
+def _population(population: pl.DataFrame | None, summary: pl.DataFrame, trace: str, policies,
+                pcolour) -> list[dict] | None:
+    """One panel per policy: pages mapped in each of its views, sampled at every window end.
+
+    None when the folder has no population table (older outputs) or it holds no row for
+    ``trace``: the section then falls back to the cumulative lazy-copy curve per policy.
+    """
+    if population is None:
+        return None
+    pop = population.filter(pl.col("trace") == trace)
+    if pop.height == 0:
+        return None
+    records = {r["policy"]: r["records"] for r in summary.filter(
+        (pl.col("trace") == trace) & (pl.col("vcpu") == -1)).to_dicts()}
+    panels = []
+    for p in policies:
+        sub = pop.filter(pl.col("policy") == p)
+        if sub.height == 0:
+            continue
+        views = sorted(set(sub["view"].to_list()))
+        lines, legend = [], []
+        for i, v in enumerate(views):
+            dv = sub.filter(pl.col("view") == v).sort("window")
+            starts = dv["first_record"].to_list()
+            pages = dv["pages_mapped"].to_list()
+            # each value is the population at the END of its window: the next window's start,
+            # the run's last record for the last window
+            ends = starts[1:] + [max(records.get(p, starts[-1]), starts[-1])]
+            k = max(1, math.ceil(len(ends) / MAX_POINTS))
+            keep = [j for j in range(len(ends)) if (j + 1) % k == 0 or j == len(ends) - 1]
+            label = _view_label(v, dv["view_name"][0])
+            colour = VIEW_COLOURS[i % len(VIEW_COLOURS)]
+            final = pages[-1]
+            lines.append(charts.Line(f"{label}: {fmt_pages(final)} at the end "
+                                     f"({fmt_int(final)} pages)", colour,
+                                     [ends[j] for j in keep], [pages[j] * PAGE for j in keep]))
+            legend.append({"label": label, "colour": colour, "final": final})
+        panels.append({
+            "policy": p, "colour": pcolour[p], "reference": p in REFERENCE_POLICIES,
+            "legend": legend,
+            "svg": Markup(charts.line_chart(lines, x_label="record", width=PANEL, height=230,
+                                            y_axis=charts.size_axis, x_from_zero=True,
+                                            min_left=72,
+                                            aria=f"pages mapped per view, {p}, {trace}")),
+        })
+    return panels or None
+
+
 def _views(by_view: pl.DataFrame | None, trace: str, policies, pcolour) -> list[dict]:
     if by_view is None:
         return []
@@ -341,6 +402,52 @@ def _hotspots(by_gfn: pl.DataFrame | None, by_view: pl.DataFrame | None, trace: 
     return out
 
 
+def _percent(part: int, whole: int) -> str:
+    """'12.9%'; small shares keep two significant digits ('0.061%'), not '0.0%'."""
+    if not whole:
+        return "—"
+    v = 100 * part / whole
+    if v == 0 or v >= 1:
+        return f"{v:.1f}%"
+    return f"{v:.2g}%"
+
+
+def _ip_hotspots(by_ip: pl.DataFrame | None, summary: pl.DataFrame, trace: str, policies,
+                 pcolour) -> dict:
+    """Top TOP_IPS instructions by EPT exits per policy; ``state`` says why there are none."""
+    if by_ip is None:
+        return {"state": "absent", "policies": []}
+    df = by_ip.filter(pl.col("trace") == trace)
+    if df.height == 0:
+        totals = summary.filter((pl.col("trace") == trace) & (pl.col("vcpu") == -1))
+        events = int(totals["ept_exits"].sum() + totals["ve_delivered"].sum())
+        # by_ip holds every instruction with an exit or a #VE: rows are missing only when the
+        # trace gave no ip to attribute them to
+        return {"state": "no_ip" if events else "quiet", "policies": []}
+    out = []
+    for p in policies:
+        sub = df.filter(pl.col("policy") == p)
+        if sub.height == 0:
+            continue
+        exits = int(sub["ept_exits"].sum())
+        top = sub.sort(["ept_exits", "ve_delivered", "ip"],
+                       descending=[True, True, False]).head(TOP_IPS)
+        rows = top.select("ip", "ept_exits", "ve_delivered").to_dicts()
+        peak = max((r["ept_exits"] for r in rows), default=0) or 1
+        for r in rows:
+            r["bar"] = f"{100 * r['ept_exits'] / peak:.1f}"
+            r["share"] = _percent(r["ept_exits"], exits)
+        top_exits = sum(r["ept_exits"] for r in rows)
+        out.append({"policy": p, "colour": pcolour[p], "rows": rows, "ips": sub.height,
+                    "exits": exits, "ve": int(sub["ve_delivered"].sum()),
+                    "top_share": _percent(top_exits, exits) if exits else None})
+    if out:
+        busiest = max(range(len(out)), key=lambda i: (out[i]["exits"], out[i]["ve"], -i))
+        for i, h in enumerate(out):
+            h["open"] = i == busiest
+    return {"state": "ok", "policies": out}
+
+
 def _traces_meta(manifest: dict, summary: pl.DataFrame, traces) -> list[dict]:
     inputs = {i.get("trace"): i for i in manifest.get("inputs", [])}
     records = {r["trace"]: r["records"] for r in summary.filter(pl.col("vcpu") == -1)
@@ -361,6 +468,8 @@ def build_context(out_dir) -> dict:
     by_view = read_table(d, "by_view", BY_VIEW_REQUIRED, optional=True)
     by_gfn = read_table(d, "by_gfn", BY_GFN_REQUIRED, optional=True)
     timeline = read_table(d, "timeline", TIMELINE_REQUIRED, optional=True)
+    by_ip = read_table(d, "by_ip", BY_IP_REQUIRED, optional=True)
+    population = read_table(d, "population", POPULATION_REQUIRED, optional=True)
     manifest = read_manifest(d)
 
     traces = _ordered(summary["trace"].unique().to_list(),
@@ -382,9 +491,11 @@ def build_context(out_dir) -> dict:
             "name": t,
             "comparison": _comparison(summary, t, policies, pcolour, categories, ccolour),
             "timeline": _timeline(timeline, summary, t, policies, pcolour),
+            "population": _population(population, summary, t, policies, pcolour),
             "views": _views(by_view, t, policies, pcolour),
             "vcpus": _vcpus(summary, t, policies, pcolour),
             "hotspots": _hotspots(by_gfn, by_view, t, policies, pcolour),
+            "ip_hotspots": _ip_hotspots(by_ip, summary, t, policies, pcolour),
         })
     return {
         "manifest": manifest,
@@ -404,9 +515,11 @@ def build_context(out_dir) -> dict:
         "per_trace": per_trace,
         "multi_trace": len(traces) > 1,
         "top_gfns": TOP_GFNS,
+        "top_ips": TOP_IPS,
         "has_by_view": by_view is not None,
         "has_by_gfn": by_gfn is not None,
         "has_timeline": timeline is not None,
+        "has_population": any(t["population"] for t in per_trace),
     }
 
 
