@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from altp2m_replay.engine._kernels import PERMITS
 from altp2m_replay.errors import PolicyError
 from altp2m_replay.policy import (
     ACCESS_CODES,
@@ -14,7 +15,8 @@ from altp2m_replay.policy import (
     needs_page_counts,
 )
 
-_PERMITS = {name: ((code & 7) if code < 8 else (5 if code == 8 else 0)) for name, code in ACCESS_CODES.items()}
+# which of r(1)/w(2)/x(4) each access permits, from the kernel's own table
+_PERMITS = {name: int(PERMITS[code]) for name, code in ACCESS_CODES.items()}
 
 
 @dataclass

@@ -22,6 +22,12 @@ class _Group(click.Group):
         except FileNotFoundError as exc:
             click.echo(f"Error: {exc.filename}: no such file or directory", err=True)
             sys.exit(2)
+        except (OSError, MemoryError) as exc:
+            # a path that is not a folder, no permission, a full disk, not enough memory
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
+            click.echo(f"Error: {where}{reason}", err=True)
+            sys.exit(2)
 
 
 class _Root(_Group):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from altp2m_replay.errors import PolicyError, did_you_mean
@@ -41,8 +42,8 @@ def check_cost_table(table: Mapping, where: str) -> None:
             if value not in PROFILES:
                 raise PolicyError(f'{where}: unknown profile {value!r}{did_you_mean(value, PROFILES)}')
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise PolicyError(f'{where}: cost "{key}" must be a number >= 0, found {value!r}')
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise PolicyError(f'{where}: cost "{key}" must be a finite number >= 0, found {value!r}')
         if key == "cpu_ghz" and value <= 0:
             raise PolicyError(f'{where}: "cpu_ghz" must be > 0, found {value!r}')
 
@@ -64,10 +65,11 @@ def parse_cost_options(items) -> dict[str, float]:
 
 def effective_costs(policy_costs: Mapping, profile: str | None = None,
                     overrides: Mapping | None = None) -> dict[str, float]:
-    """Defaults, then the profile, then the policy's ``[costs]``, then the command line.
+    """Defaults, then the profile, then the policy's ``[costs]``, then ``--cost`` values.
 
-    A ``--profile`` on the command line wins over a profile named in the policy.
-    Returns every cost key plus ``cpu_ghz``.
+    The profile is ``--profile`` if given, else the policy's ``profile`` key, else
+    ``xen-dom0``. Values the policy sets itself win over any profile; the command line's
+    ``--cost`` wins over everything. Returns every cost key plus ``cpu_ghz``.
     """
     name = profile or policy_costs.get("profile") or "xen-dom0"
     if name not in PROFILES:
@@ -76,14 +78,12 @@ def effective_costs(policy_costs: Mapping, profile: str | None = None,
     out["cpu_ghz"] = DEFAULT_GHZ
     out.update(PROFILES[name])
     out.update({k: float(v) for k, v in policy_costs.items() if k != "profile"})
-    if profile:  # an explicit profile re-applies over the policy's own values
-        out.update(PROFILES[name])
     out.update({k: float(v) for k, v in (overrides or {}).items()})
     return out
 
 
 def cycles(counters: Mapping[str, float], costs: Mapping[str, float]) -> dict[str, float]:
-    """``cycles_<key>`` per cost key and ``cycles_total`` for one row of counters."""
+    """``cycles_<key>`` per cost key and ``cycles_total``; counters may be ints or arrays."""
     out = {}
     total = 0.0
     for key, (_, charged) in COSTS.items():

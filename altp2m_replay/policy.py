@@ -2,9 +2,10 @@
 
 Loading happens in two steps. ``load_policy`` parses and checks everything that does not
 depend on a trace and returns a ``Policy`` whose gfn selectors are still symbolic.
-``resolve`` then turns every selector into sorted, merged ``[first, last]`` ranges using the
-trace's statistics (``{ set = ..., top = N }``) and the domain's RAM, and returns a
-``Resolved`` policy the engine consumes.
+``resolve_all`` then turns every selector into sorted, merged ``[first, last]`` ranges using
+the trace's statistics (``{ set = ..., top = N }``) and the domain's RAM. One addition to
+SPEC §9: ``{ above_ram = [a, b] }`` selects gfns ``ram_top + 1 + a .. ram_top + 1 + b``, where
+DRAKVUF-style policies put shadow and sink pages with ``add_ram``.
 """
 
 from __future__ import annotations
@@ -406,8 +407,6 @@ def _parse_setup(raw, names: dict[str, int], domain: Domain) -> list[SetupOp]:
             ops.append(SetupOp(op, where, view=view, gfns=parse_selector(t["gfns"], where + " gfns"),
                                suppress=_bool(t, "suppress", True, where)))
         elif op == "set_visibility":
-            if view == 0 and not t["visible"]:
-                pass  # Xen allows hiding view 0; nothing to refuse here
             ops.append(SetupOp(op, where, view=view, visible=_bool(t, "visible", True, where)))
         elif op == "add_ram":
             ops.append(SetupOp(op, where, gfns=parse_selector(t["gfns"], where + " gfns")))
@@ -497,8 +496,6 @@ def _check_semantics(p: Policy) -> None:
             raise _fail(op.where, f"switch_p2m to invisible view {p.view_name(op.view)!r}: Xen returns -EINVAL")
         elif op.op == "enable_notify":
             notify_any = True
-        elif op.op == "change_gfn" and op.new is None and op.gfns is not None and op.gfns.set is None:
-            pass
     clears_sve = any(op.op == "set_suppress_ve" and not op.suppress for op in p.setup)
     if p.on_ve is None and notify_any and clears_sve:
         raise _fail("[on_ve]", "enable_notify and set_suppress_ve = false make violations #VEs, "
@@ -524,6 +521,8 @@ def load_policy(ref: str) -> Policy:
     """Load a policy by file path or built-in name."""
     path = Path(ref)
     if path.suffix == ".toml" or path.exists():
+        if path.is_dir():
+            raise PolicyError(f"{ref}: is a folder; expected a policy .toml file")
         if not path.is_file():
             raise PolicyError(f"{ref}: no such policy file")
         try:
@@ -661,6 +660,47 @@ def expand(ranges: np.ndarray) -> np.ndarray:
     if len(ranges) == 0:
         return np.zeros(0, dtype=np.int64)
     return np.concatenate([np.arange(a, b + 1, dtype=np.int64) for a, b in ranges])
+
+
+def range_count(ranges: np.ndarray) -> int:
+    """Number of gfns in int64 (n, 2) inclusive ranges."""
+    return int((ranges[:, 1] - ranges[:, 0] + 1).sum()) if len(ranges) else 0
+
+
+def intersect_ranges(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection of two sorted, merged range sets, int64 (n, 2)."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i, 0], b[j, 0]), min(a[i, 1], b[j, 1])
+        if lo <= hi:
+            out.append((lo, hi))
+        if a[i, 1] < b[j, 1]:
+            i += 1
+        else:
+            j += 1
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+
+def first_outside(a: np.ndarray, b: np.ndarray) -> int | None:
+    """The lowest gfn of ranges ``a`` not inside ranges ``b`` (both sorted, merged), or None."""
+    for lo, hi in a:
+        g = int(lo)
+        for blo, bhi in b:
+            if bhi < g:
+                continue
+            if blo > g:
+                break
+            g = int(bhi) + 1
+        if g <= hi:
+            return g
+    return None
+
+
+def iter_gfn_chunks(ranges: np.ndarray, chunk: int = 1 << 20):
+    """Every gfn of int64 (n, 2) ranges, as int64 arrays of at most ``chunk`` gfns."""
+    for a, b in ranges:
+        for lo in range(int(a), int(b) + 1, chunk):
+            yield np.arange(lo, min(int(b), lo + chunk - 1) + 1, dtype=np.int64)
 
 
 def page_counts_from_arrays(gfn: np.ndarray, access: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -23,7 +23,7 @@ TABLES = ("summary", "by_view", "by_gfn", "by_ip", "timeline", "population")
 
 
 def cell_tables(trace: str, policy, res: SimResult, costs: dict[str, float]) -> dict[str, pl.DataFrame]:
-    """The four tables of one trace x policy cell."""
+    """The tables of one trace x policy cell (TABLES), as polars DataFrames."""
     ghz = costs["cpu_ghz"]
     rows = []
     for vcpu, counters in [(-1, res.total)] + sorted(res.vcpus.items()):
@@ -70,14 +70,14 @@ def cell_tables(trace: str, policy, res: SimResult, costs: dict[str, float]) -> 
              "ve_delivered": pl.Int64})
 
     tl = res.timeline
-    win_cycles = sum(costs[k] * sum(tl[name] for name in charged) for k, (_, charged) in COSTS.items())
+    win_cycles = np.asarray(cycles(tl, costs)["cycles_total"], dtype=float)
     timeline = pl.DataFrame({
         "trace": [trace] * len(tl["window"]),
         "policy": [policy.name] * len(tl["window"]),
         "window": tl["window"],
         "first_record": tl["first_record"],
         **{name: tl[name] for name in TIMELINE_COUNTERS},
-        "cycles_total": win_cycles.astype(float),
+        "cycles_total": win_cycles,
     })
     nw = len(tl["window"])
     views = sorted(res.population)
@@ -102,33 +102,27 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+def _atomic(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        write(tmp)
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".parquet", dir=path.parent)
-    os.close(fd)
-    try:
-        df.write_parquet(tmp)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic(path, df.write_parquet)
 
 
 def atomic_write_json(obj, path: Path) -> None:

@@ -1,7 +1,8 @@
 """``replay``: every trace x every policy, each trace decoded once, tables and manifest out.
 
-A run has two phases. First every trace is validated (a streaming pre-pass that also gathers
-what gfn selectors need), so bad input stops the run before any output exists. Then work
+A run has two phases. First every policy and trace is checked (for traces a streaming pre-pass
+that also gathers what gfn selectors need), so bad input stops the run before any output
+exists; an error found while replaying leaves only finished cells in ``DIR/.cells``. Then work
 units — one trace with a group of policies — replay in this process, in ``jobs`` local
 processes, or on a Dask cluster. A unit decodes its trace's row groups once and feeds every
 policy's state from the same batches. Each finished cell (trace x policy) is stored at once
@@ -26,6 +27,7 @@ from pathlib import Path
 import polars as pl
 
 from altp2m_replay import __version__, traces
+from altp2m_replay.checks import coverage_gaps
 from altp2m_replay.costs import effective_costs
 from altp2m_replay.engine import Replayer
 from altp2m_replay.errors import (
@@ -40,6 +42,7 @@ from altp2m_replay.prefetch import prefetch
 from altp2m_replay.results import TABLES, atomic_write_json, atomic_write_parquet, cell_tables
 
 CELLS = ".cells"
+MAX_WINDOWS = 1 << 16  # timeline windows per cell: each holds every counter
 
 
 def expand_trace_args(args) -> list[Path]:
@@ -172,8 +175,9 @@ def store_cell(out: Path, cell: CellOutput, key: str) -> None:
     """Write one cell's tables atomically: a temporary folder renamed into place."""
     final = _cell_dir(out, cell.trace, cell.policy)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         for name, df in cell.tables.items():
             df.write_parquet(tmp / f"{name}.parquet")
         meta = {"key": key, "trace": cell.trace, "policy": cell.policy, "records": cell.records,
@@ -183,8 +187,18 @@ def store_cell(out: Path, cell: CellOutput, key: str) -> None:
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def clear_stale_temporaries(out: Path) -> None:
+    """Remove half-written cell folders a killed run left in DIR/.cells (they start with '.')."""
+    cells = out / CELLS
+    if cells.is_dir():
+        for p in cells.iterdir():
+            if p.name.startswith(".") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def load_cell(out: Path, trace: str, policy: str, key: str) -> CellOutput | None:
@@ -289,7 +303,16 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a folder")
+    for p in policies:
+        gaps, _ = coverage_gaps(p)
+        if gaps:  # a violation no rule answers would stop the run at its first occurrence
+            raise PolicyError(f"{p.source}: {gaps[0]}")
     opened = [traces.open_trace(p) for p in paths]  # schema errors surface before any work
+    for tr in opened:
+        n_win = -(-tr.rows // window) if window else 256
+        if n_win > MAX_WINDOWS:
+            raise OutputError(f"--window {window} gives {n_win:,} timeline windows for {tr.path} "
+                              f"({tr.rows:,} rows); use --window {-(-tr.rows // MAX_WINDOWS)} or more")
     overrides = cost_overrides or {}
     for p in policies:
         effective_costs(p.costs, profile, overrides)  # a bad profile fails here, not in a worker
@@ -298,6 +321,8 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
     need_counts = any(needs_page_counts(p) for p in policies)
     shas = [sha256(p) for p in paths]
 
+    created = not out.exists()
+    clear_stale_temporaries(out)
     ex = _executor(jobs, len(paths) * len(policies), scheduler)
     try:
         prepared = ex.map(_validate_unit, [(p, need_counts) for p in paths])
@@ -330,6 +355,12 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
                 done[(cell.trace, cell.policy)] = cell
             if progress is not None and inline is None:
                 progress.advance(int(units[i][6][0].rows) * len(units[i][1]))
+    except BaseException:
+        # Finished cells stay in DIR/.cells for --resume; a folder this run made and left
+        # empty goes, so a failed run leaves no output behind.
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     finally:
         ex.close()
         if progress is not None:

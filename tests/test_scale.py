@@ -3,6 +3,7 @@ resumed runs, and a run killed half-way then resumed."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -75,35 +76,44 @@ def test_resume_skips_finished_cells_and_keeps_results(corpus, reference_run, tm
 
 
 def test_killed_run_resumes_without_losing_cells(tmp_path):
-    """SIGINT a run after its first cell is stored; the rerun with --resume reuses it and the
-    final tables equal an uninterrupted run's."""
+    """Interrupt a run after its first cells are stored; the rerun with --resume reuses them
+    and its tables equal an uninterrupted run's. A hard kill (SIGKILL) mid-write may leave a
+    temporary cell folder: the next run removes it and never reads it."""
     corpus = tmp_path / "c"
     corpus.mkdir()
     generate.generate("kernel", 2_000_000, seed=8, vcpus=2, output=corpus / "a.parquet")
     generate.generate("kernel", 2_000_000, seed=9, vcpus=2, output=corpus / "b.parquet")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "altp2m_replay", "replay", str(corpus), "-p", "xen-access-altp2m-write",
-           "-p", "codemon-flip", "-o", str(out), "--jobs", "1", "--no-html"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = [sys.executable, "-m", "altp2m_replay", "replay", str(corpus), "-p", "xen-access-altp2m-write",
+            "-p", "codemon-flip", "--jobs", "1", "--no-html"]
+    cmd = base + ["-o", str(out)]
     cells = out / ".cells"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (cells.exists() and any(p.is_dir() and not p.name.startswith(".") for p in cells.iterdir())):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
-    finished = sorted(p.name for p in cells.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert finished, "no cell was stored before the interrupt"
-    # no half-written files: only whole cells, no final tables of a partial run
-    assert not (out / "summary.parquet").exists() or proc.returncode == 0
-    for p in cells.iterdir():
-        assert not p.name.startswith("."), f"temporary {p.name} left behind"
+
+    def finished() -> list[str]:
+        return sorted(p.name for p in cells.iterdir() if p.is_dir() and not p.name.startswith(".")) if cells.is_dir() else []
+
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        proc = subprocess.Popen(cmd + (["--resume"] if sig == signal.SIGKILL else []),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline and not finished() and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert finished(), f"no cell was stored before the signal: {err.decode()[-500:]}"
+        if proc.returncode != 0:
+            # interrupted before the end: no final table of a partial run
+            assert not (out / "summary.parquet").exists() or sig == signal.SIGKILL
+        if sig == signal.SIGKILL:
+            break
+        (out / "summary.parquet").unlink(missing_ok=True)
+    stored = finished()
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    import json
-
+    assert not [p.name for p in cells.iterdir() if p.name.startswith(".")], "stale temporary cell left"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["timings"]["resumed_cells"] >= len(finished)
+    assert manifest["timings"]["resumed_cells"] >= len(stored)
     fresh = tmp_path / "fresh"
-    subprocess.run(cmd[:-5] + ["-o", str(fresh), "--jobs", "1", "--no-html"], check=True, capture_output=True, timeout=300)
+    subprocess.run(base + ["-o", str(fresh)], check=True, capture_output=True, timeout=300)
     assert_same(fresh, out)
     assert os.path.getsize(out / "summary.parquet") > 0

@@ -98,7 +98,7 @@ S_EMUL = 10
 S_PENDING = 11    # 1 while any of SS_ON, VES_ON, VE_BUSY, EMUL is set: the instruction end has work
 N_VCPU_STATE = 12
 
-# ---- global scalars: gs[G_*]
+# ---- global scalars: gs[GS_*]
 GS_NFREE = 0
 GS_HCOUNT = 1
 GS_CRASHED = 2
@@ -180,12 +180,8 @@ def e_ptr(e):
 
 
 @njit(cache=True)
-def level_shift(level):
-    return 9 * (level - 1)
-
-
-@njit(cache=True)
 def level_order(level):
+    """Page order of a leaf at entry ``level``, which is also the gfn shift of its index."""
     return 9 * (level - 1)
 
 
@@ -267,7 +263,7 @@ def set_leaf(pool, gs, roots, maxm, p, g, level, entry):
     """
     node = roots[p]
     for lv in range(4, level, -1):
-        idx = (g >> level_shift(lv)) & 511
+        idx = (g >> level_order(lv)) & 511
         e = pool[node, idx]
         k = e & 3
         if k == TABLE:
@@ -279,7 +275,7 @@ def set_leaf(pool, gs, roots, maxm, p, g, level, entry):
             child = alloc_node(pool, gs)
             pool[node, idx] = (child << MFN_SHIFT) | TABLE
             node = child
-    pool[node, (g >> level_shift(level)) & 511] = entry
+    pool[node, (g >> level_order(level)) & 511] = entry
     if entry & 3 == LEAF:
         last = (g | ((np.int64(1) << level_order(level)) - 1))
         if last > maxm[p]:
@@ -472,6 +468,7 @@ def setup_change_gfn(pool, gs, roots, maxm, dflt, dom, remap, p, olds, news, sta
                 return ST_NO_ENTRY, i
             src = piece_at(h, hl, new)
         gs[GS_SETUP_SPLITS] += write_4k(pool, gs, roots, maxm, p, old, with_sve(src, 1))
+        # the remap interval matters once host drops exist (SPEC §15); kept up to date now
         if new < remap[p, 0]:
             remap[p, 0] = new
         if new > remap[p, 1]:
@@ -694,12 +691,12 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, htab,
             elif action == A_SWITCH:
                 switch_view(vst, vc, pv, s, rules[r, 5], C_SW_EVENT)
             else:
-                new = with_access(piece_at(e, lv, g), rules[r, 7])
-                if p <= 1:
-                    done, splits = host_set(pool, gs, roots, maxm, active, g, rules[r, 7], -1)
+                if p <= 1:  # view 0 (or the host itself): Xen's set_mem_access on the host
+                    _, splits = host_set(pool, gs, roots, maxm, active, g, rules[r, 7], -1)
                     vc[s, C_SPLITS] += splits
                 else:
-                    vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, new)
+                    vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g,
+                                                with_access(piece_at(e, lv, g), rules[r, 7]))
                 vc[s, C_ACCESS_CHANGES] += 1
             continue
         # 8. XSA-304: execute on a superpage with exec_sp = false shatters it

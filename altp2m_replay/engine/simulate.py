@@ -1,8 +1,8 @@
 """Python driver of the replay engine: build the p2ms, run setup, feed batches, collect counters.
 
 ``Replayer`` owns every state array of one trace x policy cell. It checks and prepares
-inputs, calls the kernels in ``_kernels`` and grows the node pool or the per-gfn table when a
-kernel stops at a row boundary to ask for room. Feeding the same rows in batches of any size
+inputs, calls the kernels in ``_kernels`` and grows the node pool or the per-gfn and per-ip
+tables when a kernel stops at a row boundary to ask for room. Feeding the same rows in batches of any size
 gives identical results, because all state lives in these arrays.
 """
 
@@ -24,8 +24,16 @@ from altp2m_replay.policy import (
     TraceFacts,
     expand,
     facts_from_arrays,
+    first_outside,
+    intersect_ranges,
+    iter_gfn_chunks,
+    merge_ranges,
+    range_count,
     resolve_all,
 )
+
+# change_gfn pairs and add_ram are applied gfn by gfn from explicit lists; bound them.
+MAX_EXPLICIT_GFNS = 1 << 24
 
 # Kernel counter columns, in kernel order (C_* in _kernels).
 KERNEL_COUNTERS = (
@@ -53,6 +61,7 @@ TIMELINE_COUNTERS = ("ept_exits", "vm_events", "ve_delivered", "lazy_copies", "v
 
 _KIDX = {name: i for i, name in enumerate(KERNEL_COUNTERS)}
 _NODES_PER_P2M = 520  # most nodes one access can allocate in one p2m (1 GiB split: 513, + path)
+
 
 
 def derive(row: dict) -> dict:
@@ -150,7 +159,10 @@ class Replayer:
             self.active[1] = True
             for v in policy.views:
                 self.active[v.index + 1] = True
-        self.headroom = int(self.active.sum()) * _NODES_PER_P2M + 16
+        # Most nodes one access can allocate per p2m: a full path (3) plus, with 1 GiB host
+        # pages, the 513 tables of a 1 GiB leaf taken down to 4 KiB.
+        per_p2m = _NODES_PER_P2M if d.host_order == 18 else 8
+        self.headroom = int(self.active.sum()) * per_p2m + 16
         self.pool = np.zeros((2 * self.headroom + 64, 512), dtype=np.int64)
         self.gs = np.zeros(K.N_GS, dtype=np.int64)
         self.gs[K.GS_NFREE] = 0
@@ -192,6 +204,7 @@ class Replayer:
         self.done = False
         self.has_ip = False
         self._build_host()
+        self.ram_now = self.ram  # host RAM as setup goes (add_ram widens it)
         self._run_setup(sels.ranges)
         self.setup_pages = {view: int(K.tree_stats(self.pool, self.roots[self._p2m(view)])[0])
                             for view in self.view_ids}
@@ -246,34 +259,62 @@ class Replayer:
                 elif notify is not None:
                     notify |= set(op.vcpus)
             elif op.op == "change_gfn":
-                olds = expand(ranges[id(op.gfns)])
-                pview = op.view + 1
-                if op.new is None:
-                    st, i = self._setup_call(self._gfns_op, 3, pview, olds, 0)
-                else:
-                    news = expand(ranges[id(op.new)])
-                    if len(news) == 1:
-                        news = np.full(len(olds), news[0], dtype=np.int64)
-                    elif len(news) < len(olds):
-                        raise PolicyError(f"{p.source}: {op.where}: \"new\" selects {len(news)} gfns for {len(olds)} old gfns")
-                    news = np.ascontiguousarray(news[: len(olds)])
-                    st, i = self._setup_call(self._change_gfn, pview, olds, news)
-                self._setup_status(op, st)
+                self._setup_change_gfn(op, ranges)
+            elif op.op == "add_ram":
+                sel = ranges[id(op.gfns)]
+                self._check_size(op, sel)
+                for chunk in iter_gfn_chunks(sel):
+                    self._setup_status(op, self._setup_call(self._gfns_op, 2, 0, chunk, 0)[0])
+                self.ram_now = merge_ranges(list(map(tuple, self.ram_now)) + list(map(tuple, sel)))
             else:
-                gfns = expand(ranges[id(op.gfns)])
-                if op.op == "add_ram":
-                    st, _ = self._setup_call(self._gfns_op, 2, 0, gfns, 0)
-                else:
-                    code = 0 if op.op == "set_mem_access" else 1
-                    arg = ACCESS_CODES[op.access] if code == 0 else int(op.suppress)
-                    pview = 0 if op.view == 0 else op.view + 1
-                    st, _ = self._setup_call(self._gfns_op, code, pview, gfns, arg)
-                self._setup_status(op, st)
+                # set_mem_access / set_suppress_ve: only host RAM gfns can do anything, so the
+                # rest is counted (or refused) here without visiting each of them.
+                sel = ranges[id(op.gfns)]
+                inside = intersect_ranges(sel, self.ram_now)
+                outside = range_count(sel) - range_count(inside)
+                code = 0 if op.op == "set_mem_access" else 1
+                if outside and code == 1 and op.view != 0:
+                    g = first_outside(sel, self.ram_now)
+                    raise PolicyError(f"{p.source}: {op.where}: gfn {g:#x} has no entry in the view nor host RAM (Xen returns -ESRCH)")
+                self.gs[K.GS_SETUP_SKIPPED] += outside
+                arg = ACCESS_CODES[op.access] if code == 0 else int(op.suppress)
+                pview = 0 if op.view == 0 else self._p2m(op.view)
+                for chunk in iter_gfn_chunks(inside):
+                    self._setup_status(op, self._setup_call(self._gfns_op, code, pview, chunk, arg)[0])
         if p.domain.altp2m:
             self.vst[:, K.S_VIEW] = start_view
         for v, slot in zip(self.vcpu_list, range(len(self.vcpu_list)), strict=True):
             if p.domain.altp2m and (notify is None or v in notify):
                 self.vst[slot, K.S_VE_EN] = 1
+
+    def _check_size(self, op, sel: np.ndarray) -> None:
+        if range_count(sel) > MAX_EXPLICIT_GFNS:
+            raise PolicyError(f"{self.policy.source}: {op.where}: selects {range_count(sel):,} gfns; "
+                              f"{op.op} handles at most {MAX_EXPLICIT_GFNS:,} here")
+
+    def _setup_change_gfn(self, op, ranges: dict[int, np.ndarray]) -> None:
+        p = self.policy
+        sel = ranges[id(op.gfns)]
+        pview = self._p2m(op.view)
+        if op.new is None:
+            # only gfns the view can hold (host RAM) can have a leaf to remove
+            for chunk in iter_gfn_chunks(intersect_ranges(sel, self.ram_now)):
+                self._setup_status(op, self._setup_call(self._gfns_op, 3, pview, chunk, 0)[0])
+            return
+        g = first_outside(sel, self.ram_now)
+        if g is not None:
+            raise PolicyError(f"{p.source}: {op.where}: old gfn {g:#x} is not host RAM (Xen returns -ESRCH)")
+        self._check_size(op, sel)
+        olds = expand(sel)
+        new_sel = ranges[id(op.new)]
+        self._check_size(op, new_sel)
+        news = expand(new_sel)
+        if len(news) == 1:
+            news = np.full(len(olds), news[0], dtype=np.int64)
+        elif len(news) < len(olds):
+            raise PolicyError(f"{p.source}: {op.where}: \"new\" selects {len(news)} gfns for {len(olds)} old gfns")
+        news = np.ascontiguousarray(news[: len(olds)])
+        self._setup_status(op, self._setup_call(self._change_gfn, pview, olds, news)[0])
 
     def _gfns_op(self, code, pview, gfns, arg, start):
         return K.setup_gfns(code, self.pool, self.gs, self.roots, self.maxm, self.active,
@@ -442,9 +483,18 @@ def setup_warnings(policy: Policy) -> list[str]:
 
 def simulate_arrays(policy: Policy, arrays: dict[str, np.ndarray], *, meta_ram=None,
                     gfn_sets=None, batch_rows: int | None = None, window: int | None = None) -> SimResult:
-    """Replay an in-memory trace (dict of arrays: gfn, access, optional vcpu, insn, tsc)."""
+    """Replay an in-memory trace (dict of arrays: gfn, access, optional vcpu, insn, tsc, ip).
+
+    The arrays are trusted to follow SPEC §2 beyond the two checks below (use
+    ``traces.validate`` on files).
+    """
     gfn = np.asarray(arrays["gfn"], dtype=np.uint64)
     n = len(gfn)
+    access = np.asarray(arrays["access"])
+    if n and (access.min() < 1 or access.max() > 7):
+        raise ValueError("access values must be 1..7 (SPEC §2)")
+    if n and gfn.max() >= 1 << 36:
+        raise ValueError("gfn values must be below 2^36 (SPEC §2)")
     vcpu = arrays.get("vcpu")
     vcpu = np.zeros(n, dtype=np.uint16) if vcpu is None else np.asarray(vcpu, dtype=np.uint16)
     facts = facts_from_arrays(arrays, meta_ram=meta_ram, gfn_sets=gfn_sets)
@@ -452,10 +502,10 @@ def simulate_arrays(policy: Policy, arrays: dict[str, np.ndarray], *, meta_ram=N
     step = batch_rows or max(n, 1)
     for a in range(0, n, step):
         b = min(n, a + step)
-        insn = arrays.get("insn")
-        tsc = arrays.get("tsc")
-        rep.feed(gfn[a:b], arrays["access"][a:b], vcpu[a:b],
-                 None if insn is None else insn[a:b], None if tsc is None else tsc[a:b], start_row=a)
+        insn, tsc, ip = (arrays.get(k) for k in ("insn", "tsc", "ip"))
+        rep.feed(gfn[a:b], access[a:b], vcpu[a:b],
+                 None if insn is None else insn[a:b], None if tsc is None else tsc[a:b], start_row=a,
+                 ip=None if ip is None else ip[a:b])
         if rep.done:
             break
     return rep.finish()
