@@ -28,10 +28,7 @@ def cell_tables(trace: str, policy, res: SimResult, costs: dict[str, float]) -> 
     rows = []
     for vcpu, counters in [(-1, res.total)] + sorted(res.vcpus.items()):
         row = {"trace": trace, "policy": policy.name, "vcpu": vcpu}
-        row.update(counters)
-        if vcpu != -1:
-            row["setup_splits"] = 0
-            row["setup_skipped"] = 0
+        row.update(counters)  # vCPU rows already carry setup_* = 0 (SPEC §7)
         cyc = cycles(counters, costs)
         row.update(cyc)
         row["cycles_per_record"] = cyc["cycles_total"] / counters["records"] if counters["records"] else 0.0
