@@ -55,6 +55,24 @@ class _Root(_Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+class _GfnType(click.ParamType):
+    """A gfn given in decimal or with a 0x prefix, below 2^36."""
+
+    name = "gfn"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            g = int(str(value), 0)
+        except ValueError:
+            self.fail(f"{value!r} is not a gfn (decimal or 0x hex)", param, ctx)
+        if not 0 <= g < 1 << 36:
+            self.fail(f"{value} is outside 0 .. 2^36-1", param, ctx)
+        return g
+
+
+_GFN = _GfnType()
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
@@ -115,8 +133,8 @@ def trace_generate(workload, rows, seed, vcpus, output):
 @click.argument("fmt", metavar="FORMAT", type=click.Choice(["lackey", "qemu-mem", "csv"]))
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
-@click.option("--base-gfn", type=int, default=0x1000, show_default=True,
-              help="First gfn of the first-touch page allocator (lackey).")
+@click.option("--base-gfn", type=_GFN, default="0x1000", show_default=True,
+              help="First gfn of the first-touch page allocator (decimal or 0x hex).")
 def trace_import(fmt, input_path, output, base_gfn):
     """Convert INPUT in FORMAT into a trace Parquet file."""
     from altp2m_replay import importers

@@ -283,3 +283,21 @@ def test_real_lackey_sample():
     pairs = np.unique(np.stack([b.gla >> np.uint64(12), b.gfn]), axis=1)
     assert len(np.unique(pairs[0])) == pairs.shape[1]
     assert st.min_gfn == 0x1000 and st.max_gfn == 0x1000 + st.distinct_gfns - 1
+
+
+def test_base_gfn_takes_hex_and_refuses_garbage(tmp_path):
+    from click.testing import CliRunner
+
+    from altp2m_replay import traces
+    from altp2m_replay.cli import main
+
+    src = tmp_path / "l.txt"
+    src.write_text("I  04000000,4\n L 7ff000010,8\n")
+    out = tmp_path / "l.parquet"
+    res = CliRunner().invoke(main, ["trace", "import", "lackey", str(src), "-o", str(out), "--base-gfn", "0x2000"])
+    assert res.exit_code == 0, res.output
+    gfns = next(iter(traces.open_trace(out).batches(columns=("gfn", "access")))).gfn
+    assert list(gfns) == [0x2000, 0x2001]
+    bad = CliRunner().invoke(main, ["trace", "import", "lackey", str(src), "-o", str(tmp_path / "b.parquet"),
+                                    "--base-gfn", "zz"])
+    assert bad.exit_code == 2 and "Error:" in bad.output and not (tmp_path / "b.parquet").exists()
