@@ -346,6 +346,19 @@ def prepopulate(pool, gs, roots, maxm, dflt, dom, p, g):
 
 
 @njit(cache=True)
+def effective_entry(pool, roots, p, g):
+    """The 4 KiB entry for ``g`` Xen's setup ops use: view ``p``'s valid leaf, else the host's
+    RAM leaf (no prepopulate), else -1."""
+    e, lv = walk(pool, roots[p], g)
+    if e & 3 == LEAF:
+        return piece_at(e, lv, g)
+    h, hl = walk(pool, roots[0], g)
+    if h & 3 == LEAF:
+        return piece_at(h, hl, g)
+    return np.int64(-1)
+
+
+@njit(cache=True)
 def tree_stats(pool, root):
     """(pages_mapped, leaves_4k, leaves_2m, leaves_1g) of one p2m."""
     pages = 0
@@ -429,14 +442,10 @@ def setup_gfns(op, pool, gs, roots, maxm, active, dflt, dom, p, gfns, arg, start
                 new = with_access(cur, arg)
             gs[GS_SETUP_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, new)
         elif op == 1:
-            if e & 3 == LEAF:
-                src = piece_at(e, lv, g)
-            else:
-                h, hl = walk(pool, roots[0], g)
-                if h & 3 != LEAF:
-                    gs[GS_ERR_GFN] = g
-                    return ST_NO_ENTRY, i
-                src = piece_at(h, hl, g)
+            src = effective_entry(pool, roots, p, g)
+            if src < 0:
+                gs[GS_ERR_GFN] = g
+                return ST_NO_ENTRY, i
             gs[GS_SETUP_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_sve(src, arg))
         elif op == 3:
             if e & 3 == LEAF:
@@ -458,15 +467,10 @@ def setup_change_gfn(pool, gs, roots, maxm, dflt, dom, remap, p, olds, news, sta
         if cur < 0:
             gs[GS_ERR_GFN] = old
             return ST_NOT_RAM, i
-        e, lv = walk(pool, roots[p], new)
-        if e & 3 == LEAF:
-            src = piece_at(e, lv, new)
-        else:
-            h, hl = walk(pool, roots[0], new)
-            if h & 3 != LEAF:
-                gs[GS_ERR_GFN] = new
-                return ST_NO_ENTRY, i
-            src = piece_at(h, hl, new)
+        src = effective_entry(pool, roots, p, new)
+        if src < 0:
+            gs[GS_ERR_GFN] = new
+            return ST_NO_ENTRY, i
         gs[GS_SETUP_SPLITS] += write_4k(pool, gs, roots, maxm, p, old, with_sve(src, 1))
         # the remap interval matters once host drops exist (SPEC §15); kept up to date now
         if new < remap[p, 0]:
