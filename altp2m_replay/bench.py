@@ -17,7 +17,7 @@ from numba import njit
 
 from altp2m_replay import generate, traces
 from altp2m_replay.engine import Replayer
-from altp2m_replay.policy import TraceFacts, load_policy
+from altp2m_replay.policy import load_policy
 
 
 @njit(cache=True)
@@ -32,7 +32,7 @@ def _bare_scan(gfn, access, vcpu, insn):
 def run_bench(rows: int = 20_000_000, vcpus: int = 4, policy: str = "xen-access-altp2m-write",
               workload: str = "kernel", seed: int = 7, echo=print) -> dict:
     """Generate the trace, measure the three rates, return them in a dict."""
-    from altp2m_replay.run import replay_trace
+    from altp2m_replay.run import replay_trace, trace_facts
 
     p = load_policy(policy)
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,10 +40,9 @@ def run_bench(rows: int = 20_000_000, vcpus: int = 4, policy: str = "xen-access-
         echo(f"generating {rows:,} rows of {workload} on {vcpus} vCPUs ...")
         generate.generate(workload, rows, seed=seed, vcpus=vcpus, output=path)
         tr = traces.open_trace(path)
-        stats = traces.validate(tr)
+        stats, facts = trace_facts(path, page_counts=False)
         # the kernel is fed what end-to-end replay feeds it (ip too, for the per-ip table)
         batches = list(tr.batches(columns=("gfn", "access", "vcpu", "insn", "ip")))
-        facts = TraceFacts(stats.max_gfn, tr.meta.ram, dict(tr.meta.gfn_sets or {}), None)
 
         # warm-up: compile (or load from cache) every kernel on a small slice
         warm = Replayer(p, facts, stats.vcpus, stats.rows)

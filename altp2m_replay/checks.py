@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from altp2m_replay.engine._kernels import PERMITS
 from altp2m_replay.errors import PolicyError
@@ -10,7 +11,6 @@ from altp2m_replay.policy import (
     ACCESS_CODES,
     KIND_CODES,
     Policy,
-    TraceFacts,
     load_policy,
     needs_page_counts,
 )
@@ -79,15 +79,13 @@ def check_policy(ref: str, trace_path: str | None = None) -> CheckReport:
     if trace_path is None:
         report.warnings += setup_warnings(p)
     else:
-        from altp2m_replay import traces
+        from altp2m_replay.run import trace_facts, trace_name
 
-        tr = traces.open_trace(trace_path)
-        stats = traces.validate(tr, page_counts=needs_page_counts(p))
-        facts = TraceFacts(stats.max_gfn, tr.meta.ram, dict(tr.meta.gfn_sets or {}), stats.page_counts)
+        stats, facts = trace_facts(Path(trace_path), needs_page_counts(p))
         rep = Replayer(p, facts, stats.vcpus, stats.rows)
         report.warnings += rep.warnings
         res = rep.finish()
-        lines.append(f"  setup on {tr.name}: RAM {int((rep.ram[:, 1] - rep.ram[:, 0] + 1).sum()):,} pages, "
+        lines.append(f"  setup on {trace_name(Path(trace_path))}: RAM {int((rep.ram[:, 1] - rep.ram[:, 0] + 1).sum()):,} pages, "
                      f"setup_splits {res.total['setup_splits']:,}, setup_skipped {res.total['setup_skipped']:,}")
         for view, row in res.views.items():
             lines.append(f"    view {view} ({p.view_name(view)}): {row['pages_mapped']:,} pages mapped after setup")

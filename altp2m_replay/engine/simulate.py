@@ -35,14 +35,6 @@ from altp2m_replay.policy import (
 # change_gfn pairs and add_ram are applied gfn by gfn from explicit lists; bound them.
 MAX_EXPLICIT_GFNS = 1 << 24
 
-# Kernel counter columns, in kernel order (C_* in _kernels).
-KERNEL_COUNTERS = (
-    "records", "instructions", "ept_exits", "lazy_copies", "lazy_copies_4k", "lazy_copies_2m",
-    "lazy_copies_1g", "lazy_copy_pages", "access_violations", "mem_access_events",
-    "singlestep_events", "async_events", "ve_delivered", "ve_blocked", "ve_emulations",
-    "mtf_exits", "switches_vm_event", "switches_fast_ss", "switches_vmfunc", "emulations",
-    "records_emulated", "access_changes", "superpage_splits", "shatters", "mmio_accesses",
-)
 # SPEC §7 order of the run / vCPU counters.
 COUNTERS = (
     "records", "instructions", "ept_exits", "lazy_copies", "lazy_copies_4k", "lazy_copies_2m",
@@ -58,6 +50,10 @@ VIEW_COUNTERS = (
 )
 GFN_COUNTERS = ("ept_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
 TIMELINE_COUNTERS = ("ept_exits", "vm_events", "ve_delivered", "lazy_copies", "view_switches")
+# Kernel counter columns (C_* in _kernels): SPEC order less the sums and the run-level values.
+KERNEL_COUNTERS = tuple(c for c in COUNTERS if c not in (
+    "vm_events", "view_switches", "crashed", "crash_record", "setup_splits", "setup_skipped"))
+assert len(KERNEL_COUNTERS) == K.N_COUNTERS and KERNEL_COUNTERS[K.C_MMIO] == "mmio_accesses"
 
 _KIDX = {name: i for i, name in enumerate(KERNEL_COUNTERS)}
 _NODES_PER_P2M = 520  # most nodes one access can allocate in one p2m (1 GiB split: 513, + path)
@@ -398,12 +394,14 @@ class Replayer:
         for slot, v in enumerate(self.vcpu_list):
             row = {name: int(self.vc[slot, i]) for i, name in enumerate(KERNEL_COUNTERS)}
             row.update(crashed=crashed, crash_record=crash_row, setup_splits=0, setup_skipped=0)
-            vcpus[v] = {k: derive(row)[k] for k in COUNTERS}
+            derive(row)
+            vcpus[v] = {k: row[k] for k in COUNTERS}
         tot = {name: int(self.vc[:, i].sum()) for i, name in enumerate(KERNEL_COUNTERS)}
         tot.update(crashed=crashed, crash_record=crash_row,
                    setup_splits=int(self.gs[K.GS_SETUP_SPLITS]),
                    setup_skipped=int(self.gs[K.GS_SETUP_SKIPPED]))
-        total = {k: derive(tot)[k] for k in COUNTERS}
+        derive(tot)
+        total = {k: tot[k] for k in COUNTERS}
 
         views = {}
         for view in self.view_ids:
