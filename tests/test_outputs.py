@@ -58,6 +58,24 @@ def test_batch_sizes_give_identical_tables(kernel_trace, tmp_path):
     assert outs[None]["summary"]["ept_exits"].sum() > 0
 
 
+def test_event_log_size_does_not_change_tables(kernel_trace, tmp_path, monkeypatch):
+    """An event log that fills every few exits (many drains, tables grown mid-batch) gives
+    the same tables as the default one."""
+    from altp2m_replay.engine import _kernels, simulate
+    from altp2m_replay.results import TABLES
+
+    outs = {}
+    for name, size in (("default", simulate.LOG_ROWS), ("tiny", _kernels.LOG_SLACK + 5)):
+        monkeypatch.setattr(simulate, "LOG_ROWS", size)
+        run.replay([kernel_trace], POLICIES, tmp_path / name, jobs=1, html=False)
+        outs[name] = {t: pl.read_parquet(tmp_path / name / f"{t}.parquet") for t in TABLES}
+    for t in TABLES:
+        assert outs["tiny"][t].equals(outs["default"][t]), t
+    # one policy fills both tables past their first growth (from 1024 rows, at 3/4 full)
+    for t in ("by_gfn", "by_ip"):
+        assert outs["default"][t].group_by("policy").len()["len"].max() > 768, t
+
+
 def test_progress_line_counts_rows_and_is_quiet_off_terminal(monkeypatch):
     import io
 

@@ -114,6 +114,18 @@ def test_kernel_batch_size_does_not_matter(case, batch_rows):
     compare(case, batch_rows)
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=SLOW_OK)
+@given(case=cases(), extra=st.integers(1, 6))
+def test_kernel_with_a_tiny_event_log_matches_reference(case, extra):
+    """The event log drained every few exits gives the same per-gfn and per-ip counts."""
+    from unittest import mock
+
+    from altp2m_replay.engine import _kernels, simulate
+
+    with mock.patch.object(simulate, "LOG_ROWS", _kernels.LOG_SLACK + extra):
+        compare(case)
+
+
 # --------------------------------------------------------------------------- hand checks
 BASELINE = 'name = "baseline"\n'
 WRITE_WATCH = """

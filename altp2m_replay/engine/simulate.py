@@ -34,6 +34,8 @@ from altp2m_replay.policy import (
 
 # change_gfn pairs and add_ram are applied gfn by gfn from explicit lists; bound them.
 MAX_EXPLICIT_GFNS = 1 << 24
+# Event-log entries between drains into the per-gfn / per-ip tables (tests shrink it).
+LOG_ROWS = K.LOG_ROWS
 
 # SPEC §7 order of the run / vCPU counters.
 COUNTERS = (
@@ -189,8 +191,9 @@ class Replayer:
         self.vst = np.zeros((nslots, K.N_VCPU_STATE), dtype=np.int64)
         self.vc = np.zeros((nslots, K.N_COUNTERS), dtype=np.int64)
         self.pv = np.zeros((max(1, n_p2m - 1), K.N_VIEW_COUNTERS), dtype=np.int64)
-        self.htab = np.zeros((1 << 12, K.H_WIDTH), dtype=np.int64)
+        self.htab = np.zeros((1 << 10, K.H_WIDTH), dtype=np.int64)
         self.itab = np.zeros((1 << 10, K.I_WIDTH), dtype=np.int64)
+        self.elog = np.zeros((max(LOG_ROWS, K.LOG_SLACK + 1), 3), dtype=np.int64)
         # per window: every counter, then each view's cumulative lazy-copy pages
         self.snaps = np.zeros((self.n_windows + 1, K.N_COUNTERS + self.pv.shape[0]), dtype=np.int64)
         self.rules, self.granges = rule_table(policy, sels.ranges)
@@ -347,14 +350,12 @@ class Replayer:
             st, i = K.replay_batch(gfn, access, vcpu, insn_arr, has_insn, ip_arr, has_ip,
                                    start_row, i, self.pool, self.gs, self.roots, self.maxm,
                                    self.active, self.dflt, self.dom, self.vst, self.vc, self.pv,
-                                   self.htab, self.itab,
+                                   self.elog, self.htab, self.itab,
                                    self.rules, self.granges, self.lut, self.snaps)
             if st == K.ST_NEED_NODES:
                 self._grow_pool()
-            elif st == K.ST_NEED_HASH:
-                self.htab = K.grow_hash(self.htab, 2 * self.htab.shape[0])
-            elif st == K.ST_NEED_IPHASH:
-                self.itab = K.grow_ip_hash(self.itab, 2 * self.itab.shape[0])
+            elif st in (K.ST_NEED_HASH, K.ST_NEED_IPHASH):
+                self._grow_tables()
             elif st == K.ST_CRASH:
                 self.done = True
                 break
@@ -374,6 +375,14 @@ class Replayer:
             K.track_tsc(np.ascontiguousarray(tsc, dtype=np.uint64), vcpu, self.lut,
                         self.guest_seen, self.guest_first, self.guest_last, i)
 
+    def _grow_tables(self) -> None:
+        """Grow the per-gfn and per-ip tables until draining the event log fits in them."""
+        while (st := K.drain_status(self.gs, self.htab, self.itab)) != K.ST_DONE:
+            if st == K.ST_NEED_HASH:
+                self.htab = K.grow_hash(self.htab, 2 * self.htab.shape[0])
+            else:
+                self.itab = K.grow_ip_hash(self.itab, 2 * self.itab.shape[0])
+
     def _err_view(self, row, vcpu, start_row) -> int:
         return int(self.vst[self.lut[vcpu[row - start_row]], K.S_VIEW]) if self.policy.domain.altp2m else 0
 
@@ -382,6 +391,8 @@ class Replayer:
         if not self.done:
             K.finish(self.vst, self.vc, self.pv)
         self.done = True
+        self._grow_tables()
+        K.drain_log(self.elog, self.gs, self.htab, self.itab)
         w = int(self.gs[K.GS_NEXT_WIN])
         for j in range(w, self.n_windows + 1):
             K.snapshot(self.vc, self.pv, self.snaps, j, self.vc.shape[0])
