@@ -114,15 +114,17 @@ def test_kernel_batch_size_does_not_matter(case, batch_rows):
     compare(case, batch_rows)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=SLOW_OK)
-@given(case=cases(), extra=st.integers(1, 6))
-def test_kernel_with_a_tiny_event_log_matches_reference(case, extra):
-    """The event log drained every few exits gives the same per-gfn and per-ip counts."""
+@settings(max_examples=150, deadline=None, suppress_health_check=SLOW_OK)
+@given(case=cases(), extra=st.integers(1, 6), cache_bytes=st.integers(0, 400))
+def test_kernel_with_tiny_buffers_matches_reference(case, extra, cache_bytes):
+    """An event log drained every few exits, and a fast-path cache that covers only the
+    lowest gfns (or none), give the same counters."""
     from unittest import mock
 
     from altp2m_replay.engine import _kernels, simulate
 
-    with mock.patch.object(simulate, "LOG_ROWS", _kernels.LOG_SLACK + extra):
+    with (mock.patch.object(simulate, "LOG_ROWS", _kernels.LOG_SLACK + extra),
+          mock.patch.object(simulate, "PMAP_BYTES", cache_bytes)):
         compare(case)
 
 

@@ -92,6 +92,11 @@ E_LAZY = 32
 E_HAS_IP = 64    # the row had an ip: count into itab too
 LOG_ROWS = 1 << 14
 
+# ---- fast-path cache: pmap[p, g] (uint8) = the kinds (r 1, w 2, x 4) an access to gfn g in
+# p2m p completes without leaving the fast path, as last found by a walk; 0 = not known.
+# Cached bits are only ever fewer than the tree grants (a split can grant x, never take a
+# bit away), and every tree write during replay clears the gfns it covers (forget).
+
 # ---- per-vCPU state: vst[slot, S_*]
 S_VIEW = 0
 S_VE_EN = 1
@@ -493,6 +498,22 @@ def setup_change_gfn(pool, gs, roots, maxm, dflt, dom, remap, p, olds, news, sta
 
 # --------------------------------------------------------------------------- replay
 @njit(cache=True, inline="always")
+def fast_bits(e, lv, exec_sp):
+    """Kinds the fast path completes on walk result (``e``, ``lv``): a valid leaf's permitted
+    kinds, less x on a superpage when exec_sp is off (XSA-304 shatters it)."""
+    if e & 3 != LEAF:
+        return 0
+    return PERMITS[(e >> 2) & 15] & (7 if exec_sp or lv == 1 else 3)
+
+
+@njit(cache=True, inline="always")
+def forget(pmap, p, first, count):
+    """Clear the fast-path cache of p2m ``p`` for gfns ``first .. first + count - 1``."""
+    for g in range(first, min(first + count, pmap.shape[1])):
+        pmap[p, g] = 0
+
+
+@njit(cache=True, inline="always")
 def log_event(elog, gs, view, g, bits, has_ip, ipv):
     """Append an event of (view, gfn ``g``) to the event log; returns its index."""
     j = gs[GS_LOGN]
@@ -616,12 +637,12 @@ def match_rule(rules, granges, view, kind, g):
 
 @njit(cache=True, inline="always")
 def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
-                rules, granges, s, g, kind, row, e, lv, has_ip, ipv):
+                rules, granges, s, g, kind, row, e, lv, has_ip, ipv, pmap):
     """SPEC §5 steps 1-8 for one access that did not complete on the fast path.
 
     ``e``, ``lv``: the fast path's walk of the current view, reused by the first pass.
     Exits and #VEs go to the event log ``elog``, with the row's instruction pointer ``ipv``
-    when ``has_ip``.
+    when ``has_ip``. Every tree write clears the gfns it covers from the fast-path cache ``pmap``.
     """
     kb = np.int64(1) << kind
     altp2m = dom[D_ALTP2M]
@@ -683,6 +704,7 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
                 src = piece_at(h, hl, base)
                 set_leaf(pool, gs, roots, maxm, p, base, level, with_sve(with_access(src, access), 1))
                 pages = np.int64(1) << order
+                forget(pmap, p, base, pages)
                 vc[s, C_LAZY] += 1
                 vc[s, C_LAZY_4K + level - 1] += 1
                 vc[s, C_LAZY_PAGES] += pages
@@ -700,11 +722,13 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
             elog[ev, 1] |= E_VIOL_R << kind
             if acc == 8 and kind == 1:
                 vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), 3))
+                forget(pmap, p, g, 1)
                 vc[s, C_ACCESS_CHANGES] += 1
                 continue
             n2 = acc == 9
             if n2:
                 vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), 7))
+                forget(pmap, p, g, 1)
                 vc[s, C_ACCESS_CHANGES] += 1
             if not dom[D_MONITOR]:
                 if dom[D_ACCESS_REQUIRED]:
@@ -713,6 +737,7 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
                     return ST_CRASH
                 if not n2:
                     vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), 7))
+                    forget(pmap, p, g, 1)
                     vc[s, C_ACCESS_CHANGES] += 1
                 continue
             if n2:
@@ -743,13 +768,17 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
                 if p <= 1:  # view 0 (or the host itself): Xen's set_mem_access on the host
                     _, splits = host_set(pool, gs, roots, maxm, active, g, rules[r, 7], -1)
                     vc[s, C_SPLITS] += splits
+                    for q in range(pmap.shape[0]):  # the host and every view it propagated to
+                        forget(pmap, q, g, 1)
                 else:
                     vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g,
                                                 with_access(piece_at(e, lv, g), rules[r, 7]))
+                    forget(pmap, p, g, 1)
                 vc[s, C_ACCESS_CHANGES] += 1
             continue
         # 8. XSA-304: execute on a superpage with exec_sp = false shatters it
         write_4k(pool, gs, roots, maxm, p, g, piece_at(e, lv, g))
+        forget(pmap, p, g, 1)
         vc[s, C_SHATTERS] += 1
     gs[GS_ERR_ROW] = row
     return ST_RETRIES
@@ -782,7 +811,7 @@ def flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp):
 @njit(cache=True, nogil=True)
 def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin,
                  pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
-                 rules, granges, lut, snaps):
+                 rules, granges, lut, snaps, pmap):
     """Replay rows ``begin..`` of one batch; returns (status, index of the next row to do).
 
     gfn int64 (n,), access uint8 (n,), vcpu uint16 (n,), insn int64 (n,) (ignored unless
@@ -790,6 +819,7 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
     of the batch's row 0; ``lut`` int64 (4096,) maps a vCPU number to its counter slot.
     Exits and #VEs are logged in ``elog`` (int64 (m, 3), m > LOG_SLACK) and drained into the per-gfn
     and per-ip tables when the log fills; the driver drains what is left at the end.
+    ``pmap`` uint8 (p2ms, m) caches fast-path results for gfns below m (see fast_bits).
 
     The view/root reload and the room check are spelled out where they happen: written as
     small inlined helpers they measured 5-10 % slower on the exit-heavy bench.
@@ -799,6 +829,7 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
     window = dom[D_WINDOW]
     headroom = dom[D_HEADROOM]
     nslots = vc.shape[0]
+    pm_pages = pmap.shape[1]
     n = len(gfn)
     # Room checks and the next window boundary live in locals: only the slow path and a
     # snapshot change them, and locals stay in registers across the counter stores.
@@ -809,6 +840,7 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
     # reads or changes them: another slot, a window snapshot, an instruction end, the slow path.
     last_s = -1
     view = 0
+    pq = 0
     root = roots[0]
     cur_ins = np.int64(0)
     pend = 0
@@ -843,7 +875,8 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
             comp = 0
             last_s = s
             view = vst[s, S_VIEW] if altp2m else 0
-            root = roots[view + 1] if altp2m else roots[0]
+            pq = view + 1 if altp2m else 0
+            root = roots[pq]
             pend = vst[s, S_PENDING]
             cur_ins = vst[s, S_INSN]
             new_insn = cur_ins != ins or not vst[s, S_STARTED]
@@ -860,7 +893,8 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
             end_instruction(vst, vc, pv, s)
             pend = 0
             view = vst[s, S_VIEW] if altp2m else 0
-            root = roots[view + 1] if altp2m else roots[0]
+            pq = view + 1 if altp2m else 0
+            root = roots[pq]
         insns += new_insn
         cur_ins = ins
         recs += 1
@@ -869,9 +903,16 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
             continue
         g = gfn[i]
         kb = KIND_BIT[access[i]]
-        # Fast path: a valid leaf that permits the access.
+        # Fast path: the cache, else a walk of the view; a valid leaf that permits the access.
+        cached = g < pm_pages
+        if cached and pmap[pq, g] & kb:
+            comp += 1
+            continue
         e, lv = walk(pool, root, g)
-        if (e & 3) == LEAF and (PERMITS[(e >> 2) & 15] & kb) and (exec_sp or kb != 4 or lv == 1):
+        bits = fast_bits(e, lv, exec_sp)
+        if cached:
+            pmap[pq, g] = bits
+        if bits & kb:
             comp += 1
             continue
         flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp)
@@ -880,11 +921,12 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
         comp = 0
         st = access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
                          rules, granges, s, g, KIND_OF_BIT[kb], row, e, lv,
-                         has_ip, ip[i] if has_ip else np.int64(0))
+                         has_ip, ip[i] if has_ip else np.int64(0), pmap)
         if st != ST_DONE:
             return st, i + 1
         view = vst[s, S_VIEW] if altp2m else 0
-        root = roots[view + 1] if altp2m else roots[0]
+        pq = view + 1 if altp2m else 0
+        root = roots[pq]
         pend = vst[s, S_PENDING]
         room = pool.shape[0] - gs[GS_NFREE] >= headroom and gs[GS_LOGN] + LOG_SLACK <= elog.shape[0]
     flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp)

@@ -36,6 +36,8 @@ from altp2m_replay.policy import (
 MAX_EXPLICIT_GFNS = 1 << 24
 # Event-log entries between drains into the per-gfn / per-ip tables (tests shrink it).
 LOG_ROWS = K.LOG_ROWS
+# Most bytes of the fast-path cache (one per p2m and gfn); gfns past it are walked every time.
+PMAP_BYTES = 1 << 27
 
 # SPEC §7 order of the run / vCPU counters.
 COUNTERS = (
@@ -194,6 +196,9 @@ class Replayer:
         self.htab = np.zeros((1 << 10, K.H_WIDTH), dtype=np.int64)
         self.itab = np.zeros((1 << 10, K.I_WIDTH), dtype=np.int64)
         self.elog = np.zeros((max(LOG_ROWS, K.LOG_SLACK + 1), 3), dtype=np.int64)
+        # fast-path cache over the gfns the trace can touch, within PMAP_BYTES (pages of it
+        # that no access reaches are never touched, so cost no memory)
+        self.pmap = np.zeros((n_p2m, max(1, min(facts.max_gfn + 1, PMAP_BYTES // n_p2m))), dtype=np.uint8)
         # per window: every counter, then each view's cumulative lazy-copy pages
         self.snaps = np.zeros((self.n_windows + 1, K.N_COUNTERS + self.pv.shape[0]), dtype=np.int64)
         self.rules, self.granges = rule_table(policy, sels.ranges)
@@ -351,7 +356,7 @@ class Replayer:
                                    start_row, i, self.pool, self.gs, self.roots, self.maxm,
                                    self.active, self.dflt, self.dom, self.vst, self.vc, self.pv,
                                    self.elog, self.htab, self.itab,
-                                   self.rules, self.granges, self.lut, self.snaps)
+                                   self.rules, self.granges, self.lut, self.snaps, self.pmap)
             if st == K.ST_NEED_NODES:
                 self._grow_pool()
             elif st in (K.ST_NEED_HASH, K.ST_NEED_IPHASH):
