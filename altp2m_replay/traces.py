@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from numba import njit
 
 from altp2m_replay.errors import TraceError
 
@@ -410,6 +411,7 @@ def _proven_clean(col: str, stat) -> tuple[int, int] | None:
 
 # Always read: access (access mix), vcpu (vCPU set, tsc order) and tsc (order check).
 _ALWAYS_READ = ("access", "vcpu", "tsc")
+_NO_VCPU = np.zeros(1, dtype=np.uint16)  # stands in for a missing vcpu column (_tsc_order)
 
 
 def validate(trace_or_path, page_counts: bool = False) -> TraceStats:
@@ -472,12 +474,14 @@ def validate(trace_or_path, page_counts: bool = False) -> TraceStats:
             if "vcpu" in values:
                 vcpu = values["vcpu"][:k].astype(np.uint16, copy=False)
             if "tsc" in values:
-                tsc = values["tsc"][:k].astype(np.uint64, copy=False)
-                hit = _check_tsc(tsc, vcpu, start, last_tsc, last_row)
-                if hit is not None:
-                    i, v, prev_t, prev_r, t = hit
+                tsc = np.ascontiguousarray(values["tsc"][:k], dtype=np.uint64)
+                has_vcpu = vcpu is not None
+                i = _tsc_order(tsc, np.ascontiguousarray(vcpu) if has_vcpu else _NO_VCPU, has_vcpu,
+                               start, last_tsc, last_row)
+                if i >= 0:
+                    v = int(vcpu[i]) if has_vcpu else 0
                     first.found(i, "tsc", f"expected non-decreasing tsc per vCPU (vCPU {v} was "
-                                          f"at {prev_t} in row {prev_r}), found {t}")
+                                          f"at {int(last_tsc[v])} in row {int(last_row[v])}), found {int(tsc[i])}")
         if first.message is not None:
             raise TraceError(first.message)
 
@@ -516,72 +520,21 @@ def validate(trace_or_path, page_counts: bool = False) -> TraceStats:
     )
 
 
-def _check_tsc(tsc, vcpu, start, last_tsc, last_row):
-    """Find the first row whose tsc is below the previous tsc of its vCPU (carried across
-    batches in ``last_tsc``/``last_row``, updated in place when the batch is clean).
+@njit(cache=True, nogil=True)
+def _tsc_order(tsc, vcpu, has_vcpu, start, last_tsc, last_row):
+    """Index of the first row whose tsc is below the previous tsc of its vCPU, or -1.
 
-    ``tsc`` uint64 (n,), ``vcpu`` uint16 (n,) or None. Returns (batch index, vCPU,
-    previous tsc, previous global row, tsc) or None.
+    ``tsc`` uint64 (n,), ``vcpu`` uint16 (n,) (vCPU 0 for every row unless ``has_vcpu``);
+    ``last_tsc`` uint64 / ``last_row`` int64 (VCPU_LIMIT,) carry each vCPU's previous tsc and
+    global row (-1: none yet) across batches and are updated up to the offending row.
     """
-    n = len(tsc)
-    if vcpu is None:
-        groups = [(0, None)]
-    else:
-        present = np.flatnonzero(np.bincount(vcpu))
-        if len(present) == 1:
-            groups = [(int(present[0]), None)]
-        elif len(present) <= 16:
-            # Few vCPUs: a boolean mask per vCPU is cheaper than sorting the batch.
-            groups = [(int(v), np.flatnonzero(vcpu == v)) for v in present]
-        else:
-            return _check_tsc_sorted(tsc, vcpu, start, last_tsc, last_row)
-    best = None
-    tails = []
-    for v, where in groups:
-        t = tsc if where is None else tsc[where]
-        bad = t[1:] < t[:-1]
-        j = _first_true(bad)
-        j = None if j is None else j + 1
-        if last_row[v] >= 0 and t[0] < last_tsc[v]:
-            j = 0
-        if j is None:
-            tails.append((v, t[-1], n - 1 if where is None else int(where[-1])))
-            continue
-        row = j if where is None else int(where[j])
-        if best is None or row < best[0]:
-            if j == 0:
-                prev_t, prev_r = int(last_tsc[v]), int(last_row[v])
-            else:
-                prev_t, prev_r = int(t[j - 1]), start + (j - 1 if where is None else int(where[j - 1]))
-            best = (row, v, prev_t, prev_r, int(t[j]))
-    if best is None:
-        for v, t_last, i_last in tails:
-            last_tsc[v], last_row[v] = t_last, start + i_last
-    return best
-
-
-def _check_tsc_sorted(tsc, vcpu, start, last_tsc, last_row):
-    """_check_tsc for many vCPUs: group rows by vCPU with a stable sort (keeps trace order)."""
-    n = len(tsc)
-    order = np.argsort(vcpu, kind="stable")
-    vs, ts = vcpu[order], tsc[order]
-    first = np.r_[True, vs[1:] != vs[:-1]]
-    heads = np.flatnonzero(first)
-    prev_t = np.empty_like(ts)
-    prev_t[1:] = ts[:-1]
-    prev_t[heads] = last_tsc[vs[heads]]
-    bad = ts < prev_t
-    bad[heads] &= last_row[vs[heads]] >= 0
-    if bad.any():
-        pos = np.flatnonzero(bad)
-        j = pos[np.argmin(order[pos])]  # earliest offending row in trace order
-        v = int(vs[j])
-        prev_r = int(last_row[v]) if first[j] else start + int(order[j - 1])
-        return int(order[j]), v, int(prev_t[j]), prev_r, int(ts[j])
-    tails = np.r_[heads[1:] - 1, n - 1]
-    last_tsc[vs[tails]] = ts[tails]
-    last_row[vs[tails]] = start + order[tails]
-    return None
+    for i in range(len(tsc)):
+        v = vcpu[i] if has_vcpu else 0
+        if last_row[v] >= 0 and tsc[i] < last_tsc[v]:
+            return i
+        last_tsc[v] = tsc[i]
+        last_row[v] = start + i
+    return -1
 
 
 # --------------------------------------------------------------------------- info
