@@ -650,7 +650,14 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
         view = vst[s, S_VIEW] if altp2m else 0
         p = view + 1 if altp2m else 0
         if attempt > 0:
+            # after a switch or a tree write: the cache, else a walk that refills it
+            cached = g < pmap.shape[1]
+            if cached and pmap[p, g] & kb:
+                pv[view, V_COMPLETED] += 1
+                return ST_DONE
             e, lv = walk(pool, roots[p], g)
+            if cached:
+                pmap[p, g] = fast_bits(e, lv, dom[D_EXEC_SP])
         k = e & 3
         acc = (e >> 2) & 15
         permitted = k == LEAF and (PERMITS[acc] & kb) != 0
