@@ -963,23 +963,13 @@ def finish(vst, vc, pv):
             end_instruction(vst, vc, pv, s)
 
 
-@njit(cache=True)
-def grow_ip_hash(itab, new_cap):
-    """Rehash the per-ip table into ``new_cap`` rows (a power of two)."""
-    nt = np.zeros((new_cap, I_WIDTH), dtype=np.int64)
-    gs = np.zeros(N_GS, dtype=np.int64)
-    for i in range(itab.shape[0]):
-        if itab[i, 0]:
-            nt[ip_slot(nt, gs, itab[i, 1]), :] = itab[i, :]
-    return nt
-
-
-@njit(cache=True)
-def grow_hash(htab, new_cap):
-    """Rehash the per-gfn table into ``new_cap`` rows (a power of two)."""
-    nt = np.zeros((new_cap, H_WIDTH), dtype=np.int64)
-    gs = np.zeros(N_GS, dtype=np.int64)
-    for i in range(htab.shape[0]):
-        if htab[i, 0]:
-            nt[gfn_slot(nt, gs, htab[i, 0]), :] = htab[i, :]
-    return nt
+@njit(cache=True, _nrt=False)  # no reference counting, as replay_batch
+def rehash(old, new, ip_table, gs):
+    """Insert every used row of hash table ``old`` into the empty, larger table ``new``
+    (int64, rows a power of two): the per-ip table if ``ip_table``, else the per-gfn one.
+    ``gs`` (int64 (N_GS,)) is scratch: insertion counts land in it."""
+    for i in range(old.shape[0]):
+        if old[i, 0]:
+            j = ip_slot(new, gs, old[i, 1]) if ip_table else gfn_slot(new, gs, old[i, 0])
+            for c in range(old.shape[1]):
+                new[j, c] = old[i, c]

@@ -384,9 +384,9 @@ class Replayer:
         """Grow the per-gfn and per-ip tables until draining the event log fits in them."""
         while (st := K.drain_status(self.gs, self.htab, self.itab)) != K.ST_DONE:
             if st == K.ST_NEED_HASH:
-                self.htab = K.grow_hash(self.htab, 2 * self.htab.shape[0])
+                self.htab = _grown(self.htab, False)
             else:
-                self.itab = K.grow_ip_hash(self.itab, 2 * self.itab.shape[0])
+                self.itab = _grown(self.itab, True)
 
     def _err_view(self, row, vcpu, start_row) -> int:
         return int(self.vst[self.lut[vcpu[row - start_row]], K.S_VIEW]) if self.policy.domain.altp2m else 0
@@ -457,6 +457,13 @@ class Replayer:
         ip_values = self.itab[used_ip][:, K.I_EXITS:K.I_VE + 1][iorder]
         return SimResult(total, vcpus, views, gfn_keys, gfn_values, ips[iorder], ip_values,
                          timeline, population, self.window, self.warnings, guest)
+
+
+def _grown(table: np.ndarray, ip_table: bool) -> np.ndarray:
+    """A hash table of twice the rows holding ``table``'s entries."""
+    new = np.zeros((2 * table.shape[0], table.shape[1]), dtype=np.int64)
+    K.rehash(table, new, ip_table, np.zeros(K.N_GS, dtype=np.int64))
+    return new
 
 
 def rule_table(policy: Policy, ranges: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
