@@ -21,7 +21,10 @@ creates), so it is not stored.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # ---- entry layout
 EMPTY = 0
@@ -167,6 +170,30 @@ PERMITS = np.array([0, 1, 2, 3, 4, 5, 6, 7, 5, 0], dtype=np.int64)
 # The kind of an access value (SPEC §2) as a permission bit: x if bit 4, else w if bit 2, else r.
 KIND_BIT = np.array([1, 1, 2, 2, 4, 4, 4, 4], dtype=np.int64)
 KIND_OF_BIT = np.array([0, 0, 1, 0, 2], dtype=np.int64)
+
+
+PREFETCH_AHEAD = 16  # log entries between a table row's prefetch and its update (drain_log)
+
+
+@intrinsic
+def prefetch_row(typingctx, table, row):
+    """Hint the CPU to start loading row ``row`` of a 2-D C-ordered array into cache.
+
+    Only a hint (LLVM's ``llvm.prefetch``, for a write): it never changes results.
+    """
+    def codegen(context, builder, sig, args):
+        arr = context.make_array(sig.args[0])(context, builder, args[0])
+        zero = context.get_constant(types.intp, 0)
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], arr, [args[1], zero])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+        # rw 1 (write), locality 3 (keep in all cache levels), cache type 1 (data)
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(1), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(table, row), codegen
 
 
 # --------------------------------------------------------------------------- entries
@@ -538,8 +565,18 @@ def drain_status(gs, htab, itab):
 def drain_log(elog, gs, htab, itab):
     """Add the logged events to the per-gfn and per-ip tables and empty the log.
 
-    The caller makes sure both tables stay at most 3/4 full (drain_status)."""
-    for j in range(gs[GS_LOGN]):
+    The caller makes sure both tables stay at most 3/4 full (drain_status). Rows are
+    prefetched PREFETCH_AHEAD entries ahead, so the cache misses of a large table overlap.
+    """
+    n = gs[GS_LOGN]
+    hmask = htab.shape[0] - 1
+    imask = itab.shape[0] - 1
+    for j in range(n):
+        a = j + PREFETCH_AHEAD
+        if a < n:
+            prefetch_row(htab, hash_row(elog[a, 0], hmask))
+            if elog[a, 1] & E_HAS_IP:
+                prefetch_row(itab, hash_row(elog[a, 2], imask))
         bits = elog[j, 1]
         h = gfn_slot(htab, gs, elog[j, 0])
         for b in range(N_GFN_COUNTERS):
@@ -552,11 +589,17 @@ def drain_log(elog, gs, htab, itab):
 
 
 @njit(cache=True, inline="always")
+def hash_row(key, mask):
+    """Home row of int64 ``key`` in a hash table of ``mask + 1`` rows (multiplicative hash)."""
+    return ((key * np.int64(-7046029254386353131)) >> 20) & mask
+
+
+@njit(cache=True, inline="always")
 def gfn_slot(htab, gs, key):
     """Row of ``key`` ((view << 36) + gfn + 1) in the open-addressing per-gfn table,
     inserting it if new."""
     mask = htab.shape[0] - 1
-    i = ((key * np.int64(-7046029254386353131)) >> 20) & mask
+    i = hash_row(key, mask)
     while True:
         k = htab[i, 0]
         if k == key:
@@ -572,7 +615,7 @@ def gfn_slot(htab, gs, key):
 def ip_slot(itab, gs, ip):
     """Row of instruction pointer ``ip`` (any int64 bit pattern) in the per-ip table."""
     mask = itab.shape[0] - 1
-    i = ((ip * np.int64(-7046029254386353131)) >> 20) & mask
+    i = hash_row(ip, mask)
     while True:
         if not itab[i, 0]:
             itab[i, 0] = 1
