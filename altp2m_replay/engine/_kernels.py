@@ -81,10 +81,13 @@ G_VE = 5
 G_LAZY = 6
 N_GFN_COUNTERS = 6
 H_WIDTH = 8
-# ---- per-ip table: itab[i] = used, ip, ept_exits, ve_delivered (32 bytes a row)
-I_EXITS = 2
-I_VE = 3
-I_WIDTH = 4
+# ---- per-ip table: itab[i] = ip, ept_exits, ve_delivered (24 bytes a row). A row is used iff
+# a count is nonzero: drain_log fills a row's key and one count together, and every ip value
+# is a valid key.
+I_IP = 0
+I_EXITS = 1
+I_VE = 2
+I_WIDTH = 3
 # ---- event log: elog[j] = (htab key, event bits E_*, ip). The replay loop appends one entry
 # per exit or #VE; drain_log adds them to htab / itab. Appending is a sequential store, where
 # updating the tables in place cost a cache miss per exit (about 130 ns of 230 on the bench).
@@ -617,12 +620,11 @@ def ip_slot(itab, gs, ip):
     mask = itab.shape[0] - 1
     i = hash_row(ip, mask)
     while True:
-        if not itab[i, 0]:
-            itab[i, 0] = 1
-            itab[i, 1] = ip
+        if itab[i, I_EXITS] == 0 and itab[i, I_VE] == 0:
+            itab[i, I_IP] = ip
             gs[GS_ICOUNT] += 1
             return i
-        if itab[i, 1] == ip:
+        if itab[i, I_IP] == ip:
             return i
         i = (i + 1) & mask
 
@@ -1012,7 +1014,11 @@ def rehash(old, new, ip_table, gs):
     (int64, rows a power of two): the per-ip table if ``ip_table``, else the per-gfn one.
     ``gs`` (int64 (N_GS,)) is scratch: insertion counts land in it."""
     for i in range(old.shape[0]):
-        if old[i, 0]:
-            j = ip_slot(new, gs, old[i, 1]) if ip_table else gfn_slot(new, gs, old[i, 0])
-            for c in range(old.shape[1]):
-                new[j, c] = old[i, c]
+        if ip_table and (old[i, I_EXITS] or old[i, I_VE]):
+            j = ip_slot(new, gs, old[i, I_IP])
+        elif not ip_table and old[i, 0]:
+            j = gfn_slot(new, gs, old[i, 0])
+        else:
+            continue
+        for c in range(old.shape[1]):
+            new[j, c] = old[i, c]

@@ -451,9 +451,9 @@ class Replayer:
         for slot, v in enumerate(self.vcpu_list):
             seen = self.guest_seen[slot]
             guest[v] = int(self.guest_last[slot]) - int(self.guest_first[slot]) if seen else 0
-        used_ip = np.flatnonzero(self.itab[:, 0])
-        ips = self.itab[used_ip, 1].view(np.uint64)
-        iorder = np.argsort(ips, kind="stable")
+        used_ip = np.flatnonzero(self.itab[:, K.I_EXITS] | self.itab[:, K.I_VE])
+        ips = self.itab[used_ip, K.I_IP].view(np.uint64)
+        iorder = np.argsort(ips)  # ips are unique: any sort gives one order
         ip_values = self.itab[used_ip][:, K.I_EXITS:K.I_VE + 1][iorder]
         return SimResult(total, vcpus, views, gfn_keys, gfn_values, ips[iorder], ip_values,
                          timeline, population, self.window, self.warnings, guest)
