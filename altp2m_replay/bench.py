@@ -3,7 +3,9 @@
 Three rates over the same rows: a bare Numba scan of the decoded arrays (the ceiling any
 kernel reading them can reach), the replay kernel fed with already-decoded batches, and
 end-to-end ``replay`` of the Parquet file (validation pre-pass and decoding included).
-Compile time is excluded: every kernel is warmed up first.
+Compile time is excluded: every kernel is warmed up first. Each rate is the best of
+``rounds`` passes in this process; the kernel's first pass is reported too, because it
+alone pays for first touching the memory of the large per-gfn and per-ip tables.
 """
 
 from __future__ import annotations
@@ -29,8 +31,18 @@ def _bare_scan(gfn, access, vcpu, insn):
     return t
 
 
+def _best(fn, rounds: int) -> tuple[float, float]:
+    """(best, first) wall time in seconds of ``rounds`` calls of ``fn``."""
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times), times[0]
+
+
 def run_bench(rows: int = 20_000_000, vcpus: int = 4, policy: str = "xen-access-altp2m-write",
-              workload: str = "kernel", seed: int = 7, echo=print) -> dict:
+              workload: str = "kernel", seed: int = 7, echo=print, rounds: int = 3) -> dict:
     """Generate the trace, measure the three rates, return them in a dict."""
     from altp2m_replay.run import replay_trace, trace_facts
 
@@ -52,28 +64,32 @@ def run_bench(rows: int = 20_000_000, vcpus: int = 4, policy: str = "xen-access-
         warm.finish()
         _bare_scan(b0.gfn[:10].view(np.int64), b0.access[:10], b0.vcpu[:10], b0.insn[:10].view(np.int64))
 
-        t = time.perf_counter()
-        for b in batches:
-            _bare_scan(b.gfn.view(np.int64), b.access, b.vcpu, b.insn.view(np.int64))
-        scan_s = time.perf_counter() - t
+        def scan():
+            for b in batches:
+                _bare_scan(b.gfn.view(np.int64), b.access, b.vcpu, b.insn.view(np.int64))
 
-        rep = Replayer(p, facts, stats.vcpus, stats.rows)
-        t = time.perf_counter()
-        for b in batches:
-            rep.feed(b.gfn, b.access, b.vcpu, b.insn, None, start_row=b.start, ip=b.ip)
-        kernel_s = time.perf_counter() - t
-        res = rep.finish()
-        del batches
+        results = []
 
-        t = time.perf_counter()
-        replay_trace(path, [p], {}, None, None)
-        e2e_s = time.perf_counter() - t
+        def kernel():
+            rep = Replayer(p, facts, stats.vcpus, stats.rows)
+            for b in batches:
+                rep.feed(b.gfn, b.access, b.vcpu, b.insn, None, start_row=b.start, ip=b.ip)
+            results[:] = [rep]  # keep one replayer alive, not one per pass
+
+        scan_s, _ = _best(scan, rounds)
+        kernel_s, kernel_first_s = _best(kernel, rounds)
+        res = results[0].finish()
+        batches.clear()  # free the decoded trace and tables before the end-to-end passes
+        results.clear()
+        e2e_s, _ = _best(lambda: replay_trace(path, [p], {}, None, None), rounds)
 
     out = {
         "rows": rows, "vcpus": vcpus, "policy": policy, "workload": workload,
         "ept_exits": res.total["ept_exits"],
         "bare_scan_rows_per_s": rows / scan_s,
         "kernel_rows_per_s": rows / kernel_s,
+        "kernel_first_pass_rows_per_s": rows / kernel_first_s,
+        "rounds": rounds,
         "end_to_end_rows_per_s": rows / e2e_s,
     }
     out["kernel_vs_scan"] = out["kernel_rows_per_s"] / out["bare_scan_rows_per_s"]
@@ -88,6 +104,8 @@ def format_bench(r: dict) -> str:
         f"bare scan    {r['bare_scan_rows_per_s'] / 1e6:10.1f} M rows/s",
         f"kernel       {r['kernel_rows_per_s'] / 1e6:10.1f} M rows/s  ({r['kernel_vs_scan']:.1%} of the bare scan;"
         " SPEC §13 bar: 50 M rows/s)",
+        f"  first pass {r['kernel_first_pass_rows_per_s'] / 1e6:10.1f} M rows/s  (first touch of the per-gfn and per-ip tables)",
         f"end-to-end   {r['end_to_end_rows_per_s'] / 1e6:10.1f} M rows/s  ({r['end_to_end_vs_kernel']:.1%} of the kernel;"
         " bar: 40 %)",
+        f"(best of {r['rounds']} passes each)",
     ])

@@ -186,11 +186,14 @@ def replay(traces, policies, out_dir, costs, profile, window, jobs, scheduler, r
 @click.option("--vcpus", type=click.IntRange(1, 4096), default=4, show_default=True)
 @click.option("-p", "--policy", default="xen-access-altp2m-write", show_default=True)
 @click.option("--workload", default="kernel", show_default=True)
-def bench(rows, vcpus, policy, workload):
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Passes per figure; the best is reported.")
+def bench(rows, vcpus, policy, workload, rounds):
     """Replay throughput (SPEC §13): bare scan, kernel and end-to-end rows/s."""
     from altp2m_replay.bench import format_bench, run_bench
 
-    click.echo(format_bench(run_bench(rows, vcpus, policy, workload, echo=lambda m: click.echo(m, err=True))))
+    click.echo(format_bench(run_bench(rows, vcpus, policy, workload, rounds=rounds,
+                                      echo=lambda m: click.echo(m, err=True))))
 
 
 # --------------------------------------------------------------------------- policy
