@@ -182,7 +182,9 @@ class Trace:
 
     def _parquet(self) -> pq.ParquetFile:
         try:
-            return pq.ParquetFile(self.path)
+            # pre_buffer: coalesced reads of a row group's column chunks (decode 0.35 -> 0.25 s
+            # per 20 M rows here)
+            return pq.ParquetFile(self.path, pre_buffer=True)
         except (OSError, pa.ArrowException) as exc:
             raise TraceError(f"{self.path}: cannot read: {_first_line(exc)}") from None
 
@@ -222,11 +224,13 @@ class Trace:
         self,
         batch_rows: int | None = None,
         columns=("gfn", "access", "vcpu", "insn", "tsc"),
+        validator: Validator | None = None,
     ) -> Iterator[Batch]:
         """Stream the trace as :class:`Batch` objects; one per row group unless ``batch_rows``.
 
-        ``columns`` picks Batch fields ("gfn" means gpa-or-gfn). No value checks here:
-        :func:`validate` does them, so values that do not fit are silently wrapped.
+        ``columns`` picks Batch fields ("gfn" means gpa-or-gfn). Without a ``validator`` there
+        are no value checks (values that do not fit are silently wrapped); with one, each
+        batch is checked by it before it is handed out, reading what it needs too.
         """
         wanted = tuple(columns)
         unknown = set(wanted) - set(_BATCH_FIELDS)
@@ -237,7 +241,18 @@ class Trace:
             src = self.address_column if col == "gfn" else col
             if src in self.columns and src not in names:
                 names.append(src)
-        for start, raw in self._raw(names, batch_rows):
+        plan = None
+        if validator is not None:
+            want = list(names)
+            names += [c for c in validator.order if c not in names]
+
+            def plan(pf, g):  # per row group: what the batch needs and what the checks need
+                need = set(want) | set(validator.plan(pf, g))
+                return [c for c in names if c in need]
+
+        for start, raw in self._raw(names, batch_rows, plan=plan):
+            if validator is not None:
+                validator.check(start, raw)
             n = len(next(iter(raw.values()))) if raw else 0
             out = Batch(start=start)
             for col in wanted:
@@ -422,37 +437,103 @@ def validate(trace_or_path, page_counts: bool = False) -> TraceStats:
     prove them clean (no nulls, min/max in bounds) are not read.
     """
     tr = open_trace(trace_or_path)
-    label = str(trace_or_path.path if isinstance(trace_or_path, Trace) else trace_or_path)
-    if tr.rows == 0:
-        raise TraceError(f"{label}: empty trace (0 rows), expected at least one access")
-    addr = tr.address_column
-    order = [c for c in TRACE_SCHEMA if c in tr.columns]
-    vcpu_seen = np.zeros(VCPU_LIMIT, dtype=bool)
-    access_counts = np.zeros(8, dtype=np.int64)
-    last_tsc = np.zeros(VCPU_LIMIT, dtype=np.uint64)
-    last_row = np.full(VCPU_LIMIT, -1, dtype=np.int64)
-    gfn_lo, gfn_hi = [], []
-    mergers = {k: _CountMerger() for k in ("read", "written", "executed", "touched")} if page_counts else None
-    shift = 12 if addr == "gpa" else 0
+    v = Validator(tr, page_counts=page_counts)
+    for start, raw in tr._raw(v.order, None, plan=v.plan):
+        v.check(start, raw)
+    return v.result()
 
-    def plan(pf, g):
+
+def quick_stats(trace_or_path) -> TraceStats | None:
+    """Rows, gfn range and a superset of the vCPUs, from Parquet metadata (and the vcpu
+    column when its statistics are missing).
+
+    For a replay that checks every value on the batches it decodes (``Validator``), which
+    then learns the exact vCPU set: ``vcpus`` here is every number between the smallest and
+    largest vcpu the statistics prove, and ``access_counts`` stay zero. None when statistics
+    do not prove the address range, or a vcpu value is null or out of range; validate()
+    then reports what is wrong.
+    """
+    tr = open_trace(trace_or_path)
+    if tr.rows == 0:
+        return None
+    lo, hi = [], []
+    vcpu_stats = []
+    with tr._parquet() as pf:
+        for g in range(tr.row_groups):
+            rg = pf.metadata.row_group(g)
+            stats = {rg.column(j).path_in_schema: rg.column(j).statistics for j in range(rg.num_columns)}
+            proven = _proven_clean(tr.address_column, stats.get(tr.address_column))
+            if proven is None:
+                return None
+            lo.append(proven[0])
+            hi.append(proven[1])
+            vcpu_stats.append(_proven_clean("vcpu", stats.get("vcpu")))
+    seen = np.zeros(VCPU_LIMIT, dtype=bool)
+    if "vcpu" not in tr.columns:
+        seen[0] = True
+    elif all(v is not None for v in vcpu_stats):
+        seen[min(v[0] for v in vcpu_stats): max(v[1] for v in vcpu_stats) + 1] = True
+    else:
+        for _, raw in tr._raw(["vcpu"], None):
+            if raw["vcpu"].null_count:
+                return None
+            v = raw["vcpu"].to_numpy(zero_copy_only=False)
+            if v.min() < 0 or v.max() >= VCPU_LIMIT:
+                return None
+            seen |= np.bincount(v.astype(np.intp), minlength=VCPU_LIMIT) > 0
+    shift = 12 if tr.address_column == "gpa" else 0
+    return TraceStats(rows=tr.rows, vcpus=np.flatnonzero(seen).astype(np.uint16),
+                      max_gfn=max(hi) >> shift, access_counts=np.zeros(8, dtype=np.int64),
+                      min_gfn=min(lo) >> shift)
+
+
+class Validator:
+    """The value checks of :func:`validate`, fed one decoded batch at a time.
+
+    ``validate`` drives it over a whole file; ``Trace.batches(validator=...)`` runs it on the
+    batches a replay decodes anyway, before handing them out. Batches must come in order.
+    """
+
+    def __init__(self, tr: Trace, page_counts: bool = False):
+        if tr.rows == 0:
+            raise TraceError(f"{tr.path}: empty trace (0 rows), expected at least one access")
+        self.label = str(tr.path)
+        self.addr = tr.address_column
+        #: file columns to check, in schema order
+        self.order = [c for c in TRACE_SCHEMA if c in tr.columns]
+        self.page_counts = page_counts
+        self.rows = 0
+        self.vcpu_seen = np.zeros(VCPU_LIMIT, dtype=bool)
+        self.access_counts = np.zeros(8, dtype=np.int64)
+        self.last_tsc = np.zeros(VCPU_LIMIT, dtype=np.uint64)
+        self.last_row = np.full(VCPU_LIMIT, -1, dtype=np.int64)
+        self.gfn_lo: list[int] = []
+        self.gfn_hi: list[int] = []
+        self.mergers = ({k: _CountMerger() for k in ("read", "written", "executed", "touched")}
+                        if page_counts else None)
+        self.shift = 12 if self.addr == "gpa" else 0
+
+    def plan(self, pf, g) -> list[str]:
+        """File columns row group ``g`` must be read for; an address column its statistics
+        prove clean is skipped (its range is taken from them)."""
         rg = pf.metadata.row_group(g)
         stats = {rg.column(j).path_in_schema: rg.column(j).statistics for j in range(rg.num_columns)}
         cols = []
-        for col in order:
+        for col in self.order:
             proven = _proven_clean(col, stats.get(col))
-            if col == addr and proven and not page_counts:
-                gfn_lo.append(proven[0] >> shift)
-                gfn_hi.append(proven[1] >> shift)
-            elif col in _ALWAYS_READ or col == addr or proven is None:
+            if col == self.addr and proven and not self.page_counts:
+                self.gfn_lo.append(proven[0] >> self.shift)
+                self.gfn_hi.append(proven[1] >> self.shift)
+            elif col in _ALWAYS_READ or col == self.addr or proven is None:
                 cols.append(col)
         return cols
 
-    rows = 0
-    for start, raw in tr._raw(order, None, plan=plan):
+    def check(self, start: int, raw: dict[str, pa.Array]) -> None:
+        """Check the rows from global row ``start`` ({file column: arrow array}); raises
+        TraceError at the first offending row."""
         n = len(raw["access"])
-        cols = [c for c in order if c in raw]
-        first = _FirstError(label, start, n)
+        cols = [c for c in self.order if c in raw]
+        first = _FirstError(self.label, start, n)
         for col in cols:  # nulls first: values behind a null are meaningless
             arr = raw[col]
             if arr.null_count:
@@ -477,47 +558,61 @@ def validate(trace_or_path, page_counts: bool = False) -> TraceStats:
                 tsc = np.ascontiguousarray(values["tsc"][:k], dtype=np.uint64)
                 has_vcpu = vcpu is not None
                 i = _tsc_order(tsc, np.ascontiguousarray(vcpu) if has_vcpu else _NO_VCPU, has_vcpu,
-                               start, last_tsc, last_row)
+                               start, self.last_tsc, self.last_row)
                 if i >= 0:
                     v = int(vcpu[i]) if has_vcpu else 0
-                    first.found(i, "tsc", f"expected non-decreasing tsc per vCPU (vCPU {v} was "
-                                          f"at {int(last_tsc[v])} in row {int(last_row[v])}), found {int(tsc[i])}")
+                    first.found(i, "tsc", f"expected non-decreasing tsc per vCPU (vCPU {v} was at "
+                                          f"{int(self.last_tsc[v])} in row {int(self.last_row[v])}), "
+                                          f"found {int(tsc[i])}")
         if first.message is not None:
             raise TraceError(first.message)
 
-        access = values["access"].astype(np.uint8, copy=False)
-        access_counts += np.bincount(access, minlength=8)[:8]
+        access = np.ascontiguousarray(values["access"], dtype=np.uint8)
         if vcpu is None:
-            vcpu_seen[0] = True
-        else:
-            vcpu_seen |= np.bincount(vcpu, minlength=VCPU_LIMIT)[:VCPU_LIMIT] > 0
-        if addr in values:
-            gfn = values[addr].astype(np.uint64, copy=False) >> np.uint64(shift)
-            gfn_lo.append(int(gfn.min()))
-            gfn_hi.append(int(gfn.max()))
-            if mergers is not None:
+            self.vcpu_seen[0] = True
+        _count_rows(access, _NO_VCPU if vcpu is None else np.ascontiguousarray(vcpu), vcpu is not None,
+                    self.access_counts, self.vcpu_seen)
+        if self.addr in values:
+            gfn = values[self.addr].astype(np.uint64, copy=False) >> np.uint64(self.shift)
+            self.gfn_lo.append(int(gfn.min()))
+            self.gfn_hi.append(int(gfn.max()))
+            if self.mergers is not None:
                 uniq, inv = np.unique(gfn, return_inverse=True)
                 m = len(uniq)
-                mergers["touched"].add(uniq, np.bincount(inv, minlength=m))
+                self.mergers["touched"].add(uniq, np.bincount(inv, minlength=m))
                 for key, bit in (("read", 1), ("written", 2), ("executed", 4)):
                     sel = (access & bit) != 0
-                    mergers[key].add(uniq, np.bincount(inv[sel], minlength=m))
-        rows += n
+                    self.mergers[key].add(uniq, np.bincount(inv[sel], minlength=m))
+        self.rows += n
 
-    counts = None
-    distinct = None
-    if mergers is not None:
-        counts = {k: m.result() for k, m in mergers.items()}
-        distinct = len(counts["touched"][0])
-    return TraceStats(
-        rows=rows,
-        vcpus=np.flatnonzero(vcpu_seen).astype(np.uint16),
-        max_gfn=max(gfn_hi),
-        access_counts=access_counts,
-        distinct_gfns=distinct,
-        page_counts=counts,
-        min_gfn=min(gfn_lo),
-    )
+    def result(self) -> TraceStats:
+        """TraceStats of every row checked so far (the whole trace once it has been fed)."""
+        counts = None
+        distinct = None
+        if self.mergers is not None:
+            counts = {k: m.result() for k, m in self.mergers.items()}
+            distinct = len(counts["touched"][0])
+        return TraceStats(
+            rows=self.rows,
+            vcpus=np.flatnonzero(self.vcpu_seen).astype(np.uint16),
+            max_gfn=max(self.gfn_hi),
+            access_counts=self.access_counts,
+            distinct_gfns=distinct,
+            page_counts=counts,
+            min_gfn=min(self.gfn_lo),
+        )
+
+
+@njit(cache=True, nogil=True)
+def _count_rows(access, vcpu, has_vcpu, access_counts, vcpu_seen):
+    """Add rows per access value to ``access_counts`` (int64 (8,)) and mark ``vcpu_seen``
+    (bool (VCPU_LIMIT,)); values are in range already. access uint8 (n,), vcpu uint16 (n,)
+    (ignored unless ``has_vcpu``). np.bincount widened both columns to int64 first and took
+    80 ms per 20 M rows."""
+    for i in range(len(access)):
+        access_counts[access[i]] += 1
+        if has_vcpu:
+            vcpu_seen[vcpu[i]] = True
 
 
 @njit(cache=True, nogil=True)

@@ -1,0 +1,160 @@
+"""Replay checks trace values on the batches it decodes (run.replay_facts, traces.Validator):
+the same errors as ``trace validate``, the same tables as a run checked up front."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from altp2m_replay import run, traces
+from altp2m_replay.cli import main
+from altp2m_replay.errors import TraceError
+from altp2m_replay.policy import load_policy
+from altp2m_replay.results import TABLES
+
+POLICIES = ["xen-access-altp2m-write", "hvmi-ve-pagetables"]
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _grouped_trace(path, n=4000, group=500, **bad) -> tuple:
+    """A 4-vCPU trace in row groups of ``group`` rows; ``bad`` maps a column to (row, value)."""
+    rng = np.random.default_rng(3)
+    data = {
+        "gfn": rng.integers(0x100, 0x900, n).astype(np.uint64),
+        "access": rng.choice(np.array([1, 2, 4], np.uint8), n),
+        "vcpu": (np.arange(n) // 7 % 4).astype(np.uint16),
+        "insn": np.arange(n, dtype=np.uint64),
+        "tsc": np.arange(n, dtype=np.uint64) * 3 + 1000,
+    }
+    for col, (row, value) in bad.items():
+        data[col][row] = value
+    return traces.write_trace(data, path, row_group_size=group), data
+
+
+def test_quick_stats_match_the_full_pass(tmp_path):
+    path, data = _grouped_trace(tmp_path / "t.parquet")
+    quick = traces.quick_stats(path)
+    full = traces.validate(path)
+    assert quick.rows == full.rows == 4000
+    assert quick.max_gfn == full.max_gfn == int(data["gfn"].max())
+    assert np.array_equal(quick.vcpus, full.vcpus) and list(quick.vcpus) == [0, 1, 2, 3]
+
+
+def test_without_statistics_replay_checks_up_front_and_agrees(tmp_path):
+    path, data = _grouped_trace(tmp_path / "t.parquet")
+    bare = tmp_path / "nostats.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table, bare, row_group_size=500, write_statistics=False)
+    assert traces.quick_stats(bare) is None
+    stats, facts, checked = run.replay_facts(bare, False)
+    assert checked and stats.max_gfn == int(data["gfn"].max())
+    run.replay([path], POLICIES, tmp_path / "a", jobs=1, html=False)
+    run.replay([bare], POLICIES, tmp_path / "b", jobs=1, html=False)
+    for t in TABLES:
+        a = pl.read_parquet(tmp_path / "a" / f"{t}.parquet")
+        b = pl.read_parquet(tmp_path / "b" / f"{t}.parquet")
+        if "trace" in a.columns:
+            a, b = a.drop("trace"), b.drop("trace")
+        assert a.equals(b), t
+
+
+def test_checked_while_replaying_gives_the_tables_of_a_checked_run(tmp_path):
+    path, _ = _grouped_trace(tmp_path / "t.parquet")
+    pols = [load_policy(p) for p in POLICIES]
+    streamed = run.replay_trace(path, pols, {}, None, None)
+    assert run.replay_facts(path, False)[2] is False  # this trace takes the streaming path
+    checked = run.replay_trace(path, pols, {}, None, None, prepared=(*run.trace_facts(path, False), True))
+    for s, c in zip(streamed, checked, strict=True):
+        for t in TABLES:
+            assert s.tables[t].equals(c.tables[t]), (s.policy, t)
+
+
+@pytest.mark.parametrize("col, row, value, needle", [
+    ("tsc", 2701, 5, 'row 2701, column "tsc": expected non-decreasing tsc per vCPU'),
+    ("access", 3999, 0, 'row 3999, column "access"'),
+    ("vcpu", 1234, 5000, 'row 1234, column "vcpu"'),
+])
+def test_a_bad_row_in_a_late_row_group_stops_replay_with_the_validate_message(tmp_path, col, row, value, needle):
+    path, _ = _grouped_trace(tmp_path / "t.parquet", **{col: (row, value)})
+    with pytest.raises(TraceError) as expected:
+        traces.validate(path)
+    assert needle in str(expected.value)
+    with pytest.raises(TraceError) as got:
+        run.replay_trace(path, [load_policy("xen-access-altp2m-write")], {}, None, None)
+    assert str(got.value) == str(expected.value)
+    # through the CLI: one Error line, exit 2, no output folder left behind
+    out = tmp_path / "out"
+    result = _cli("replay", path, "-p", "xen-access-altp2m-write", "-o", out, "--jobs", 1)
+    assert result.exit_code == 2 and result.stderr.strip() == f"Error: {expected.value}"
+    assert not out.exists()
+
+
+def test_rows_after_a_crash_are_still_checked(tmp_path):
+    """Every policy crashes the guest in the first row group; a bad tsc later still fails."""
+    path, _ = _grouped_trace(tmp_path / "t.parquet", tsc=(3500, 0))
+    crash = tmp_path / "crash.toml"
+    crash.write_text('name = "crash"\n[domain]\nmonitor = false\naccess_required = true\n'
+                     '[[view]]\nname = "ro"\ndefault_access = "r"\n'
+                     '[[setup]]\nop = "switch_p2m"\nview = "ro"\n', encoding="utf-8")
+    with pytest.raises(TraceError, match='row 3500, column "tsc"'):
+        run.replay_trace(path, [load_policy(str(crash))], {}, None, None)
+
+
+def test_statistics_that_disagree_with_the_values_are_not_trusted(tmp_path, monkeypatch):
+    """If the metadata's gfn range were wrong, the replay is redone from checked facts."""
+    path, data = _grouped_trace(tmp_path / "t.parquet")
+    pols = [load_policy(p) for p in POLICIES]
+    expected = run.replay_trace(path, pols, {}, None, None, prepared=(*run.trace_facts(path, False), True))
+    real = traces.quick_stats
+
+    def lying(p):
+        st = real(p)
+        st.max_gfn = int(data["gfn"].max()) - 5  # as if a writer had stored a wrong max
+        return st
+
+    full_passes = []
+    real_facts = run.trace_facts
+    monkeypatch.setattr(traces, "quick_stats", lying)
+    monkeypatch.setattr(run, "trace_facts", lambda *a: full_passes.append(a) or real_facts(*a))
+    got = run.replay_trace(path, pols, {}, None, None)
+    assert len(full_passes) == 1  # the replay was redone after a full check
+    for g, e in zip(got, expected, strict=True):
+        for t in TABLES:
+            assert g.tables[t].equals(e.tables[t]), (g.policy, t)
+
+
+def test_a_null_vcpu_falls_back_to_the_full_pass(tmp_path):
+    path, _ = _grouped_trace(tmp_path / "t.parquet")
+    table = pq.read_table(path)
+    vcpu = table["vcpu"].to_pylist()
+    vcpu[3333] = None
+    nulls = table.set_column(table.schema.get_field_index("vcpu"), "vcpu", pa.array(vcpu, pa.uint16()))
+    bad = tmp_path / "null.parquet"
+    pq.write_table(nulls.replace_schema_metadata(table.schema.metadata), bad, row_group_size=500)
+    assert traces.quick_stats(bad) is None
+    with pytest.raises(TraceError, match='row 3333, column "vcpu": expected a value'):
+        run.replay_trace(bad, [load_policy("none")], {}, None, None)
+
+
+def test_vcpu_numbers_with_gaps_report_only_the_vcpus_in_the_trace(tmp_path):
+    """Statistics give vCPUs 2..9; replay has slots for all of them but reports 2, 5 and 9."""
+    n = 3000
+    vcpu = np.array([2, 5, 9], np.uint16)[np.arange(n) // 11 % 3]
+    path = traces.write_trace({
+        "gfn": np.random.default_rng(5).integers(0x100, 0x300, n).astype(np.uint64),
+        "access": np.where(np.arange(n) % 5 == 0, 2, 1).astype(np.uint8),
+        "vcpu": vcpu, "insn": np.arange(n, dtype=np.uint64),
+        "tsc": np.arange(n, dtype=np.uint64)}, tmp_path / "gaps.parquet", row_group_size=1000)
+    assert list(traces.quick_stats(path).vcpus) == list(range(2, 10))
+    run.replay([path], POLICIES, tmp_path / "out", jobs=1, html=False)
+    summary = pl.read_parquet(tmp_path / "out" / "summary.parquet")
+    assert sorted(set(summary["vcpu"])) == [-1, 2, 5, 9]
+    per_vcpu = summary.filter(pl.col("vcpu") >= 0).group_by("vcpu").agg(pl.col("records").first())
+    assert dict(per_vcpu.iter_rows()) == {v: int((vcpu == v).sum()) for v in (2, 5, 9)}
