@@ -169,9 +169,10 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
         full = validator.result()
         seen = full.vcpus  # the vCPUs rows name; replayers have a slot for every candidate
         if full.max_gfn != stats.max_gfn or not np.isin(seen, stats.vcpus).all():
-            # column statistics disagreed with the values: replay again from checked facts
+            # column statistics disagreed with the values: replay again from the facts the
+            # checks gathered (progress has counted these rows once already)
             return replay_trace(path, policies, cost_overrides, profile, window, batch_rows,
-                                (*trace_facts(path, False), True), progress)
+                                (full, _facts(tr, full), True), None)
     elapsed = time.perf_counter() - t0
     out = []
     for p, r in zip(policies, reps, strict=True):

@@ -437,7 +437,8 @@ def validate(trace_or_path, page_counts: bool = False) -> TraceStats:
     prove them clean (no nulls, min/max in bounds) are not read.
     """
     tr = open_trace(trace_or_path)
-    v = Validator(tr, page_counts=page_counts)
+    label = str(trace_or_path.path if isinstance(trace_or_path, Trace) else trace_or_path)
+    v = Validator(tr, page_counts=page_counts, label=label)
     for start, raw in tr._raw(v.order, None, plan=v.plan):
         v.check(start, raw)
     return v.result()
@@ -494,10 +495,11 @@ class Validator:
     batches a replay decodes anyway, before handing them out. Batches must come in order.
     """
 
-    def __init__(self, tr: Trace, page_counts: bool = False):
+    def __init__(self, tr: Trace, page_counts: bool = False, label: str | None = None):
+        #: how messages name the file (the path as the user gave it)
+        self.label = str(tr.path) if label is None else label
         if tr.rows == 0:
-            raise TraceError(f"{tr.path}: empty trace (0 rows), expected at least one access")
-        self.label = str(tr.path)
+            raise TraceError(f"{self.label}: empty trace (0 rows), expected at least one access")
         self.addr = tr.address_column
         #: file columns to check, in schema order
         self.order = [c for c in TRACE_SCHEMA if c in tr.columns]

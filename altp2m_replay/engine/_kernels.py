@@ -539,7 +539,7 @@ def fast_bits(e, lv, exec_sp):
 @njit(cache=True, inline="always")
 def forget(pmap, p, first, count):
     """Clear the fast-path cache of p2m ``p`` for gfns ``first .. first + count - 1``."""
-    for g in range(first, min(first + count, pmap.shape[1])):
+    for g in range(max(first, 0), min(first + count, pmap.shape[1])):
         pmap[p, g] = 0
 
 
@@ -696,7 +696,7 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
         p = view + 1 if altp2m else 0
         if attempt > 0:
             # after a switch or a tree write: the cache, else a walk that refills it
-            cached = g < pmap.shape[1]
+            cached = 0 <= g < pmap.shape[1]
             if cached and pmap[p, g] & kb:
                 pv[view, V_COMPLETED] += 1
                 return ST_DONE
@@ -963,7 +963,9 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
         g = gfn[i]
         kb = KIND_BIT[access[i]]
         # Fast path: the cache, else a walk of the view; a valid leaf that permits the access.
-        cached = g < pm_pages
+        # 0 <= g: a gfn of 2^63 or more is negative here (traces are checked, but a file whose
+        # statistics lie can slip one past); the cache must never be indexed out of bounds
+        cached = 0 <= g < pm_pages
         if cached and pmap[pq, g] & kb:
             comp += 1
             continue
