@@ -424,8 +424,10 @@ def _proven_clean(col: str, stat) -> tuple[int, int] | None:
     return mn, mx
 
 
-# Always read: access (access mix), vcpu (vCPU set, tsc order) and tsc (order check).
-_ALWAYS_READ = ("access", "vcpu", "tsc")
+# Always read: access (access mix), vcpu (vCPU set, tsc order), tsc (order check), and the
+# address column: gfns index the engine's tables, so their range is taken from the values,
+# never from statistics a writer may have got wrong.
+_ALWAYS_READ = ("gpa", "gfn", "access", "vcpu", "tsc")
 _NO_VCPU = np.zeros(1, dtype=np.uint16)  # stands in for a missing vcpu column (_tsc_order)
 
 
@@ -433,8 +435,9 @@ def validate(trace_or_path, page_counts: bool = False) -> TraceStats:
     """Check every value of a trace in one streaming pass (SPEC §2); return its TraceStats.
 
     Raises TraceError naming the file, the 0-based row of the first offending row, the
-    column, what was expected and what was found. Column chunks whose Parquet statistics
-    prove them clean (no nulls, min/max in bounds) are not read.
+    column, what was expected and what was found. Chunks of the optional columns ``insn``,
+    ``ip`` and ``gla`` whose Parquet statistics prove them clean (no nulls, in bounds) are
+    not read.
     """
     tr = open_trace(trace_or_path)
     label = str(trace_or_path.path if isinstance(trace_or_path, Trace) else trace_or_path)
@@ -516,19 +519,12 @@ class Validator:
         self.shift = 12 if self.addr == "gpa" else 0
 
     def plan(self, pf, g) -> list[str]:
-        """File columns row group ``g`` must be read for; an address column its statistics
-        prove clean is skipped (its range is taken from them)."""
+        """File columns row group ``g`` must be read for: _ALWAYS_READ, and the others unless
+        their statistics prove them clean (no nulls, in bounds)."""
         rg = pf.metadata.row_group(g)
         stats = {rg.column(j).path_in_schema: rg.column(j).statistics for j in range(rg.num_columns)}
-        cols = []
-        for col in self.order:
-            proven = _proven_clean(col, stats.get(col))
-            if col == self.addr and proven and not self.page_counts:
-                self.gfn_lo.append(proven[0] >> self.shift)
-                self.gfn_hi.append(proven[1] >> self.shift)
-            elif col in _ALWAYS_READ or col == self.addr or proven is None:
-                cols.append(col)
-        return cols
+        return [col for col in self.order
+                if col in _ALWAYS_READ or _proven_clean(col, stats.get(col)) is None]
 
     def check(self, start: int, raw: dict[str, pa.Array]) -> None:
         """Check the rows from global row ``start`` ({file column: arrow array}); raises
