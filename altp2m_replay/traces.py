@@ -447,6 +447,12 @@ def validate(trace_or_path, page_counts: bool = False) -> TraceStats:
     return v.result()
 
 
+def _group_stats(pf: pq.ParquetFile, g: int) -> dict:
+    """{file column: Parquet statistics (or None)} of row group ``g``."""
+    rg = pf.metadata.row_group(g)
+    return {rg.column(j).path_in_schema: rg.column(j).statistics for j in range(rg.num_columns)}
+
+
 def quick_stats(trace_or_path) -> TraceStats | None:
     """Rows, gfn range and a superset of the vCPUs, from Parquet metadata (and the vcpu
     column when its statistics are missing).
@@ -464,8 +470,7 @@ def quick_stats(trace_or_path) -> TraceStats | None:
     vcpu_stats = []
     with tr._parquet() as pf:
         for g in range(tr.row_groups):
-            rg = pf.metadata.row_group(g)
-            stats = {rg.column(j).path_in_schema: rg.column(j).statistics for j in range(rg.num_columns)}
+            stats = _group_stats(pf, g)
             proven = _proven_clean(tr.address_column, stats.get(tr.address_column))
             if proven is None:
                 return None
@@ -521,8 +526,7 @@ class Validator:
     def plan(self, pf, g) -> list[str]:
         """File columns row group ``g`` must be read for: _ALWAYS_READ, and the others unless
         their statistics prove them clean (no nulls, in bounds)."""
-        rg = pf.metadata.row_group(g)
-        stats = {rg.column(j).path_in_schema: rg.column(j).statistics for j in range(rg.num_columns)}
+        stats = _group_stats(pf, g)
         return [col for col in self.order
                 if col in _ALWAYS_READ or _proven_clean(col, stats.get(col)) is None]
 

@@ -537,6 +537,25 @@ def fast_bits(e, lv, exec_sp):
 
 
 @njit(cache=True, inline="always")
+def completes(pmap, pool, root, p, g, kb, exec_sp):
+    """Whether an access of kind bit ``kb`` to gfn ``g`` completes in p2m ``p`` (tree ``root``)
+    without leaving the fast path: (done, e, lv), the walk's entry and level when it walked.
+
+    The cache answers when it knows the kind; otherwise the tree is walked and the cache
+    refilled. 0 <= g: a gfn of 2^63 or more is negative here (traces are checked, but a file
+    whose statistics lie can slip one past); the cache is never indexed out of bounds.
+    """
+    cached = 0 <= g < pmap.shape[1]
+    if cached and pmap[p, g] & kb:
+        return True, np.int64(0), 0
+    e, lv = walk(pool, root, g)
+    bits = fast_bits(e, lv, exec_sp)
+    if cached:
+        pmap[p, g] = bits
+    return (bits & kb) != 0, e, lv
+
+
+@njit(cache=True, inline="always")
 def forget(pmap, p, first, count):
     """Clear the fast-path cache of p2m ``p`` for gfns ``first .. first + count - 1``."""
     for g in range(max(first, 0), min(first + count, pmap.shape[1])):
@@ -692,17 +711,12 @@ def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
     kb = np.int64(1) << kind
     altp2m = dom[D_ALTP2M]
     for attempt in range(MAX_RETRIES + 1):
-        view = vst[s, S_VIEW] if altp2m else 0
-        p = view + 1 if altp2m else 0
-        if attempt > 0:
-            # after a switch or a tree write: the cache, else a walk that refills it
-            cached = 0 <= g < pmap.shape[1]
-            if cached and pmap[p, g] & kb:
+        view, p, root = current_view(vst, roots, s, altp2m)
+        if attempt > 0:  # after a switch or a tree write
+            done, e, lv = completes(pmap, pool, root, p, g, kb, dom[D_EXEC_SP])
+            if done:
                 pv[view, V_COMPLETED] += 1
                 return ST_DONE
-            e, lv = walk(pool, roots[p], g)
-            if cached:
-                pmap[p, g] = fast_bits(e, lv, dom[D_EXEC_SP])
         k = e & 3
         acc = (e >> 2) & 15
         permitted = k == LEAF and (PERMITS[acc] & kb) != 0
@@ -895,7 +909,6 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
     window = dom[D_WINDOW]
     headroom = dom[D_HEADROOM]
     nslots = vc.shape[0]
-    pm_pages = pmap.shape[1]
     n = len(gfn)
     # Room checks and the next window boundary live in locals: only the slow path and a
     # snapshot change them, and locals stay in registers across the counter stores.
@@ -968,18 +981,9 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
             continue
         g = gfn[i]
         kb = KIND_BIT[access[i]]
-        # Fast path: the cache, else a walk of the view; a valid leaf that permits the access.
-        # 0 <= g: a gfn of 2^63 or more is negative here (traces are checked, but a file whose
-        # statistics lie can slip one past); the cache must never be indexed out of bounds
-        cached = 0 <= g < pm_pages
-        if cached and pmap[pq, g] & kb:
-            comp += 1
-            continue
-        e, lv = walk(pool, root, g)
-        bits = fast_bits(e, lv, exec_sp)
-        if cached:
-            pmap[pq, g] = bits
-        if bits & kb:
+        # Fast path: a valid leaf of the current view that permits the access.
+        done, e, lv = completes(pmap, pool, root, pq, g, kb, exec_sp)
+        if done:
             comp += 1
             continue
         flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp)

@@ -406,15 +406,16 @@ class Replayer:
         w = int(self.gs[K.GS_NEXT_WIN])
         for j in range(w, self.n_windows + 1):
             K.snapshot(self.vc, self.pv, self.snaps, j, self.vc.shape[0])
-        return self._collect(None if vcpus is None else {int(v) for v in vcpus})
+        wanted = None if vcpus is None else {int(v) for v in vcpus}
+        return self._collect([(slot, v) for slot, v in enumerate(self.vcpu_list)
+                              if wanted is None or v in wanted])
 
-    def _collect(self, report: set[int] | None) -> SimResult:
+    def _collect(self, reported: list[tuple[int, int]]) -> SimResult:
+        """``reported``: (counter slot, vCPU number) of the vCPUs the tables name."""
         crashed = int(self.gs[K.GS_CRASHED])
         crash_row = int(self.gs[K.GS_CRASH_ROW]) if crashed else -1
         vcpus = {}
-        for slot, v in enumerate(self.vcpu_list):
-            if report is not None and v not in report:
-                continue
+        for slot, v in reported:
             row = {name: int(self.vc[slot, i]) for i, name in enumerate(KERNEL_COUNTERS)}
             row.update(crashed=crashed, crash_record=crash_row, setup_splits=0, setup_skipped=0)
             derive(row)
@@ -455,9 +456,7 @@ class Replayer:
         population = {view: self.setup_pages[view] + self.snaps[1:, K.N_COUNTERS + view]
                       for view in self.view_ids}
         guest = {}
-        for slot, v in enumerate(self.vcpu_list):
-            if report is not None and v not in report:
-                continue
+        for slot, v in reported:
             seen = self.guest_seen[slot]
             guest[v] = int(self.guest_last[slot]) - int(self.guest_first[slot]) if seen else 0
         used_ip = np.flatnonzero(self.itab[:, K.I_EXITS] | self.itab[:, K.I_VE])
