@@ -13,6 +13,7 @@ COSTS: dict[str, tuple[float, tuple[str, ...]]] = {
     "lazy_copy": (500, ("lazy_copies",)),
     "vm_event_sync": (90000, ("mem_access_events", "singlestep_events")),
     "monitor_callback": (30000, ("mem_access_events", "singlestep_events")),
+    "ept_sync_ipi": (4000, ("ept_sync_ipis",)),
     "vm_event_async": (5000, ("async_events",)),
     "mtf_exit": (3000, ("mtf_exits",)),
     "view_switch": (200, ("switches_vm_event", "switches_fast_ss")),

@@ -38,9 +38,12 @@ GFN_LIMIT = 1 << 36
 
 TOP_KEYS = ("name", "description", "domain", "view", "setup", "on_violation", "on_ve", "costs")
 DOMAIN_KEYS = (
-    "altp2m", "nr_altp2m", "host_order", "host_access", "exec_sp", "monitor",
+    "altp2m", "nr_altp2m", "origin", "host_order", "host_access", "exec_sp", "monitor",
     "access_required", "xen", "ram",
 )
+ORIGINS = ("create", "restore")
+# Legacy VGA hole of every HVM guest (emulated MMIO), left out of the fallback RAM (SPEC §3).
+VGA_HOLE = (0xA0, 0xBF)
 VIEW_KEYS = ("name", "index", "default_access", "visible")
 SETUP_KEYS = {
     "set_mem_access": ("view", "gfns", "access"),
@@ -63,7 +66,8 @@ class Domain:
 
     altp2m: bool = True
     nr_altp2m: int = 10
-    host_order: int = 9
+    origin: str = "create"
+    host_order: int = 18  # resolved from ``origin`` and ``xen`` unless the policy sets it
     host_access: str = "rwx"
     exec_sp: bool = True
     monitor: bool = True
@@ -263,7 +267,11 @@ def _parse_domain(t: dict) -> Domain:
     nr = t.get("nr_altp2m", 10)
     if not isinstance(nr, int) or isinstance(nr, bool) or not 1 <= nr <= max_views:
         raise _fail(where, f'"nr_altp2m" must be in 1..{max_views} for xen {xen_s}, found {nr!r}')
-    host_order = t.get("host_order", 9)
+    origin = t.get("origin", "create")
+    if origin not in ORIGINS:
+        raise _fail(where, f'"origin" must be "create" or "restore", found {origin!r}'
+                           f'{did_you_mean(origin, ORIGINS) if isinstance(origin, str) else ""}')
+    host_order = t.get("host_order", default_host_order(origin, xen))
     if host_order not in (0, 9, 18) or isinstance(host_order, bool):
         raise _fail(where, f'"host_order" must be 0, 9 or 18, found {host_order!r}')
     ram = None
@@ -275,6 +283,7 @@ def _parse_domain(t: dict) -> Domain:
     return Domain(
         altp2m=_bool(t, "altp2m", True, where),
         nr_altp2m=nr,
+        origin=origin,
         host_order=host_order,
         host_access=_access(t.get("host_access", "rwx"), where + " host_access"),
         exec_sp=_bool(t, "exec_sp", True, where),
@@ -283,6 +292,14 @@ def _parse_domain(t: dict) -> Domain:
         xen=xen,
         ram=ram,
     )
+
+
+def default_host_order(origin: str, xen: tuple[int, int]) -> int:
+    """SPEC §3: the toolstack gives a new guest 1 GiB pages where they fit; a restored one
+    (snapshot, migration) 4 KiB pages before xen 4.21 and 2 MiB pages from 4.21."""
+    if origin == "create":
+        return 18
+    return 9 if xen >= (4, 21) else 0
 
 
 def _view_ref(value, names: dict[str, int], where: str) -> int:
@@ -575,7 +592,9 @@ def gfns_to_ranges(gfns: np.ndarray) -> np.ndarray:
 
 def needs_page_counts(p: Policy) -> bool:
     sels = [op.gfns for op in p.setup] + [op.new for op in p.setup] + [r.gfns for r in p.rules]
-    return any(s is not None and s.set is not None and not s.set.startswith("meta:") for s in sels)
+    # a meta: set needs no counts unless ``top`` ranks its members by them
+    return any(s is not None and s.set is not None and (not s.set.startswith("meta:") or s.top is not None)
+               for s in sels)
 
 
 def ram_ranges(p: Policy, facts: TraceFacts) -> np.ndarray:
@@ -584,9 +603,13 @@ def ram_ranges(p: Policy, facts: TraceFacts) -> np.ndarray:
         return merge_ranges(p.domain.ram)
     if facts.meta_ram:
         return merge_ranges(facts.meta_ram)
-    size = 1 << p.domain.host_order
+    # [0, 0x9f] and [0xc0, max gfn rounded up to a whole GiB]: the VGA hole stays MMIO
+    size = 1 << 18
     last = int(math.ceil((facts.max_gfn + 1) / size) * size) - 1
-    return np.asarray([[0, last]], dtype=np.int64)
+    ranges = [(0, VGA_HOLE[0] - 1)]
+    if last > VGA_HOLE[1]:
+        ranges.append((VGA_HOLE[1] + 1, last))
+    return np.asarray(ranges, dtype=np.int64)
 
 
 @dataclass
@@ -620,7 +643,13 @@ def resolve_selector(sel: Selector, facts: TraceFacts, ram_top: int, warnings: l
         inside = np.zeros(len(g), dtype=bool)
         for a, b in ranges:
             inside |= (g >= a) & (g <= b)
-        return _top(g[inside], counts[inside], sel.top)
+        touched = _top(g[inside], counts[inside], sel.top)
+        short = sel.top - range_count(touched)
+        if short > 0:
+            # every member counts, touched or not: untouched ones rank last, lowest gfn first
+            touched = merge_ranges(list(map(tuple, touched)) +
+                                   list(map(tuple, _first_n(_subtract(ranges, g[inside]), short))))
+        return touched
     if facts.page_counts is None:
         raise PolicyError(f"{where}: selector {sel.text} needs the trace's page counts")
     gfns, counts = facts.page_counts[sel.set]
@@ -634,6 +663,34 @@ def _top(gfns: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
     # Most rows first, ties broken by the lower gfn (SPEC §9).
     order = np.lexsort((gfns, -counts))
     return gfns_to_ranges(gfns[order[:n]])
+
+
+def _subtract(ranges: np.ndarray, gfns: np.ndarray) -> np.ndarray:
+    """int64 (n, 2) sorted merged ``ranges`` less the gfns in ``gfns`` (int64 (m,), inside
+    them), as sorted ranges."""
+    out = []
+    cut = np.sort(gfns)
+    for a, b in ranges:
+        a, b = int(a), int(b)
+        for g in cut[(cut >= a) & (cut <= b)]:
+            if g > a:
+                out.append((a, int(g) - 1))
+            a = int(g) + 1
+        if a <= b:
+            out.append((a, b))
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+
+def _first_n(ranges: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` gfns of sorted ``ranges``, as ranges."""
+    out = []
+    for a, b in ranges:
+        if n <= 0:
+            break
+        take = min(n, int(b) - int(a) + 1)
+        out.append((int(a), int(a) + take - 1))
+        n -= take
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
 
 def resolve_all(p: Policy, facts: TraceFacts) -> tuple[np.ndarray, ResolvedSelectors]:

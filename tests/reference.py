@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gc
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -26,8 +26,10 @@ TOTAL_COUNTERS = (
     "singlestep_events", "async_events", "vm_events", "ve_delivered", "ve_blocked",
     "ve_emulations", "mtf_exits", "switches_vm_event", "switches_fast_ss", "switches_vmfunc",
     "view_switches", "emulations", "records_emulated", "access_changes", "superpage_splits",
-    "shatters", "mmio_accesses", "crashed", "crash_record", "setup_splits", "setup_skipped",
+    "shatters", "mmio_accesses", "restarts", "ept_syncs", "ept_sync_ipis", "crashed",
+    "crash_record", "livelocked", "livelock_record", "setup_splits", "setup_skipped",
 )
+RUN_LEVEL = ("crashed", "crash_record", "livelocked", "livelock_record")
 VIEW_COUNTERS = (
     "records_completed", "ept_exits", "lazy_copies", "lazy_copy_pages", "access_violations",
     "ve_delivered", "switches_in", "pages_mapped", "leaves_4k", "leaves_2m", "leaves_1g",
@@ -35,7 +37,7 @@ VIEW_COUNTERS = (
 GFN_COUNTERS = ("ept_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
 
 MFN_OFFSET = 1 << 24          # SPEC §3: mfn = gfn + 2^24 for RAM
-MAX_RETRIES = 64              # SPEC §5: more retries than this is an error
+MAX_RESTARTS = 64             # SPEC §5: an instruction restarted more than this livelocks
 RAM_RW = "ram_rw"             # the only p2m type this model creates
 TYPE_PERMITS = {RAM_RW: "rwx"}
 # What each access value lets through (SPEC §3 table; rx2rw acts as rx, n2rwx as n).
@@ -51,8 +53,9 @@ ORDER_LEVEL = {18: 3, 9: 2, 0: 1}
 # a 1 GiB hole; the order is only ever min'ed with a host order <= 18).
 EMPTY_SLOT_ORDER = {4: 18, 3: 18, 2: 9, 1: 0}
 
-# Outcomes of one attempt at an access.
-DONE, RETRY, CRASH = "done", "retry", "crash"
+# Outcomes of one attempt at a row (SPEC §5): complete, restart the instruction, the rest of
+# the instruction emulated, the domain crashed.
+DONE, RESTART, EMULATED, CRASH = "done", "restart", "emulated", "crash"
 
 
 # --------------------------------------------------------------------------- p2m tables
@@ -72,6 +75,11 @@ def _index(gfn: int, level: int) -> int:
 
 def _base(gfn: int, order: int) -> int:
     return gfn & ~((1 << order) - 1)
+
+
+def invisible(leaf: Leaf, order: int) -> bool:
+    """SPEC §3: Xen's lookups do not see a superpage leaf whose bits permit nothing."""
+    return order > 0 and ACCESS_PERMITS[leaf.access] == ""
 
 
 def mfn_at(leaf: Leaf, order: int, gfn: int) -> int:
@@ -108,7 +116,8 @@ class P2M:
         self.remap_max: int | None = None
 
     def find(self, gfn: int) -> tuple[Leaf | None, int]:
-        """Walk for ``gfn``: (leaf, its order), or (None, order of the empty slot's level)."""
+        """The hardware walk for ``gfn``: (leaf, its order), or (None, order of the empty
+        slot's level). Invisible superpages are found (the hardware faults on them)."""
         table = self.root
         for level in (4, 3, 2, 1):
             entry = table.get(_index(gfn, level))
@@ -120,8 +129,22 @@ class P2M:
         raise AssertionError("level-1 entries are leaves")
 
     def valid_leaf(self, gfn: int) -> tuple[Leaf, int] | None:
+        """Xen's lookup: the valid leaf covering ``gfn`` and its order, None for an empty
+        slot, a removed leaf or an invisible superpage (SPEC §3)."""
         leaf, order = self.find(gfn)
-        return (leaf, order) if leaf is not None and leaf.valid else None
+        if leaf is None or not leaf.valid or invisible(leaf, order):
+            return None
+        return leaf, order
+
+    def entry_at(self, gfn: int, order: int):
+        """What the slot of ``order`` covering ``gfn`` holds: a Leaf, a table (dict), or None
+        (also when a leaf above it covers the slot)."""
+        table = self.root
+        for level in range(4, ORDER_LEVEL[order], -1):
+            table = table.get(_index(gfn, level))
+            if not isinstance(table, dict):
+                return None
+        return table.get(_index(gfn, ORDER_LEVEL[order]))
 
     def hole_order(self, gfn: int) -> int:
         """SPEC §3 hole order (only asked where no valid leaf maps ``gfn``)."""
@@ -132,15 +155,18 @@ class P2M:
             if _base(gfn, 9) > self.max_mapped:
                 return 9
             return 0
+        # An invisible superpage is an empty slot at its level: the order it reports is the
+        # order of that level, as for an empty slot.
         _, order = self.find(gfn)
         return order
 
     def write(self, gfn: int, order: int, leaf: Leaf) -> int:
         """Store ``leaf`` as the order-``order`` entry covering ``gfn``.
 
-        A bigger leaf on the way is split first (its other pieces keep their values); a table
-        where the leaf goes is replaced, dropping what it held (as ``ept_set_entry`` frees
-        it). Returns the number of superpage leaves split.
+        A bigger leaf on the way is split first (its other pieces keep their values) unless it
+        is invisible (SPEC §3), which becomes an empty table; a table where the leaf goes is
+        replaced, dropping what it held (as ``ept_set_entry`` frees it). Returns the number
+        of superpage leaves split.
         """
         target = ORDER_LEVEL[order]
         table = self.root
@@ -148,7 +174,7 @@ class P2M:
         for level in range(4, target, -1):
             i = _index(gfn, level)
             entry = table.get(i)
-            if entry is None:
+            if entry is None or (isinstance(entry, Leaf) and invisible(entry, LEAF_ORDER[level])):
                 entry = table[i] = {}
             elif isinstance(entry, Leaf):
                 entry, n = _split(entry, level, target)
@@ -193,7 +219,7 @@ def access_kind(access: int) -> str:
 # --------------------------------------------------------------------------- replay
 @dataclass
 class VcpuState:
-    """SPEC §5 per-vCPU state, plus the instruction bookkeeping of §6.3."""
+    """SPEC §5 per-vCPU state, plus the instruction bookkeeping of §5 and §6.3."""
 
     view: int
     ve_enabled: bool
@@ -202,6 +228,9 @@ class VcpuState:
     ve_return: int | None = None                 # view to VMFUNC back to (vmfunc-step)
     emulating: bool = False                      # rest of the instruction is emulated
     insn: int | None = None                      # None until the vCPU's first row
+    rows: list = field(default_factory=list)     # (trace row, gfn, kind) of the instruction so far
+    restarts: int = 0                            # restarts of the current instruction
+    completed: list = field(default_factory=list)  # views of the completions of this pass
 
 
 class Replay:
@@ -227,6 +256,7 @@ class Replay:
             lambda: dict.fromkeys(GFN_COUNTERS, 0))
         self.setup_ctr = {"setup_splits": 0, "setup_skipped": 0}
         self.crash_record = -1
+        self.livelock_record = -1
         # Where split counts go: setup_splits during setup, the acting vCPU during replay.
         self._split_sink = (self.setup_ctr, "setup_splits")
         self.start_view = 0
@@ -257,8 +287,9 @@ class Replay:
         self._splits(self.host.rewrite_4k(gfn, **changes))
         self._propagate(gfn)
 
-    def _propagate(self, gfn: int) -> None:
-        """SPEC §4 propagation: views holding a valid leaf for gfn take the host's new entry."""
+    def _propagate(self, gfn: int, v: int | None = None) -> None:
+        """SPEC §4 propagation: views holding a valid leaf for gfn take the host's new entry.
+        During replay (``v``, the acting vCPU) each rewritten view may cost an EPT sync."""
         if not self.d.altp2m:
             return
         host_leaf, host_order = self.host.valid_leaf(gfn)
@@ -267,6 +298,8 @@ class Replay:
             held = view.valid_leaf(gfn)
             if held is None:
                 continue
+            if v is not None:
+                self._sync(v, held)
             leaf = Leaf(mfn_at(host_leaf, host_order, gfn), host_leaf.type, host_leaf.access,
                         held[0].sve)
             self._splits(view.write(gfn, 0, leaf))
@@ -384,18 +417,55 @@ class Replay:
                 if st.insn is not None:
                     self._end_instruction(v)
                 st.insn = ident
+                st.rows = []
+                st.restarts = 0
+                st.completed = []
                 c["instructions"] += 1
             c["records"] += 1
+            st.rows.append((row, int(gfn[row]), access_kind(int(access[row]))))
             if st.emulating:
                 c["records_emulated"] += 1
                 continue
-            if self._access(row, v, int(gfn[row]), access_kind(int(access[row]))) == CRASH:
-                self.crash_record = row
+            if not self._execute(v):
                 return
         for v in self.vcpu_ids:
             if self.cpus[v].insn is not None:
                 self._split_sink = (self.cpu_ctr[v], "superpage_splits")
                 self._end_instruction(v)
+
+    def _execute(self, v: int) -> bool:
+        """Execute the instruction's newest row (SPEC §5): attempts, restarting the whole
+        instruction from its first row as often as an attempt asks. False: replay stops."""
+        st = self.cpus[v]
+        c = self.cpu_ctr[v]
+        last = len(st.rows) - 1
+        j = last
+        while True:
+            row, g, kind = st.rows[j]
+            outcome = self._attempt(row, v, g, kind)
+            if outcome == DONE:
+                if j == last:
+                    return True
+                j += 1
+            elif outcome == EMULATED:
+                # this row and the rest of the instruction complete unchecked
+                c["records_emulated"] += last - j + 1
+                st.emulating = True
+                return True
+            elif outcome == CRASH:
+                self.crash_record = row
+                return False
+            else:
+                if st.restarts == MAX_RESTARTS:
+                    self.livelock_record = row
+                    return False
+                st.restarts += 1
+                c["restarts"] += 1
+                # completions of the abandoned pass do not count (SPEC §5: final pass only)
+                for view in st.completed:
+                    self.view_ctr[view]["records_completed"] -= 1
+                st.completed = []
+                j = 0
 
     def _end_instruction(self, v: int) -> None:
         """SPEC §6.3: finish a pending single-step, then a #VE step, then clear the flags."""
@@ -424,37 +494,25 @@ class Replay:
             self.cpu_ctr[v][counter] += 1
             self.view_ctr[to]["switches_in"] += 1
 
-    def _access(self, row: int, v: int, g: int, kind: str) -> str:
-        retries = 0
-        while True:
-            outcome = self._attempt(row, v, g, kind)
-            if outcome != RETRY:
-                return outcome
-            retries += 1
-            if retries > MAX_RETRIES:
-                raise ReplayRuntimeError(
-                    f"row {row}: the access (vcpu {v}, gfn {g:#x}, {kind}) was retried more than "
-                    f"{MAX_RETRIES} times: the policy sends it back where it faults")
-
-    def _emulate_rest(self, v: int, counter: str) -> str:
-        """An emulate response: this row and the rest of the instruction complete unchecked."""
-        c = self.cpu_ctr[v]
-        c[counter] += 1
-        c["records_emulated"] += 1
-        self.cpus[v].emulating = True
-        return DONE
+    def _sync(self, v: int, old: tuple[Leaf, int] | None) -> None:
+        """SPEC §5 EPT syncs: rewriting or removing a valid entry that permitted something
+        flushes that p2m on the other CPUs (one per p2m and step; every caller writes one
+        p2m once per step)."""
+        if old is not None and ACCESS_PERMITS[old[0].access]:
+            self.cpu_ctr[v]["ept_syncs"] += 1
 
     def _attempt(self, row: int, v: int, g: int, kind: str) -> str:
-        """One pass of SPEC §5 steps 1-8 for vCPU v touching gfn g."""
+        """One attempt of SPEC §5 steps 1-8 for vCPU v touching gfn g."""
         st = self.cpus[v]
         c = self.cpu_ctr[v]
         V = st.view if self.d.altp2m else 0
         p2m = self.views[V]
         leaf, order = p2m.find(g)                                            # step 1
-        valid = leaf is not None and leaf.valid
-        sp_exec_fault = valid and kind == "x" and order > 0 and not self.d.exec_sp
-        if valid and permits(leaf, kind) and not sp_exec_fault:              # step 2
+        hw_valid = leaf is not None and leaf.valid
+        sp_exec_fault = hw_valid and kind == "x" and order > 0 and not self.d.exec_sp
+        if hw_valid and permits(leaf, kind) and not sp_exec_fault:           # step 2
             self.view_ctr[V]["records_completed"] += 1
+            st.completed.append(V)
             return DONE
         sve = leaf.sve if leaf is not None else 1                            # step 3
         if st.ve_enabled and sve == 0:
@@ -464,18 +522,19 @@ class Replay:
         c["ept_exits"] += 1                                                  # step 4
         self.view_ctr[V]["ept_exits"] += 1
         self.gfn_ctr[(V, g)]["ept_exits"] += 1
-        if not valid:
+        if p2m.valid_leaf(g) is None:   # Xen's lookup: invisible superpages are not there
             host = self._host_ram(g)
             if host is None:                                                 # step 6
                 c["mmio_accesses"] += 1
                 return DONE
             self._lazy_copy(v, V, g, *host)                                  # step 5
-            return RETRY
+            return RESTART
         if not permits(leaf, kind):                                          # step 7
             return self._access_violation(row, v, V, g, kind, leaf)
-        p2m.rewrite_4k(g)                                                    # step 8
+        self._sync(v, (leaf, order))                                         # step 8
+        p2m.rewrite_4k(g)
         c["shatters"] += 1   # the split inside a shatter is not a superpage_split
-        return RETRY
+        return RESTART
 
     def _lazy_copy(self, v: int, V: int, g: int, host_leaf: Leaf, host_order: int) -> None:
         # Only views get here: with altp2m off the host is V and has a valid leaf for RAM.
@@ -484,6 +543,10 @@ class Replay:
         base = _base(g, order)
         access = view.default_access if self.d.xen >= (4, 19) else host_leaf.access
         leaf = Leaf(mfn_at(host_leaf, host_order, base), host_leaf.type, access, 1)
+        if isinstance(view.entry_at(base, order), dict):
+            # replacing a table drops the entries below it (only before 4.17 can the copy's
+            # slot hold one): a present entry rewritten, so a sync
+            self.cpu_ctr[v]["ept_syncs"] += 1
         self._splits(view.write(base, order, leaf))
         c = self.cpu_ctr[v]
         pages = 1 << order
@@ -494,6 +557,12 @@ class Replay:
         self.view_ctr[V]["lazy_copy_pages"] += pages
         self.gfn_ctr[(V, g)]["lazy_copies"] += 1
 
+    def _rewrite(self, v: int, p2m: P2M, g: int, access: str) -> None:
+        """A replay-time 4 KiB access rewrite of the valid leaf covering g in one p2m."""
+        self._sync(v, p2m.valid_leaf(g))
+        self._splits(p2m.rewrite_4k(g, access=access))
+        self.cpu_ctr[v]["access_changes"] += 1
+
     def _access_violation(self, row: int, v: int, V: int, g: int, kind: str, leaf: Leaf) -> str:
         """SPEC §5 step 7."""
         c = self.cpu_ctr[v]
@@ -502,22 +571,19 @@ class Replay:
         self.view_ctr[V]["access_violations"] += 1
         self.gfn_ctr[(V, g)]["viol_" + kind] += 1
         if leaf.access == "rx2rw" and kind == "w":
-            self._splits(p2m.rewrite_4k(g, access="rw"))
-            c["access_changes"] += 1
-            return RETRY
+            self._rewrite(v, p2m, g, "rw")
+            return RESTART
         if leaf.access == "n2rwx":
-            self._splits(p2m.rewrite_4k(g, access="rwx"))
-            c["access_changes"] += 1
+            self._rewrite(v, p2m, g, "rwx")
         if not self.d.monitor:
             if self.d.access_required:
                 return CRASH
             if leaf.access != "n2rwx":
-                self._splits(p2m.rewrite_4k(g, access="rwx"))
-                c["access_changes"] += 1
-            return RETRY
+                self._rewrite(v, p2m, g, "rwx")
+            return RESTART
         if leaf.access == "n2rwx":
             c["async_events"] += 1
-            return RETRY
+            return RESTART
         c["mem_access_events"] += 1
         return self._respond(row, v, V, g, kind)
 
@@ -543,20 +609,27 @@ class Replay:
         if rule.action == "step":
             if st.singlestep is None:
                 st.singlestep = (V, rule.fast)
+            elif not rule.fast:
+                st.singlestep = None            # TOGGLE_SINGLESTEP: off; v stays in `to`
+            else:
+                st.singlestep = (V, True)       # fast: on, with the new return view
             self._switch(v, rule.to, "switches_vm_event")
-            return RETRY
+            return RESTART
         if rule.action == "switch":
             self._switch(v, rule.to, "switches_vm_event")
-            return RETRY
+            return RESTART
         if rule.action == "emulate":
-            return self._emulate_rest(v, "emulations")
+            self.cpu_ctr[v]["emulations"] += 1
+            return EMULATED
         # set-access: view 0 (or the host itself) means Xen's set_mem_access on the host.
-        self.cpu_ctr[v]["access_changes"] += 1
         if V == 0:
-            self._host_write_4k(g, access=rule.access)
+            self._sync(v, self.host.valid_leaf(g))
+            self._splits(self.host.rewrite_4k(g, access=rule.access))
+            self._propagate(g, v)
+            self.cpu_ctr[v]["access_changes"] += 1
         else:
-            self._splits(self.views[V].rewrite_4k(g, access=rule.access))
-        return RETRY
+            self._rewrite(v, self.views[V], g, rule.access)
+        return RESTART
 
     def _deliver_ve(self, v: int, V: int, g: int) -> str:
         """SPEC §5 step 3 and §6.2: a #VE to the in-guest agent, no VM exit."""
@@ -567,34 +640,37 @@ class Replay:
         st.ve_busy = True
         agent = self.p.on_ve
         if agent is None:
-            # enable_notify without [on_ve]: no agent acts; the access re-executes (and,
+            # enable_notify without [on_ve]: no agent acts; the instruction restarts (and,
             # the vCPU now being #VE busy, exits).
-            return RETRY
+            return RESTART
         if agent.action == "vmfunc-step":
             st.ve_return = V
             self._switch(v, agent.to, "switches_vmfunc")
-            return RETRY
+            return RESTART
         if agent.action == "vmfunc-switch":
             self._switch(v, agent.to, "switches_vmfunc")
-            return RETRY
-        return self._emulate_rest(v, "ve_emulations")
+            return RESTART
+        self.cpu_ctr[v]["ve_emulations"] += 1
+        return EMULATED
 
     # ----------------------------------------------------------------- results
     def results(self) -> dict:
-        crashed = int(self.crash_record >= 0)
+        run = {"crashed": int(self.crash_record >= 0), "crash_record": self.crash_record,
+               "livelocked": int(self.livelock_record >= 0), "livelock_record": self.livelock_record}
         vcpus = {}
         for v in self.vcpu_ids:
             c = dict(self.cpu_ctr[v])
             c["vm_events"] = c["mem_access_events"] + c["singlestep_events"] + c["async_events"]
             c["view_switches"] = c["switches_vm_event"] + c["switches_fast_ss"] + c["switches_vmfunc"]
-            c["crashed"] = crashed
-            c["crash_record"] = self.crash_record
+            # each sync of a vCPU's step interrupts every other vCPU of the trace
+            c["ept_sync_ipis"] = c["ept_syncs"] * (len(self.vcpu_ids) - 1)
+            c.update(run)
             vcpus[v] = c
         total = dict.fromkeys(TOTAL_COUNTERS, 0)
         for c in vcpus.values():
             for key in TOTAL_COUNTERS:
                 total[key] += c[key]
-        total.update(self.setup_ctr, crashed=crashed, crash_record=self.crash_record)
+        total.update(self.setup_ctr, **run)
         views = {}
         for index, p2m in sorted(self.views.items()):
             counts = p2m.leaf_counts()
@@ -608,8 +684,8 @@ class Replay:
 def reference_simulate(policy: Policy, arrays: dict, *, meta_ram=None, gfn_sets=None) -> dict:
     """Replay ``arrays`` (gfn, access, optional vcpu and insn) under ``policy``; SPEC §7 counters.
 
-    Raises ``ReplayRuntimeError`` for an unmatched violation or a retry loop and
-    ``PolicyError`` for a setup op Xen would refuse.
+    Raises ``ReplayRuntimeError`` for an unmatched violation and ``PolicyError`` for a setup
+    op Xen would refuse; a crash or a livelock is a result.
     """
     gfn = np.asarray(arrays["gfn"], dtype=np.uint64)
     access = np.asarray(arrays["access"], dtype=np.uint8)

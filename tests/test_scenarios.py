@@ -43,7 +43,8 @@ TOTAL_COUNTERS = (
     "singlestep_events", "async_events", "vm_events", "ve_delivered", "ve_blocked",
     "ve_emulations", "mtf_exits", "switches_vm_event", "switches_fast_ss", "switches_vmfunc",
     "view_switches", "emulations", "records_emulated", "access_changes", "superpage_splits",
-    "shatters", "mmio_accesses", "crashed", "crash_record", "setup_splits", "setup_skipped",
+    "shatters", "mmio_accesses", "restarts", "ept_syncs", "ept_sync_ipis", "crashed",
+    "crash_record", "livelocked", "livelock_record", "setup_splits", "setup_skipped",
 )
 VIEW_COUNTERS = (
     "records_completed", "ept_exits", "lazy_copies", "lazy_copy_pages", "access_violations",
@@ -163,6 +164,7 @@ def _full(spec: dict, what: str) -> dict:
     assert not unknown, f"test bug: unknown counters {unknown} in {what}"
     out = dict.fromkeys(TOTAL_COUNTERS, 0)
     out["crash_record"] = -1
+    out["livelock_record"] = -1
     out.update(spec)
     # The two sums of §7, from the hand-derived parts (unless the test spells them out).
     if "vm_events" not in spec:
@@ -195,7 +197,7 @@ def check(res: Result, total: dict, *, vcpus: dict | None = None, views: dict, g
     if set(res.vcpus) != set(vcpus):
         errors.append(f"vcpus: engine {sorted(res.vcpus)}, expected {sorted(vcpus)}")
     for vc, spec in vcpus.items():
-        spec = {"crashed": exp_total["crashed"], "crash_record": exp_total["crash_record"], **spec}
+        spec = {k: exp_total[k] for k in ("crashed", "crash_record", "livelocked", "livelock_record")} | spec
         errors += _compare(res.vcpus.get(vc, {}), _full(spec, f"vcpu {vc}"), TOTAL_COUNTERS, f"vcpu {vc}")
 
     for vw, spec in views.items():

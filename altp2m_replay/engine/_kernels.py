@@ -61,7 +61,9 @@ C_ACCESS_CHANGES = 21
 C_SPLITS = 22
 C_SHATTERS = 23
 C_MMIO = 24
-N_COUNTERS = 25
+C_RESTARTS = 25
+C_EPT_SYNCS = 26   # ept_sync_ipis follow from these and the trace's vCPU count (driver)
+N_COUNTERS = 27
 
 # ---- per-view counters: pv[view, V_*]
 V_COMPLETED = 0
@@ -115,8 +117,22 @@ S_VES_RET = 7
 S_INSN = 8
 S_STARTED = 9
 S_EMUL = 10
-S_PENDING = 11    # 1 while any of SS_ON, VES_ON, VE_BUSY, EMUL is set: the instruction end has work
-N_VCPU_STATE = 12
+S_PENDING = 11    # 1 while any of SS_ON, VES_ON, VE_BUSY, EMUL, RESTARTS is set: the instruction end has work
+S_NROWS = 12      # rows of the current instruction held in ibuf
+S_RESTARTS = 13   # restarts of the current instruction
+S_EXEC_J = 14     # where execute resumes (the row of the instruction to attempt next)
+N_VCPU_STATE = 15
+
+# ---- per-vCPU instruction buffer: ibuf[slot, j, B_*] for row j of the current instruction,
+# kept so that a restart can execute the instruction again from its first row (SPEC §5).
+B_KEY = 0   # gfn << 16 | (view it completed in on this pass + 1) << 4 | kind bit (1 r, 2 w, 4 x)
+B_ROW = 1   # global row index
+B_IP = 2    # instruction pointer (when the trace has one)
+B_WIDTH = 3
+B_CV_SHIFT = 4
+B_CV_MASK = 1023 << 4
+B_GFN_SHIFT = 16
+MAX_INSN_ROWS = 1024  # SPEC §2: an instruction has at most 1024 rows
 
 # ---- global scalars: gs[GS_*]
 GS_NFREE = 0
@@ -131,7 +147,12 @@ GS_NEXT_WIN = 8
 GS_SPLITS = 9  # scratch: splits done by the last tree write
 GS_ICOUNT = 10  # entries in the per-ip table
 GS_LOGN = 11    # entries in the event log
-N_GS = 12
+GS_LIVELOCKED = 12
+GS_LIVELOCK_ROW = 13
+GS_RESUME = 14  # 1 + the vCPU slot whose instruction execute left half done for room, else 0
+GS_SYNCS = 15   # scratch: p2ms synced by the current step
+GS_ERR_VIEW = 16
+N_GS = 17
 
 # ---- domain scalars: dom[D_*]
 D_ALTP2M = 0
@@ -158,6 +179,15 @@ ST_RETRIES = 5
 ST_NO_ENTRY = 6   # setup: change_gfn / set_suppress_ve found no effective entry
 ST_NOT_RAM = 7    # setup: change_gfn old is not host RAM
 ST_NEED_IPHASH = 8
+ST_LIVELOCK = 9
+ST_LONG_INSN = 10  # an instruction of more than MAX_INSN_ROWS rows (GS_ERR_ROW names the row)
+
+# Outcomes of one attempt at a row (SPEC §5)
+R_DONE = 0
+R_RESTART = 1
+R_EMULATED = 2
+R_CRASH = 3
+R_UNMATCHED = 4
 
 # Monitor responses (policy.RESPONSE_CODES).
 A_STEP = 0
@@ -165,8 +195,8 @@ A_EMULATE = 1
 A_SWITCH = 2
 A_SET_ACCESS = 3
 
-MAX_RETRIES = 64
-LOG_SLACK = MAX_RETRIES + 2  # most log entries one access can append (one per attempt)
+MAX_RESTARTS = 64  # an instruction restarted more than this livelocks (SPEC §5)
+LOG_SLACK = 4      # log entries kept free before a row; execute checks before each attempt
 
 # Which of r(1)/w(2)/x(4) each p2m_access_t permits; rx2rw permits rx, n2rwx nothing.
 PERMITS = np.array([0, 1, 2, 3, 4, 5, 6, 7, 5, 0], dtype=np.int64)
@@ -264,6 +294,30 @@ def walk(pool, root, g):
     return pool[e >> MFN_SHIFT, g & 511], 1
 
 
+@njit(cache=True, inline="always")
+def visible(e, lv):
+    """Whether Xen's own lookups see entry ``e`` found at ``lv`` as a valid leaf: a 2 MiB or
+    1 GiB leaf whose bits permit nothing is an empty slot to them (SPEC §3)."""
+    return e & 3 == LEAF and (lv == 1 or PERMITS[(e >> 2) & 15] != 0)
+
+
+@njit(cache=True, inline="always")
+def xwalk(pool, root, g):
+    """Xen's lookup of ``g``: as ``walk``, but an invisible superpage reads as an empty slot
+    at its level (entry 0)."""
+    e, lv = walk(pool, root, g)
+    if e & 3 == LEAF and not visible(e, lv):
+        return np.int64(0), lv
+    return e, lv
+
+
+@njit(cache=True, inline="always")
+def permits_any(e, lv):
+    """Whether a rewrite or removal of entry ``e`` (at ``lv``) needs an EPT sync: a valid leaf
+    whose bits permitted something."""
+    return e & 3 == LEAF and PERMITS[(e >> 2) & 15] != 0
+
+
 @njit(cache=True)
 def alloc_node(pool, gs):
     n = gs[GS_NFREE]
@@ -305,7 +359,8 @@ def set_leaf(pool, gs, roots, maxm, p, g, level, entry):
     """Write ``entry`` as the leaf of entry ``level`` covering ``g`` in p2m ``p``.
 
     Creates missing tables, splits a larger leaf above it (splits land in gs[GS_SPLITS]),
-    and replaces whatever subtree the slot held, as ``ept_set_entry`` does.
+    and replaces whatever subtree the slot held, as ``ept_set_entry`` does. A larger leaf
+    Xen does not see (SPEC §3) is not split: it becomes an empty table.
     """
     node = roots[p]
     for lv in range(4, level, -1):
@@ -314,7 +369,7 @@ def set_leaf(pool, gs, roots, maxm, p, g, level, entry):
         k = e & 3
         if k == TABLE:
             node = e >> MFN_SHIFT
-        elif k == LEAF and lv <= 3:
+        elif k == LEAF and lv <= 3 and visible(e, lv):
             gs[GS_SPLITS] += split_leaf(pool, gs, node, idx, lv, level)
             node = pool[node, idx] >> MFN_SHIFT
         else:
@@ -340,14 +395,16 @@ def write_4k(pool, gs, roots, maxm, p, g, entry):
 def propagate(pool, gs, roots, maxm, active, g, host_entry):
     """Push the host's new 4 KiB entry for ``g`` into every active view holding ``g``.
 
-    Each view keeps its own suppress-VE bit. Returns splits.
+    Each view keeps its own suppress-VE bit. Returns splits; gs[GS_SYNCS] counts the views
+    whose rewritten entry permitted something.
     """
     splits = 0
     for p in range(1, len(roots)):
         if not active[p]:
             continue
-        e, lv = walk(pool, roots[p], g)
+        e, lv = xwalk(pool, roots[p], g)
         if e & 3 == LEAF:
+            gs[GS_SYNCS] += permits_any(e, lv)
             splits += write_4k(pool, gs, roots, maxm, p, g, with_sve(host_entry, e_sve(e)))
     return splits
 
@@ -356,11 +413,13 @@ def propagate(pool, gs, roots, maxm, active, g, host_entry):
 def host_set(pool, gs, roots, maxm, active, g, access, sve):
     """View-0 ``set_mem_access`` / ``set_suppress_ve``: host 4 KiB write, then propagate.
 
-    ``access`` or ``sve`` of -1 keeps the current value. Returns (done, splits).
+    ``access`` or ``sve`` of -1 keeps the current value. Returns (done, splits);
+    gs[GS_SYNCS] grows by the p2ms (host included) whose rewritten entry permitted something.
     """
-    e, lv = walk(pool, roots[0], g)
+    e, lv = xwalk(pool, roots[0], g)
     if e & 3 != LEAF:
         return False, 0
+    gs[GS_SYNCS] += permits_any(e, lv)
     new = piece_at(e, lv, g)
     if access >= 0:
         new = with_access(new, access)
@@ -377,10 +436,10 @@ def prepopulate(pool, gs, roots, maxm, dflt, dom, p, g):
 
     Returns (entry for g, splits) or (-1, 0) when the host does not map ``g``.
     """
-    e, lv = walk(pool, roots[p], g)
+    e, lv = xwalk(pool, roots[p], g)
     if e & 3 == LEAF:
         return piece_at(e, lv, g), 0
-    h, hl = walk(pool, roots[0], g)
+    h, hl = xwalk(pool, roots[0], g)
     if h & 3 != LEAF:
         return np.int64(-1), 0
     access = dflt[p] if dom[D_PREPOP_DEFAULT] else e_access(h)
@@ -395,10 +454,10 @@ def prepopulate(pool, gs, roots, maxm, dflt, dom, p, g):
 def effective_entry(pool, roots, p, g):
     """The 4 KiB entry for ``g`` Xen's setup ops use: view ``p``'s valid leaf, else the host's
     RAM leaf (no prepopulate), else -1."""
-    e, lv = walk(pool, roots[p], g)
+    e, lv = xwalk(pool, roots[p], g)
     if e & 3 == LEAF:
         return piece_at(e, lv, g)
-    h, hl = walk(pool, roots[0], g)
+    h, hl = xwalk(pool, roots[0], g)
     if h & 3 == LEAF:
         return piece_at(h, hl, g)
     return np.int64(-1)
@@ -464,7 +523,7 @@ def setup_gfns(op, pool, gs, roots, maxm, active, dflt, dom, p, gfns, arg, start
             return ST_NEED_NODES, i
         g = gfns[i]
         if op == 2:
-            h, hl = walk(pool, roots[0], g)
+            h, hl = xwalk(pool, roots[0], g)
             if h & 3 != LEAF:
                 set_leaf(pool, gs, roots, maxm, 0, g, 1, make_leaf(g + MFN_OFFSET, dom[D_HOST_ACCESS], 1))
             continue
@@ -475,7 +534,7 @@ def setup_gfns(op, pool, gs, roots, maxm, active, dflt, dom, p, gfns, arg, start
             if not done:
                 gs[GS_SETUP_SKIPPED] += 1
             continue
-        e, lv = walk(pool, roots[p], g)
+        e, lv = xwalk(pool, roots[p], g)
         if op == 0:
             if e & 3 == LEAF:
                 new = with_access(piece_at(e, lv, g), arg)
@@ -672,6 +731,7 @@ def end_instruction(vst, vc, pv, s):
         vst[s, S_VES_ON] = 0
     vst[s, S_VE_BUSY] = 0
     vst[s, S_EMUL] = 0
+    vst[s, S_RESTARTS] = 0
     vst[s, S_PENDING] = 0
 
 
@@ -700,154 +760,250 @@ def match_rule(rules, granges, view, kind, g):
 
 
 @njit(cache=True, inline="always")
-def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
-                rules, granges, s, g, kind, row, e, lv, has_ip, ipv, pmap):
-    """SPEC §5 steps 1-8 for one access that did not complete on the fast path.
+def rewrite_4k(pool, gs, roots, maxm, vc, pmap, s, p, g, e, lv, access):
+    """A replay-time 4 KiB access rewrite of the valid leaf ``e`` (at ``lv``) covering ``g``
+    in p2m ``p``, by vCPU slot ``s``: splits, the EPT sync and access_changes counted."""
+    vc[s, C_EPT_SYNCS] += permits_any(e, lv)
+    vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), access))
+    forget(pmap, p, g, 1)
+    vc[s, C_ACCESS_CHANGES] += 1
 
-    ``e``, ``lv``: the fast path's walk of the current view, reused by the first pass.
+
+@njit(cache=True)
+def attempt(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
+            rules, granges, s, g, kind, row, e, lv, has_ip, ipv, pmap):
+    """One attempt of SPEC §5 steps 2-8 at a row that the walk (``e``, ``lv``) of the vCPU's
+    current view did not complete on the fast path; returns an outcome R_*.
+
     Exits and #VEs go to the event log ``elog``, with the row's instruction pointer ``ipv``
-    when ``has_ip``. Every tree write clears the gfns it covers from the fast-path cache ``pmap``.
+    when ``has_ip``. Every tree write clears the gfns it covers from the fast-path cache
+    ``pmap``. A completion is counted by the caller.
     """
     kb = np.int64(1) << kind
-    altp2m = dom[D_ALTP2M]
-    for attempt in range(MAX_RETRIES + 1):
-        view, p, root = current_view(vst, roots, s, altp2m)
-        if attempt > 0:  # after a switch or a tree write
-            done, e, lv = completes(pmap, pool, root, p, g, kb, dom[D_EXEC_SP])
-            if done:
-                pv[view, V_COMPLETED] += 1
-                return ST_DONE
-        k = e & 3
-        acc = (e >> 2) & 15
-        permitted = k == LEAF and (PERMITS[acc] & kb) != 0
-        shatter = permitted and kind == 2 and lv > 1 and not dom[D_EXEC_SP]
-        if permitted and not shatter:
-            pv[view, V_COMPLETED] += 1
-            return ST_DONE
-        # 3. #VE: the deciding entry is the leaf (valid or removed); an empty slot has sve 1.
-        sve = (e >> 6) & 1 if k >= LEAF else 1
-        if vst[s, S_VE_EN] and sve == 0:
-            if not vst[s, S_VE_BUSY]:
-                vc[s, C_VE] += 1
-                pv[view, V_VE] += 1
-                log_event(elog, gs, view, g, E_VE, has_ip, ipv)
-                vst[s, S_VE_BUSY] = 1
-                vst[s, S_PENDING] = 1
-                act = dom[D_VE_ACTION]
-                if act == 2:
-                    vc[s, C_VE_EMUL] += 1
-                    vc[s, C_REC_EMUL] += 1
-                    vst[s, S_EMUL] = 1
-                    return ST_DONE
-                if act == 0:
-                    vst[s, S_VES_ON] = 1
-                    vst[s, S_VES_RET] = view
+    view, p, root = current_view(vst, roots, s, dom[D_ALTP2M])
+    k = e & 3
+    acc = (e >> 2) & 15
+    permitted = k == LEAF and (PERMITS[acc] & kb) != 0
+    shatter = permitted and kind == 2 and lv > 1 and not dom[D_EXEC_SP]
+    if permitted and not shatter:
+        return R_DONE
+    # 3. #VE: the deciding entry is the leaf the hardware found (valid, removed or
+    # invisible: each keeps its bit); an empty slot has sve 1.
+    sve = (e >> 6) & 1 if k >= LEAF else 1
+    if vst[s, S_VE_EN] and sve == 0:
+        if not vst[s, S_VE_BUSY]:
+            vc[s, C_VE] += 1
+            pv[view, V_VE] += 1
+            log_event(elog, gs, view, g, E_VE, has_ip, ipv)
+            vst[s, S_VE_BUSY] = 1
+            vst[s, S_PENDING] = 1
+            act = dom[D_VE_ACTION]
+            if act == 2:
+                vc[s, C_VE_EMUL] += 1
+                return R_EMULATED
+            if act == 0:
+                vst[s, S_VES_ON] = 1
+                vst[s, S_VES_RET] = view
+            if act >= 0:
                 switch_view(vst, vc, pv, s, dom[D_VE_TO], C_SW_VMFUNC)
-                continue
-            vc[s, C_VE_BLOCKED] += 1
-        # 4. VM exit
-        vc[s, C_EPT_EXITS] += 1
-        pv[view, V_EXITS] += 1
-        ev = log_event(elog, gs, view, g, E_EXIT, has_ip, ipv)
-        if k != LEAF:
-            h, hl = walk(pool, roots[0], g) if p != 0 else (e, lv)
-            if p != 0 and h & 3 == LEAF:
-                # 5. lazy copy at min(host order, hole order)
-                host_order = level_order(hl)
-                if g > maxm[p]:
-                    if (g & ~np.int64((1 << 18) - 1)) > maxm[p]:
-                        hole = 18
-                    elif (g & ~np.int64(511)) > maxm[p]:
-                        hole = 9
-                    else:
-                        hole = 0
-                else:
-                    hole = 18 if lv >= 3 else level_order(lv)
-                order = min(host_order, hole) if dom[D_LAZY_MIN] else host_order
-                level = order // 9 + 1
-                base = g & ~((np.int64(1) << order) - 1)
-                access = dflt[p] if dom[D_LAZY_DEFAULT] else e_access(h)
-                src = piece_at(h, hl, base)
-                set_leaf(pool, gs, roots, maxm, p, base, level, with_sve(with_access(src, access), 1))
-                pages = np.int64(1) << order
-                forget(pmap, p, base, pages)
-                vc[s, C_LAZY] += 1
-                vc[s, C_LAZY_4K + level - 1] += 1
-                vc[s, C_LAZY_PAGES] += pages
-                pv[view, V_LAZY] += 1
-                pv[view, V_LAZY_PAGES] += pages
-                elog[ev, 1] |= E_LAZY
-                continue
+            return R_RESTART
+        vc[s, C_VE_BLOCKED] += 1
+    # 4. VM exit
+    vc[s, C_EPT_EXITS] += 1
+    pv[view, V_EXITS] += 1
+    ev = log_event(elog, gs, view, g, E_EXIT, has_ip, ipv)
+    if not visible(e, lv):
+        # no leaf Xen sees: an empty slot, a removed leaf or an invisible superpage
+        h, hl = xwalk(pool, roots[0], g) if p != 0 else (np.int64(0), 4)
+        if h & 3 != LEAF:
             # 6. hole: emulated MMIO
             vc[s, C_MMIO] += 1
-            return ST_DONE
-        if not permitted:
-            # 7. access violation
-            vc[s, C_VIOLATIONS] += 1
-            pv[view, V_VIOLATIONS] += 1
-            elog[ev, 1] |= E_VIOL_R << kind
-            if acc == 8 and kind == 1:
-                vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), 3))
-                forget(pmap, p, g, 1)
-                vc[s, C_ACCESS_CHANGES] += 1
-                continue
-            n2 = acc == 9
-            if n2:
-                vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), 7))
-                forget(pmap, p, g, 1)
-                vc[s, C_ACCESS_CHANGES] += 1
-            if not dom[D_MONITOR]:
-                if dom[D_ACCESS_REQUIRED]:
-                    gs[GS_CRASHED] = 1
-                    gs[GS_CRASH_ROW] = row
-                    return ST_CRASH
-                if not n2:
-                    vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), 7))
-                    forget(pmap, p, g, 1)
-                    vc[s, C_ACCESS_CHANGES] += 1
-                continue
-            if n2:
-                vc[s, C_ASYNC] += 1
-                continue
-            vc[s, C_MEM_ACCESS] += 1
-            r = match_rule(rules, granges, view, kind, g)
-            if r < 0:
-                gs[GS_ERR_ROW] = row
-                return ST_UNMATCHED
-            action = rules[r, 4]
-            if action == A_STEP:
-                if not vst[s, S_SS_ON]:
-                    vst[s, S_SS_ON] = 1
-                    vst[s, S_PENDING] = 1
-                    vst[s, S_SS_RET] = view
-                    vst[s, S_SS_FAST] = rules[r, 6]
-                switch_view(vst, vc, pv, s, rules[r, 5], C_SW_EVENT)
-            elif action == A_EMULATE:
-                vc[s, C_EMULATIONS] += 1
-                vc[s, C_REC_EMUL] += 1
-                vst[s, S_EMUL] = 1
-                vst[s, S_PENDING] = 1
-                return ST_DONE
-            elif action == A_SWITCH:
-                switch_view(vst, vc, pv, s, rules[r, 5], C_SW_EVENT)
+            return R_DONE
+        # 5. lazy copy at min(host order, hole order)
+        host_order = level_order(hl)
+        if g > maxm[p]:
+            if (g & ~np.int64((1 << 18) - 1)) > maxm[p]:
+                hole = 18
+            elif (g & ~np.int64(511)) > maxm[p]:
+                hole = 9
             else:
-                if p <= 1:  # view 0 (or the host itself): Xen's set_mem_access on the host
-                    _, splits = host_set(pool, gs, roots, maxm, active, g, rules[r, 7], -1)
-                    vc[s, C_SPLITS] += splits
-                    for q in range(pmap.shape[0]):  # the host and every view it propagated to
-                        forget(pmap, q, g, 1)
-                else:
-                    vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g,
-                                                with_access(piece_at(e, lv, g), rules[r, 7]))
-                    forget(pmap, p, g, 1)
-                vc[s, C_ACCESS_CHANGES] += 1
-            continue
-        # 8. XSA-304: execute on a superpage with exec_sp = false shatters it
-        write_4k(pool, gs, roots, maxm, p, g, piece_at(e, lv, g))
-        forget(pmap, p, g, 1)
-        vc[s, C_SHATTERS] += 1
-    gs[GS_ERR_ROW] = row
-    return ST_RETRIES
+                hole = 0
+        else:
+            hole = 18 if lv >= 3 else level_order(lv)
+        order = min(host_order, hole) if dom[D_LAZY_MIN] else host_order
+        level = order // 9 + 1
+        base = g & ~((np.int64(1) << order) - 1)
+        if not dom[D_LAZY_MIN] and slot_holds_table(pool, roots[p], base, level):
+            vc[s, C_EPT_SYNCS] += 1  # the copy replaces a table: present entries go
+        access = dflt[p] if dom[D_LAZY_DEFAULT] else e_access(h)
+        src = piece_at(h, hl, base)
+        set_leaf(pool, gs, roots, maxm, p, base, level, with_sve(with_access(src, access), 1))
+        pages = np.int64(1) << order
+        forget(pmap, p, base, pages)
+        vc[s, C_LAZY] += 1
+        vc[s, C_LAZY_4K + level - 1] += 1
+        vc[s, C_LAZY_PAGES] += pages
+        pv[view, V_LAZY] += 1
+        pv[view, V_LAZY_PAGES] += pages
+        elog[ev, 1] |= E_LAZY
+        return R_RESTART
+    if not permitted:
+        # 7. access violation
+        vc[s, C_VIOLATIONS] += 1
+        pv[view, V_VIOLATIONS] += 1
+        elog[ev, 1] |= E_VIOL_R << kind
+        if acc == 8 and kind == 1:
+            rewrite_4k(pool, gs, roots, maxm, vc, pmap, s, p, g, e, lv, 3)
+            return R_RESTART
+        n2 = acc == 9
+        if n2:
+            rewrite_4k(pool, gs, roots, maxm, vc, pmap, s, p, g, e, lv, 7)
+        if not dom[D_MONITOR]:
+            if dom[D_ACCESS_REQUIRED]:
+                gs[GS_CRASHED] = 1
+                gs[GS_CRASH_ROW] = row
+                return R_CRASH
+            if not n2:
+                rewrite_4k(pool, gs, roots, maxm, vc, pmap, s, p, g, e, lv, 7)
+            return R_RESTART
+        if n2:
+            vc[s, C_ASYNC] += 1
+            return R_RESTART
+        vc[s, C_MEM_ACCESS] += 1
+        r = match_rule(rules, granges, view, kind, g)
+        if r < 0:
+            gs[GS_ERR_ROW] = row
+            gs[GS_ERR_GFN] = g
+            gs[GS_ERR_VIEW] = view
+            return R_UNMATCHED
+        action = rules[r, 4]
+        if action == A_STEP:
+            # SPEC §6.1: TOGGLE_SINGLESTEP turns a running single-step off; fast keeps it on
+            # with the latest return view
+            if not vst[s, S_SS_ON]:
+                vst[s, S_SS_ON] = 1
+                vst[s, S_SS_RET] = view
+                vst[s, S_SS_FAST] = rules[r, 6]
+            elif not rules[r, 6]:
+                vst[s, S_SS_ON] = 0
+            else:
+                vst[s, S_SS_RET] = view
+                vst[s, S_SS_FAST] = 1
+            vst[s, S_PENDING] = 1
+            switch_view(vst, vc, pv, s, rules[r, 5], C_SW_EVENT)
+        elif action == A_EMULATE:
+            vc[s, C_EMULATIONS] += 1
+            return R_EMULATED
+        elif action == A_SWITCH:
+            switch_view(vst, vc, pv, s, rules[r, 5], C_SW_EVENT)
+        elif p <= 1:
+            # view 0 (or the host itself): Xen's set_mem_access on the host, propagated
+            gs[GS_SYNCS] = 0
+            _, splits = host_set(pool, gs, roots, maxm, active, g, rules[r, 7], -1)
+            vc[s, C_SPLITS] += splits
+            vc[s, C_EPT_SYNCS] += gs[GS_SYNCS]
+            vc[s, C_ACCESS_CHANGES] += 1
+            for q in range(pmap.shape[0]):  # the host and every view it propagated to
+                forget(pmap, q, g, 1)
+        else:
+            rewrite_4k(pool, gs, roots, maxm, vc, pmap, s, p, g, e, lv, rules[r, 7])
+        return R_RESTART
+    # 8. XSA-304: execute on a superpage with exec_sp = false shatters it
+    vc[s, C_EPT_SYNCS] += 1
+    write_4k(pool, gs, roots, maxm, p, g, piece_at(e, lv, g))
+    forget(pmap, p, g, 1)
+    vc[s, C_SHATTERS] += 1
+    return R_RESTART
+
+
+@njit(cache=True, inline="always")
+def slot_holds_table(pool, root, g, level):
+    """Whether the entry of ``level`` covering ``g`` is a table (walking only through tables)."""
+    node = root
+    for lv in range(4, level - 1, -1):
+        e = pool[node, (g >> level_order(lv)) & 511]
+        if e & 3 != TABLE:
+            return False
+        if lv == level:
+            return True
+        node = e >> MFN_SHIFT
+    return False
+
+
+@njit(cache=True)
+def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
+            rules, granges, ibuf, pmap, s, j, e, lv, has_walk, has_ip):
+    """Execute vCPU slot ``s``'s instruction from its row ``j`` to its newest row (SPEC §5):
+    one attempt per row, and from the first row again after each restart, until the newest
+    row completes. Returns an ST_* status.
+
+    (``e``, ``lv``) is the fast path's walk for row ``j`` when ``has_walk``. Before each
+    attempt there must be room for its tree writes and its log entry; without it, the place
+    is saved (S_EXEC_J, GS_RESUME) and the driver calls again after growing.
+    """
+    last = vst[s, S_NROWS] - 1
+    altp2m = dom[D_ALTP2M]
+    exec_sp = dom[D_EXEC_SP]
+    while True:
+        if pool.shape[0] - gs[GS_NFREE] < dom[D_HEADROOM] or gs[GS_LOGN] + 1 > elog.shape[0]:
+            if pool.shape[0] - gs[GS_NFREE] >= dom[D_HEADROOM]:
+                st = drain_status(gs, htab, itab)
+                if st == ST_DONE:
+                    drain_log(elog, gs, htab, itab)
+                    continue
+            else:
+                st = ST_NEED_NODES
+            vst[s, S_EXEC_J] = j
+            gs[GS_RESUME] = s + 1
+            return st
+        key = ibuf[s, j, B_KEY]
+        g = key >> B_GFN_SHIFT
+        kb = key & 7
+        row = ibuf[s, j, B_ROW]
+        view, p, root = current_view(vst, roots, s, altp2m)
+        if has_walk:
+            has_walk = False
+            done = False
+        else:
+            done, e, lv = completes(pmap, pool, root, p, g, kb, exec_sp)
+        if done:
+            out = R_DONE
+        else:
+            out = attempt(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
+                          rules, granges, s, g, KIND_OF_BIT[kb], row, e, lv,
+                          has_ip, ibuf[s, j, B_IP] if has_ip else np.int64(0), pmap)
+        if out == R_DONE:
+            if done or visible(e, lv):  # MMIO rows are not completions
+                pv[view, V_COMPLETED] += 1
+                ibuf[s, j, B_KEY] = (key & ~np.int64(B_CV_MASK)) | ((view + 1) << B_CV_SHIFT)
+            if j == last:
+                return ST_DONE
+            j += 1
+        elif out == R_RESTART:
+            if vst[s, S_RESTARTS] == MAX_RESTARTS:
+                gs[GS_LIVELOCKED] = 1
+                gs[GS_LIVELOCK_ROW] = row
+                return ST_LIVELOCK
+            vst[s, S_RESTARTS] += 1
+            vst[s, S_PENDING] = 1  # the instruction end clears the restart count
+            vc[s, C_RESTARTS] += 1
+            # completions of the abandoned pass do not count (SPEC §5: final pass only)
+            for t in range(last + 1):
+                cv = (ibuf[s, t, B_KEY] & B_CV_MASK) >> B_CV_SHIFT
+                if cv:
+                    pv[cv - 1, V_COMPLETED] -= 1
+                    ibuf[s, t, B_KEY] &= ~np.int64(B_CV_MASK)
+            j = 0
+        elif out == R_EMULATED:
+            # this row and the rest of the instruction complete without checks
+            vc[s, C_REC_EMUL] += last - j + 1
+            vst[s, S_EMUL] = 1
+            vst[s, S_PENDING] = 1
+            return ST_DONE
+        elif out == R_CRASH:
+            return ST_CRASH
+        else:
+            return ST_UNMATCHED
 
 
 @njit(cache=True)
@@ -878,13 +1034,14 @@ def has_room(pool, gs, elog, headroom):
 
 
 @njit(cache=True, inline="always")
-def flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp):
+def flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, nr):
     """Store what the replay loop keeps in locals for vCPU slot ``s``: records and
-    instructions counted, the current instruction, completions in ``view``."""
+    instructions counted, the current instruction and its rows held, completions in ``view``."""
     if s >= 0:
         vc[s, C_RECORDS] += recs
         vc[s, C_INSTRUCTIONS] += insns
         vst[s, S_INSN] = cur_ins
+        vst[s, S_NROWS] = nr
         pv[view, V_COMPLETED] += comp
 
 
@@ -894,15 +1051,18 @@ def flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp):
 @njit(cache=True, nogil=True, _nrt=False)
 def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin,
                  pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
-                 rules, granges, lut, snaps, pmap):
+                 rules, granges, lut, snaps, pmap, ibuf):
     """Replay rows ``begin..`` of one batch; returns (status, index of the next row to do).
 
     gfn int64 (n,), access uint8 (n,), vcpu uint16 (n,), insn int64 (n,) (ignored unless
     ``has_insn``), ip int64 (n,) (ignored unless ``has_ip``); ``start_row`` is the global index
     of the batch's row 0; ``lut`` int64 (4096,) maps a vCPU number to its counter slot.
-    Exits and #VEs are logged in ``elog`` (int64 (m, 3), m > LOG_SLACK) and drained into the
-    per-gfn and per-ip tables when the log fills; the driver drains what is left at the end.
-    ``pmap`` uint8 (p2ms, m) caches fast-path results for gfns below m (see fast_bits).
+    Each row joins its vCPU's instruction in ``ibuf`` (int64 (slots, MAX_INSN_ROWS, B_WIDTH)),
+    from which a restart executes it again. Exits and #VEs are logged in ``elog`` (int64
+    (m, 3), m > LOG_SLACK) and drained into the per-gfn and per-ip tables when the log fills;
+    the driver drains what is left at the end. ``pmap`` uint8 (p2ms, m) caches fast-path
+    results for gfns below m (see fast_bits). When a status asks for room in the middle of
+    an instruction (GS_RESUME), the call after growing carries on where it stopped.
     """
     altp2m = dom[D_ALTP2M]
     exec_sp = dom[D_EXEC_SP]
@@ -910,6 +1070,14 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
     headroom = dom[D_HEADROOM]
     nslots = vc.shape[0]
     n = len(gfn)
+    if gs[GS_RESUME]:
+        s = gs[GS_RESUME] - 1
+        gs[GS_RESUME] = 0
+        st = execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
+                     rules, granges, ibuf, pmap, s, vst[s, S_EXEC_J], np.int64(0), 0, False, has_ip)
+        if st != ST_DONE:
+            return st, begin + (st == ST_CRASH or st == ST_LIVELOCK or st == ST_UNMATCHED)
+        begin += 1
     # Room checks and the next window boundary live in locals: only the slow path and a
     # snapshot change them, and locals stay in registers across the counter stores.
     room = has_room(pool, gs, elog, headroom)
@@ -926,9 +1094,10 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
     recs = 0
     insns = 0
     comp = 0
+    nr = 0   # rows of the slot's instruction in ibuf
     for i in range(begin, n):
         if not room:
-            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp)
+            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, nr)
             if pool.shape[0] - gs[GS_NFREE] < headroom:
                 return ST_NEED_NODES, i
             st = drain_status(gs, htab, itab)
@@ -941,7 +1110,7 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
             comp = 0
         row = start_row + i
         if row >= next_snap:
-            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp)
+            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, nr)
             recs = 0
             insns = 0
             comp = 0
@@ -951,7 +1120,7 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
         s = lut[vcpu[i]]
         ins = insn[i] if has_insn else row
         if s != last_s:
-            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp)
+            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, nr)
             recs = 0
             insns = 0
             comp = 0
@@ -959,6 +1128,7 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
             view, pq, root = current_view(vst, roots, s, altp2m)
             pend = vst[s, S_PENDING]
             cur_ins = vst[s, S_INSN]
+            nr = vst[s, S_NROWS]
             new_insn = cur_ins != ins or not vst[s, S_STARTED]
             vst[s, S_STARTED] = 1
         else:
@@ -966,7 +1136,7 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
         # ``pend`` is tested first: it is rarely set, while ``new_insn`` follows the data and
         # as the first test it mispredicted often enough to cost a third of the fast path.
         if pend and new_insn:
-            flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp)
+            flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, nr)
             recs = 0
             insns = 0
             comp = 0
@@ -979,26 +1149,40 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
         if pend and vst[s, S_EMUL]:
             vc[s, C_REC_EMUL] += 1
             continue
+        nr = 0 if new_insn else nr
+        if nr == MAX_INSN_ROWS:
+            flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, nr)
+            gs[GS_ERR_ROW] = row
+            return ST_LONG_INSN, i
         g = gfn[i]
         kb = KIND_BIT[access[i]]
+        # The row joins its instruction (the completion view is filled in below).
+        ibuf[s, nr, B_ROW] = row
+        if has_ip:
+            ibuf[s, nr, B_IP] = ip[i]
         # Fast path: a valid leaf of the current view that permits the access.
         done, e, lv = completes(pmap, pool, root, pq, g, kb, exec_sp)
         if done:
+            ibuf[s, nr, B_KEY] = (g << B_GFN_SHIFT) | ((view + 1) << B_CV_SHIFT) | kb
+            nr += 1
             comp += 1
             continue
-        flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp)
+        ibuf[s, nr, B_KEY] = (g << B_GFN_SHIFT) | kb
+        nr += 1
+        flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, nr)
         recs = 0
         insns = 0
         comp = 0
-        st = access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
-                         rules, granges, s, g, KIND_OF_BIT[kb], row, e, lv,
-                         has_ip, ip[i] if has_ip else np.int64(0), pmap)
+        st = execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
+                     rules, granges, ibuf, pmap, s, nr - 1, e, lv, True, has_ip)
         if st != ST_DONE:
-            return st, i + 1
+            if st == ST_CRASH or st == ST_LIVELOCK or st == ST_UNMATCHED:
+                return st, i + 1
+            return st, i  # room: the next call resumes this row's execution (GS_RESUME)
         view, pq, root = current_view(vst, roots, s, altp2m)
         pend = vst[s, S_PENDING]
         room = has_room(pool, gs, elog, headroom)
-    flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp)
+    flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, nr)
     return ST_DONE, n
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from altp2m_replay.engine import _kernels as K
-from altp2m_replay.errors import PolicyError, ReplayRuntimeError
+from altp2m_replay.errors import PolicyError, ReplayRuntimeError, TraceError
 from altp2m_replay.policy import (
     ACCESS_CODES,
     KIND_CODES,
@@ -47,8 +47,11 @@ COUNTERS = (
     "singlestep_events", "async_events", "vm_events", "ve_delivered", "ve_blocked",
     "ve_emulations", "mtf_exits", "switches_vm_event", "switches_fast_ss", "switches_vmfunc",
     "view_switches", "emulations", "records_emulated", "access_changes", "superpage_splits",
-    "shatters", "mmio_accesses", "crashed", "crash_record", "setup_splits", "setup_skipped",
+    "shatters", "mmio_accesses", "restarts", "ept_syncs", "ept_sync_ipis", "crashed",
+    "crash_record", "livelocked", "livelock_record", "setup_splits", "setup_skipped",
 )
+# Outcomes of the whole run, repeated in every vCPU row (SPEC §7).
+RUN_COUNTERS = ("crashed", "crash_record", "livelocked", "livelock_record")
 VIEW_COUNTERS = (
     "records_completed", "ept_exits", "lazy_copies", "lazy_copy_pages", "access_violations",
     "ve_delivered", "switches_in", "pages_mapped", "leaves_4k", "leaves_2m", "leaves_1g",
@@ -57,18 +60,21 @@ GFN_COUNTERS = ("ept_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy
 TIMELINE_COUNTERS = ("ept_exits", "vm_events", "ve_delivered", "lazy_copies", "view_switches")
 # Kernel counter columns (C_* in _kernels): SPEC order less the sums and the run-level values.
 KERNEL_COUNTERS = tuple(c for c in COUNTERS if c not in (
-    "vm_events", "view_switches", "crashed", "crash_record", "setup_splits", "setup_skipped"))
+    "vm_events", "view_switches", "ept_sync_ipis", *RUN_COUNTERS, "setup_splits", "setup_skipped"))
 assert len(KERNEL_COUNTERS) == K.N_COUNTERS and KERNEL_COUNTERS[K.C_MMIO] == "mmio_accesses"
+assert KERNEL_COUNTERS[K.C_RESTARTS] == "restarts" and KERNEL_COUNTERS[K.C_EPT_SYNCS] == "ept_syncs"
 
 _KIDX = {name: i for i, name in enumerate(KERNEL_COUNTERS)}
 _NODES_PER_P2M = 520  # most nodes one access can allocate in one p2m (1 GiB split: 513, + path)
 
 
 
-def derive(row: dict) -> dict:
-    """Add the sums SPEC §7 defines (vm_events, view_switches) to a dict of kernel counters."""
+def derive(row: dict, nvcpus: int = 1) -> dict:
+    """Add what SPEC §7 derives (vm_events, view_switches, ept_sync_ipis) to a dict of kernel
+    counters; each EPT sync of a vCPU's step interrupts the other ``nvcpus - 1`` vCPUs."""
     row["vm_events"] = row["mem_access_events"] + row["singlestep_events"] + row["async_events"]
     row["view_switches"] = row["switches_vm_event"] + row["switches_fast_ss"] + row["switches_vmfunc"]
+    row["ept_sync_ipis"] = row["ept_syncs"] * max(nvcpus - 1, 0)
     return row
 
 
@@ -192,6 +198,8 @@ class Replayer:
         self.dom[K.D_HEADROOM] = self.headroom
 
         self.vst = np.zeros((nslots, K.N_VCPU_STATE), dtype=np.int64)
+        # the rows of each vCPU's current instruction, for restarts (SPEC §5)
+        self.ibuf = np.zeros((nslots, K.MAX_INSN_ROWS, K.B_WIDTH), dtype=np.int64)
         self.vc = np.zeros((nslots, K.N_COUNTERS), dtype=np.int64)
         self.pv = np.zeros((max(1, n_p2m - 1), K.N_VIEW_COUNTERS), dtype=np.int64)
         self.htab = np.zeros((1 << 10, K.H_WIDTH), dtype=np.int64)
@@ -357,24 +365,24 @@ class Replayer:
                                    start_row, i, self.pool, self.gs, self.roots, self.maxm,
                                    self.active, self.dflt, self.dom, self.vst, self.vc, self.pv,
                                    self.elog, self.htab, self.itab,
-                                   self.rules, self.granges, self.lut, self.snaps, self.pmap)
+                                   self.rules, self.granges, self.lut, self.snaps, self.pmap,
+                                   self.ibuf)
             if st == K.ST_NEED_NODES:
                 self._grow_pool()
             elif st in (K.ST_NEED_HASH, K.ST_NEED_IPHASH):
                 self._grow_tables()
-            elif st == K.ST_CRASH:
+            elif st in (K.ST_CRASH, K.ST_LIVELOCK):
                 self.done = True
                 break
             elif st == K.ST_UNMATCHED:
                 row = int(self.gs[K.GS_ERR_ROW])
                 raise ReplayRuntimeError(
-                    f"row {row}: violation in view {self.policy.view_name(self._err_view(row, vcpu, start_row))!r} "
-                    f"(gfn {int(gfn[row - start_row]):#x}) matches no [[on_violation]] rule of policy {self.policy.name!r}")
-            elif st == K.ST_RETRIES:
+                    f"row {row}: violation in view {self.policy.view_name(int(self.gs[K.GS_ERR_VIEW]))!r} "
+                    f"(gfn {int(self.gs[K.GS_ERR_GFN]):#x}) matches no [[on_violation]] rule of policy {self.policy.name!r}")
+            elif st == K.ST_LONG_INSN:
                 row = int(self.gs[K.GS_ERR_ROW])
-                raise ReplayRuntimeError(
-                    f"row {row}: access to gfn {int(gfn[row - start_row]):#x} retried more than "
-                    f"{K.MAX_RETRIES} times under policy {self.policy.name!r} (responses send it back where it faulted)")
+                raise TraceError(f"row {row}: instruction has more than {K.MAX_INSN_ROWS} rows "
+                                 "(insn ids must change per instruction)")
             else:
                 break
         if tsc is not None:
@@ -388,9 +396,6 @@ class Replayer:
                 self.htab = _grown(self.htab, False)
             else:
                 self.itab = _grown(self.itab, True)
-
-    def _err_view(self, row, vcpu, start_row) -> int:
-        return int(self.vst[self.lut[vcpu[row - start_row]], K.S_VIEW]) if self.policy.domain.altp2m else 0
 
     def finish(self, vcpus=None) -> SimResult:
         """End open instructions (unless crashed) and collect every table.
@@ -413,18 +418,21 @@ class Replayer:
     def _collect(self, reported: list[tuple[int, int]]) -> SimResult:
         """``reported``: (counter slot, vCPU number) of the vCPUs the tables name."""
         crashed = int(self.gs[K.GS_CRASHED])
-        crash_row = int(self.gs[K.GS_CRASH_ROW]) if crashed else -1
+        livelocked = int(self.gs[K.GS_LIVELOCKED])
+        run = {"crashed": crashed, "crash_record": int(self.gs[K.GS_CRASH_ROW]) if crashed else -1,
+               "livelocked": livelocked,
+               "livelock_record": int(self.gs[K.GS_LIVELOCK_ROW]) if livelocked else -1}
+        nvcpus = len(reported)
         vcpus = {}
         for slot, v in reported:
             row = {name: int(self.vc[slot, i]) for i, name in enumerate(KERNEL_COUNTERS)}
-            row.update(crashed=crashed, crash_record=crash_row, setup_splits=0, setup_skipped=0)
-            derive(row)
+            row.update(run, setup_splits=0, setup_skipped=0)
+            derive(row, nvcpus)
             vcpus[v] = {k: row[k] for k in COUNTERS}
         tot = {name: int(self.vc[:, i].sum()) for i, name in enumerate(KERNEL_COUNTERS)}
-        tot.update(crashed=crashed, crash_record=crash_row,
-                   setup_splits=int(self.gs[K.GS_SETUP_SPLITS]),
+        tot.update(run, setup_splits=int(self.gs[K.GS_SETUP_SPLITS]),
                    setup_skipped=int(self.gs[K.GS_SETUP_SKIPPED]))
-        derive(tot)
+        derive(tot, nvcpus)
         total = {k: tot[k] for k in COUNTERS}
 
         views = {}
@@ -450,7 +458,7 @@ class Replayer:
             "window": np.arange(self.n_windows, dtype=np.int64),
             "first_record": np.arange(self.n_windows, dtype=np.int64) * self.window,
         }
-        timeline.update(derive(tl))
+        timeline.update(derive(tl, nvcpus))
         # pages mapped per view at the end of each window: after setup, plus lazy copies so far
         # (exact from xen 4.17 on, where a lazy copy never covers pages the view maps already)
         population = {view: self.setup_pages[view] + self.snaps[1:, K.N_COUNTERS + view]
