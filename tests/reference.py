@@ -333,12 +333,18 @@ class Replay:
                     self._host_write_4k(g, access=op.access)
                 continue
             view = self.views[op.view]
-            if view.valid_leaf(g) is None:
-                if self._host_ram(g) is None:
-                    self.setup_ctr["setup_skipped"] += 1
-                    continue
-                self._prepopulate(view, g)
-            self._splits(view.rewrite_4k(g, access=op.access))
+            if view.valid_leaf(g) is not None:
+                self._splits(view.rewrite_4k(g, access=op.access))
+                continue
+            host = self._host_ram(g)
+            if host is None:
+                self.setup_ctr["setup_skipped"] += 1
+                continue
+            self._prepopulate(view, g)
+            # Xen writes the 4 KiB leaf from the host entry it looked up (not by reading the
+            # view again: a prepopulated superpage that permits nothing is invisible, §3)
+            host_leaf, order = host
+            self._splits(view.write(g, 0, Leaf(mfn_at(host_leaf, order, g), host_leaf.type, op.access, 1)))
 
     def _op_change_gfn(self, op) -> None:
         view = self.views[op.view]

@@ -2894,3 +2894,455 @@ def test_write_without_read_policy_is_refused(access):
             name = "v"
             default_access = "{access}"
             """)
+
+
+# =========================================================================== Revision 2 (§3, §5, §6.1, §9)
+BASELINE_1K = RAM_1K
+
+
+def test_three_row_instruction_restarts_after_each_lazy_copy(sim):
+    res = sim(BASELINE_1K, ["i1 x 5", "i1 r 6", "i1 w 600"])
+    # One instruction of three rows in view 0 (fresh, rwx).
+    # row0 x 5: 5 > mm 0, regions at 0 -> hole 0: exit(0), lazy 4K, mm 5 -> restart 1 ->
+    #   row0 again: done(0).
+    # row1 r 6: 6 > mm 5 -> hole 0: exit(0), lazy 4K -> restart 2 -> row0 done, row1 done.
+    # row2 w 600: 2M region 512 above mm 6 -> hole 9: exit(0), lazy 2M -> restart 3 ->
+    #   rows 0, 1, 2 done(0). Only the final pass counts: records_completed 3.
+    check(
+        res,
+        {"records": 3, "instructions": 1, "ept_exits": 3, "lazy_copies": 3, "lazy_copies_4k": 2,
+         "lazy_copies_2m": 1, "lazy_copy_pages": 514, "restarts": 3},
+        views={0: {"records_completed": 3, "ept_exits": 3, "lazy_copies": 3, "lazy_copy_pages": 514,
+                   "pages_mapped": 514, "leaves_4k": 2, "leaves_2m": 1}},
+        gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1}, (0, 6): {"ept_exits": 1, "lazy_copies": 1},
+              (0, 600): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_step_restarts_the_instruction_and_copies_its_fetch_page_into_view0(sim):
+    res = sim(XEN_ACCESS_WRITE.format(fast="false"), ["i1 x 5", "i1 r 6", "i1 w 7", "i2 x 5"])
+    # row0 x 5 in watch (fresh): hole 0 -> exit(1), lazy 4K rx -> restart 1 -> done(1).
+    # row1 r 6: exit(1), lazy 4K rx -> restart 2 -> rows 0, 1 done(1).
+    # row2 w 7: exit(1), lazy 4K rx -> restart 3 -> rows 0, 1 done; w 7 on rx -> viol_w (1,7),
+    #   exit(1), event -> step to 0 (svm 1, switches_in[0]; single-step on, return watch) ->
+    #   restart 4 in view 0 (fresh): x 5 exit(0), lazy 4K (the fetch page copied into the
+    #   step view) -> restart 5 -> x 5 done; r 6 exit(0), lazy -> restart 6 -> x 5, r 6 done;
+    #   w 7 exit(0), lazy -> restart 7 -> rows 0-2 done(0): the final pass, 3 completions.
+    # row3 (insn 2): insn 1 ends: mtf 1, singlestep event 1, back to watch (svm 2,
+    #   switches_in[1]); x 5 in watch done(1).
+    check(
+        res,
+        {"records": 4, "instructions": 2, "ept_exits": 7, "lazy_copies": 6, "lazy_copies_4k": 6,
+         "lazy_copy_pages": 6, "access_violations": 1, "mem_access_events": 1,
+         "singlestep_events": 1, "mtf_exits": 1, "switches_vm_event": 2, "restarts": 7},
+        views={
+            1: {"records_completed": 1, "ept_exits": 4, "lazy_copies": 3, "lazy_copy_pages": 3,
+                "access_violations": 1, "switches_in": 1, "pages_mapped": 3, "leaves_4k": 3},
+            0: {"records_completed": 3, "ept_exits": 3, "lazy_copies": 3, "lazy_copy_pages": 3,
+                "switches_in": 1, "pages_mapped": 3, "leaves_4k": 3},
+        },
+        gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}, (1, 6): {"ept_exits": 1, "lazy_copies": 1},
+              (1, 7): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+              (0, 5): {"ept_exits": 1, "lazy_copies": 1}, (0, 6): {"ept_exits": 1, "lazy_copies": 1},
+              (0, 7): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+SPLIT_RX = RAM_1K + """
+[[view]]
+name = "exec"
+
+[[view]]
+name = "data"
+
+[[setup]]
+op = "set_mem_access"
+view = "exec"
+gfns = 5
+access = "x"
+
+[[setup]]
+op = "set_mem_access"
+view = "data"
+gfns = 5
+access = "rw"
+
+[[setup]]
+op = "switch_p2m"
+view = "exec"
+
+[[on_violation]]
+view = "exec"
+kind = ["r", "w"]
+action = "switch"
+to = "data"
+
+[[on_violation]]
+view = "data"
+kind = "x"
+action = "switch"
+to = "exec"
+"""
+
+
+def test_split_rx_livelocks_on_code_reading_its_own_page(sim):
+    res = sim(SPLIT_RX, ["i1 x 5", "i2 x 5", "i2 r 5", "i3 x 6"])
+    # Setup: exec and data prepopulate the host 2M [0,511] (rwx) and split it (setup_splits
+    #   2); exec[5] = x, data[5] = rw.
+    # row0 (insn 1) x 5 in exec: done(1).
+    # row1 (insn 2) x 5: done(1). row2 r 5: x-only -> viol_r (1,5), exit(1), event, switch to
+    #   data (svm) -> restart 1 in data: row1 x 5 on rw -> viol_x (2,5), exit(2), event, switch
+    #   to exec -> restart 2 in exec: row1 done, row2 viol_r ... Violation k causes restart k;
+    #   odd ones are row 2 in exec, even ones row 1 in data. Violation 65 (row 2, in exec)
+    #   would be restart 65: livelock, livelock_record 2; its exit, event and switch count.
+    # Exits 65: exec 33, data 32. Switches 65: into data 33, into exec 32. The pass in
+    #   progress (exec, after restart 64) completed row 1: exec records_completed 1 + 1.
+    #   Row 3 is never processed.
+    check(
+        res,
+        {"records": 3, "instructions": 2, "ept_exits": 65, "access_violations": 65,
+         "mem_access_events": 65, "switches_vm_event": 65, "restarts": 64, "livelocked": 1,
+         "livelock_record": 2, "setup_splits": 2},
+        views={
+            1: {"records_completed": 2, "ept_exits": 33, "access_violations": 33, "switches_in": 32,
+                "pages_mapped": 512, "leaves_4k": 512},
+            2: {"ept_exits": 32, "access_violations": 32, "switches_in": 33,
+                "pages_mapped": 512, "leaves_4k": 512},
+        },
+        gfns={(1, 5): {"ept_exits": 33, "viol_r": 33}, (2, 5): {"ept_exits": 32, "viol_x": 32}},
+    )
+
+
+def test_split_rx_with_mtf_step_into_view0_retires(sim):
+    policy = SPLIT_RX.replace('action = "switch"\nto = "data"', 'action = "step"\nto = 0')
+    res = sim(policy, ["i1 x 5", "i2 x 5", "i2 r 5", "i3 x 6"])
+    # As above up to row2: r 5 in exec -> viol_r (1,5), exit(1), event -> step to 0 (svm 1,
+    #   switches_in[0]), restart 1 in view 0 (fresh): row1 x 5: exit(0), lazy 4K rwx ->
+    #   restart 2 -> x 5 done(0), r 5 done(0).
+    # row3 (insn 3): insn 2 ends: mtf, singlestep event, back to exec (svm 2); x 6 done(1).
+    check(
+        res,
+        {"records": 4, "instructions": 3, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_4k": 1,
+         "lazy_copy_pages": 1, "access_violations": 1, "mem_access_events": 1,
+         "singlestep_events": 1, "mtf_exits": 1, "switches_vm_event": 2, "setup_splits": 2},
+        views={
+            1: {"records_completed": 2, "ept_exits": 1, "access_violations": 1, "switches_in": 1,
+                "pages_mapped": 512, "leaves_4k": 512},
+            2: {"pages_mapped": 512, "leaves_4k": 512},
+            0: {"records_completed": 2, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
+                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+        },
+        gfns={(1, 5): {"ept_exits": 1, "viol_r": 1}, (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_write_execute_flip_livelocks_on_an_instruction_writing_its_own_page(sim):
+    res = sim(
+        RAM_1K + """
+        [[view]]
+        name = "code"
+        default_access = "rx"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "code"
+
+        [[on_violation]]
+        kind = "w"
+        action = "set-access"
+        access = "rw"
+
+        [[on_violation]]
+        kind = "x"
+        action = "set-access"
+        access = "rx"
+        """,
+        ["i1 x 5", "i1 w 5"],
+    )
+    # row0 x 5: code fresh, hole 0: exit(1), lazy 4K rx -> restart 1 -> done(1).
+    # row1 w 5: rx -> viol_w, exit, event, set-access rw (an rx entry rewritten: ept_syncs) ->
+    #   restart 2 -> row0 x 5 on rw -> viol_x, exit, event, set-access rx (sync) -> restart 3
+    #   -> row0 done, row1 viol_w ... Violation k causes restart k + 1; violation 64 (row 0,
+    #   even ones are row 0) would be restart 65: livelock at row 0 after 64 violations,
+    #   events, access changes and syncs; exits 1 + 64. viol_w 32 (odd), viol_x 32 (even).
+    #   The pass in progress completed nothing.
+    check(
+        res,
+        {"records": 2, "instructions": 1, "ept_exits": 65, "lazy_copies": 1, "lazy_copies_4k": 1,
+         "lazy_copy_pages": 1, "access_violations": 64, "mem_access_events": 64,
+         "access_changes": 64, "ept_syncs": 64, "restarts": 64, "livelocked": 1,
+         "livelock_record": 0},
+        views={1: {"ept_exits": 65, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 64,
+                   "pages_mapped": 1, "leaves_4k": 1}},
+        gfns={(1, 5): {"ept_exits": 65, "lazy_copies": 1, "viol_w": 32, "viol_x": 32}},
+    )
+
+
+@pytest.mark.parametrize("rows", [64, 65])
+def test_the_64_restart_boundary(sim, rows):
+    res = sim(BASELINE_1K, [f"i1 r {g}" for g in range(1, rows + 1)])
+    # One instruction whose row j reads gfn j + 1, each a fresh 4K lazy copy in view 0
+    # (g > mm = g - 1 and its regions start at 0: hole 0): row j costs one exit and one
+    # restart, after which rows 0..j complete.
+    # 64 rows: 64 restarts, the instruction retires: 64 completions.
+    # 65 rows: row 64's copy would be restart 65: livelock at row 64 (its exit and copy
+    #   count); the pass in progress had completed rows 0..63.
+    total = {"records": rows, "instructions": 1, "ept_exits": rows, "lazy_copies": rows,
+             "lazy_copies_4k": rows, "lazy_copy_pages": rows, "restarts": 64}
+    if rows == 65:
+        total |= {"livelocked": 1, "livelock_record": 64}
+    check(
+        res,
+        total,
+        views={0: {"records_completed": 64, "ept_exits": rows, "lazy_copies": rows,
+                   "lazy_copy_pages": rows, "pages_mapped": rows, "leaves_4k": rows}},
+        gfns={(0, g): {"ept_exits": 1, "lazy_copies": 1} for g in range(1, rows + 1)},
+    )
+
+
+@pytest.mark.parametrize("xen", ["4.18", "4.19"])
+def test_n_default_view_over_1g_host_pages_livelocks_from_419(sim, xen):
+    res = sim(
+        f"""
+        [domain]
+        xen = "{xen}"
+        ram = [[0, {2 * GIB_PAGES - 1}]]
+
+        [[view]]
+        name = "n"
+        default_access = "n"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "n"
+        """,
+        [f"r {GIB_PAGES + 6}"],
+    )
+    # origin "create": host_order 18, RAM two whole GiB -> two 1G host leaves.
+    # r 2^18+6 in n (fresh): its 1G region starts above mm 0 -> hole 18, host 1G ->
+    #   min(18, 18): exit(1), lazy 1G.
+    # 4.18: the copy takes the host entry's access rwx -> restart 1 -> done(1).
+    # 4.19: it takes n's default access n: a 1G leaf that permits nothing is invisible to Xen
+    #   (§3): the hardware faults (exit), Xen finds no valid leaf, the hole order at the
+    #   empty 1G slot is 18 -> copies it again -> ... the 65th attempt's exit and copy count,
+    #   then livelock at row 0 (restarts 64).
+    n = 1 if xen == "4.18" else 65
+    total = {"records": 1, "instructions": 1, "ept_exits": n, "lazy_copies": n, "lazy_copies_1g": n,
+             "lazy_copy_pages": n * GIB_PAGES}
+    if xen == "4.19":
+        total |= {"restarts": 64, "livelocked": 1, "livelock_record": 0}
+    check(
+        res,
+        total,
+        views={1: {"records_completed": 1 if xen == "4.18" else 0, "ept_exits": n, "lazy_copies": n,
+                   "lazy_copy_pages": n * GIB_PAGES, "pages_mapped": GIB_PAGES, "leaves_1g": 1}},
+        gfns={(1, GIB_PAGES + 6): {"ept_exits": n, "lazy_copies": n}},
+    )
+
+
+def test_prepopulate_with_n_then_4k_write_leaves_an_empty_table(sim):
+    res = sim(
+        RAM_1K + """
+        [[view]]
+        name = "v"
+        default_access = "n"
+
+        [[setup]]
+        op = "set_mem_access"
+        view = "v"
+        gfns = 5
+        access = "rx"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "v"
+
+        [[on_violation]]
+        action = "emulate"
+        """,
+        ["r 5", "r 6"],
+    )
+    # Setup (xen 4.22): v has no leaf for 5 -> prepopulate the host's 2M [0,511] with v's
+    #   default access n: invisible (§3); the 4K write of 5 then replaces it with an empty
+    #   table (no split: setup_splits 0) holding only 5 = rx; mm 511.
+    # r 5: rx -> done(1).
+    # r 6: 4K slot empty -> exit(1); 6 <= mm -> hole 0: lazy 4K n (visible: a 4K leaf) ->
+    #   restart 1 -> viol_r (1,6), exit, event, emulate.
+    check(
+        res,
+        {"records": 2, "instructions": 2, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_4k": 1,
+         "lazy_copy_pages": 1, "access_violations": 1, "mem_access_events": 1, "emulations": 1,
+         "records_emulated": 1},
+        views={1: {"records_completed": 1, "ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1,
+                   "access_violations": 1, "pages_mapped": 2, "leaves_4k": 2}},
+        gfns={(1, 6): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1}},
+    )
+
+
+def test_second_fast_step_keeps_single_step_on_with_the_new_return_view(sim):
+    res = sim(
+        RAM_1K + """
+        [[view]]
+        name = "a"
+        default_access = "rx"
+
+        [[view]]
+        name = "b"
+        default_access = "r"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "a"
+
+        [[on_violation]]
+        view = "a"
+        kind = "w"
+        action = "step"
+        to = "b"
+
+        [[on_violation]]
+        view = "b"
+        kind = "w"
+        action = "step"
+        to = 0
+        fast = true
+        """,
+        ["w 5"],
+    )
+    # w 5 in a: exit(a), lazy 4K rx -> restart 1 -> viol_w, exit(a), event 1 -> step to b
+    #   (svm 1; single-step on, return a, not fast) -> restart 2 in b: exit(b), lazy 4K r ->
+    #   restart 3 -> viol_w, exit(b), event 2 -> fast step while stepping: switch to 0 (svm 2),
+    #   single-step stays on, fast, return view b -> restart 4: exit(0), lazy 4K -> restart 5
+    #   -> done(0).
+    # End of trace: mtf 1, fast: Xen switches back to b (sfs 1, switches_in[b]); no event.
+    check(
+        res,
+        {"records": 1, "instructions": 1, "ept_exits": 5, "lazy_copies": 3, "lazy_copies_4k": 3,
+         "lazy_copy_pages": 3, "access_violations": 2, "mem_access_events": 2, "mtf_exits": 1,
+         "switches_vm_event": 2, "switches_fast_ss": 1},
+        views={
+            1: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 1,
+                "pages_mapped": 1, "leaves_4k": 1},
+            2: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 1,
+                "switches_in": 2, "pages_mapped": 1, "leaves_4k": 1},
+            0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
+                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+        },
+        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+              (2, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+              (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+@pytest.mark.parametrize("xen", ["4.20", "4.21"])
+def test_restored_domain_host_pages_by_xen_version(sim, xen):
+    res = sim(
+        f"""
+        [domain]
+        origin = "restore"
+        xen = "{xen}"
+        ram = [[0, 1023]]
+
+        [[setup]]
+        op = "set_mem_access"
+        view = 0
+        gfns = 5
+        access = "rx"
+        """,
+        ["r 600"],
+    )
+    # origin "restore": host_order 0 before 4.21 (every host leaf 4K), 9 from 4.21.
+    # Setup: the view-0 write of 5 goes to the host: 4.20 a 4K leaf already (no split), 4.21
+    #   splits the 2M leaf [0,511] (setup_splits 1). View 0 holds nothing: no propagation.
+    # r 600: fresh view 0, 2M region above mm 0 -> hole 9; min(host order, 9): 4.20 -> 4K
+    #   copy, 4.21 -> 2M copy: exit(0), lazy -> restart 1 -> done(0).
+    order = 0 if xen == "4.20" else 9
+    pages = 1 << order
+    check(
+        res,
+        {"records": 1, "instructions": 1, "ept_exits": 1, "lazy_copies": 1,
+         LAZY_KEY[order]: 1, "lazy_copy_pages": pages, "setup_splits": 0 if xen == "4.20" else 1},
+        views={0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": pages,
+                   "pages_mapped": pages, LEAF_KEY[order]: 1}},
+        gfns={(0, 600): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+@pytest.mark.parametrize("nvcpus", [1, 2, 4])
+def test_ept_syncs_interrupt_every_other_vcpu(sim, nvcpus):
+    res = sim(
+        """
+        [domain]
+        altp2m = false
+        host_access = "rx"
+        ram = [[0, 1023]]
+
+        [[on_violation]]
+        kind = "w"
+        action = "set-access"
+        """,
+        ["v0 w 5"] + [f"v{v} r 6" for v in range(1, nvcpus)],
+    )
+    # altp2m off, host 2M leaves rx. v0 w 5: viol_w (0,5), exit, event, set-access rwx: the
+    #   host's 2M leaf splits (superpage_splits 1) and 5's rx entry is rewritten: one EPT sync,
+    #   an IPI to each of the other nvcpus - 1 vCPUs -> restart 1 -> done(0).
+    # Every other vCPU: r 6 on its rx piece -> done(0).
+    v0 = {"records": 1, "instructions": 1, "ept_exits": 1, "access_violations": 1,
+          "mem_access_events": 1, "access_changes": 1, "superpage_splits": 1, "ept_syncs": 1,
+          "ept_sync_ipis": nvcpus - 1}
+    others = {v: {"records": 1, "instructions": 1} for v in range(1, nvcpus)}
+    check(
+        res,
+        v0 | {"records": nvcpus, "instructions": nvcpus},
+        vcpus={0: v0} | others,
+        views={0: {"records_completed": nvcpus, "ept_exits": 1, "access_violations": 1,
+                   "pages_mapped": 1024, "leaves_4k": 512, "leaves_2m": 1}},
+        gfns={(0, 5): {"ept_exits": 1, "viol_w": 1}},
+    )
+
+
+def test_meta_set_top_ranks_untouched_members_last(sim):
+    res = sim(
+        RAM_1K + """
+        [[setup]]
+        op = "set_mem_access"
+        view = 0
+        gfns = { set = "meta:pt", top = 6 }
+        access = "rwx"
+        """,
+        ["r 1021", "r 1021", "r 1022"],
+        gfn_sets={"pt": [[1020, 1030]]},
+    )
+    # meta:pt = 1020-1030; touched: 1021 (2 rows), 1022 (1). top 6: 1021, 1022, then the
+    #   untouched members lowest first: 1020, 1023, 1024, 1025 (§9).
+    # Setup (view 0 = host writes): 1020-1023 are RAM: the first splits the host 2M leaf
+    #   [512,1023] (setup_splits 1); 1024 and 1025 are not RAM: setup_skipped 2.
+    # r 1021: fresh view 0, hole 9, but the host leaf is 4K now -> lazy 4K -> restart -> done.
+    # r 1021: done. r 1022: 1022 > mm 1021, regions not above -> hole 0 -> lazy 4K -> done.
+    check(
+        res,
+        {"records": 3, "instructions": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_4k": 2,
+         "lazy_copy_pages": 2, "setup_splits": 1, "setup_skipped": 2},
+        views={0: {"records_completed": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 2,
+                   "pages_mapped": 2, "leaves_4k": 2}},
+        gfns={(0, 1021): {"ept_exits": 1, "lazy_copies": 1}, (0, 1022): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+@pytest.mark.parametrize("batch_rows", [1, 2, None])
+def test_timeline_counts_restarted_rows_in_the_window_of_the_arriving_row(batch_rows):
+    from altp2m_replay.engine import simulate_arrays
+
+    # Window of 2 rows: window 0 = rows 0-1, window 1 = rows 2-3.
+    res = simulate_arrays(make_policy(XEN_ACCESS_WRITE.format(fast="false")),
+                          make_trace("i1 r 5", "i1 r 6", "i1 w 7"), window=2, batch_rows=batch_rows)
+    # row0 r 5 (window 0): exit(1), lazy. row1 r 6 (window 0): exit(1), lazy.
+    # row2 w 7 (window 1): exit(1), lazy; viol_w exit(1), event, step to 0 (svm); the restart
+    #   re-executes rows 0 and 1 in view 0: exit + lazy each, then row 2: exit + lazy. All of
+    #   it belongs to window 1, the window of the arriving row. The instruction end at the
+    #   end of the trace (MTF, single-step event, switch back) goes to the last row's window.
+    tl = res.timeline
+    assert list(tl["ept_exits"]) == [2, 5]
+    assert list(tl["lazy_copies"]) == [2, 4]
+    assert list(tl["vm_events"]) == [0, 2]
+    assert list(tl["view_switches"]) == [0, 2]
