@@ -125,6 +125,8 @@ def domains(draw) -> dict:
     if one_in(draw, 6):
         d["altp2m"] = False
     order = draw(st.sampled_from([0, 9, 18]))
+    if one_in(draw, 4):
+        d["origin"] = draw(st.sampled_from(["create", "restore"]))
     if order != 9 or draw(st.booleans()):
         d["host_order"] = order
     if one_in(draw, 3):
@@ -136,8 +138,10 @@ def domains(draw) -> dict:
     # Before 4.19 lazy copies take the host's access, which leaves views' default_access
     # unused: keep the newer versions most common so views do restrict.
     d["xen"] = draw(st.sampled_from(XENS + XENS[2:] * 2))
-    if order == 0 or not one_in(draw, 3):
-        pool = RAM_SMALL if order == 0 else RAM_SMALL + RAM_LARGE
+    # a restored domain without host_order has 4 KiB host pages before 4.21: keep RAM small
+    small = order == 0 or (d.get("origin") == "restore" and "host_order" not in d)
+    if small or not one_in(draw, 3):
+        pool = RAM_SMALL if small else RAM_SMALL + RAM_LARGE
         d["ram"] = [list(r) for r in draw(st.lists(st.sampled_from(pool), min_size=1, max_size=2))]
     return d
 
@@ -271,7 +275,7 @@ def policy_docs(draw, pool: list[int], domain: dict) -> dict:
 
 @st.composite
 def traces(draw, pool: list[int], extra=()) -> dict[str, np.ndarray]:
-    """1-200 rows over the pool (and a few other gfns), 1-3 vCPUs, ``insn`` runs of 1-3 rows."""
+    """1-200 rows over the pool (and a few other gfns), 1-3 vCPUs, ``insn`` runs of 1-5 rows."""
     gfn_choice = st.sampled_from(pool)
     if draw(st.booleans()):
         gfn_choice = gfn_choice | region_gfn(extra)
@@ -279,7 +283,7 @@ def traces(draw, pool: list[int], extra=()) -> dict[str, np.ndarray]:
     # Draw the length first: left to itself Hypothesis keeps lists very short.
     n_rows = draw(st.integers(1, 200))
     rows = draw(st.lists(st.tuples(gfn_choice, st.integers(1, 7), st.integers(0, n_vcpus - 1),
-                                   st.integers(1, 3)), min_size=n_rows, max_size=n_rows))
+                                   st.integers(1, 5)), min_size=n_rows, max_size=n_rows))
     arrays = {
         "gfn": np.array([r[0] for r in rows], dtype=np.uint64),
         "access": np.array([r[1] for r in rows], dtype=np.uint8),
@@ -287,7 +291,7 @@ def traces(draw, pool: list[int], extra=()) -> dict[str, np.ndarray]:
     if n_vcpus > 1 or draw(st.booleans()):
         arrays["vcpu"] = np.array([r[2] for r in rows], dtype=np.uint16)
     if draw(st.booleans()):
-        # Consecutive runs of 1-3 rows share an id (per vCPU they form the instructions).
+        # Consecutive runs of 1-5 rows share an id (per vCPU they form the instructions).
         ids, ident, left = [], 100, 0
         for r in rows:
             if left == 0:

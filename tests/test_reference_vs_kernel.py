@@ -81,7 +81,7 @@ def test_kernel_matches_reference(case):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=SLOW_OK)
-@given(case=cases(), batch_rows=st.sampled_from([1, 7]) | st.integers(1, 250))
+@given(case=cases(), batch_rows=st.sampled_from([1, 7, 4096]) | st.integers(1, 250))
 def test_kernel_batch_size_does_not_matter(case, batch_rows):
     compare(case, batch_rows)
 

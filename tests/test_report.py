@@ -130,7 +130,9 @@ def test_population_has_one_curve_per_view_per_policy(out_dir):
     final = pop.filter((pl.col("policy") == "baseline") & (pl.col("view") == 0)).sort("window")
     pages = final["pages_mapped"][-1]
     assert re.search(r">\d+ (KiB|MiB|GiB)</text>", svgs[1])
-    assert f"{pages * 4096 / (1 << 20):,.1f} MiB" in page
+    size = pages * 4096  # the legend's unit: the largest binary unit the size reaches
+    div, unit = next((d, u) for d, u in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")) if size >= d)
+    assert f"{size / div:,.1f} {unit}" in page
     assert f"({pages:,} pages)</title>" in svgs[1]
     assert "view 1 · watch" in page
     assert "Lazy copies (cumulative)" not in page and "Lazy copy pages (cumulative)" not in page
