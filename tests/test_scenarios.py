@@ -3346,3 +3346,18 @@ def test_timeline_counts_restarted_rows_in_the_window_of_the_arriving_row(batch_
     assert list(tl["lazy_copies"]) == [2, 4]
     assert list(tl["vm_events"]) == [0, 2]
     assert list(tl["view_switches"]) == [0, 2]
+
+
+@pytest.mark.parametrize("batch_rows", [100, None])
+def test_an_instruction_of_more_than_1024_rows_is_an_error_naming_the_row(batch_rows):
+    from altp2m_replay.engine import simulate_arrays
+    from altp2m_replay.errors import TraceError
+
+    # SPEC §2: at most 1024 rows per instruction. Rows 0-1023 read gfn 5 (one lazy copy,
+    # then fast-path completions); row 1024, the 1025th row of instruction 7, reads gfn 6.
+    n = 1025
+    gfns = np.full(n, 5, np.uint64)
+    gfns[-1] = 6
+    arrays = {"gfn": gfns, "access": np.ones(n, np.uint8), "insn": np.full(n, 7, np.uint64)}
+    with pytest.raises(TraceError, match="row 1024: instruction has more than 1024 rows"):
+        simulate_arrays(make_policy(RAM_1K), arrays, batch_rows=batch_rows)

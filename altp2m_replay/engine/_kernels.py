@@ -118,21 +118,27 @@ S_INSN = 8
 S_STARTED = 9
 S_EMUL = 10
 S_PENDING = 11    # 1 while any of SS_ON, VES_ON, VE_BUSY, EMUL, RESTARTS is set: the instruction end has work
-S_NROWS = 12      # rows of the current instruction held in ibuf
+S_NROWS = 12      # rows of the current instruction (kept while execute waits for room)
 S_RESTARTS = 13   # restarts of the current instruction
-S_EXEC_J = 14     # where execute resumes (the row of the instruction to attempt next)
-N_VCPU_STATE = 15
+S_EXEC_J = 14     # where execute resumes: the row of the instruction to attempt next ...
+S_EXEC_K = 15     # ... and the batch index it scans from
+S_FIRST = 16      # where the instruction's rows are: see first_rows
+S_NSPILL = 17     # rows of the instruction spilled into ibuf at earlier batch ends
+S_PCOUNT = 18     # completions of the instruction's current pass (all in the vCPU's current view)
+N_VCPU_STATE = 19
 
-# ---- per-vCPU instruction buffer: ibuf[slot, j, B_*] for row j of the current instruction,
-# kept so that a restart can execute the instruction again from its first row (SPEC §5).
-B_KEY = 0   # gfn << 16 | (view it completed in on this pass + 1) << 4 | kind bit (1 r, 2 w, 4 x)
+# ---- Restarts (SPEC §5) execute an instruction again from its first row. Its rows are found
+# in the batch (rows of the slot from S_FIRST on), after the ones an earlier batch held, which
+# spill_open copied into ibuf[slot, j, B_*] when that batch ended: nothing is stored per row.
+B_KEY = 0   # gfn << 3 | kind bit (1 r, 2 w, 4 x)
 B_ROW = 1   # global row index
 B_IP = 2    # instruction pointer (when the trace has one)
 B_WIDTH = 3
-B_CV_SHIFT = 4
-B_CV_MASK = 1023 << 4
-B_GFN_SHIFT = 16
 MAX_INSN_ROWS = 1024  # SPEC §2: an instruction has at most 1024 rows
+# S_FIRST: f >= 0, the instruction began at batch index f; CONT, it began in an earlier batch
+# (its rows so far are spilled) and has no row in this batch yet; else -(f + 1), it began in an
+# earlier batch and its rows here start at batch index f.
+CONT = -(1 << 62)
 
 # ---- global scalars: gs[GS_*]
 GS_NFREE = 0
@@ -769,7 +775,7 @@ def rewrite_4k(pool, gs, roots, maxm, vc, pmap, s, p, g, e, lv, access):
     vc[s, C_ACCESS_CHANGES] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def attempt(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
             rules, granges, s, g, kind, row, e, lv, has_ip, ipv, pmap):
     """One attempt of SPEC §5 steps 2-8 at a row that the walk (``e``, ``lv``) of the vCPU's
@@ -930,20 +936,38 @@ def slot_holds_table(pool, root, g, level):
     return False
 
 
-@njit(cache=True)
+# Inlined into the replay loop: a call passing these ~30 arrays cost more than the rest of an
+# exit. The loop's other call site, resuming after growth, goes through resume (not inlined).
+@njit(cache=True, inline="always")
 def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
-            rules, granges, ibuf, pmap, s, j, e, lv, has_walk, has_ip):
+            rules, granges, ibuf, pmap, gfn, access, vcpu, ip, has_ip, lut, start_row,
+            s, j, k, e, lv, has_walk):
     """Execute vCPU slot ``s``'s instruction from its row ``j`` to its newest row (SPEC §5):
     one attempt per row, and from the first row again after each restart, until the newest
     row completes. Returns an ST_* status.
 
-    (``e``, ``lv``) is the fast path's walk for row ``j`` when ``has_walk``. Before each
-    attempt there must be room for its tree writes and its log entry; without it, the place
-    is saved (S_EXEC_J, GS_RESUME) and the driver calls again after growing.
+    Row ``j`` is ibuf[s, j] while j < the spilled rows, else the next row of slot ``s`` at
+    batch index ``k`` or later (batch arrays as replay_batch); ``j`` < 0 names the newest row,
+    at ``k``. (``e``, ``lv``) is the fast path's walk for row ``j`` when ``has_walk``. Before
+    each attempt there must be room for its tree writes and its log entry; without it the place
+    is saved (S_EXEC_J, S_EXEC_K, GS_RESUME) and the driver calls again after growing.
     """
+    nsp, first = first_rows(vst, s)
+    if j < 0:
+        # the instruction's rows: the spilled ones, then the slot's rows from ``first`` to k
+        n = nsp
+        for t in range(first, k + 1):
+            n += lut[vcpu[t]] == s
+        if n > MAX_INSN_ROWS:
+            gs[GS_ERR_ROW] = start_row + k
+            return ST_LONG_INSN
+        vst[s, S_NROWS] = n
+        j = n - 1
     last = vst[s, S_NROWS] - 1
     altp2m = dom[D_ALTP2M]
     exec_sp = dom[D_EXEC_SP]
+    pc = vst[s, S_PCOUNT]
+    pview = current_view(vst, roots, s, altp2m)[0]  # where this pass's completions are
     while True:
         if pool.shape[0] - gs[GS_NFREE] < dom[D_HEADROOM] or gs[GS_LOGN] + 1 > elog.shape[0]:
             if pool.shape[0] - gs[GS_NFREE] >= dom[D_HEADROOM]:
@@ -954,12 +978,23 @@ def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, i
             else:
                 st = ST_NEED_NODES
             vst[s, S_EXEC_J] = j
+            vst[s, S_EXEC_K] = k
+            vst[s, S_PCOUNT] = pc
             gs[GS_RESUME] = s + 1
             return st
-        key = ibuf[s, j, B_KEY]
-        g = key >> B_GFN_SHIFT
-        kb = key & 7
-        row = ibuf[s, j, B_ROW]
+        if j < nsp:
+            key = ibuf[s, j, B_KEY]
+            g = key >> 3
+            kb = key & 7
+            row = ibuf[s, j, B_ROW]
+            ipv = ibuf[s, j, B_IP]
+        else:
+            while lut[vcpu[k]] != s:
+                k += 1
+            g = gfn[k]
+            kb = KIND_BIT[access[k]]
+            row = start_row + k
+            ipv = ip[k] if has_ip else np.int64(0)
         view, p, root = current_view(vst, roots, s, altp2m)
         if has_walk:
             has_walk = False
@@ -970,14 +1005,16 @@ def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, i
             out = R_DONE
         else:
             out = attempt(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
-                          rules, granges, s, g, KIND_OF_BIT[kb], row, e, lv,
-                          has_ip, ibuf[s, j, B_IP] if has_ip else np.int64(0), pmap)
+                          rules, granges, s, g, KIND_OF_BIT[kb], row, e, lv, has_ip, ipv, pmap)
         if out == R_DONE:
             if done or visible(e, lv):  # MMIO rows are not completions
                 pv[view, V_COMPLETED] += 1
-                ibuf[s, j, B_KEY] = (key & ~np.int64(B_CV_MASK)) | ((view + 1) << B_CV_SHIFT)
+                pc += 1
             if j == last:
+                vst[s, S_PCOUNT] = pc
                 return ST_DONE
+            if j >= nsp:
+                k += 1
             j += 1
         elif out == R_RESTART:
             if vst[s, S_RESTARTS] == MAX_RESTARTS:
@@ -988,22 +1025,71 @@ def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, i
             vst[s, S_PENDING] = 1  # the instruction end clears the restart count
             vc[s, C_RESTARTS] += 1
             # completions of the abandoned pass do not count (SPEC §5: final pass only)
-            for t in range(last + 1):
-                cv = (ibuf[s, t, B_KEY] & B_CV_MASK) >> B_CV_SHIFT
-                if cv:
-                    pv[cv - 1, V_COMPLETED] -= 1
-                    ibuf[s, t, B_KEY] &= ~np.int64(B_CV_MASK)
+            pv[pview, V_COMPLETED] -= pc
+            pc = 0
+            pview = current_view(vst, roots, s, altp2m)[0]
             j = 0
+            k = first
         elif out == R_EMULATED:
             # this row and the rest of the instruction complete without checks
             vc[s, C_REC_EMUL] += last - j + 1
             vst[s, S_EMUL] = 1
             vst[s, S_PENDING] = 1
+            vst[s, S_PCOUNT] = pc
             return ST_DONE
         elif out == R_CRASH:
             return ST_CRASH
         else:
             return ST_UNMATCHED
+
+
+@njit(cache=True, _nrt=False)
+def resume(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
+           rules, granges, ibuf, pmap, gfn, access, vcpu, ip, has_ip, lut, start_row, s):
+    """execute, from where it stopped for room (S_EXEC_J, S_EXEC_K)."""
+    return execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
+                   rules, granges, ibuf, pmap, gfn, access, vcpu, ip, has_ip, lut, start_row,
+                   s, vst[s, S_EXEC_J], vst[s, S_EXEC_K], np.int64(0), 0, False)
+
+
+@njit(cache=True, inline="always")
+def first_rows(vst, s):
+    """(rows of slot ``s``'s instruction spilled in ibuf, batch index its rows here start at)."""
+    f = vst[s, S_FIRST]
+    if f >= 0:
+        return 0, f
+    return vst[s, S_NSPILL], -(f + 1)
+
+
+@njit(cache=True, _nrt=False)
+def spill_open(vst, ibuf, gs, gfn, access, vcpu, ip, has_ip, lut, start_row, n):
+    """At the end of a batch of ``n`` rows, copy the rows this batch holds of every open
+    instruction that may still restart (not emulated) into ibuf, after its earlier spills.
+    Returns ST_LONG_INSN (GS_ERR_ROW) for an instruction past MAX_INSN_ROWS, else ST_DONE."""
+    lo = n
+    for s in range(vst.shape[0]):
+        if not vst[s, S_STARTED] or vst[s, S_EMUL] or vst[s, S_FIRST] == CONT:
+            vst[s, S_FIRST] = CONT
+            continue
+        nsp, first = first_rows(vst, s)
+        vst[s, S_NSPILL] = nsp
+        lo = min(lo, first)
+    for k in range(lo, n):
+        s = lut[vcpu[k]]
+        f = vst[s, S_FIRST]
+        if f == CONT or k < (f if f >= 0 else -(f + 1)):
+            continue
+        j = vst[s, S_NSPILL]
+        if j == MAX_INSN_ROWS:
+            gs[GS_ERR_ROW] = start_row + k
+            return ST_LONG_INSN
+        ibuf[s, j, B_KEY] = (gfn[k] << 3) | KIND_BIT[access[k]]
+        ibuf[s, j, B_ROW] = start_row + k
+        ibuf[s, j, B_IP] = ip[k] if has_ip else 0
+        vst[s, S_NSPILL] = j + 1
+    for s in range(vst.shape[0]):
+        vst[s, S_FIRST] = CONT
+    return ST_DONE
 
 
 @njit(cache=True)
@@ -1034,14 +1120,16 @@ def has_room(pool, gs, elog, headroom):
 
 
 @njit(cache=True, inline="always")
-def flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, nr):
+def flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, fi, pc):
     """Store what the replay loop keeps in locals for vCPU slot ``s``: records and
-    instructions counted, the current instruction and its rows held, completions in ``view``."""
+    instructions counted, completions in ``view``, and the current instruction: its id, where
+    its rows are (S_FIRST), its pass's completions."""
     if s >= 0:
         vc[s, C_RECORDS] += recs
         vc[s, C_INSTRUCTIONS] += insns
         vst[s, S_INSN] = cur_ins
-        vst[s, S_NROWS] = nr
+        vst[s, S_FIRST] = fi
+        vst[s, S_PCOUNT] = pc
         pv[view, V_COMPLETED] += comp
 
 
@@ -1057,8 +1145,8 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
     gfn int64 (n,), access uint8 (n,), vcpu uint16 (n,), insn int64 (n,) (ignored unless
     ``has_insn``), ip int64 (n,) (ignored unless ``has_ip``); ``start_row`` is the global index
     of the batch's row 0; ``lut`` int64 (4096,) maps a vCPU number to its counter slot.
-    Each row joins its vCPU's instruction in ``ibuf`` (int64 (slots, MAX_INSN_ROWS, B_WIDTH)),
-    from which a restart executes it again. Exits and #VEs are logged in ``elog`` (int64
+    A restart executes an instruction again from its rows in the batch and, for one that
+    began in an earlier batch, from ``ibuf`` (int64 (slots, MAX_INSN_ROWS, B_WIDTH)). Exits and #VEs are logged in ``elog`` (int64
     (m, 3), m > LOG_SLACK) and drained into the per-gfn and per-ip tables when the log fills;
     the driver drains what is left at the end. ``pmap`` uint8 (p2ms, m) caches fast-path
     results for gfns below m (see fast_bits). When a status asks for room in the middle of
@@ -1073,8 +1161,8 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
     if gs[GS_RESUME]:
         s = gs[GS_RESUME] - 1
         gs[GS_RESUME] = 0
-        st = execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
-                     rules, granges, ibuf, pmap, s, vst[s, S_EXEC_J], np.int64(0), 0, False, has_ip)
+        st = resume(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
+                    rules, granges, ibuf, pmap, gfn, access, vcpu, ip, has_ip, lut, start_row, s)
         if st != ST_DONE:
             return st, begin + (st == ST_CRASH or st == ST_LIVELOCK or st == ST_UNMATCHED)
         begin += 1
@@ -1094,10 +1182,11 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
     recs = 0
     insns = 0
     comp = 0
-    nr = 0   # rows of the slot's instruction in ibuf
+    fi = 0   # the slot's instruction: where its rows are (S_FIRST) ...
+    pc = 0   # ... and the completions of its current pass
     for i in range(begin, n):
         if not room:
-            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, nr)
+            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, fi, pc)
             if pool.shape[0] - gs[GS_NFREE] < headroom:
                 return ST_NEED_NODES, i
             st = drain_status(gs, htab, itab)
@@ -1110,7 +1199,7 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
             comp = 0
         row = start_row + i
         if row >= next_snap:
-            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, nr)
+            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, fi, pc)
             recs = 0
             insns = 0
             comp = 0
@@ -1120,7 +1209,7 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
         s = lut[vcpu[i]]
         ins = insn[i] if has_insn else row
         if s != last_s:
-            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, nr)
+            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, fi, pc)
             recs = 0
             insns = 0
             comp = 0
@@ -1128,7 +1217,9 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
             view, pq, root = current_view(vst, roots, s, altp2m)
             pend = vst[s, S_PENDING]
             cur_ins = vst[s, S_INSN]
-            nr = vst[s, S_NROWS]
+            fi = vst[s, S_FIRST]
+            fi = -(i + 1) if fi == CONT else fi
+            pc = vst[s, S_PCOUNT]
             new_insn = cur_ins != ins or not vst[s, S_STARTED]
             vst[s, S_STARTED] = 1
         else:
@@ -1136,7 +1227,7 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
         # ``pend`` is tested first: it is rarely set, while ``new_insn`` follows the data and
         # as the first test it mispredicted often enough to cost a third of the fast path.
         if pend and new_insn:
-            flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, nr)
+            flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, fi, pc)
             recs = 0
             insns = 0
             comp = 0
@@ -1149,41 +1240,36 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
         if pend and vst[s, S_EMUL]:
             vc[s, C_REC_EMUL] += 1
             continue
-        nr = 0 if new_insn else nr
-        if nr == MAX_INSN_ROWS:
-            flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, nr)
-            gs[GS_ERR_ROW] = row
-            return ST_LONG_INSN, i
+        # A new instruction starts here. Masks, not branches: new_insn follows the data, and a
+        # branch on it mispredicts often (see pend above).
+        keep = np.int64(new_insn) - 1  # 0 on a new instruction, else all ones
+        pc &= keep
+        fi = (fi & keep) | (i & ~keep)
         g = gfn[i]
         kb = KIND_BIT[access[i]]
-        # The row joins its instruction (the completion view is filled in below).
-        ibuf[s, nr, B_ROW] = row
-        if has_ip:
-            ibuf[s, nr, B_IP] = ip[i]
         # Fast path: a valid leaf of the current view that permits the access.
         done, e, lv = completes(pmap, pool, root, pq, g, kb, exec_sp)
         if done:
-            ibuf[s, nr, B_KEY] = (g << B_GFN_SHIFT) | ((view + 1) << B_CV_SHIFT) | kb
-            nr += 1
             comp += 1
+            pc += 1
             continue
-        ibuf[s, nr, B_KEY] = (g << B_GFN_SHIFT) | kb
-        nr += 1
-        flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, nr)
+        flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, fi, pc)
         recs = 0
         insns = 0
         comp = 0
         st = execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
-                     rules, granges, ibuf, pmap, s, nr - 1, e, lv, True, has_ip)
+                     rules, granges, ibuf, pmap, gfn, access, vcpu, ip, has_ip, lut, start_row,
+                     s, -1, i, e, lv, True)
         if st != ST_DONE:
-            if st == ST_CRASH or st == ST_LIVELOCK or st == ST_UNMATCHED:
+            if st == ST_CRASH or st == ST_LIVELOCK or st == ST_UNMATCHED or st == ST_LONG_INSN:
                 return st, i + 1
             return st, i  # room: the next call resumes this row's execution (GS_RESUME)
         view, pq, root = current_view(vst, roots, s, altp2m)
         pend = vst[s, S_PENDING]
+        pc = vst[s, S_PCOUNT]
         room = has_room(pool, gs, elog, headroom)
-    flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, nr)
-    return ST_DONE, n
+    flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, fi, pc)
+    return spill_open(vst, ibuf, gs, gfn, access, vcpu, ip, has_ip, lut, start_row, n), n
 
 
 @njit(cache=True, nogil=True)
