@@ -563,6 +563,17 @@ class TraceFacts:
     gfn_sets: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     page_counts: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
     touched_counts: tuple[np.ndarray, np.ndarray] | None = None
+    # SPEC §2 metadata for breakpoint selectors and CR3 rules
+    symbols: dict[str, int] = field(default_factory=dict)
+    processes: dict[str, int] = field(default_factory=dict)
+    # whether instructions have byte addresses (a gpa column, or gfn and ip), and, when a
+    # policy's breakpoint selectors need them (needs_insn_stats), from a pass over the trace:
+    # insn_starts = (byte addresses uint64 (n,) sorted, instructions starting there int64 (n,)),
+    # ip_first = (ips uint64 (m,) sorted, byte address of the first instruction whose first
+    # row is a fetch with that ip uint64 (m,))
+    byte_addresses: bool = False
+    insn_starts: tuple[np.ndarray, np.ndarray] | None = None
+    ip_first: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def merge_ranges(ranges) -> np.ndarray:
