@@ -40,17 +40,20 @@ from altp2m_replay.policy import parse_policy
 TOTAL_COUNTERS = (
     "records", "instructions", "ept_exits", "lazy_copies", "lazy_copies_4k", "lazy_copies_2m",
     "lazy_copies_1g", "lazy_copy_pages", "access_violations", "mem_access_events",
-    "singlestep_events", "async_events", "vm_events", "ve_delivered", "ve_blocked",
-    "ve_emulations", "mtf_exits", "switches_vm_event", "switches_fast_ss", "switches_vmfunc",
-    "view_switches", "emulations", "records_emulated", "access_changes", "superpage_splits",
-    "shatters", "mmio_accesses", "restarts", "ept_syncs", "ept_sync_ipis", "crashed",
-    "crash_record", "livelocked", "livelock_record", "setup_splits", "setup_skipped",
+    "singlestep_events", "async_events", "breakpoint_events", "cr3_events", "vm_events",
+    "ve_delivered", "ve_blocked", "ve_emulations", "mtf_exits", "switches_vm_event",
+    "switches_fast_ss", "switches_vmfunc", "view_switches", "emulations", "records_emulated",
+    "access_changes", "superpage_splits", "shatters", "mmio_accesses", "restarts", "int3_exits",
+    "control_records", "cr3_writes", "cr3_exits", "guest_vmfuncs", "vmfunc_exits", "host_drops",
+    "host_maps", "view_resets", "ept_syncs", "ept_sync_ipis", "crashed", "crash_record",
+    "livelocked", "livelock_record", "setup_splits", "setup_skipped",
 )
 VIEW_COUNTERS = (
-    "records_completed", "ept_exits", "lazy_copies", "lazy_copy_pages", "access_violations",
-    "ve_delivered", "switches_in", "pages_mapped", "leaves_4k", "leaves_2m", "leaves_1g",
+    "records_completed", "ept_exits", "int3_exits", "lazy_copies", "lazy_copy_pages",
+    "access_violations", "ve_delivered", "switches_in", "resets", "pages_mapped", "leaves_4k",
+    "leaves_2m", "leaves_1g",
 )
-GFN_COUNTERS = ("ept_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
+GFN_COUNTERS = ("ept_exits", "int3_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
 SETUP_ONLY = ("setup_splits", "setup_skipped")
 
 GIB_PAGES = 1 << 18
@@ -168,15 +171,17 @@ def _full(spec: dict, what: str, nvcpus: int = 1) -> dict:
     out.update(spec)
     # The two sums of §7, from the hand-derived parts (unless the test spells them out).
     if "vm_events" not in spec:
-        out["vm_events"] = out["mem_access_events"] + out["singlestep_events"] + out["async_events"]
+        out["vm_events"] = (out["mem_access_events"] + out["singlestep_events"] + out["async_events"]
+                            + out["breakpoint_events"] + out["cr3_events"])
     if "view_switches" not in spec:
         out["view_switches"] = out["switches_vm_event"] + out["switches_fast_ss"] + out["switches_vmfunc"]
-    # §5: every lazy copy, shatter, n2rwx async event, monitor response but emulate and #VE
-    # agent action but emulate ends its attempt in a restart. Tests with restarts of other
-    # causes (rx2rw, no-monitor relax) or a livelock spell `restarts` out.
+    # §5: every lazy copy, shatter, n2rwx async event, monitor response but emulate (to a
+    # mem_access or breakpoint event) and #VE agent action but emulate ends its attempt in a
+    # restart. Tests with restarts of other causes (rx2rw, no-monitor relax), async CR3
+    # events or a livelock spell `restarts` out.
     if "restarts" not in spec:
         out["restarts"] = (out["lazy_copies"] + out["shatters"] + out["async_events"]
-                           + out["mem_access_events"] - out["emulations"]
+                           + out["mem_access_events"] + out["breakpoint_events"] - out["emulations"]
                            + out["ve_delivered"] - out["ve_emulations"])
     # §5: each sync of a vCPU's step interrupts the trace's other vCPUs.
     if "ept_sync_ipis" not in spec:
