@@ -114,7 +114,7 @@ def trace_validate(file):
 @trace.command("generate")
 @click.argument("workload")
 @click.option("-n", "rows", type=click.IntRange(min=1), required=True, help="Number of rows.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--vcpus", type=click.IntRange(1, 4096), default=1, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 def trace_generate(workload, rows, seed, vcpus, output):
