@@ -164,11 +164,17 @@ def trace_import(fmt, input_path, output, base_gfn):
               help="Run cells on an existing Dask cluster (tcp://HOST:PORT).")
 @click.option("--resume", is_flag=True, help="Skip cells already finished in the output folder.")
 @click.option("--no-html", is_flag=True, help="Skip report.html.")
-def replay(traces, policies, out_dir, costs, profile, window, jobs, scheduler, resume, no_html):
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Memory budget of each process, such as 8G or 512M (default: half the RAM).")
+def replay(traces, policies, out_dir, costs, profile, window, jobs, scheduler, resume, no_html,
+           max_memory):
     """Replay every TRACE (file, or folder of .parquet) under every POLICY."""
+    from altp2m_replay import budget, run
     from altp2m_replay import costs as cost_mod
-    from altp2m_replay import run
     from altp2m_replay.progress import Progress
+
+    if max_memory is not None:
+        budget.set_limit(budget.parse_size(max_memory))
 
     overrides = cost_mod.parse_cost_options(costs)
     manifest = run.replay(traces, policies, out_dir, cost_overrides=overrides, profile=profile,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from altp2m_replay import budget
 from altp2m_replay.engine import _kernels as K
 from altp2m_replay.errors import PolicyError, ReplayRuntimeError
 from altp2m_replay.policy import (
@@ -147,6 +148,7 @@ class Replayer:
         self.total_rows = int(total_rows)
         self.window = int(window or max(1, math.ceil(self.total_rows / 256)))
         self.n_windows = max(1, math.ceil(self.total_rows / self.window))
+        budget.check_cell(policy, facts, self.total_rows, self.window, (self.ram, sels))
 
         self.vcpu_list = [int(v) for v in vcpus]
         self.lut = np.zeros(4096, dtype=np.int64)
@@ -225,7 +227,12 @@ class Replayer:
     # ------------------------------------------------------------------ set-up
     def _grow_pool(self) -> None:
         used = int(self.gs[K.GS_NFREE])
-        new = np.zeros((max(2 * self.pool.shape[0], used + 2 * self.headroom), 512), dtype=np.int64)
+        least = used + 2 * self.headroom
+        # double, or less when the budget has less room; the copy holds both pools a while
+        rows = max(least, min(2 * self.pool.shape[0], budget.room() // budget.NODE_BYTES))
+        budget.ensure(rows * budget.NODE_BYTES,
+                      f"policy {self.policy.name!r}: the p2m tables ({rows:,} nodes of 4 KiB)")
+        new = np.zeros((rows, 512), dtype=np.int64)
         new[:used] = self.pool[:used]
         self.pool = new
 
