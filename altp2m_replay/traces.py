@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numba import njit
 
+from altp2m_replay import budget
 from altp2m_replay.errors import TraceError, escape
 
 META_KEY = "altp2m_replay"
@@ -350,7 +351,8 @@ class TraceStats:
 class _CountMerger:
     """Sums (key, count) pairs streamed in batches; memory ~ distinct keys, not rows."""
 
-    def __init__(self):
+    def __init__(self, label: str = "trace"):
+        self.label = label
         self.keys = np.empty(0, np.uint64)
         self.counts = np.empty(0, np.int64)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
@@ -367,6 +369,9 @@ class _CountMerger:
     def _merge(self) -> None:
         if not self._pending:
             return
+        n = len(self.keys) + sum(len(k) for k, _ in self._pending)
+        # concatenated keys and counts, the sort order and the sorted copies: 40 bytes a key
+        budget.ensure(40 * n, f"{self.label}: counting rows per page ({n:,} gfn counts)")
         keys = np.concatenate([self.keys] + [k for k, _ in self._pending])
         counts = np.concatenate([self.counts] + [c for _, c in self._pending])
         self._pending, self._pending_len = [], 0
@@ -524,7 +529,7 @@ class Validator:
         self.last_row = np.full(VCPU_LIMIT, -1, dtype=np.int64)
         self.gfn_lo: list[int] = []
         self.gfn_hi: list[int] = []
-        self.mergers = ({k: _CountMerger() for k in ("read", "written", "executed", "touched")}
+        self.mergers = ({k: _CountMerger(self.label) for k in ("read", "written", "executed", "touched")}
                         if page_counts else None)
         self.shift = 12 if self.addr == "gpa" else 0
 

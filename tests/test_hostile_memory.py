@@ -309,3 +309,13 @@ def test_per_ip_table_is_bounded_with_exact_totals(tmp_path, monkeypatch):
         assert pl.read_parquet(tmp_path / "capped" / f"{t}.parquet").equals(
             pl.read_parquet(tmp_path / "full" / f"{t}.parquet")), t
     assert "other ips" in (tmp_path / "capped" / "report.html").read_text(encoding="utf-8")
+
+
+def test_page_counts_ask_the_budget_before_they_merge(tmp_path, monkeypatch):
+    """Policies that select gfns by page counts (and trace info) count rows per distinct
+    gfn: on a trace of millions of distinct gfns that table asks the budget too."""
+    path = _random_trace(tmp_path / "t.parquet", n=5000)
+    monkeypatch.setattr(budget, "rss", budget.limit)
+    with pytest.raises(MemoryBudgetError, match=r"t.parquet: counting rows per page \(\d[\d,]* gfn counts\)"):
+        traces.validate(path, page_counts=True)
+    assert traces.validate(path).rows == 5000  # without page counts nothing is merged
