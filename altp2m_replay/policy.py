@@ -256,7 +256,7 @@ def _parse_domain(t: dict) -> Domain:
     try:
         major, minor = (int(p) for p in str(xen_s).split(".")[:2])
     except ValueError:
-        raise _fail(where, f'"xen" must be a version like "4.22", found {xen_s!r}') from None
+        raise _fail(where, f'"xen" must be a version like "4.22", found {shown(xen_s)}') from None
     xen = (major, minor)
     if xen < (4, 6):
         raise _fail(where, f'"xen" {xen_s} predates altp2m (4.6)')

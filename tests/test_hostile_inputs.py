@@ -69,6 +69,8 @@ POLICY_HEAD = 'name = "hostile"\n'
     ('description = ["a"]\n', '"description" must be a string'),
     ('[domain]\nhost_order = 9.0\n', '"host_order" must be 0, 9 or 18'),
     ('[domain]\nhost_order = [9]\n', '"host_order" must be 0, 9 or 18'),
+    ('[domain]\nxen = "4.' + "9" * 5000 + '"\n', '"xen" must be a version'),
+    ('[domain]\nxen = ["4.22"]\n', '"xen" must be a version'),
     # integers too large for a float, wherever a number goes
     ("[costs]\nept_exit = 1" + "0" * 400 + "\n", 'cost "ept_exit" must be a number'),
     ("[costs]\ncpu_ghz = 1" + "0" * 400 + "\n", '"cpu_ghz" must be a number'),
