@@ -319,3 +319,20 @@ def test_page_counts_ask_the_budget_before_they_merge(tmp_path, monkeypatch):
     with pytest.raises(MemoryBudgetError, match=r"t.parquet: counting rows per page \(\d[\d,]* gfn counts\)"):
         traces.validate(path, page_counts=True)
     assert traces.validate(path).rows == 5000  # without page counts nothing is merged
+
+
+def test_statistics_are_read_again_only_when_they_would_size_a_big_host(tmp_path, monkeypatch):
+    """Ten policies over an honest 1 GiB trace keep the one-pass replay (no validation pass
+    first); a footer implying a host p2m past TRUSTED_STATS_BYTES gets one."""
+    path = _random_trace(tmp_path / "t.parquet", n=3000)
+    pols = [load_policy(p) for p in ["xen-access-altp2m-write", "xen-access-altp2m-exec"] * 5]
+    passes = []
+    real = traces.validate
+    monkeypatch.setattr(traces, "validate", lambda *a, **k: passes.append(a) or real(*a, **k))
+    prepared = [run.replay_facts(path, False)]
+    assert prepared[0][2] is False  # sized from statistics, values not checked yet
+    assert budget.check_run([path], pols, prepared, None)[0][2] is False and passes == []
+    stats, facts, _ = prepared[0]
+    lying = TraceFacts(max_gfn=1 << 35, meta_ram=None)
+    out = budget.check_run([path], pols, [(stats, lying, False)], None)
+    assert len(passes) == 1 and out[0][2] is True and out[0][1].max_gfn == stats.max_gfn
