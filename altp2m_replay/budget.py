@@ -191,6 +191,8 @@ def estimate(policy, facts, rows: int, window: int | None = None, resolved=None)
         nbytes = write_4k_nodes(gfns) * NODE_BYTES * GROWTH
         if op.op == "change_gfn":  # old and new gfns are expanded into arrays
             nbytes += 32 * range_count(gfns)
+            if op.new is not None:
+                nbytes += 8 * range_count(sels.ranges[id(op.new)])
         needs.append(Need(f"{policy.source}: {op.where} ({range_count(gfns):,} gfns)", nbytes))
     n_p2m = 1 + (d.nr_altp2m if d.altp2m else 0)
     win = window or max(1, math.ceil(rows / 256))
