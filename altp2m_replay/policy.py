@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from altp2m_replay.errors import PolicyError, did_you_mean
+from altp2m_replay.errors import PolicyError, did_you_mean, shown
 
 # p2m_access_t values, in Xen's order (xen/include/xen/mem_access.h).
 ACCESS_CODES = {
@@ -304,7 +305,7 @@ def _parse_domain(t: dict) -> Domain:
     try:
         major, minor = (int(p) for p in str(xen_s).split(".")[:2])
     except ValueError:
-        raise _fail(where, f'"xen" must be a version like "4.22", found {xen_s!r}') from None
+        raise _fail(where, f'"xen" must be a version like "4.22", found {shown(xen_s)}') from None
     xen = (major, minor)
     if xen < (4, 6):
         raise _fail(where, f'"xen" {xen_s} predates altp2m (4.6)')
@@ -317,7 +318,7 @@ def _parse_domain(t: dict) -> Domain:
         raise _fail(where, f'"origin" must be "create" or "restore", found {origin!r}'
                            f'{did_you_mean(origin, ORIGINS) if isinstance(origin, str) else ""}')
     host_order = t.get("host_order", default_host_order(origin, xen))
-    if host_order not in (0, 9, 18) or isinstance(host_order, bool):
+    if type(host_order) is not int or host_order not in (0, 9, 18):
         raise _fail(where, f'"host_order" must be 0, 9 or 18, found {host_order!r}')
     ram = None
     if "ram" in t:
@@ -364,16 +365,42 @@ def _view_ref(value, names: dict[str, int], where: str) -> int:
     raise _fail(where, f"expected a view name or index, found {value!r}")
 
 
+# Bounds that keep reading a hostile file fast (tomllib is quadratic in dotted-key parts).
+MAX_POLICY_BYTES = 16 << 20
+MAX_KEY_PARTS = 100
+_PART = r"""(?:[A-Za-z0-9_-]+|"[^"\n]*"|'[^'\n]*')"""
+# where a key or a table name starts: a line's start (after "[" or "[["), or in an inline table
+_LONG_KEY = re.compile(r"(?:^|[{,])[ \t]*\[{0,2}[ \t]*" + _PART
+                       + r"(?:[ \t]*\.[ \t]*" + _PART + f"){{{MAX_KEY_PARTS}}}", re.MULTILINE)
+
+
 def parse_policy(text: str, source: str) -> Policy:
     """Parse and check policy TOML ``text``; ``source`` names it in messages."""
+    if len(text) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{source}: {len(text):,} characters; policy files are limited to "
+                          f"{MAX_POLICY_BYTES:,}")
+    long_key = _LONG_KEY.search(text)
+    if long_key is not None:
+        line = text.count("\n", 0, long_key.start()) + 1
+        raise PolicyError(f"{source}: line {line}: a dotted key or table name with more than "
+                          f"{MAX_KEY_PARTS} parts")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"{source}: broken TOML: {exc}") from None
+    except RecursionError:
+        raise PolicyError(f"{source}: arrays or tables nested too deeply") from None
     try:
         return _build(doc, text, source)
     except PolicyError as exc:
         raise PolicyError(f"{source}: {exc}") from None
+    except RecursionError:  # repr() of a value nested hundreds deep, in a message
+        raise PolicyError(f"{source}: a value nested too deeply") from None
+
+
+def _one_of(value, choices) -> bool:
+    """``value`` is a string among ``choices`` (a list or table from TOML is not)."""
+    return isinstance(value, str) and value in choices
 
 
 def _build(doc: dict, text: str, source: str) -> Policy:
@@ -382,6 +409,8 @@ def _build(doc: dict, text: str, source: str) -> Policy:
     if not isinstance(name, str) or not name:
         raise _fail("policy", 'needs a "name" string')
     description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise _fail("policy", f'"description" must be a string, found {type(description).__name__}')
     domain = _parse_domain(doc.get("domain", {}))
 
     raw_views = doc.get("view", [])
@@ -452,8 +481,8 @@ def _parse_setup(raw, names: dict[str, int], domain: Domain) -> list[SetupOp]:
         if not isinstance(t, dict):
             raise _fail(where, "must be a table")
         op = t.get("op")
-        if op not in SETUP_KEYS:
-            raise _fail(where, f"unknown op {op!r}{did_you_mean(op, SETUP_OPS)}")
+        if not _one_of(op, SETUP_KEYS):
+            raise _fail(where, f"unknown op {shown(op)}{did_you_mean(op, SETUP_OPS)}")
         where = f"setup[{i}] ({op})"
         _check_keys(t, ("op",) + SETUP_KEYS[op], where)
         for key in SETUP_KEYS[op]:
@@ -500,8 +529,8 @@ def _parse_rules(raw, names: dict[str, int], domain: Domain) -> list[Rule]:
             raise _fail(where, "must be a table")
         _check_keys(t, RULE_KEYS, where)
         action = t.get("action")
-        if action not in RESPONSE_CODES:
-            raise _fail(where, f"unknown action {action!r}{did_you_mean(action, RESPONSE_CODES)}")
+        if not _one_of(action, RESPONSE_CODES):
+            raise _fail(where, f"unknown action {shown(action)}{did_you_mean(action, RESPONSE_CODES)}")
         if not domain.altp2m and action in ("step", "switch"):
             raise _fail(where, f'action "{action}" switches views, which needs altp2m; with altp2m = false only emulate and set-access exist')
         view = _view_ref(t["view"], names, where) if "view" in t else None
@@ -509,8 +538,8 @@ def _parse_rules(raw, names: dict[str, int], domain: Domain) -> list[Rule]:
         if "kind" in t:
             k = t["kind"]
             ks = [k] if isinstance(k, str) else k
-            if not isinstance(ks, list) or not ks or any(x not in KIND_CODES for x in ks):
-                raise _fail(where, f'"kind" must be "r", "w", "x" or a list of them, found {k!r}')
+            if not isinstance(ks, list) or not ks or any(not _one_of(x, KIND_CODES) for x in ks):
+                raise _fail(where, f'"kind" must be "r", "w", "x" or a list of them, found {shown(k)}')
             kinds = tuple(sorted(set(ks)))
         gfns = parse_selector(t["gfns"], where + " gfns") if "gfns" in t else None
         extra = {"step": ("to", "fast"), "switch": ("to",), "set-access": ("access",), "emulate": ()}[action]
@@ -540,8 +569,8 @@ def _parse_on_ve(raw, names: dict[str, int], domain: Domain) -> OnVE | None:
         raise _fail(where, "#VE needs altp2m; this policy sets [domain] altp2m = false")
     _check_keys(raw, VE_KEYS, where)
     action = raw.get("action")
-    if action not in VE_CODES:
-        raise _fail(where, f"unknown action {action!r}{did_you_mean(action, VE_CODES)}")
+    if not _one_of(action, VE_CODES):
+        raise _fail(where, f"unknown action {shown(action)}{did_you_mean(action, VE_CODES)}")
     if action == "emulate":
         if "to" in raw:
             raise _fail(where, '"to" does not apply to action "emulate"')

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from altp2m_replay import __version__, traces
+from altp2m_replay import __version__, budget, traces
 from altp2m_replay.checks import coverage_gaps
 from altp2m_replay.costs import effective_costs
 from altp2m_replay.engine import Replayer
@@ -363,6 +363,7 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
     stored: list[Path] = []  # cell folders this run wrote
     try:
         prepared = ex.map(_validate_unit, [(p, need_counts) for p in paths])
+        prepared = budget.check_run(paths, policies, prepared, window)  # before any cell runs
         # Which cells still need computing (all of them unless resuming).
         keys = {}
         done: dict[tuple[str, str], CellOutput] = {}

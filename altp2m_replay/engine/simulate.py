@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from altp2m_replay import budget
 from altp2m_replay.engine import _kernels as K
 from altp2m_replay.errors import PolicyError, ReplayRuntimeError, TraceError
 from altp2m_replay.policy import (
@@ -38,6 +39,9 @@ from altp2m_replay.policy import (
 MAX_EXPLICIT_GFNS = 1 << 24
 # Event-log entries between drains into the per-gfn / per-ip tables (tests shrink it).
 LOG_ROWS = K.LOG_ROWS
+# Most rows of the per-ip table (24 bytes each): past it, the ips with the fewest events fold
+# into one "other" count (SimResult.ip_other).
+IP_ROWS = 1 << 20
 # Most bytes of the fast-path cache (one per p2m and gfn); gfns past it are walked every time.
 PMAP_BYTES = 1 << 27
 
@@ -154,6 +158,8 @@ class SimResult:
     window: int
     warnings: list[str] = field(default_factory=list)
     guest_cycles: dict[int, int] = field(default_factory=dict)
+    # ept_exits, ve_delivered of ips without a row of their own (per-ip table at IP_ROWS)
+    ip_other: tuple[int, int] = (0, 0)
 
     @property
     def gfns(self) -> dict[tuple[int, int], dict[str, int]]:
@@ -177,6 +183,7 @@ class Replayer:
         self.total_rows = int(total_rows)
         self.window = int(window or max(1, math.ceil(self.total_rows / 256)))
         self.n_windows = max(1, math.ceil(self.total_rows / self.window))
+        budget.check_cell(policy, facts, self.total_rows, self.window, (self.ram, sels))
 
         self.vcpu_list = [int(v) for v in vcpus]
         self.lut = np.zeros(4096, dtype=np.int64)
@@ -248,6 +255,7 @@ class Replayer:
         self.pv = np.zeros((max(1, n_p2m - 1), K.N_VIEW_COUNTERS), dtype=np.int64)
         self.htab = np.zeros((1 << 10, K.H_WIDTH), dtype=np.int64)
         self.itab = np.zeros((1 << 10, K.I_WIDTH), dtype=np.int64)
+        self.ip_other = np.zeros(2, dtype=np.int64)  # ept_exits, ve_delivered of compacted ips
         self.elog = np.zeros((max(LOG_ROWS, K.LOG_SLACK + 1), 3), dtype=np.int64)
         # fast-path cache over the gfns the trace can touch, within PMAP_BYTES (pages of it
         # that no access reaches are never touched, so cost no memory)
@@ -277,7 +285,12 @@ class Replayer:
     # ------------------------------------------------------------------ set-up
     def _grow_pool(self) -> None:
         used = int(self.gs[K.GS_NFREE])
-        new = np.zeros((max(2 * self.pool.shape[0], used + 2 * self.headroom), 512), dtype=np.int64)
+        least = used + 2 * self.headroom
+        # double, or less when the budget has less room; the copy holds both pools a while
+        rows = max(least, min(2 * self.pool.shape[0], budget.room() // budget.NODE_BYTES))
+        budget.ensure(rows * budget.NODE_BYTES,
+                      f"policy {self.policy.name!r}: the p2m tables ({rows:,} nodes of 4 KiB)")
+        new = np.zeros((rows, 512), dtype=np.int64)
         new[:used] = self.pool[:used]
         self.pool = new
 
@@ -466,12 +479,37 @@ class Replayer:
                         self.guest_seen, self.guest_first, self.guest_last, i, op_arr, has_op)
 
     def _grow_tables(self) -> None:
-        """Grow the per-gfn and per-ip tables until draining the event log fits in them."""
+        """Grow the per-gfn and per-ip tables until draining the event log fits in them; a
+        per-ip table at IP_ROWS is compacted instead (``_compact_ips``)."""
         while (st := K.drain_status(self.gs, self.htab, self.itab)) != K.ST_DONE:
+            table = self.htab if st == K.ST_NEED_HASH else self.itab
+            # (compacting frees a quarter of the rows: enough unless the log alone is bigger)
+            if st != K.ST_NEED_HASH and table.shape[0] >= IP_ROWS and 4 * int(self.gs[K.GS_LOGN]) < table.shape[0]:
+                self._compact_ips()
+                continue
+            what = "per-gfn" if st == K.ST_NEED_HASH else "per-ip"
+            budget.ensure(2 * table.nbytes, f"policy {self.policy.name!r}: the {what} table "
+                                            f"({2 * table.shape[0]:,} rows)")
             if st == K.ST_NEED_HASH:
                 self.htab = _grown(self.htab, False)
             else:
                 self.itab = _grown(self.itab, True)
+
+    def _compact_ips(self) -> None:
+        """Keep the half of the per-ip table's rows with the most events (ties: lower ip) and
+        add the rest to ``ip_other``: totals stay exact, the table stays at IP_ROWS rows."""
+        t = self.itab
+        used = np.flatnonzero(t[:, K.I_EXITS] | t[:, K.I_VE])
+        room = (3 * t.shape[0]) // 4 - int(self.gs[K.GS_LOGN]) - 1
+        keep = max(0, min(t.shape[0] // 2, room))
+        events = t[used, K.I_EXITS] + t[used, K.I_VE]
+        order = np.lexsort((t[used, K.I_IP].view(np.uint64), -events))
+        gone = used[order[keep:]]
+        self.ip_other += t[gone][:, [K.I_EXITS, K.I_VE]].sum(axis=0)
+        new = np.frombuffer(mmap.mmap(-1, t.nbytes), dtype=np.int64).reshape(t.shape)
+        K.rehash(np.ascontiguousarray(t[used[order[:keep]]]), new, True, np.zeros(K.N_GS, dtype=np.int64))
+        self.itab = new
+        self.gs[K.GS_ICOUNT] = keep
 
     def finish(self, vcpus=None) -> SimResult:
         """End open instructions (unless crashed) and collect every table.
@@ -549,7 +587,8 @@ class Replayer:
         rows = used_ip[iorder]  # one gather per column: 2-D fancy indexing took 60 ms here
         ip_values = np.stack([self.itab[rows, K.I_EXITS], self.itab[rows, K.I_VE]], axis=1)
         return SimResult(total, vcpus, views, gfn_keys, gfn_values, ips[iorder], ip_values,
-                         timeline, population, self.window, self.warnings, guest)
+                         timeline, population, self.window, self.warnings, guest,
+                         ip_other=(int(self.ip_other[0]), int(self.ip_other[1])))
 
 
 def _grown(table: np.ndarray, ip_table: bool) -> np.ndarray:

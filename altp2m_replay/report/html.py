@@ -430,14 +430,18 @@ def _ip_hotspots(by_ip: pl.DataFrame | None, summary: pl.DataFrame, trace: str, 
         if sub.height == 0:
             continue
         exits = int(sub["ept_exits"].sum())
+        # a null ip is the "other" row of a bounded per-ip table: shown last, never ranked
+        other = sub.filter(pl.col("ip").is_null())
+        sub = sub.filter(pl.col("ip").is_not_null())
         top = sub.sort(["ept_exits", "ve_delivered", "ip"],
                        descending=[True, True, False]).head(TOP_IPS)
         rows = top.select("ip", "ept_exits", "ve_delivered").to_dicts()
+        rows += other.select("ip", "ept_exits", "ve_delivered").to_dicts()
         peak = max((r["ept_exits"] for r in rows), default=0) or 1
         for r in rows:
             r["bar"] = f"{100 * r['ept_exits'] / peak:.1f}"
             r["share"] = _percent(r["ept_exits"], exits)
-        top_exits = sum(r["ept_exits"] for r in rows)
+        top_exits = sum(r["ept_exits"] for r in rows if r["ip"] is not None)
         out.append({"policy": p, "colour": pcolour[p], "rows": rows, "ips": sub.height,
                     "exits": exits, "ve": int(sub["ve_delivered"].sum()),
                     "top_share": _percent(top_exits, exits) if exits else None})
