@@ -19,6 +19,9 @@ class _Group(click.Group):
         except ReplayError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT
+            click.echo("Error: interrupted", err=True)
+            sys.exit(130)
         except FileNotFoundError as exc:
             click.echo(f"Error: {exc.filename}: no such file or directory", err=True)
             sys.exit(2)
@@ -170,6 +173,7 @@ def replay(traces, policies, out_dir, costs, profile, window, jobs, scheduler, r
     manifest = run.replay(traces, policies, out_dir, cost_overrides=overrides, profile=profile,
                           window=window, jobs=jobs, scheduler=scheduler, resume=resume,
                           html=not no_html, progress=Progress.for_terminal(),
+                          warn=lambda m: click.echo(f"warning: {m}", err=True),
                           command="altp2m-replay " + " ".join(_Root.invoked_args))
     cells = manifest["cells"]
     rate = manifest["timings"]["records_per_second"]

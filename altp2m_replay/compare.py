@@ -18,7 +18,8 @@ from pathlib import Path
 import polars as pl
 
 from altp2m_replay.errors import OutputError, did_you_mean
-from altp2m_replay.report.data import read_table, results_dir
+from altp2m_replay.outdir import check_output_set
+from altp2m_replay.report.data import read_manifest, read_table, results_dir
 
 DEFAULT_METRICS = ("cycles_total", "ept_exits", "vm_events")
 KEY = ("trace", "policy", "vcpu")
@@ -75,6 +76,7 @@ class Comparison:
 # ----------------------------------------------------------------------------- loading
 def _load(path) -> tuple[Path, pl.DataFrame]:
     d = results_dir(path)
+    check_output_set(d, read_manifest(d))  # one run's files, or an error
     df = read_table(d, "summary", KEY)
     if df.height == 0:
         raise OutputError(f"{d / 'summary.parquet'}: holds no rows")
