@@ -219,6 +219,7 @@ def test_unreadable_parquet(base, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(base, bad)
     (bad / "summary.parquet").write_bytes(b"PAR1 garbage")
+    resign(bad)  # past the mixed-folder check, to the Parquet reader
     r, code = gate(base, bad)
     assert code == 2
     assert "summary.parquet" in one_error_line(r) and "not a readable Parquet" in r.stderr
