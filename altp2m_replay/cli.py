@@ -269,4 +269,5 @@ def compare_cmd(base_dir, new_dir, metrics, max_increase, fmt):
     click.echo(text)
     if failed:
         raise GateFailed(f"{new_dir}: a metric grew more than {max_increase:g}% over {base_dir}, "
-                         f"or a cell of {base_dir} is missing (see above)")
+                         f"has no usable value (null, NaN, infinite), or a cell of {base_dir} "
+                         f"is missing (see above)")
