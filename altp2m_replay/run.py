@@ -24,9 +24,9 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
 
 import numpy as np
@@ -348,12 +348,33 @@ class _Local:
         pass
 
 
-def _worker_init(parent: int) -> None:
-    """In each worker process: Ctrl-C is the main process's to handle (a terminal sends it
-    to every process of the group), and a worker whose parent is gone (killed, perhaps by
-    the OOM killer) exits instead of running on as an orphan."""
+def _worker_main(conn, parent: int) -> None:
+    """A worker process: run ``(fn, item)`` tasks from ``conn`` and send back
+    ``(True, result)`` or ``(False, exception, traceback text)`` until told to stop.
+
+    Ctrl-C is the main process's to handle (a terminal sends it to the whole process group;
+    the worker also starts with SIGINT ignored, see _Processes._start), and a thread exits
+    the worker when its parent is gone (killed, perhaps by the OOM killer) instead of
+    letting it run on as an orphan.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        fn, item = task
+        try:
+            reply = (True, fn(item))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main process
+            reply = (False, exc, traceback.format_exc())
+        try:
+            conn.send(reply)
+        except Exception as exc:  # noqa: BLE001 - e.g. an exception that cannot be pickled
+            conn.send((False, RuntimeError(f"{type(exc).__name__}: {exc}"), traceback.format_exc()))
 
 
 def _watch_parent(parent: int, every: float = 0.2) -> None:
@@ -362,57 +383,102 @@ def _watch_parent(parent: int, every: float = 0.2) -> None:
     os._exit(1)
 
 
-def _died(procs) -> str:
-    codes = sorted({p.exitcode for p in procs if p.exitcode})
-    for code in codes:
-        if code < 0:
-            try:
-                return f" (killed by {signal.Signals(-code).name})"
-            except ValueError:
-                return f" (killed by signal {-code})"
-    return f" (exit code {codes[0]})" if codes else ""
-
-
 class _Processes:
+    """Units in up to ``jobs`` spawned worker processes, one unit at a time each.
+
+    A small pool of its own rather than ProcessPoolExecutor: that one's result thread can
+    hang for good on a worker killed while sending its result (so Ctrl-C could not finish),
+    and it says only BrokenProcessPool when a worker dies. Here each worker has its own
+    pipe, a dead worker is seen by its sentinel (WorkerLost, with how it died), and
+    ``close(abort=True)`` kills the workers without waiting for anything.
+    """
+
     def __init__(self, jobs: int):
         # spawn, not fork: a forked child inherits polars' and pyarrow's thread pools in
         # whatever state they were and can deadlock. Workers load kernels from Numba's cache.
-        self.ex = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_worker_init, initargs=(os.getpid(),))
-        self.procs: dict = {}
+        self.ctx = multiprocessing.get_context("spawn")
+        self.jobs = jobs
+        self.idle: list = []  # (process, connection)
+        self.all: list = []
 
-    def _track(self):
-        # the pool forgets a dead worker; keep our own view to say how it died
-        self.procs.update(getattr(self.ex, "_processes", None) or {})
-
-    def _result(self, fut):
+    def _start(self):
+        conn, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker_main, args=(child, os.getpid()), daemon=True)
+        # SIGINT ignored across the exec, so a Ctrl-C while the worker starts up cannot print
+        # its traceback (Python keeps an inherited SIG_IGN); _worker_main keeps it ignored.
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
-            return fut.result()
-        except BrokenProcessPool:
-            self._track()
-            raise WorkerLost(f"a worker process died{_died(self.procs.values())}, often for lack "
-                             f"of memory") from None
+            proc.start()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, old)
+        child.close()
+        self.all.append((proc, conn))
+        return proc, conn
+
+    def submit_all(self, fn, items):
+        queue = list(enumerate(items))[::-1]
+        while len(self.all) < min(self.jobs, len(queue)):
+            self.idle.append(self._start())
+        busy: dict = {}  # connection -> (item index, process)
+        while queue or busy:
+            while queue and self.idle:
+                proc, conn = self.idle.pop()
+                i, item = queue.pop()
+                try:
+                    conn.send((fn, item))
+                except OSError:  # it died while idle
+                    self._lost(proc)
+                busy[conn] = (i, proc)
+            ready = mp_wait([*busy, *(p.sentinel for _, p in busy.values())])
+            for conn in [r for r in ready if r in busy]:
+                i, proc = busy.pop(conn)
+                try:
+                    reply = conn.recv()
+                except (EOFError, OSError):
+                    self._lost(proc)
+                self.idle.append((proc, conn))
+                if not reply[0]:
+                    exc = reply[1]
+                    if not isinstance(exc, ReplayError):
+                        exc.add_note(f"in a worker process:\n{reply[2]}")
+                    raise exc
+                yield i, reply[1]
+            for proc in [p for _, p in busy.values() if p.sentinel in ready]:
+                self._lost(proc)
+
+    def _lost(self, proc):
+        proc.join(1)
+        code = proc.exitcode
+        if code is not None and code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exit code {code}"
+        raise WorkerLost(f"a worker process died ({how}), often for lack of memory")
 
     def map(self, fn, items):
-        futs = [self.ex.submit(fn, item) for item in items]
-        self._track()
-        return [self._result(f) for f in futs]
+        return [r for _, r in sorted(self.submit_all(fn, items), key=lambda x: x[0])]
 
     keep = map
 
-    def submit_all(self, fn, items):
-        futs = {self.ex.submit(fn, item): i for i, item in enumerate(items)}
-        self._track()
-        for f in as_completed(futs):
-            yield futs[f], self._result(f)
-
     def close(self, abort=False):
-        if abort:  # running cells would otherwise finish first: stop their processes now
-            self._track()
-            for p in self.procs.values():
-                with contextlib.suppress(Exception):
-                    p.kill()
-        self.ex.shutdown(wait=True, cancel_futures=True)
+        for proc, conn in self.all:
+            if abort:
+                proc.kill()  # running units would otherwise finish first
+            else:
+                with contextlib.suppress(OSError):
+                    conn.send(None)
+        for proc, conn in self.all:
+            proc.join(None if abort else 10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            conn.close()
+        self.all, self.idle = [], []
 
 
 class _Dask:
