@@ -1,23 +1,26 @@
 """``replay``: every trace x every policy, each trace decoded once, tables and manifest out.
 
 A run has two phases. First every policy and trace is checked (for traces a streaming pre-pass
-that also gathers what gfn selectors need), so bad input stops the run before any output
-exists; an error found while replaying leaves only finished cells in ``DIR/.cells``. Then work
-units — one trace with a group of policies — replay in this process, in ``jobs`` local
+that also gathers what gfn selectors need), so bad input stops the run before any work. Then
+work units — one trace with a group of policies — replay in this process, in ``jobs`` local
 processes, or on a Dask cluster. A unit decodes its trace's row groups once and feeds every
 policy's state from the same batches. Each finished cell (trace x policy) is stored at once
 under ``DIR/.cells/`` so an interrupted run loses nothing finished, and ``--resume`` skips
-cells whose inputs have not changed. The final tables are concatenated from the cells.
+cells whose inputs have not changed. The final tables are concatenated from the cells and
+replace the folder's files as one set (``outdir``). The folder is locked for the run; bad
+input or a failed write leaves it as it was (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -204,10 +207,20 @@ CELL_FORMAT = 1  # cell.json layout; a stored cell of another format is computed
 
 
 def cell_key(trace_sha: str, policy: Policy, costs: dict, window) -> str:
-    """What a cell's numbers depend on: trace bytes, policy text, costs, window, version."""
-    blob = json.dumps([__version__, trace_sha, policy.text, policy.source, costs, window],
-                      sort_keys=True, default=str)
+    """What a cell's numbers depend on: trace bytes, policy text, costs, window, and the
+    code (version and source: a stored cell of other code may differ in numbers or columns)."""
+    blob = json.dumps([__version__, _code_digest(), trace_sha, policy.text, policy.source,
+                       costs, window], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@functools.cache
+def _code_digest() -> str:
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def _cell_ident(trace: str, policy: str) -> str:
@@ -266,16 +279,24 @@ def clear_stale_temporaries(out: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+_CELL_NAME = re.compile(r"[A-Za-z0-9_-]*-([0-9a-f]{16})-[0-9a-f]{24}")
+
+
 def prune_cells(out: Path, current: dict[tuple[str, str], str]) -> None:
-    """Remove stored cells of this run's (trace, policy) pairs whose key is not the current
-    one: they can never be resumed again."""
+    """Remove stored cells that can never be resumed again: those of this run's (trace,
+    policy) pairs with another key, and folders not named as cells are (older versions)."""
     cells = out / CELLS
     keep = {_cell_dir(out, t, p, k).name for (t, p), k in current.items()}
     idents = {_cell_ident(t, p) for t, p in current}
     for d in cells.iterdir() if cells.is_dir() else ():
-        parts = d.name.rsplit("-", 2)
-        if len(parts) == 3 and parts[1] in idents and d.name not in keep:
+        m = _CELL_NAME.fullmatch(d.name)
+        if d.name not in keep and (m is None or m.group(1) in idents):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _BadCell(Exception):
@@ -322,8 +343,7 @@ def load_cell(out: Path, trace: str, policy: str, key: str, warn=None) -> CellOu
             tables[name] = pl.read_parquet(path)
     except (_BadCell, OSError, ValueError, RecursionError, pl.exceptions.PolarsError) as exc:
         if warn is not None:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            warn(f"{d}: stored cell not usable ({reason}); computing it again")
+            warn(f"{d}: stored cell not usable ({_first_line(exc)}); computing it again")
         return None
     return CellOutput(trace, policy, tables, seconds, records, warnings, costs)
 
@@ -614,7 +634,12 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
 
             def write_set(staging: Path) -> None:
                 for name in TABLES:
-                    df = pl.concat([c.tables[name] for c in cells], how="vertical")
+                    try:
+                        df = pl.concat([c.tables[name] for c in cells], how="vertical")
+                    except pl.exceptions.PolarsError as exc:  # a stored cell edited by hand
+                        raise OutputError(f"{out / CELLS}: the {name} tables of the stored cells "
+                                          f"do not fit together ({_first_line(exc)}); run "
+                                          f"without --resume") from None
                     write_table(df, staging / f"{name}.parquet", shown=out / f"{name}.parquet")
                 manifest["files"] = table_digests(staging)  # what belongs together (outdir)
                 text = (json.dumps(manifest, indent=2) + "\n").encode()

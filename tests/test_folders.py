@@ -406,3 +406,30 @@ def test_cells_of_an_earlier_key_are_pruned_after_a_run(corpus, tmp_path):
        "--no-html", "-o", out)
     second = sorted(p.name for p in (out / ".cells").iterdir())
     assert len(first) == len(second) == 1 and first != second
+
+
+def test_cell_folders_of_older_versions_are_pruned(corpus, tmp_path):
+    out = tmp_path / "out"
+    old = out / ".cells" / "a__baseline"  # how cells were named before
+    old.mkdir(parents=True)
+    (old / "cell.json").write_text("{}")
+    ok("replay", corpus / "a.parquet", "-p", "baseline", "--jobs", 1, "--no-html", "-o", out,
+       "--resume")
+    assert not old.exists() and len(list((out / ".cells").iterdir())) == 1
+
+
+def test_a_resigned_cell_with_other_columns_is_one_error(corpus, tmp_path):
+    """Hand-edited tables whose digests were recorded again pass the cell's checks; that they
+    no longer fit the other cells is still one Error line, not a traceback."""
+    out = tmp_path / "out"
+    args = ["replay", corpus / "a.parquet", *pargs(*POLICIES), "--jobs", 1, "--no-html", "-o", out]
+    ok(*args)
+    cell = _one_cell(out)
+    pl.read_parquet(cell / "by_gfn.parquet").drop("viol_x").write_parquet(cell / "by_gfn.parquet")
+    meta = json.loads((cell / "cell.json").read_text())
+    meta["files"]["by_gfn.parquet"] = outdir.sha256(cell / "by_gfn.parquet")
+    (cell / "cell.json").write_text(json.dumps(meta))
+    before = snapshot(out)
+    line = one_error(cli(*args, "--resume"))
+    assert "by_gfn tables of the stored cells do not fit together" in line
+    assert snapshot(out) == before
