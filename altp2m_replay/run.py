@@ -349,16 +349,14 @@ def load_cell(out: Path, trace: str, policy: str, key: str, warn=None) -> CellOu
 
 
 # --------------------------------------------------------------------------- executors
-# Each executor has ``map`` (results here, in order), ``keep`` (like map, but on a cluster the
-# results stay there: the handles are passed on to later work), ``submit_all`` (results in
-# completion order) and ``close(abort)`` (abort: stop running work now).
+# Each executor has ``keep`` (results in order: here, or on a cluster handles to results that
+# stay there, passed on to later work), ``submit_all`` (results here, in completion order)
+# and ``close(abort)`` (abort: stop running work now).
 class _Local:
     """Runs functions in this process."""
 
-    def map(self, fn, items):
+    def keep(self, fn, items):
         return [fn(i) for i in items]
-
-    keep = map
 
     def submit_all(self, fn, items):
         for i, item in enumerate(items):
@@ -480,10 +478,8 @@ class _Processes:
             how = f"exit code {code}"
         raise WorkerLost(f"a worker process died ({how}), often for lack of memory")
 
-    def map(self, fn, items):
+    def keep(self, fn, items):
         return [r for _, r in sorted(self.submit_all(fn, items), key=lambda x: x[0])]
-
-    keep = map
 
     def close(self, abort=False):
         for proc, conn in self.all:
@@ -521,9 +517,6 @@ class _Dask:
             return fut.result()
         except KilledWorker as exc:
             raise WorkerLost(f"Dask workers died running a cell ({exc})") from None
-
-    def map(self, fn, items):
-        return [self._result(f) for f in self.client.map(fn, items, pure=False)]
 
     def keep(self, fn, items):
         """Results stay on the workers (futures); errors are raised here, before any work.

@@ -545,6 +545,8 @@ def write_report(out_dir) -> Path:
     Holds the folder's lock (no replay may be writing into it) and first finishes a switch
     to a new set of files that a killed replay left half done (see ``outdir``).
     """
+    if not Path(out_dir).is_dir():
+        results_dir(out_dir)  # says what is wrong with it
     with FolderLock(Path(out_dir)):
         finish_switch(Path(out_dir))
         page = render_html(out_dir)
