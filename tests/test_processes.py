@@ -75,11 +75,11 @@ def all_gone(pids, timeout: float) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
-def replay_cmd(traces: Path, out: Path, *extra) -> list[str]:
+def replay_cmd(traces: Path, out: Path, *extra, html: bool = False) -> list[str]:
     args = [sys.executable, "-m", "altp2m_replay", "replay", str(traces)]
     for p in POLICIES:
         args += ["-p", p]
-    return args + ["--no-html", "-o", str(out), *map(str, extra)]
+    return args + [*([] if html else ["--no-html"]), "-o", str(out), *map(str, extra)]
 
 
 def start(cmd) -> subprocess.Popen:
@@ -250,3 +250,43 @@ def test_dask_sends_each_trace_facts_once(tmp_path, monkeypatch):
     assert len({f.key for f in facts}) == 2  # one per trace
     run.replay([corpus], pols, tmp_path / "local", jobs=1, html=False)
     same_tables(tmp_path / "dask", tmp_path / "local")
+
+
+# --------------------------------------------------------------------------- killed at any moment
+def test_a_replay_killed_at_any_moment_leaves_one_runs_files(tmp_path):
+    """SIGKILL a replay into a folder holding an earlier run's output, at moments from its
+    last cell being stored to past its end (the span in which it replaces the files): the
+    folder then shows the earlier run's files or the new run's, never a mix, and its report
+    (if any) is of the same run; `compare` refuses only a switch left half done, which
+    `report` finishes."""
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    generate.generate("kernel", 200_000, seed=5, vcpus=2, output=corpus / "k.parquet")
+    earlier, later = tmp_path / "earlier", tmp_path / "later"
+    run.replay([corpus], ["baseline"], earlier, jobs=1)
+    run.replay([corpus], list(POLICIES), later, jobs=1)
+    seen = set()
+    for k, delay in enumerate((0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8, 3.0)):
+        out = tmp_path / f"out{k}"
+        run.replay([corpus], ["baseline"], out, jobs=1)
+        proc = start(replay_cmd(corpus, out, "--jobs", 1, html=True))
+        assert wait_for(lambda: len(finished_cells(out)) == 3 or proc.poll() is not None, 120)  # noqa: B023
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        r = subprocess.run([sys.executable, "-m", "altp2m_replay", "compare", str(out), str(out)],
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+            assert "a replay was stopped while replacing its files" in r.stderr
+            r = subprocess.run([sys.executable, "-m", "altp2m_replay", "report", str(out)],
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            seen.add("half switched")
+        policies = {p["name"] for p in json.loads((out / "manifest.json").read_text())["policies"]}
+        which = "later" if policies == set(POLICIES) else "earlier"
+        same_tables(out, later if which == "later" else earlier)
+        seen.add(which)
+        if (out / "report.html").exists():  # the report, when there is one, is of the same run
+            assert ("codemon-flip" in (out / "report.html").read_text(encoding="utf-8")) == (which == "later")
+    assert {"earlier", "later"} <= seen, seen  # kills landed before and after the switch
