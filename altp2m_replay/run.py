@@ -516,7 +516,8 @@ class _Dask:
         try:
             return fut.result()
         except KilledWorker as exc:
-            raise WorkerLost(f"Dask workers died running a cell ({exc})") from None
+            reason = _first_line(exc).split(". ")[0]
+            raise WorkerLost(f"a Dask worker died, often for lack of memory ({reason})") from None
 
     def keep(self, fn, items):
         """Results stay on the workers (futures); errors are raised here, before any work.

@@ -290,3 +290,38 @@ def test_a_replay_killed_at_any_moment_leaves_one_runs_files(tmp_path):
         if (out / "report.html").exists():  # the report, when there is one, is of the same run
             assert ("codemon-flip" in (out / "report.html").read_text(encoding="utf-8")) == (which == "later")
     assert {"earlier", "later"} <= seen, seen  # kills landed before and after the switch
+
+
+def test_a_dask_worker_that_dies_is_one_error_line(big, tmp_path):
+    """A Dask worker killed mid-cell (no retries allowed) ends the run with one Error line
+    through the CLI's path (WorkerLost, exit 1), not a KilledWorker traceback."""
+    import threading
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    from altp2m_replay.errors import WorkerLost
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, protocol="tcp",
+                         host="127.0.0.1", dashboard_address=None) as cluster, \
+            Client(cluster.scheduler_address) as client:
+        (pid,) = client.run(os.getpid).values()
+        caught = []
+
+        def go():
+            try:
+                run.replay([big], list(POLICIES), tmp_path / "out", scheduler=cluster.scheduler_address,
+                           html=False)
+            except BaseException as exc:  # noqa: BLE001 - inspected below
+                caught.append(exc)
+
+        t = threading.Thread(target=go)
+        t.start()
+        assert wait_for(lambda: any(client.processing().values()), 120)
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        t.join(120)
+    assert len(caught) == 1 and isinstance(caught[0], WorkerLost), caught
+    assert str(caught[0]).startswith("a Dask worker died, often for lack of memory ("), caught[0]
+    assert "\n" not in str(caught[0])
