@@ -7,8 +7,8 @@ from then on the set is complete) and its files are moved over the old ones, the
 after the tables. A run killed in the middle of those renames leaves ``.switch`` behind; the
 next ``replay`` or ``report`` into the folder finishes the move, and until then ``report``
 and ``compare`` refuse the folder. The manifest records the SHA-256 of every table it was
-written with, so a table from another run (copied in, or left by an older version without
-``.switch``) is refused by name instead of being reported beside the wrong manifest.
+written with, so a table from another run (copied in by hand, say) is refused by name
+instead of being reported beside the wrong manifest.
 
 Only one run writes into a folder at a time: ``OutputFolder`` holds an ``flock`` on
 ``.lock`` for the whole run. The kernel drops the lock when its holder dies, so a killed run
@@ -115,8 +115,8 @@ class FolderLock:
                 who = f" (pid {holder})" if holder else ""
                 raise OutputError(f"{self.path.parent}: another run is writing into this folder"
                                   f"{who}; wait for it to finish or choose another folder") from None
-            # The holder we waited for may have removed the file between our open and our
-            # lock: then we hold a lock on a file nobody else will open. Open it again.
+            # The previous holder may have removed the file between our open and our lock:
+            # then we hold a lock on a file nobody else will open. Open it again.
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:

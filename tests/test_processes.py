@@ -325,3 +325,16 @@ def test_a_dask_worker_that_dies_is_one_error_line(big, tmp_path):
     assert len(caught) == 1 and isinstance(caught[0], WorkerLost), caught
     assert str(caught[0]).startswith("a Dask worker died, often for lack of memory ("), caught[0]
     assert "\n" not in str(caught[0])
+
+
+def test_ctrl_c_during_the_switch_waits_for_its_end(tmp_path):
+    """SIGINT arriving while the files are being moved in is held until the last move."""
+    from altp2m_replay import outdir
+
+    moved = []
+    with pytest.raises(KeyboardInterrupt), outdir.interrupts_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # a handler that raised would have raised by now
+        moved.append("all")
+    assert moved == ["all"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
