@@ -13,6 +13,7 @@ of a run (``--jobs N`` runs up to N). It travels to worker processes in the envi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -232,8 +233,6 @@ def check_run(paths, policies, prepared: list, window: int | None) -> list:
     the run allocate for values the file does not hold.
     """
     from altp2m_replay import traces
-    from altp2m_replay.policy import TraceFacts
-
     out = list(prepared)
     for i, (path, (stats, facts, checked)) in enumerate(zip(paths, out, strict=True)):
         per_policy = [estimate(p, facts, stats.rows, window) for p in policies]
@@ -242,8 +241,7 @@ def check_run(paths, policies, prepared: list, window: int | None) -> list:
         if not checked and any(needs[0].nbytes > TRUSTED_STATS_BYTES for needs in per_policy):
             tr = traces.open_trace(path)
             stats = traces.validate(tr, page_counts=facts.page_counts is not None)
-            facts = TraceFacts(max_gfn=stats.max_gfn, meta_ram=tr.meta.ram,
-                               gfn_sets=dict(tr.meta.gfn_sets or {}), page_counts=stats.page_counts)
+            facts = dataclasses.replace(facts, max_gfn=stats.max_gfn, page_counts=stats.page_counts)
             out[i] = (stats, facts, True)
             per_policy = [estimate(p, facts, stats.rows, window) for p in policies]
         check([n for needs in per_policy for n in needs],

@@ -25,6 +25,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except ReplayError as exc:
             _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT
+            _fail("interrupted", 130)
         except FileNotFoundError as exc:
             _fail(f"{exc.filename}: no such file or directory", 2)
         except (OSError, MemoryError) as exc:
@@ -180,6 +182,7 @@ def replay(traces, policies, out_dir, costs, profile, window, jobs, scheduler, r
     manifest = run.replay(traces, policies, out_dir, cost_overrides=overrides, profile=profile,
                           window=window, jobs=jobs, scheduler=scheduler, resume=resume,
                           html=not no_html, progress=Progress.for_terminal(),
+                          warn=lambda m: click.echo(f"warning: {m}", err=True),
                           command="altp2m-replay " + " ".join(_Root.invoked_args))
     cells = manifest["cells"]
     rate = manifest["timings"]["records_per_second"]
@@ -275,4 +278,5 @@ def compare_cmd(base_dir, new_dir, metrics, max_increase, fmt):
     click.echo(text)
     if failed:
         raise GateFailed(f"{new_dir}: a metric grew more than {max_increase:g}% over {base_dir}, "
-                         f"or a cell of {base_dir} is missing (see above)")
+                         f"has no usable value (null, NaN, infinite), or a cell of {base_dir} "
+                         f"is missing (see above)")

@@ -36,6 +36,18 @@ class OutputError(ReplayError):
     """An output or results folder is missing, unreadable or inconsistent."""
 
 
+class WorkerLost(ReplayError):
+    """A worker process died (killed by the system, often for memory). Exit code 1."""
+
+    exit_code = 1
+
+
+class Interrupted(ReplayError):
+    """Ctrl-C (SIGINT): the run stopped; the message says what it kept. Exit code 130."""
+
+    exit_code = 130
+
+
 class GateFailed(ReplayError):
     """``compare`` found a metric that grew past the threshold. Exit code 1."""
 
