@@ -16,9 +16,11 @@ import hashlib
 import json
 import multiprocessing
 import os
+import queue
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -133,7 +135,7 @@ def replay_facts(path: Path, page_counts: bool) -> tuple[traces.TraceStats, Trac
 
 def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profile: str | None,
                  window: int | None, batch_rows: int | None = None, prepared=None,
-                 progress=None) -> list[CellOutput]:
+                 progress=None, threads: int = 1) -> list[CellOutput]:
     """Replay one trace under every policy with a single decode of the trace.
 
     ``prepared`` is ``replay_facts``'s result when the caller has it already;
@@ -141,6 +143,11 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     checked, each batch is checked before any policy sees it: a bad row stops the replay
     with the same TraceError ``trace validate`` gives (a replay error in an earlier row of
     the trace comes first).
+
+    ``threads`` > 1 replays the policies side by side: policy i goes to worker i mod
+    ``threads``, every worker feeds its policies the same decoded batches in order, so each
+    cell's state sees exactly what it sees one after the other, and the results are the
+    same. Errors are the ones the sequential order raises (see ``_side_by_side``).
     """
     path = Path(path)
     if prepared is None:
@@ -149,18 +156,15 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     tr = traces.open_trace(path)
     validator = None if checked else traces.Validator(tr)
     t0 = time.perf_counter()
+    columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc", "ip") if c in tr.columns]
     try:
         reps = [Replayer(p, facts, stats.vcpus, stats.rows, window=window) for p in policies]
-        columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc", "ip") if c in tr.columns]
-        # Decode (and check) the next row group while the kernel (nogil) replays this one.
-        for b in prefetch(tr.batches(batch_rows=batch_rows, columns=tuple(columns), validator=validator)):
-            live = [r for r in reps if not r.done]
-            if not live and validator is None:
-                break  # every policy crashed the guest; the rest still gets checked otherwise
-            for r in live:
-                r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start, ip=b.ip)
-            if progress is not None:
-                progress(len(b.gfn) * len(reps))
+        batches = tr.batches(batch_rows=batch_rows, columns=tuple(columns), validator=validator)
+        lanes = _split(list(range(len(reps))), threads)
+        if len(lanes) > 1:
+            _side_by_side(reps, lanes, batches, validator is not None, progress)
+        else:
+            _one_after_another(reps, batches, validator is not None, progress)
     except (ReplayRuntimeError, PolicyError) as exc:
         # The engine knows the row and the policy; the user also needs the trace file.
         raise type(exc)(f"{path}: {exc}") from None
@@ -172,7 +176,7 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
             # column statistics disagreed with the values: replay again from the facts the
             # checks gathered (progress has counted these rows once already)
             return replay_trace(path, policies, cost_overrides, profile, window, batch_rows,
-                                (full, _facts(tr, full), True), None)
+                                (full, _facts(tr, full), True), None, threads)
     elapsed = time.perf_counter() - t0
     out = []
     for p, r in zip(policies, reps, strict=True):
@@ -181,6 +185,110 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
         out.append(CellOutput(tr.name, p.name, cell_tables(tr.name, p, res, costs), elapsed / len(reps),
                               res.total["records"], res.warnings, costs))
     return out
+
+
+def _feed(r: Replayer, b: traces.Batch) -> None:
+    r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start, ip=b.ip)
+
+
+def _one_after_another(reps: list[Replayer], batches, checking: bool, progress) -> None:
+    """Feed each batch to every policy in turn, in this thread (decode runs ahead in another)."""
+    for b in prefetch(batches):
+        live = [r for r in reps if not r.done]
+        if not live and not checking:
+            break  # every policy crashed the guest; the rest still gets checked otherwise
+        for r in live:
+            _feed(r, b)
+        if progress is not None:
+            progress(len(b.gfn) * len(reps))
+
+
+class _Lane:
+    """One worker thread and the fixed group of policies (indices into reps) it replays."""
+
+    def __init__(self, members: list[int], depth: int):
+        self.members = members
+        self.inbox: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: tuple[int, int, BaseException] | None = None  # (batch, policy index, exc)
+        self.thread: threading.Thread | None = None
+
+
+def _side_by_side(reps: list[Replayer], lanes: list[list[int]], batches, checking: bool,
+                  progress, depth: int = 2) -> None:
+    """Feed every batch to every policy, one worker thread per lane of policies.
+
+    This thread only hands batches out: decoding runs ``prefetch``'s depth ahead in its own
+    thread, and each lane's inbox holds ``depth`` more, so a lane never waits for decoding
+    while another is busy. Errors: the sequential order raises the error of the earliest
+    batch, and within it of the first policy (a trace value error, raised when the batch is
+    decoded, comes before any policy sees that batch). Every lane runs until its first error
+    or until the earliest error known so far, so the smallest (batch, policy) among the
+    lanes' errors is that same error, whatever the scheduling. No worker outlives the call.
+    """
+    state = {"limit": None}  # the earliest batch with an error found so far
+    lock = threading.Lock()
+    cancelled = threading.Event()
+
+    def work(lane: _Lane) -> None:
+        while True:
+            item = lane.inbox.get()
+            if item is None:
+                return
+            k, b = item
+            if cancelled.is_set() or lane.error is not None:
+                continue  # keep draining so the dispatcher never blocks on this inbox
+            limit = state["limit"]
+            if limit is not None and k > limit:
+                continue
+            for i in lane.members:
+                r = reps[i]
+                if r.done:
+                    continue
+                try:
+                    _feed(r, b)
+                except BaseException as exc:  # re-raised by the dispatching thread
+                    lane.error = (k, i, exc)
+                    with lock:
+                        if state["limit"] is None or k < state["limit"]:
+                            state["limit"] = k
+                    break
+
+    work_lanes = [_Lane(m, depth) for m in lanes]
+    for n, lane in enumerate(work_lanes):
+        lane.thread = threading.Thread(target=work, args=(lane,), name=f"replay-{n}", daemon=True)
+        lane.thread.start()
+    decode_error: tuple[int, BaseException] | None = None
+    it = prefetch(batches)
+    k = 0  # the batch being decoded
+    try:
+        try:
+            for b in it:
+                limit = state["limit"]
+                if limit is not None and k > limit:
+                    break
+                if not checking and all(r.done for r in reps):
+                    break  # every policy crashed the guest
+                for lane in work_lanes:
+                    lane.inbox.put((k, b))
+                if progress is not None:
+                    progress(len(b.gfn) * len(reps))
+                k += 1
+        except Exception as exc:  # a bad trace value or a decode failure, found at batch k
+            decode_error = (k, exc)
+    except BaseException:  # interrupted: stop the workers after their current batch
+        cancelled.set()
+        raise
+    finally:
+        it.close()  # stops the decoding thread
+        for lane in work_lanes:
+            lane.inbox.put(None)
+        for lane in work_lanes:
+            lane.thread.join()
+    errors = [lane.error for lane in work_lanes if lane.error is not None]
+    if decode_error is not None:
+        errors.append((decode_error[0], -1, decode_error[1]))
+    if errors:
+        raise min(errors, key=lambda e: (e[0], e[1]))[2]
 
 
 def _validate_unit(args):
@@ -324,15 +432,34 @@ def _split(items: list, parts: int) -> list[list]:
     return [items[i::parts] for i in range(parts)]
 
 
+def plan_workers(traces: int, jobs: int, explicit_jobs: bool, threads: int | None,
+                 cores: int) -> tuple[int, int]:
+    """(policy groups per trace, threads per group) for ``traces`` traces with work to do.
+
+    Processes take whole traces, and threads share a trace's policies on one decode: by
+    default ``jobs`` is the number of cores but no more than the traces, and ``threads``
+    the cores left to each process, so ``replay BIG -p a -p b`` runs one process with two
+    threads on two cores, and ``replay corpus/ -p a`` two processes of one thread. Only an
+    explicit ``--jobs`` larger than the number of traces splits a trace's policies over
+    processes (each decoding the trace), as before threads existed.
+    """
+    groups = max(1, jobs // max(1, traces)) if explicit_jobs else 1
+    if threads is None:
+        busy = max(1, min(jobs, traces * groups))
+        threads = max(1, cores // busy)
+    return groups, threads
+
+
 # --------------------------------------------------------------------------- run
 def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=None, window=None,
            jobs=None, scheduler=None, resume=False, html=True, command=None, batch_rows=None,
-           progress=None) -> dict:
+           progress=None, threads=None) -> dict:
     """Run every trace x policy and write SPEC §10's outputs into ``out_dir``.
 
     Policies and trace schemas are checked before any work, and every trace value before
     the first output file exists; every file is written atomically. ``progress`` is an
     optional object with ``start(total_rows)``, ``advance(rows)`` and ``done()``.
+    ``jobs`` and ``threads`` combine as ``plan_workers`` says.
     """
     paths = expand_trace_args(trace_args)
     policies = load_policies(policy_refs)
@@ -352,7 +479,9 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
     overrides = cost_overrides or {}
     for p in policies:
         effective_costs(p.costs, profile, overrides)  # a bad profile fails here, not in a worker
-    jobs = jobs or os.cpu_count() or 1
+    cores = os.cpu_count() or 1
+    explicit_jobs = jobs is not None
+    jobs = jobs or min(cores, len(paths))
     t0 = time.perf_counter()
     need_counts = any(needs_page_counts(p) for p in policies)
     shas = [sha256(p) for p in paths]
@@ -377,10 +506,12 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
                     done[(cached.trace, cached.policy)] = cached
                 else:
                     todo.setdefault(ti, []).append(pol)
-        groups_per_trace = max(1, jobs // max(1, len(todo))) if not scheduler else len(policies)
+        groups_per_trace, threads = plan_workers(len(todo), jobs, explicit_jobs, threads, cores)
+        if scheduler:
+            groups_per_trace, threads = len(policies), 1
         # In this process the unit reports every batch; elsewhere each finished unit does.
         inline = progress.advance if progress is not None and isinstance(ex, _Local) else None
-        units = [(paths[ti], group, overrides, profile, window, batch_rows, prepared[ti], inline)
+        units = [(paths[ti], group, overrides, profile, window, batch_rows, prepared[ti], inline, threads)
                  for ti, pols in todo.items() for group in _split(pols, groups_per_trace)]
         if progress is not None:
             progress.start(sum(opened[ti].rows * len(pols) for ti, pols in todo.items()))
@@ -430,7 +561,7 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
                   for c in cells],
         "timings": {"seconds": round(elapsed, 6),
                     "records_per_second": round(records / elapsed) if elapsed > 0 else None,
-                    "jobs": jobs, "scheduler": scheduler, "resumed_cells": len(cells) - fresh},
+                    "jobs": jobs, "threads": threads, "scheduler": scheduler, "resumed_cells": len(cells) - fresh},
     }
     atomic_write_json(manifest, out / "manifest.json")
     if html:
