@@ -16,11 +16,9 @@ import hashlib
 import json
 import multiprocessing
 import os
-import queue
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -41,11 +39,12 @@ from altp2m_replay.errors import (
     TraceError,
 )
 from altp2m_replay.policy import Policy, TraceFacts, load_policy, needs_page_counts
-from altp2m_replay.prefetch import prefetch
+from altp2m_replay.prefetch import side_by_side
 from altp2m_replay.results import TABLES, atomic_write_json, atomic_write_parquet, cell_tables
 
 CELLS = ".cells"
 MAX_WINDOWS = 1 << 16  # timeline windows per cell: each holds every counter
+
 
 
 def expand_trace_args(args) -> list[Path]:
@@ -144,10 +143,9 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     with the same TraceError ``trace validate`` gives (a replay error in an earlier row of
     the trace comes first).
 
-    ``threads`` > 1 replays the policies side by side: policy i goes to worker i mod
-    ``threads``, every worker feeds its policies the same decoded batches in order, so each
-    cell's state sees exactly what it sees one after the other, and the results are the
-    same. Errors are the ones the sequential order raises (see ``_side_by_side``).
+    ``threads`` > 1 replays the policies side by side (``prefetch.side_by_side``): every
+    policy still gets the decoded batches in order, so its cell is the same, and errors are
+    those of replaying the policies one after the other.
     """
     path = Path(path)
     if prepared is None:
@@ -157,138 +155,48 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     validator = None if checked else traces.Validator(tr)
     t0 = time.perf_counter()
     columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc", "ip") if c in tr.columns]
+    seen = rerun = None
+
+    def feed(i: int, b: traces.Batch) -> bool:
+        r = reps[i]
+        r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start, ip=b.ip)
+        return r.done  # the guest crashed: nothing more to replay
+
+    def settle() -> bool:
+        nonlocal seen, rerun
+        if validator is not None:
+            full = validator.result()
+            seen = full.vcpus  # the vCPUs rows name; replayers have a slot for every candidate
+            if full.max_gfn != stats.max_gfn or not np.isin(seen, stats.vcpus).all():
+                rerun = full
+                return False
+        return True
+
+    def finish(i: int):
+        p = policies[i]
+        res = reps[i].finish(vcpus=seen)
+        costs = effective_costs(p.costs, profile, cost_overrides)
+        return res, costs, cell_tables(tr.name, p, res, costs)
+
+    def advance(b: traces.Batch) -> None:
+        progress(len(b.gfn) * len(reps))
+
     try:
         reps = [Replayer(p, facts, stats.vcpus, stats.rows, window=window) for p in policies]
         batches = tr.batches(batch_rows=batch_rows, columns=tuple(columns), validator=validator)
-        lanes = _split(list(range(len(reps))), threads)
-        if len(lanes) > 1:
-            _side_by_side(reps, lanes, batches, validator is not None, progress)
-        else:
-            _one_after_another(reps, batches, validator is not None, progress)
+        done = side_by_side(batches, len(reps), feed, finish, threads, read_all=validator is not None,
+                            settle=settle, on_item=None if progress is None else advance)
     except (ReplayRuntimeError, PolicyError) as exc:
         # The engine knows the row and the policy; the user also needs the trace file.
         raise type(exc)(f"{path}: {exc}") from None
-    seen = None
-    if validator is not None:
-        full = validator.result()
-        seen = full.vcpus  # the vCPUs rows name; replayers have a slot for every candidate
-        if full.max_gfn != stats.max_gfn or not np.isin(seen, stats.vcpus).all():
-            # column statistics disagreed with the values: replay again from the facts the
-            # checks gathered (progress has counted these rows once already)
-            return replay_trace(path, policies, cost_overrides, profile, window, batch_rows,
-                                (full, _facts(tr, full), True), None, threads)
+    if done is None:
+        # column statistics disagreed with the values: replay again from the facts the
+        # checks gathered (progress has counted these rows once already)
+        return replay_trace(path, policies, cost_overrides, profile, window, batch_rows,
+                            (rerun, _facts(tr, rerun), True), None, threads)
     elapsed = time.perf_counter() - t0
-    out = []
-    for p, r in zip(policies, reps, strict=True):
-        res = r.finish(vcpus=seen)
-        costs = effective_costs(p.costs, profile, cost_overrides)
-        out.append(CellOutput(tr.name, p.name, cell_tables(tr.name, p, res, costs), elapsed / len(reps),
-                              res.total["records"], res.warnings, costs))
-    return out
-
-
-def _feed(r: Replayer, b: traces.Batch) -> None:
-    r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start, ip=b.ip)
-
-
-def _one_after_another(reps: list[Replayer], batches, checking: bool, progress) -> None:
-    """Feed each batch to every policy in turn, in this thread (decode runs ahead in another)."""
-    for b in prefetch(batches):
-        live = [r for r in reps if not r.done]
-        if not live and not checking:
-            break  # every policy crashed the guest; the rest still gets checked otherwise
-        for r in live:
-            _feed(r, b)
-        if progress is not None:
-            progress(len(b.gfn) * len(reps))
-
-
-class _Lane:
-    """One worker thread and the fixed group of policies (indices into reps) it replays."""
-
-    def __init__(self, members: list[int], depth: int):
-        self.members = members
-        self.inbox: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: tuple[int, int, BaseException] | None = None  # (batch, policy index, exc)
-        self.thread: threading.Thread | None = None
-
-
-def _side_by_side(reps: list[Replayer], lanes: list[list[int]], batches, checking: bool,
-                  progress, depth: int = 2) -> None:
-    """Feed every batch to every policy, one worker thread per lane of policies.
-
-    This thread only hands batches out: decoding runs ``prefetch``'s depth ahead in its own
-    thread, and each lane's inbox holds ``depth`` more, so a lane never waits for decoding
-    while another is busy. Errors: the sequential order raises the error of the earliest
-    batch, and within it of the first policy (a trace value error, raised when the batch is
-    decoded, comes before any policy sees that batch). Every lane runs until its first error
-    or until the earliest error known so far, so the smallest (batch, policy) among the
-    lanes' errors is that same error, whatever the scheduling. No worker outlives the call.
-    """
-    state = {"limit": None}  # the earliest batch with an error found so far
-    lock = threading.Lock()
-    cancelled = threading.Event()
-
-    def work(lane: _Lane) -> None:
-        while True:
-            item = lane.inbox.get()
-            if item is None:
-                return
-            k, b = item
-            if cancelled.is_set() or lane.error is not None:
-                continue  # keep draining so the dispatcher never blocks on this inbox
-            limit = state["limit"]
-            if limit is not None and k > limit:
-                continue
-            for i in lane.members:
-                r = reps[i]
-                if r.done:
-                    continue
-                try:
-                    _feed(r, b)
-                except BaseException as exc:  # re-raised by the dispatching thread
-                    lane.error = (k, i, exc)
-                    with lock:
-                        if state["limit"] is None or k < state["limit"]:
-                            state["limit"] = k
-                    break
-
-    work_lanes = [_Lane(m, depth) for m in lanes]
-    for n, lane in enumerate(work_lanes):
-        lane.thread = threading.Thread(target=work, args=(lane,), name=f"replay-{n}", daemon=True)
-        lane.thread.start()
-    decode_error: tuple[int, BaseException] | None = None
-    it = prefetch(batches)
-    k = 0  # the batch being decoded
-    try:
-        try:
-            for b in it:
-                limit = state["limit"]
-                if limit is not None and k > limit:
-                    break
-                if not checking and all(r.done for r in reps):
-                    break  # every policy crashed the guest
-                for lane in work_lanes:
-                    lane.inbox.put((k, b))
-                if progress is not None:
-                    progress(len(b.gfn) * len(reps))
-                k += 1
-        except Exception as exc:  # a bad trace value or a decode failure, found at batch k
-            decode_error = (k, exc)
-    except BaseException:  # interrupted: stop the workers after their current batch
-        cancelled.set()
-        raise
-    finally:
-        it.close()  # stops the decoding thread
-        for lane in work_lanes:
-            lane.inbox.put(None)
-        for lane in work_lanes:
-            lane.thread.join()
-    errors = [lane.error for lane in work_lanes if lane.error is not None]
-    if decode_error is not None:
-        errors.append((decode_error[0], -1, decode_error[1]))
-    if errors:
-        raise min(errors, key=lambda e: (e[0], e[1]))[2]
+    return [CellOutput(tr.name, p.name, tables, elapsed / len(reps), res.total["records"], res.warnings, costs)
+            for p, (res, costs, tables) in zip(policies, done, strict=True)]
 
 
 def _validate_unit(args):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from altp2m_replay import run
 from altp2m_replay.cli import main
 from altp2m_replay.errors import ReplayRuntimeError, TraceError
 from altp2m_replay.policy import builtin_names, load_policy
+from altp2m_replay.prefetch import side_by_side
 from altp2m_replay.results import TABLES
 from altp2m_replay.traces import write_trace
 
@@ -28,7 +30,7 @@ def _digests(out: Path) -> dict[str, str]:
 
 
 def _workers_alive() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith(("replay-", "prefetch"))]
+    return [t.name for t in threading.enumerate() if t.name.startswith(("side-by-side-", "prefetch"))]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,6 @@ def _error(trace, pols, batch_rows, threads):
 ])
 def test_a_worker_error_is_the_sequential_order_error(threads, batch_rows, row, policy, tmp_path):
     trace = _write_trace(tmp_path)
-    # with two threads "b" is in the first lane and "a" in the second
     pols = [load_policy("baseline"), _partial(tmp_path, "a", 0x500), _partial(tmp_path, "b", 0x300),
             load_policy("none")]
     expected = _error(trace, pols, batch_rows, 1)
@@ -182,3 +183,90 @@ def test_help_says_how_jobs_and_threads_combine():
     assert result.exit_code == 0
     text = " ".join(result.output.split())
     assert "--threads" in text and "--jobs" in text and "jobs x threads" in text
+
+
+# --------------------------------------------------------------------------- side_by_side itself
+class _Consumers:
+    """Consumers that record what they see; ``fail[i] = (item, seconds)`` makes consumer i
+    sleep then raise at that item, ``stop[i]`` makes it want no more after that item."""
+
+    def __init__(self, n, fail=None, stop=None):
+        self.seen = [[] for _ in range(n)]
+        self.fail = fail or {}
+        self.stop = stop or {}
+
+    def feed(self, i, item):
+        if i in self.fail and self.fail[i][0] == item:
+            time.sleep(self.fail[i][1])
+            raise ValueError(f"consumer {i} at item {item}")
+        self.seen[i].append(item)
+        return self.stop.get(i) == item
+
+    def finish(self, i):
+        return (i, list(self.seen[i]))
+
+
+def _items(n, bad_at=None):
+    for k in range(n):
+        if k == bad_at:
+            raise KeyError(f"item {k}")
+        yield k
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_each_consumer_gets_every_item_in_order_and_results_come_in_consumer_order(threads):
+    c = _Consumers(5, stop={3: 4})
+    out = side_by_side(_items(40), 5, c.feed, c.finish, threads)
+    assert out == [(i, list(range(40)) if i != 3 else list(range(5))) for i in range(5)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_a_later_item_that_failed_first_in_time_does_not_win(threads):
+    # consumer 0 fails at once at item 2; consumer 3 fails at item 1, slowly: the order one
+    # consumer after the other raises consumer 3's error
+    c = _Consumers(4, fail={0: (2, 0.0), 3: (1, 0.3)})
+    with pytest.raises(ValueError, match="consumer 3 at item 1"):
+        side_by_side(_items(10), 4, c.feed, c.finish, threads)
+    assert _workers_alive() == []
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_within_one_item_the_first_consumer_wins(threads):
+    c = _Consumers(4, fail={1: (3, 0.3), 2: (3, 0.0)})
+    with pytest.raises(ValueError, match="consumer 1 at item 3"):
+        side_by_side(_items(10), 4, c.feed, c.finish, threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("bad_at, error", [(2, "item 2"), (6, "consumer 0 at item 5")])
+def test_an_error_of_the_items_ranks_before_the_consumers_at_that_item(threads, bad_at, error):
+    c = _Consumers(3, fail={0: (5, 0.1)})
+    with pytest.raises((KeyError, ValueError), match=error):
+        side_by_side(_items(10, bad_at=bad_at), 3, c.feed, c.finish, threads)
+    assert _workers_alive() == []
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_reading_stops_when_no_consumer_wants_more_unless_read_all(threads):
+    read = []
+
+    def items():
+        for k in range(50):
+            read.append(k)
+            yield k
+
+    c = _Consumers(2, stop={0: 3, 1: 5})
+    side_by_side(items(), 2, c.feed, c.finish, threads)
+    assert len(read) < 50  # stopped early (the reading thread runs a little ahead)
+    read.clear()
+    side_by_side(items(), 2, _Consumers(2, stop={0: 3, 1: 5}).feed, c.finish, threads, read_all=True)
+    assert read == list(range(50))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_settle_false_finishes_nothing(threads):
+    c = _Consumers(3)
+    finished = []
+    assert side_by_side(_items(5), 3, c.feed, finished.append, threads, settle=lambda: False) is None
+    assert finished == []
+
