@@ -200,11 +200,14 @@ def replay(traces, policies, out_dir, costs, profile, window, jobs, threads, sch
 @click.option("--workload", default="kernel", show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Passes per figure; the best is reported.")
-def bench(rows, vcpus, policy, workload, rounds):
-    """Replay throughput (SPEC §13): bare scan, kernel and end-to-end rows/s."""
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="Threads of the side-by-side figure (default: number of cores; 0 skips it).")
+def bench(rows, vcpus, policy, workload, rounds, threads):
+    """Replay throughput (SPEC §13): bare scan, kernel and end-to-end rows/s, and every
+    built-in policy side by side versus one after the other."""
     from altp2m_replay.bench import format_bench, run_bench
 
-    click.echo(format_bench(run_bench(rows, vcpus, policy, workload, rounds=rounds,
+    click.echo(format_bench(run_bench(rows, vcpus, policy, workload, rounds=rounds, threads=threads,
                                       echo=lambda m: click.echo(m, err=True))))
 
 

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from altp2m_replay import run
+from altp2m_replay.bench import format_bench, run_bench
 from altp2m_replay.cli import main
 from altp2m_replay.errors import ReplayRuntimeError, TraceError
 from altp2m_replay.policy import builtin_names, load_policy
@@ -270,3 +271,19 @@ def test_settle_false_finishes_nothing(threads):
     assert side_by_side(_items(5), 3, c.feed, finished.append, threads, settle=lambda: False) is None
     assert finished == []
 
+
+# --------------------------------------------------------------------------- bench
+def test_bench_reports_every_builtin_policy_side_by_side_and_one_after_the_other():
+    r = run_bench(rows=5000, vcpus=2, rounds=2, threads=2, echo=lambda m: None)
+    assert r["policies"] == len(BUILTIN) and r["threads"] == 2
+    assert r["side_by_side_vs_sequential"] == r["side_by_side_s"] / r["sequential_s"]
+    assert r["sequential_range_s"][0] == r["sequential_s"] <= r["sequential_range_s"][1]
+    text = format_bench(r)
+    assert "10 built-in policies" in text and "side by side, 2 threads" in text
+    assert "bar: at most 0.60 on 2 cores" in text
+
+
+def test_bench_threads_zero_skips_the_side_by_side_figure():
+    r = run_bench(rows=5000, vcpus=2, rounds=1, threads=0, echo=lambda m: None)
+    assert "side_by_side_s" not in r
+    assert "side by side" not in format_bench(r)
