@@ -46,6 +46,40 @@ CELLS = ".cells"
 MAX_WINDOWS = 1 << 16  # timeline windows per cell: each holds every counter
 
 
+def lean_kernel_loads() -> bool:
+    """Make Numba load cached kernels without first loading all of its lowering code.
+
+    Before it looks in its cache, Numba's loader calls ``target_context.refresh()``, which
+    imports and installs every lowering registry it has (typed containers, random, linalg,
+    ...): 0.15-0.2 s of CPU, a fifth of a warm ``replay`` of a small trace, paid again by every
+    worker process. Cached object code needs none of it, only the runtime its code calls
+    (NRT), set up here. A cache miss still compiles through Numba's compiler, which
+    refreshes the context itself. Applied once per process; ALTP2M_REPLAY_NUMBA_FULL_INIT=1,
+    or a Numba without the expected loader, keeps Numba's own behaviour. Returns whether
+    the lean loader is in use.
+    """
+    from numba.core import caching
+    from numba.core.runtime import rtsys
+
+    cache = caching.Cache
+    if getattr(cache.load_overload, "lean", False):
+        return True
+    if os.environ.get("ALTP2M_REPLAY_NUMBA_FULL_INIT") or not all(
+            hasattr(cache, a) for a in ("_load_overload", "_guard_against_spurious_io_errors")):
+        return False
+
+    def load_overload(self, sig, target_context):
+        rtsys.initialize(target_context)
+        with self._guard_against_spurious_io_errors():
+            return self._load_overload(sig, target_context)
+
+    load_overload.lean = True
+    cache.load_overload = load_overload
+    return True
+
+
+lean_kernel_loads()
+
 
 def expand_trace_args(args) -> list[Path]:
     """Files and folders (their ``*.parquet``, sorted) -> trace paths; duplicate names refused."""
