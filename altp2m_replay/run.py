@@ -155,8 +155,8 @@ def replay_facts(path: Path, page_counts: bool) -> tuple[traces.TraceStats, Trac
     Without page counts, when Parquet statistics prove the gfn range, only metadata is read
     (and the vcpu column if its statistics are missing) and the values are not checked yet
     (False): replay_trace checks every value on the batches it decodes anyway, so the trace
-    is read once instead of twice (the separate pass took 0.25 s of a 0.8 s replay of 20 M
-    rows). Otherwise: trace_facts's full validation pass (True).
+    is read once instead of twice (figures in docs/performance.md). Otherwise:
+    trace_facts's full validation pass (True).
     """
     if not page_counts:
         tr = traces.open_trace(path)
