@@ -54,6 +54,17 @@ def test_the_command_line_imports_only_what_the_command_needs(argv, absent):
     assert last == "imported:", argv
 
 
+def test_compare_does_not_import_the_template_engine(small_kernel_trace, tmp_path):
+    out = tmp_path / "out"
+    _run(PROBE, small_kernel_trace, out)
+    code = ("import sys\nfrom altp2m_replay.cli import main\n"
+            "try:\n    main(['compare', sys.argv[1], sys.argv[1]])\nexcept SystemExit:\n    pass\n"
+            "print('imported:', *[m for m in ('jinja2', 'altp2m_replay.report.html') if m in sys.modules])")
+    lines = _run(code, out).splitlines()
+    assert lines[-1] == "imported:"
+    assert any("ept_exits" in line for line in lines)  # the comparison did run
+
+
 def test_a_replay_without_html_does_not_import_the_report(small_kernel_trace, tmp_path):
     code = PROBE.replace('print("full" if "numba.np.linalg" in sys.modules else "lean")',
                          'print("imported:", *[m for m in ("jinja2", "altp2m_replay.report", "distributed") '
