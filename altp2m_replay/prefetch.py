@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from contextlib import closing
 from typing import Any
@@ -57,7 +58,8 @@ def prefetch(it, depth: int = 2):
 def side_by_side(items: Iterable, n: int, feed: Callable[[int, Any], bool],
                  finish: Callable[[int], Any], threads: int = 1, *, read_all: bool = False,
                  settle: Callable[[], bool] = lambda: True,
-                 on_item: Callable[[Any], None] | None = None) -> list | None:
+                 on_item: Callable[[Any], None] | None = None,
+                 cpu: dict[str, float] | None = None) -> list | None:
     """Hand every item of ``items`` to each of ``n`` consumers in order; then finish each.
 
     ``feed(i, item)`` gives consumer i its next item and returns True when it wants no more
@@ -79,10 +81,28 @@ def side_by_side(items: Iterable, n: int, feed: Callable[[int, Any], bool],
     every item). A consumer stops at its first error and none goes past the earliest error
     known, so which error wins never depends on scheduling. Every thread is joined before
     this returns or raises, also on KeyboardInterrupt.
+
+    ``cpu``, when given, receives the CPU seconds each thread spent in ``feed`` and
+    ``finish``, by thread name: on a machine shared with other work, where wall times say
+    little, the busiest thread's share tells what two idle cores would do.
     """
+    if cpu is not None:
+        feed, finish = _metered(feed, cpu), _metered(finish, cpu)
     if threads <= 1 or n <= 1:
         return _in_turn(items, n, feed, finish, read_all, settle, on_item)
     return _Crew(n, feed, finish, threads).run(items, read_all, settle, on_item)
+
+
+def _metered(fn, cpu: dict[str, float]):
+    def metered(*args):
+        t = time.thread_time()
+        try:
+            return fn(*args)
+        finally:
+            name = threading.current_thread().name  # each thread adds to its own key only
+            cpu[name] = cpu.get(name, 0.0) + time.thread_time() - t
+
+    return metered
 
 
 def _in_turn(items, n, feed, finish, read_all, settle, on_item):

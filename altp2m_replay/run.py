@@ -168,7 +168,7 @@ def replay_facts(path: Path, page_counts: bool) -> tuple[traces.TraceStats, Trac
 
 def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profile: str | None,
                  window: int | None, batch_rows: int | None = None, prepared=None,
-                 progress=None, threads: int = 1) -> list[CellOutput]:
+                 progress=None, threads: int = 1, cpu: dict | None = None) -> list[CellOutput]:
     """Replay one trace under every policy with a single decode of the trace.
 
     ``prepared`` is ``replay_facts``'s result when the caller has it already;
@@ -179,7 +179,7 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
 
     ``threads`` > 1 replays the policies side by side (``prefetch.side_by_side``): every
     policy still gets the decoded batches in order, so its cell is the same, and errors are
-    those of replaying the policies one after the other.
+    those of replaying the policies one after the other. ``cpu``: see ``side_by_side``.
     """
     path = Path(path)
     if prepared is None:
@@ -219,7 +219,7 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
         reps = [Replayer(p, facts, stats.vcpus, stats.rows, window=window) for p in policies]
         batches = tr.batches(batch_rows=batch_rows, columns=tuple(columns), validator=validator)
         done = side_by_side(batches, len(reps), feed, finish, threads, read_all=validator is not None,
-                            settle=settle, on_item=None if progress is None else advance)
+                            settle=settle, on_item=None if progress is None else advance, cpu=cpu)
     except (ReplayRuntimeError, PolicyError) as exc:
         # The engine knows the row and the policy; the user also needs the trace file.
         raise type(exc)(f"{path}: {exc}") from None
@@ -227,7 +227,7 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
         # column statistics disagreed with the values: replay again from the facts the
         # checks gathered (progress has counted these rows once already)
         return replay_trace(path, policies, cost_overrides, profile, window, batch_rows,
-                            (rerun, _facts(tr, rerun), True), None, threads)
+                            (rerun, _facts(tr, rerun), True), None, threads, cpu)
     elapsed = time.perf_counter() - t0
     return [CellOutput(tr.name, p.name, tables, elapsed / len(reps), res.total["records"], res.warnings, costs)
             for p, (res, costs, tables) in zip(policies, done, strict=True)]

@@ -277,13 +277,34 @@ def test_bench_reports_every_builtin_policy_side_by_side_and_one_after_the_other
     r = run_bench(rows=5000, vcpus=2, rounds=2, threads=2, echo=lambda m: None)
     assert r["policies"] == len(BUILTIN) and r["threads"] == 2
     assert r["side_by_side_vs_sequential"] == r["side_by_side_s"] / r["sequential_s"]
+    assert r["idle_cores_ratio"] == r["side_by_side_idle_s"] / r["sequential_idle_s"]
+    assert 0 < r["side_by_side_idle_s"] and 0 < r["sequential_idle_s"]
     assert r["sequential_range_s"][0] == r["sequential_s"] <= r["sequential_range_s"][1]
     text = format_bench(r)
     assert "10 built-in policies" in text and "side by side, 2 threads" in text
-    assert "bar: at most 0.60 on 2 cores" in text
+    assert "bar: at most 0.60 on 2 cores" in text and "on otherwise idle cores" in text
 
 
 def test_bench_threads_zero_skips_the_side_by_side_figure():
     r = run_bench(rows=5000, vcpus=2, rounds=1, threads=0, echo=lambda m: None)
     assert "side_by_side_s" not in r
     assert "side by side" not in format_bench(r)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_by_thread_counts_the_consumers_work_in_each_thread(threads):
+    spin = 0.02
+
+    def feed(i, item):
+        t = time.thread_time()
+        while time.thread_time() - t < spin:
+            pass
+        return False
+
+    cpu: dict[str, float] = {}
+    side_by_side(_items(6), 3, feed, lambda i: None, threads, cpu=cpu)
+    if threads == 1:
+        assert set(cpu) == {"MainThread"}
+    else:  # which workers got work depends on scheduling
+        assert cpu and set(cpu) <= {f"side-by-side-{w}" for w in range(threads)}
+    assert sum(cpu.values()) >= 18 * spin  # 6 items x 3 consumers, each spinning
