@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from altp2m_replay import budget, run, traces
 from altp2m_replay.cli import main
 from altp2m_replay.errors import MemoryBudgetError
-from altp2m_replay.policy import TraceFacts, load_policy
+from altp2m_replay.policy import TraceFacts, load_policy, parse_policy
 
 BUDGET = "768M"
 RSS_CAP = 1 << 30  # the watchdog's line: the budget plus what a sample can miss
@@ -322,9 +322,12 @@ def test_page_counts_ask_the_budget_before_they_merge(tmp_path, monkeypatch):
 
 def test_statistics_are_read_again_only_when_they_would_size_a_big_host(tmp_path, monkeypatch):
     """Ten policies over an honest 1 GiB trace keep the one-pass replay (no validation pass
-    first); a footer implying a host p2m past TRUSTED_STATS_BYTES gets one."""
+    first); a footer implying a host p2m past TRUSTED_STATS_BYTES gets one. The policies
+    model a restored domain before xen 4.21 (4 KiB host pages): with a fresh domain's 1 GiB
+    pages even a footer claiming gfn 2^35 sizes a small host."""
     path = _random_trace(tmp_path / "t.parquet", n=3000)
-    pols = [load_policy(p) for p in ["xen-access-altp2m-write", "xen-access-altp2m-exec"] * 5]
+    restored = parse_policy('name = "restored"\n[domain]\norigin = "restore"\nxen = "4.20"\n', "test")
+    pols = [load_policy("xen-access-altp2m-write"), restored] * 5
     passes = []
     real = traces.validate
     monkeypatch.setattr(traces, "validate", lambda *a, **k: passes.append(a) or real(*a, **k))
