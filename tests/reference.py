@@ -23,18 +23,21 @@ from altp2m_replay.policy import Policy, expand, facts_from_arrays, resolve_all
 TOTAL_COUNTERS = (
     "records", "instructions", "ept_exits", "lazy_copies", "lazy_copies_4k", "lazy_copies_2m",
     "lazy_copies_1g", "lazy_copy_pages", "access_violations", "mem_access_events",
-    "singlestep_events", "async_events", "vm_events", "ve_delivered", "ve_blocked",
-    "ve_emulations", "mtf_exits", "switches_vm_event", "switches_fast_ss", "switches_vmfunc",
-    "view_switches", "emulations", "records_emulated", "access_changes", "superpage_splits",
-    "shatters", "mmio_accesses", "restarts", "ept_syncs", "ept_sync_ipis", "crashed",
-    "crash_record", "livelocked", "livelock_record", "setup_splits", "setup_skipped",
+    "singlestep_events", "async_events", "breakpoint_events", "cr3_events", "vm_events",
+    "ve_delivered", "ve_blocked", "ve_emulations", "mtf_exits", "switches_vm_event",
+    "switches_fast_ss", "switches_vmfunc", "view_switches", "emulations", "records_emulated",
+    "access_changes", "superpage_splits", "shatters", "mmio_accesses", "restarts", "int3_exits",
+    "control_records", "cr3_writes", "cr3_exits", "guest_vmfuncs", "vmfunc_exits", "host_drops",
+    "host_maps", "view_resets", "ept_syncs", "ept_sync_ipis", "crashed", "crash_record",
+    "livelocked", "livelock_record", "setup_splits", "setup_skipped",
 )
 RUN_LEVEL = ("crashed", "crash_record", "livelocked", "livelock_record")
 VIEW_COUNTERS = (
-    "records_completed", "ept_exits", "lazy_copies", "lazy_copy_pages", "access_violations",
-    "ve_delivered", "switches_in", "pages_mapped", "leaves_4k", "leaves_2m", "leaves_1g",
+    "records_completed", "ept_exits", "int3_exits", "lazy_copies", "lazy_copy_pages",
+    "access_violations", "ve_delivered", "switches_in", "resets", "pages_mapped", "leaves_4k",
+    "leaves_2m", "leaves_1g",
 )
-GFN_COUNTERS = ("ept_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
+GFN_COUNTERS = ("ept_exits", "int3_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
 
 MFN_OFFSET = 1 << 24          # SPEC §3: mfn = gfn + 2^24 for RAM
 MAX_RESTARTS = 64             # SPEC §5: an instruction restarted more than this livelocks
@@ -231,6 +234,7 @@ class VcpuState:
     rows: list = field(default_factory=list)     # (trace row, gfn, kind) of the instruction so far
     restarts: int = 0                            # restarts of the current instruction
     completed: list = field(default_factory=list)  # views of the completions of this pass
+    cr3: int | None = None                       # the last CR3 value written
 
 
 class Replay:
@@ -255,6 +259,9 @@ class Replay:
         self.gfn_ctr: dict[tuple[int, int], dict[str, int]] = defaultdict(
             lambda: dict.fromkeys(GFN_COUNTERS, 0))
         self.setup_ctr = {"setup_splits": 0, "setup_skipped": 0}
+        # host drops and maps belong to no vCPU: their counters go to the total row only
+        self.domain_ctr = dict.fromkeys(TOTAL_COUNTERS, 0)
+        self.breakpoints: set[tuple[int, int]] = set()   # (mfn, offset) holding an INT3
         self.crash_record = -1
         self.livelock_record = -1
         # Where split counts go: setup_splits during setup, the acting vCPU during replay.
@@ -287,9 +294,10 @@ class Replay:
         self._splits(self.host.rewrite_4k(gfn, **changes))
         self._propagate(gfn)
 
-    def _propagate(self, gfn: int, v: int | None = None) -> None:
+    def _propagate(self, gfn: int, v: int | None = None, sink: dict | None = None) -> None:
         """SPEC §4 propagation: views holding a valid leaf for gfn take the host's new entry.
-        During replay (``v``, the acting vCPU) each rewritten view may cost an EPT sync."""
+        During replay (``v``, the acting vCPU, or the domain's counters ``sink``) each rewritten
+        view may cost an EPT sync."""
         if not self.d.altp2m:
             return
         host_leaf, host_order = self.host.valid_leaf(gfn)
@@ -300,6 +308,8 @@ class Replay:
                 continue
             if v is not None:
                 self._sync(v, held)
+            elif sink is not None and ACCESS_PERMITS[held[0].access]:
+                sink["ept_syncs"] += 1
             leaf = Leaf(mfn_at(host_leaf, host_order, gfn), host_leaf.type, host_leaf.access,
                         held[0].sve)
             self._splits(view.write(gfn, 0, leaf))
@@ -400,6 +410,20 @@ class Replay:
                 self._splits(self.host.write(g, 0, Leaf(g + MFN_OFFSET, RAM_RW, self.d.host_access, 1)))
                 self._propagate(g)
 
+    def _op_write_breakpoints(self, op) -> None:
+        """SPEC §4: an INT3 at each address in the frame ``op.view``'s effective entry maps."""
+        view = self.views[op.view]
+        for a in self.bp_addresses:
+            g = a >> 12
+            if op.view != 0 and view.valid_leaf(g) is None and self._host_ram(g) is not None:
+                self._prepopulate(view, g)
+            found = view.valid_leaf(g) or self._host_ram(g)
+            if found is None:
+                self.setup_ctr["setup_skipped"] += 1
+                continue
+            leaf, order = found
+            self.breakpoints.add((mfn_at(leaf, order, g), a & 0xFFF))
+
     def _op_switch_p2m(self, op) -> None:
         self.start_view = op.view
 
@@ -410,10 +434,19 @@ class Replay:
             self.notify |= set(op.vcpus)
 
     # ----------------------------------------------------------------- replay (SPEC §5-§6)
-    def run(self, gfn: np.ndarray, access: np.ndarray, vcpu: np.ndarray, insn: np.ndarray | None) -> None:
+    def run(self, gfn: np.ndarray, access: np.ndarray, vcpu: np.ndarray, insn: np.ndarray | None,
+            op: np.ndarray, arg: np.ndarray, boff: np.ndarray) -> None:
+        """Every row in trace order; ``op``/``arg`` control rows, ``boff`` each row's byte
+        offset in its page (-1 unknown)."""
         self.cpus = {v: VcpuState(self.start_view, self.notify is None or v in self.notify)
                      for v in self.vcpu_ids}
         for row in range(len(gfn)):
+            o = int(op[row])
+            if o >= 3:
+                self._split_sink = (self.domain_ctr, "superpage_splits")
+                self.domain_ctr["control_records"] += 1
+                self._host_change(o, int(gfn[row]))
+                continue
             v = int(vcpu[row])
             st = self.cpus[v]
             c = self.cpu_ctr[v]
@@ -427,8 +460,13 @@ class Replay:
                 st.restarts = 0
                 st.completed = []
                 c["instructions"] += 1
+            st.rows.append((row, int(gfn[row]), access_kind(int(access[row])), o, int(arg[row]),
+                            int(boff[row])))
+            if o:
+                c["control_records"] += 1
+                self._control(v, o, int(arg[row]))
+                continue
             c["records"] += 1
-            st.rows.append((row, int(gfn[row]), access_kind(int(access[row]))))
             if st.emulating:
                 c["records_emulated"] += 1
                 continue
@@ -439,23 +477,102 @@ class Replay:
                 self._split_sink = (self.cpu_ctr[v], "superpage_splits")
                 self._end_instruction(v)
 
+    def _control(self, v: int, o: int, value: int) -> None:
+        """SPEC §6.5: a guest VMFUNC (op 1) or CR3 write (op 2) takes effect; no restart."""
+        st = self.cpus[v]
+        c = self.cpu_ctr[v]
+        if o == 1:
+            if st.ve_enabled and value in self.views and self.visible.get(value, False):
+                c["guest_vmfuncs"] += 1
+                self._switch(v, value, "switches_vmfunc")
+            else:
+                c["vmfunc_exits"] += 1
+            return
+        c["cr3_writes"] += 1
+        rules = self.p.on_cr3
+        if rules is not None:
+            c["cr3_exits"] += 1
+            if not rules.onchangeonly or st.cr3 != value:
+                if rules.sync:
+                    c["cr3_events"] += 1
+                    for values, other, to in self.cr3_rules:
+                        if other or value in values:
+                            self._switch(v, to, "switches_vm_event")
+                            break
+                else:
+                    c["async_events"] += 1
+        st.cr3 = value
+
+    def _host_change(self, o: int, g: int) -> None:
+        """SPEC §6.5: host drop (op 3) or map (op 4) of gfn g, counted for the domain."""
+        d = self.domain_ctr
+        old = self.host.valid_leaf(g)
+        if old is not None and ACCESS_PERMITS[old[0].access]:
+            d["ept_syncs"] += 1
+        if o == 4:
+            sve = old[0].sve if old is not None else 1
+            self._splits(self.host.write(g, 0, Leaf(g + MFN_OFFSET, RAM_RW, self.d.host_access, sve)))
+            self._propagate(g, None, d)
+            d["host_maps"] += 1
+            return
+        self._splits(self.host.write(g, 0, Leaf(0, RAM_RW, "n", old[0].sve if old else 1, valid=False)))
+        d["host_drops"] += 1
+        if not self.d.altp2m:
+            return
+        hit = None
+        for index in sorted(self.views):
+            view = self.views[index]
+            if view.remap_min is not None and view.remap_min <= g <= view.remap_max:
+                if hit is None:
+                    hit = index
+                    self._reset(index)
+                    continue
+                for other in sorted(self.views):
+                    if other != hit:
+                        self._reset(other)
+                return
+            held = view.valid_leaf(g)
+            if held is not None:
+                if ACCESS_PERMITS[held[0].access]:
+                    d["ept_syncs"] += 1
+                self._splits(view.rewrite_4k(g, valid=False))
+
+    def _reset(self, index: int) -> None:
+        """Reset a view: every entry gone, remap interval cleared, max_mapped kept."""
+        view = self.views[index]
+        view.root = {}
+        view.remap_min = view.remap_max = None
+        self.domain_ctr["view_resets"] += 1
+        self.view_ctr[index]["resets"] += 1
+
     def _execute(self, v: int) -> bool:
         """Execute the instruction's newest row (SPEC §5): attempts, restarting the whole
-        instruction from its first row as often as an attempt asks. False: replay stops."""
+        instruction from its first row as often as an attempt asks (its control rows take
+        effect again on each pass). False: replay stops."""
         st = self.cpus[v]
         c = self.cpu_ctr[v]
         last = len(st.rows) - 1
         j = last
         while True:
-            row, g, kind = st.rows[j]
-            outcome = self._attempt(row, v, g, kind)
+            row, g, kind, o, value, boff = st.rows[j]
+            if o:
+                self._control(v, o, value)
+                j += 1
+                continue
+            outcome = self._attempt(row, v, g, kind, j == 0, boff)
             if outcome == DONE:
                 if j == last:
                     return True
                 j += 1
             elif outcome == EMULATED:
-                # this row and the rest of the instruction complete unchecked
-                c["records_emulated"] += last - j + 1
+                # this row and the rest of the instruction complete unchecked; its control rows
+                # take effect (Xen emulates VMFUNC and mov cr3)
+                c["records_emulated"] += 1
+                for r in st.rows[j + 1:]:
+                    if r[3]:
+                        self._control(v, r[3], r[4])
+                    else:
+                        c["records_emulated"] += 1
                 st.emulating = True
                 return True
             elif outcome == CRASH:
@@ -507,8 +624,9 @@ class Replay:
         if old is not None and ACCESS_PERMITS[old[0].access]:
             self.cpu_ctr[v]["ept_syncs"] += 1
 
-    def _attempt(self, row: int, v: int, g: int, kind: str) -> str:
-        """One attempt of SPEC §5 steps 1-8 for vCPU v touching gfn g."""
+    def _attempt(self, row: int, v: int, g: int, kind: str, first: bool = False, boff: int = -1) -> str:
+        """One attempt of SPEC §5 steps 1-8 for vCPU v touching gfn g (``first``: the
+        instruction's first row; ``boff``: its byte offset in the page, -1 unknown)."""
         st = self.cpus[v]
         c = self.cpu_ctr[v]
         V = st.view if self.d.altp2m else 0
@@ -517,6 +635,8 @@ class Replay:
         hw_valid = leaf is not None and leaf.valid
         sp_exec_fault = hw_valid and kind == "x" and order > 0 and not self.d.exec_sp
         if hw_valid and permits(leaf, kind) and not sp_exec_fault:           # step 2
+            if kind == "x" and first and boff >= 0 and (mfn_at(leaf, order, g), boff) in self.breakpoints:
+                return self._breakpoint(v, V, g)
             self.view_ctr[V]["records_completed"] += 1
             st.completed.append(V)
             return DONE
@@ -593,6 +713,31 @@ class Replay:
         c["mem_access_events"] += 1
         return self._respond(row, v, V, g, kind)
 
+    def _breakpoint(self, v: int, V: int, g: int) -> str:
+        """SPEC §6.4: the #BP exit, the breakpoint event, the [on_breakpoint] response."""
+        c = self.cpu_ctr[v]
+        c["int3_exits"] += 1
+        self.view_ctr[V]["int3_exits"] += 1
+        self.gfn_ctr[(V, g)]["int3_exits"] += 1
+        c["breakpoint_events"] += 1
+        resp = self.p.on_breakpoint
+        if resp.action == "emulate":
+            c["emulations"] += 1
+            return EMULATED
+        self._step(v, V, resp.to, resp.fast)
+        return RESTART
+
+    def _step(self, v: int, V: int, to: int, fast: bool) -> None:
+        """SPEC §6.1 step: single-step on with return view V, or Xen's flags when it is on."""
+        st = self.cpus[v]
+        if st.singlestep is None:
+            st.singlestep = (V, fast)
+        elif not fast:
+            st.singlestep = None            # TOGGLE_SINGLESTEP: off; v stays in `to`
+        else:
+            st.singlestep = (V, True)       # fast: on, with the new return view
+        self._switch(v, to, "switches_vm_event")
+
     def _rule_for(self, V: int, g: int, kind: str):
         for rule in self.p.rules:
             if rule.view is not None and rule.view != V:
@@ -611,15 +756,8 @@ class Replay:
             raise ReplayRuntimeError(
                 f"row {row}: no on_violation rule matches the {kind} violation of gfn {g:#x} "
                 f"in view {self.p.view_name(V)} (vcpu {v})")
-        st = self.cpus[v]
         if rule.action == "step":
-            if st.singlestep is None:
-                st.singlestep = (V, rule.fast)
-            elif not rule.fast:
-                st.singlestep = None            # TOGGLE_SINGLESTEP: off; v stays in `to`
-            else:
-                st.singlestep = (V, True)       # fast: on, with the new return view
-            self._switch(v, rule.to, "switches_vm_event")
+            self._step(v, V, rule.to, rule.fast)
             return RESTART
         if rule.action == "switch":
             self._switch(v, rule.to, "switches_vm_event")
@@ -663,17 +801,25 @@ class Replay:
     def results(self) -> dict:
         run = {"crashed": int(self.crash_record >= 0), "crash_record": self.crash_record,
                "livelocked": int(self.livelock_record >= 0), "livelock_record": self.livelock_record}
+        n = len(self.vcpu_ids)
+
+        def sums(c: dict) -> dict:
+            c["vm_events"] = (c["mem_access_events"] + c["singlestep_events"] + c["async_events"]
+                              + c["breakpoint_events"] + c["cr3_events"])
+            c["view_switches"] = c["switches_vm_event"] + c["switches_fast_ss"] + c["switches_vmfunc"]
+            return c
+
         vcpus = {}
         for v in self.vcpu_ids:
-            c = dict(self.cpu_ctr[v])
-            c["vm_events"] = c["mem_access_events"] + c["singlestep_events"] + c["async_events"]
-            c["view_switches"] = c["switches_vm_event"] + c["switches_fast_ss"] + c["switches_vmfunc"]
+            c = sums(dict(self.cpu_ctr[v]))
             # each sync of a vCPU's step interrupts every other vCPU of the trace
-            c["ept_sync_ipis"] = c["ept_syncs"] * (len(self.vcpu_ids) - 1)
+            c["ept_sync_ipis"] = c["ept_syncs"] * (n - 1)
             c.update(run)
             vcpus[v] = c
+        dom = sums(dict(self.domain_ctr))
+        dom["ept_sync_ipis"] = dom["ept_syncs"] * n   # host drops and maps interrupt every vCPU
         total = dict.fromkeys(TOTAL_COUNTERS, 0)
-        for c in vcpus.values():
+        for c in list(vcpus.values()) + [dom]:
             for key in TOTAL_COUNTERS:
                 total[key] += c[key]
         total.update(self.setup_ctr, **run)
@@ -683,30 +829,45 @@ class Replay:
             views[index] = dict(self.view_ctr[index], pages_mapped=counts[0] + 512 * counts[9] + (1 << 18) * counts[18],
                                 leaves_4k=counts[0], leaves_2m=counts[9], leaves_1g=counts[18])
         gfns = {key: dict(c) for key, c in sorted(self.gfn_ctr.items())
-                if c["ept_exits"] or c["ve_delivered"]}
+                if c["ept_exits"] or c["ve_delivered"] or c["int3_exits"]}
         return {"total": total, "vcpus": vcpus, "views": views, "gfns": gfns}
 
 
-def reference_simulate(policy: Policy, arrays: dict, *, meta_ram=None, gfn_sets=None) -> dict:
-    """Replay ``arrays`` (gfn, access, optional vcpu and insn) under ``policy``; SPEC §7 counters.
+def reference_simulate(policy: Policy, arrays: dict, *, meta_ram=None, gfn_sets=None,
+                       symbols=None, processes=None) -> dict:
+    """Replay ``arrays`` (gfn or gpa, access, optional vcpu, insn, ip, op, arg) under
+    ``policy``; SPEC §7 counters.
 
     Raises ``ReplayRuntimeError`` for an unmatched violation and ``PolicyError`` for a setup
     op Xen would refuse; a crash or a livelock is a result.
     """
-    gfn = np.asarray(arrays["gfn"], dtype=np.uint64)
+    gpa = arrays.get("gpa")
+    gfn = (np.asarray(gpa, dtype=np.uint64) >> np.uint64(12)) if gpa is not None else np.asarray(arrays["gfn"], dtype=np.uint64)
+    n = len(gfn)
     access = np.asarray(arrays["access"], dtype=np.uint8)
-    vcpu = np.asarray(arrays["vcpu"], dtype=np.uint16) if "vcpu" in arrays else np.zeros(len(gfn), np.uint16)
+    vcpu = np.asarray(arrays["vcpu"], dtype=np.uint16) if "vcpu" in arrays else np.zeros(n, np.uint16)
     insn = np.asarray(arrays["insn"], dtype=np.uint64) if "insn" in arrays else None
-    facts = facts_from_arrays({"gfn": gfn, "access": access}, meta_ram=meta_ram, gfn_sets=gfn_sets)
+    op = np.asarray(arrays["op"], dtype=np.uint8) if arrays.get("op") is not None else np.zeros(n, np.uint8)
+    arg = np.asarray(arrays["arg"], dtype=np.uint64) if arrays.get("arg") is not None else np.zeros(n, np.uint64)
+    if gpa is not None:
+        boff = [int(a) & 0xFFF for a in gpa]
+    elif arrays.get("ip") is not None:
+        boff = [int(i) & 0xFFF for i in arrays["ip"]]
+    else:
+        boff = [-1] * n
+    facts = facts_from_arrays(dict(arrays, gfn=gfn), meta_ram=meta_ram, gfn_sets=gfn_sets,
+                              symbols=symbols, processes=processes, insn_stats=policy.breakpoints is not None)
     ram, resolved = resolve_all(policy, facts)
     # A split 1 GiB leaf is 262,144 tuples; the cyclic GC would rescan them again and again
     # (they hold no cycles), tripling the run time.
     gc_was_on = gc.isenabled()
     gc.disable()
     try:
-        replay = Replay(policy, ram, resolved.ranges, sorted({int(v) for v in vcpu}))
+        replay = Replay(policy, ram, resolved.ranges, sorted({int(vcpu[r]) for r in range(n) if op[r] < 3}))
+        replay.bp_addresses = [int(a) for a in resolved.breakpoints]
+        replay.cr3_rules = [(set(values), other, to) for values, other, to in resolved.cr3_rules]
         replay.run_setup()
-        replay.run(gfn, access, vcpu, insn)
+        replay.run(gfn, access, vcpu, insn, op, arg, boff)
         out = replay.results()
     finally:
         if gc_was_on:

@@ -3,6 +3,7 @@ by a real headless Chromium."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -92,6 +93,7 @@ def test_crashes_and_warnings_are_shown_before_the_results(copy_dir):
     summary.write_parquet(copy_dir / "summary.parquet")
     manifest = json.loads((copy_dir / "manifest.json").read_text())
     manifest["cells"][2]["warnings"] = ["setup: gfn set \"page_tables\" is empty <b>"]
+    manifest["files"]["summary.parquet"] = hashlib.sha256((copy_dir / "summary.parquet").read_bytes()).hexdigest()
     (copy_dir / "manifest.json").write_text(json.dumps(manifest))
     page = render_html(copy_dir)
     alerts = page.index('id="alerts"')
@@ -170,6 +172,9 @@ def test_missing_optional_tables_still_render(copy_dir):
 
 
 def test_older_folders_fall_back_to_the_cumulative_lazy_curve(copy_dir):
+    manifest = json.loads((copy_dir / "manifest.json").read_text())
+    del manifest["files"]  # older manifests did not list their files
+    (copy_dir / "manifest.json").write_text(json.dumps(manifest))
     (copy_dir / "population.parquet").unlink()
     (copy_dir / "by_ip.parquet").unlink()
     page = render_html(copy_dir)

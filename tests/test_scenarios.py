@@ -40,17 +40,20 @@ from altp2m_replay.policy import parse_policy
 TOTAL_COUNTERS = (
     "records", "instructions", "ept_exits", "lazy_copies", "lazy_copies_4k", "lazy_copies_2m",
     "lazy_copies_1g", "lazy_copy_pages", "access_violations", "mem_access_events",
-    "singlestep_events", "async_events", "vm_events", "ve_delivered", "ve_blocked",
-    "ve_emulations", "mtf_exits", "switches_vm_event", "switches_fast_ss", "switches_vmfunc",
-    "view_switches", "emulations", "records_emulated", "access_changes", "superpage_splits",
-    "shatters", "mmio_accesses", "restarts", "ept_syncs", "ept_sync_ipis", "crashed",
-    "crash_record", "livelocked", "livelock_record", "setup_splits", "setup_skipped",
+    "singlestep_events", "async_events", "breakpoint_events", "cr3_events", "vm_events",
+    "ve_delivered", "ve_blocked", "ve_emulations", "mtf_exits", "switches_vm_event",
+    "switches_fast_ss", "switches_vmfunc", "view_switches", "emulations", "records_emulated",
+    "access_changes", "superpage_splits", "shatters", "mmio_accesses", "restarts", "int3_exits",
+    "control_records", "cr3_writes", "cr3_exits", "guest_vmfuncs", "vmfunc_exits", "host_drops",
+    "host_maps", "view_resets", "ept_syncs", "ept_sync_ipis", "crashed", "crash_record",
+    "livelocked", "livelock_record", "setup_splits", "setup_skipped",
 )
 VIEW_COUNTERS = (
-    "records_completed", "ept_exits", "lazy_copies", "lazy_copy_pages", "access_violations",
-    "ve_delivered", "switches_in", "pages_mapped", "leaves_4k", "leaves_2m", "leaves_1g",
+    "records_completed", "ept_exits", "int3_exits", "lazy_copies", "lazy_copy_pages",
+    "access_violations", "ve_delivered", "switches_in", "resets", "pages_mapped", "leaves_4k",
+    "leaves_2m", "leaves_1g",
 )
-GFN_COUNTERS = ("ept_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
+GFN_COUNTERS = ("ept_exits", "int3_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
 SETUP_ONLY = ("setup_splits", "setup_skipped")
 
 GIB_PAGES = 1 << 18
@@ -168,15 +171,17 @@ def _full(spec: dict, what: str, nvcpus: int = 1) -> dict:
     out.update(spec)
     # The two sums of §7, from the hand-derived parts (unless the test spells them out).
     if "vm_events" not in spec:
-        out["vm_events"] = out["mem_access_events"] + out["singlestep_events"] + out["async_events"]
+        out["vm_events"] = (out["mem_access_events"] + out["singlestep_events"] + out["async_events"]
+                            + out["breakpoint_events"] + out["cr3_events"])
     if "view_switches" not in spec:
         out["view_switches"] = out["switches_vm_event"] + out["switches_fast_ss"] + out["switches_vmfunc"]
-    # §5: every lazy copy, shatter, n2rwx async event, monitor response but emulate and #VE
-    # agent action but emulate ends its attempt in a restart. Tests with restarts of other
-    # causes (rx2rw, no-monitor relax) or a livelock spell `restarts` out.
+    # §5: every lazy copy, shatter, n2rwx async event, monitor response but emulate (to a
+    # mem_access or breakpoint event) and #VE agent action but emulate ends its attempt in a
+    # restart. Tests with restarts of other causes (rx2rw, no-monitor relax), async CR3
+    # events or a livelock spell `restarts` out.
     if "restarts" not in spec:
         out["restarts"] = (out["lazy_copies"] + out["shatters"] + out["async_events"]
-                           + out["mem_access_events"] - out["emulations"]
+                           + out["mem_access_events"] + out["breakpoint_events"] - out["emulations"]
                            + out["ve_delivered"] - out["ve_emulations"])
     # §5: each sync of a vCPU's step interrupts the trace's other vCPUs.
     if "ept_sync_ipis" not in spec:
@@ -3361,3 +3366,379 @@ def test_an_instruction_of_more_than_1024_rows_is_an_error_naming_the_row(batch_
     arrays = {"gfn": gfns, "access": np.ones(n, np.uint8), "insn": np.full(n, 7, np.uint64)}
     with pytest.raises(TraceError, match="row 1024: instruction has more than 1024 rows"):
         simulate_arrays(make_policy(RAM_1K), arrays, batch_rows=batch_rows)
+
+
+# =========================================================================== Revision 2: breakpoints and control rows (§2, §4, §6.4, §6.5)
+CONTROL_OPS = {"vmfunc": 1, "cr3": 2, "drop": 3, "map": 4}
+
+
+def make_trace2(*rows: str) -> dict[str, np.ndarray]:
+    """Like make_trace, plus control rows ``"vmfunc N"``, ``"cr3 VALUE"``, ``"drop GFN"``,
+    ``"map GFN"`` (``op``/``arg`` columns) and byte offsets ``"x 5@0x10"`` (a ``gpa`` column
+    then replaces ``gfn``: gpa = gfn << 12 | offset)."""
+    gfn, access, vcpu, insn, op, arg, off = [], [], [], [], [], [], []
+    for row in rows:
+        toks = row.split()
+        v, i = 0, None
+        while toks[0][0] in "vi" and toks[0][1:].isdigit():
+            if toks[0][0] == "v":
+                v = int(toks[0][1:])
+            else:
+                i = int(toks[0][1:])
+            toks = toks[1:]
+        word, value = toks
+        if word in CONTROL_OPS:
+            o = CONTROL_OPS[word]
+            op.append(o)
+            arg.append(int(value, 0) if o <= 2 else 0)
+            gfn.append(int(value, 0) if o >= 3 else 0)
+            access.append(0)
+            off.append(0)
+        else:
+            g, _, o_ = value.partition("@")
+            op.append(0)
+            arg.append(0)
+            gfn.append(int(g, 0))
+            access.append(KINDS[word])
+            off.append(int(o_, 0) if o_ else 0)
+        vcpu.append(v)
+        insn.append(i)
+    out = {"access": np.asarray(access, dtype=np.uint8), "op": np.asarray(op, dtype=np.uint8),
+           "arg": np.asarray(arg, dtype=np.uint64)}
+    if any("@" in r for r in rows):
+        out["gpa"] = (np.asarray(gfn, dtype=np.uint64) << np.uint64(12)) | np.asarray(off, dtype=np.uint64)
+    else:
+        out["gfn"] = np.asarray(gfn, dtype=np.uint64)
+    if any(r.split()[0][0] == "v" for r in rows):
+        out["vcpu"] = np.asarray(vcpu, dtype=np.uint16)
+    if any(x is not None for x in insn):
+        out["insn"] = np.asarray(insn, dtype=np.uint64)
+    return out
+
+
+@pytest.fixture(params=ENGINES)
+def sim2(request):
+    """As ``sim``, with make_trace2 rows."""
+    if request.param == "reference":
+        engine = _reference_engine()
+        extra = {}
+    else:
+        from altp2m_replay.engine import simulate_arrays as engine
+
+        extra = {"batch_rows": 2} if request.param == "numba-batch2" else {}
+
+    def run(policy_body: str, rows, **kwargs) -> Result:
+        return _adapt(engine(make_policy(policy_body), make_trace2(*rows), **kwargs, **extra))
+
+    return run
+
+
+SHADOW_BP = RAM_1K + """
+[[view]]
+name = "x"
+
+[breakpoints]
+at = 0x5010
+
+[[setup]]
+op = "change_gfn"
+view = "x"
+old = 5
+new = 1000
+
+[[setup]]
+op = "write_breakpoints"
+view = "x"
+
+[[setup]]
+op = "switch_p2m"
+view = "x"
+
+[on_breakpoint]
+action = "step"
+fast = {fast}
+"""
+
+
+def test_breakpoint_in_a_shadow_frame_is_stepped_into_view0(sim2):
+    res = sim2(SHADOW_BP.format(fast="false"), ["i1 x 5@0x10", "i1 r 600", "i2 x 5@0x20"])
+    # Setup: change_gfn prepopulates x with the host's 2M [0,511] and splits it (setup_splits
+    #   1); x[5] maps the frame of 1000. write_breakpoints x: x's entry at gfn 5 maps frame
+    #   1000: the INT3 is at (frame 1000, 0x10). View 0 maps gfn 5 to frame 5: no INT3 there.
+    # row0 (insn 1) fetch 0x5010 in x: the leaf permits x, first row, frame 1000 offset 0x10
+    #   holds the INT3 -> trap: int3_exits (x, gfn 5), breakpoint event, step to 0 (svm 1,
+    #   single-step on, return x) -> restart 1 in view 0: exit(0), lazy 4K -> restart 2 ->
+    #   fetch in view 0 (frame 5): done(0).
+    # row1 r 600: view 0, 2M region above mm 5 -> lazy 2M -> restart 3 -> rows 0, 1 done(0).
+    # row2 (insn 2): insn 1 ends: mtf, single-step event, back to x (svm 2); fetch 0x5020 in x:
+    #   frame 1000 offset 0x20, no INT3 -> done(1).
+    check(
+        res,
+        {"records": 3, "instructions": 2, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_4k": 1,
+         "lazy_copies_2m": 1, "lazy_copy_pages": 513, "int3_exits": 1, "breakpoint_events": 1,
+         "singlestep_events": 1, "mtf_exits": 1, "switches_vm_event": 2, "setup_splits": 1},
+        views={
+            1: {"records_completed": 1, "int3_exits": 1, "switches_in": 1, "pages_mapped": 512,
+                "leaves_4k": 512},
+            0: {"records_completed": 2, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 513,
+                "switches_in": 1, "pages_mapped": 513, "leaves_4k": 1, "leaves_2m": 1},
+        },
+        gfns={(1, 5): {"int3_exits": 1}, (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+              (0, 600): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+@pytest.mark.parametrize(("fast", "expected"), [("false", 248_400), ("true", 128_400)])
+def test_calibration_one_breakpoint_hit(sim2, fast, expected):
+    costs = effective_costs({})
+    one = sim2(SHADOW_BP.format(fast=fast), ["i1 x 5@0x10", "i2 x 7"])
+    two = sim2(SHADOW_BP.format(fast=fast), ["i1 x 5@0x10", "i2 x 7", "i3 x 5@0x10", "i4 x 7"])
+    # The second hit finds view 0 warm: int3 exit, breakpoint event, step to 0 (svm), the
+    # restarted fetch completes in view 0; at insn 4's start: mtf and a single-step event and
+    # svm back (not fast), or Xen's own switch back (fast); then x 7 completes in x.
+    # SPEC §8: 5000 + 2 x (90000 + 30000) + 3000 + 2 x 200 = 248,400; fast: one event, 128,400.
+    delta = _delta(two, one)
+    expected_delta = {"records": 2, "instructions": 2, "int3_exits": 1, "breakpoint_events": 1,
+                      "mtf_exits": 1, "switches_vm_event": 1, "restarts": 1}
+    expected_delta |= ({"switches_fast_ss": 1} if fast == "true"
+                       else {"singlestep_events": 1, "switches_vm_event": 2})
+    want = _full(expected_delta, "delta")
+    want.pop("crash_record")
+    want.pop("livelock_record")
+    assert delta == want
+    assert cycles(delta, costs)["cycles_total"] == expected
+
+
+def test_breakpoint_emulated_in_place(sim2):
+    res = sim2(SHADOW_BP.replace('action = "step"\nfast = {fast}', 'action = "emulate"'),
+               ["i1 x 5@0x10", "i1 r 600", "i2 x 6"])
+    # row0: trap in x (int3_exits, breakpoint event) -> emulate: emulations 1, the row and the
+    #   rest of insn 1 complete unchecked (records_emulated 1, then row1: 2). No restart.
+    # row2 x 6 in x: a prepopulated 4K piece -> done(1).
+    check(
+        res,
+        {"records": 3, "instructions": 2, "int3_exits": 1, "breakpoint_events": 1, "emulations": 1,
+         "records_emulated": 2, "setup_splits": 1},
+        views={1: {"records_completed": 1, "int3_exits": 1, "pages_mapped": 512, "leaves_4k": 512}},
+        gfns={(1, 5): {"int3_exits": 1}},
+    )
+
+
+CR3_POLICY = RAM_1K + """
+[[view]]
+name = "a"
+
+[[view]]
+name = "b"
+
+[on_cr3]
+{extra}
+
+[[on_cr3.switch]]
+cr3 = 0x1000
+to = "a"
+
+[[on_cr3.switch]]
+cr3 = "other"
+to = 0
+"""
+
+
+def test_cr3_writes_sync_events_switch_views(sim2):
+    res = sim2(CR3_POLICY.format(extra=""), ["cr3 0x1000", "r 5", "cr3 0x1000", "cr3 0x2000", "r 5"])
+    # No insn column: each row is an instruction. Every CR3 write exits ([on_cr3]).
+    # cr3 0x1000: the vCPU's first write (a change): sync event 1 -> rule 1: switch to a (svm 1).
+    # r 5 in a (fresh): exit(a), lazy 4K -> restart -> done(a).
+    # cr3 0x1000 again: unchanged, onchangeonly: exit, no event.
+    # cr3 0x2000: event 2 -> "other": switch to 0 (svm 2). r 5 in view 0: exit, lazy, done(0).
+    check(
+        res,
+        {"records": 2, "instructions": 5, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_4k": 2,
+         "lazy_copy_pages": 2, "control_records": 3, "cr3_writes": 3, "cr3_exits": 3,
+         "cr3_events": 2, "switches_vm_event": 2},
+        views={
+            1: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
+                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+            0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
+                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+        },
+        gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}, (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+@pytest.mark.parametrize(("onchangeonly", "events"), [("true", 2), ("false", 3)])
+def test_cr3_writes_async_events(sim2, onchangeonly, events):
+    res = sim2(RAM_1K + f"[on_cr3]\nsync = false\nonchangeonly = {onchangeonly}\n",
+               ["cr3 1", "cr3 1", "cr3 2"])
+    # Three writes, three exits; with onchangeonly the repeated value sends no event. Async
+    # events get no response (no switch) and, unlike n2rwx ones, restart nothing.
+    check(
+        res,
+        {"instructions": 3, "control_records": 3, "cr3_writes": 3, "cr3_exits": 3,
+         "async_events": events, "restarts": 0},
+        views={},
+        gfns={},
+    )
+
+
+def test_guest_vmfunc_switches_or_raises_ud(sim2):
+    res = sim2(
+        RAM_1K + """
+        [[view]]
+        name = "alt"
+
+        [[view]]
+        name = "hid"
+        visible = false
+
+        [[setup]]
+        op = "enable_notify"
+        vcpus = [0]
+        """,
+        ["v0 vmfunc 1", "v0 r 5", "v1 vmfunc 1", "v0 vmfunc 2", "v0 vmfunc 7"],
+    )
+    # v0 vmfunc 1: #VE/VMFUNC enabled on v0, view 1 active and visible: guest_vmfuncs 1,
+    #   switch (svf 1, switches_in[1]).
+    # v0 r 5 in alt: exit(1), lazy 4K -> restart -> done(1).
+    # v1 vmfunc 1: VMFUNC not enabled on v1 -> exit, #UD: vmfunc_exits.
+    # v0 vmfunc 2: invisible view -> vmfunc_exits. v0 vmfunc 7: no such view -> vmfunc_exits.
+    v0 = {"records": 1, "instructions": 4, "ept_exits": 1, "lazy_copies": 1, "lazy_copies_4k": 1,
+          "lazy_copy_pages": 1, "control_records": 3, "guest_vmfuncs": 1, "switches_vmfunc": 1,
+          "vmfunc_exits": 2}
+    v1 = {"instructions": 1, "control_records": 1, "vmfunc_exits": 1}
+    check(
+        res,
+        {k: v0.get(k, 0) + v1.get(k, 0) for k in set(v0) | set(v1)},
+        vcpus={0: v0, 1: v1},
+        views={1: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
+                   "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1}},
+        gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_host_drop_resets_the_view_that_remaps_it_and_a_map_restores_ram(sim2):
+    res = sim2(
+        RAM_1K + """
+        [[view]]
+        name = "s"
+
+        [[setup]]
+        op = "change_gfn"
+        view = "s"
+        old = 5
+        new = 1000
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "s"
+        """,
+        ["r 5", "drop 1000", "r 5", "map 1000", "r 1000"],
+    )
+    # Setup: s prepopulated with 2M [0,511] and split (setup_splits 1); s[5] -> frame 1000;
+    #   s's remap interval [1000, 1000]; its max_mapped 511.
+    # r 5: done(s).
+    # drop 1000 (the domain's): the host's 2M leaf [512,1023] (rwx) splits (superpage_splits
+    #   1) and 1000 becomes a hole: an entry that permitted something: one EPT sync, an IPI to
+    #   every vCPU (1). View 0 holds nothing; 1000 lies in s's remap interval: s is reset
+    #   (view_resets 1), max_mapped kept.
+    # r 5 in s: empty -> exit; 5 <= mm 511, the new root is empty -> hole 18; host 2M ->
+    #   lazy 2M [0,511] -> restart -> done(s) (5 maps its own frame again).
+    # map 1000: the host hole becomes a 4K RAM leaf (no sync: nothing was permitted; no split:
+    #   already 4K); no view holds 1000.
+    # r 1000 in s: 1000 > mm 511, 2M region above it -> hole 9; host leaf 4K -> lazy 4K -> done.
+    v0 = {"records": 3, "instructions": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_2m": 1,
+          "lazy_copies_4k": 1, "lazy_copy_pages": 513}
+    check(
+        res,
+        v0 | {"control_records": 2, "host_drops": 1, "host_maps": 1, "view_resets": 1,
+              "ept_syncs": 1, "ept_sync_ipis": 1, "superpage_splits": 1, "setup_splits": 1},
+        vcpus={0: v0},
+        views={1: {"records_completed": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 513,
+                   "resets": 1, "pages_mapped": 513, "leaves_2m": 1, "leaves_4k": 1}},
+        gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}, (1, 1000): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_host_drop_in_two_remap_intervals_resets_every_view_once(sim2):
+    remap = """
+        [[setup]]
+        op = "change_gfn"
+        view = "{v}"
+        old = 5
+        new = 1000
+    """
+    res = sim2(
+        RAM_1K + """
+        [[view]]
+        name = "a"
+
+        [[view]]
+        name = "b"
+        """ + remap.format(v="a") + remap.format(v="b"),
+        ["r 600", "drop 1000"],
+    )
+    # Setup: a and b each prepopulate 2M [0,511] and split it (setup_splits 2); both remap 5
+    #   to 1000: remap intervals [1000, 1000].
+    # r 600 in view 0: exit(0), lazy 2M [512,1023] -> restart -> done(0).
+    # drop 1000: host split (1) and hole: sync 1. Views in index order: view 0 (no remap)
+    #   holds 1000 in its 2M leaf: 4K removal, split (superpage_splits 2), sync 2. a: in its
+    #   interval -> reset. b: in its interval, a second hit -> every other active view is
+    #   reset (view 0 and b; a already was): view_resets 3. One vCPU: ept_sync_ipis 2.
+    v0 = {"records": 1, "instructions": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copies_2m": 1,
+          "lazy_copy_pages": 512}
+    check(
+        res,
+        v0 | {"control_records": 1, "host_drops": 1, "view_resets": 3, "ept_syncs": 2,
+              "ept_sync_ipis": 2, "superpage_splits": 2, "setup_splits": 2},
+        vcpus={0: v0},
+        views={0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 512,
+                   "resets": 1},
+               1: {"resets": 1}, 2: {"resets": 1}},
+        gfns={(0, 600): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_a_restart_executes_the_instructions_cr3_write_again(sim2):
+    res = sim2(RAM_1K + "[on_cr3]\nonchangeonly = false\n", ["i1 cr3 0x1000", "i1 r 5"])
+    # row0 (insn 1) cr3: exit, sync event 1 (no switch rules). row1 r 5: view 0 fresh: exit,
+    # lazy 4K -> restart -> the pass executes the CR3 write again (exit, event 2: onchangeonly
+    # is off) -> r 5 done(0).
+    check(
+        res,
+        {"records": 1, "instructions": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copies_4k": 1,
+         "lazy_copy_pages": 1, "control_records": 1, "cr3_writes": 2, "cr3_exits": 2,
+         "cr3_events": 2},
+        views={0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
+                   "pages_mapped": 1, "leaves_4k": 1}},
+        gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_guest_vmfunc_inside_a_restarted_instruction(sim2):
+    res = sim2(
+        RAM_1K + """
+        [[view]]
+        name = "alt"
+
+        [[setup]]
+        op = "enable_notify"
+        """,
+        ["i1 r 5", "i1 vmfunc 1", "i1 r 6"],
+    )
+    # row0 r 5 in view 0: exit(0), lazy 4K -> restart 1 -> done(0).
+    # row1 VMFUNC to alt: guest_vmfuncs 1, svf 1 (the pass's completion of row0 stays in 0).
+    # row2 r 6 in alt (fresh): exit(alt), lazy 4K -> restart 2, in alt: row0 r 5: exit(alt),
+    #   lazy -> restart 3 -> r 5 done(alt); the VMFUNC again (guest_vmfuncs 2, already in alt:
+    #   no switch); r 6 done(alt). The final pass completed both in alt; view 0's completion
+    #   was on an abandoned pass.
+    check(
+        res,
+        {"records": 2, "instructions": 1, "ept_exits": 3, "lazy_copies": 3, "lazy_copies_4k": 3,
+         "lazy_copy_pages": 3, "control_records": 1, "guest_vmfuncs": 2, "switches_vmfunc": 1},
+        views={0: {"ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1, "pages_mapped": 1,
+                   "leaves_4k": 1},
+               1: {"records_completed": 2, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 2,
+                   "switches_in": 1, "pages_mapped": 2, "leaves_4k": 2}},
+        gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1}, (1, 5): {"ept_exits": 1, "lazy_copies": 1},
+              (1, 6): {"ept_exits": 1, "lazy_copies": 1}},
+    )

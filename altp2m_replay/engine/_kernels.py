@@ -63,7 +63,20 @@ C_SHATTERS = 23
 C_MMIO = 24
 C_RESTARTS = 25
 C_EPT_SYNCS = 26   # ept_sync_ipis follow from these and the trace's vCPU count (driver)
-N_COUNTERS = 27
+C_BP_EVENTS = 27
+C_CR3_EVENTS = 28
+C_INT3 = 29
+C_CONTROL = 30
+C_CR3_WRITES = 31
+C_CR3_EXITS = 32
+C_GUEST_VMFUNCS = 33
+C_VMFUNC_EXITS = 34
+C_HOST_DROPS = 35
+C_HOST_MAPS = 36
+C_VIEW_RESETS = 37
+N_COUNTERS = 38
+# vc has one row per vCPU slot and a last row for domain-wide events (control rows op 3 and 4,
+# SPEC §7: in the total row only).
 
 # ---- per-view counters: pv[view, V_*]
 V_COMPLETED = 0
@@ -73,7 +86,9 @@ V_LAZY_PAGES = 3
 V_VIOLATIONS = 4
 V_VE = 5
 V_SWITCHES_IN = 6
-N_VIEW_COUNTERS = 7
+V_INT3 = 7
+V_RESETS = 8
+N_VIEW_COUNTERS = 9
 
 # ---- per-gfn table: htab[i] = key (view << 36 | gfn) + 1 (0: empty), then counters G_*.
 # One 64-byte row per entry, so an exit touches one cache line of it.
@@ -81,7 +96,8 @@ G_EXITS = 1
 G_VIOL_R = 2  # + kind (0 r, 1 w, 2 x)
 G_VE = 5
 G_LAZY = 6
-N_GFN_COUNTERS = 6
+G_INT3 = 7
+N_GFN_COUNTERS = 7
 H_WIDTH = 8
 # ---- per-ip table: itab[i] = ip, ept_exits, ve_delivered (24 bytes a row). A row is used iff
 # a count is nonzero: drain_log fills a row's key and one count together, and every ip value
@@ -97,7 +113,8 @@ E_EXIT = 1       # event bit b counts into htab column G_EXITS + b
 E_VIOL_R = 2     # << kind
 E_VE = 16
 E_LAZY = 32
-E_HAS_IP = 64    # the row had an ip: count into itab too
+E_INT3 = 64
+E_HAS_IP = 128   # the row had an ip: count into itab too
 LOG_ROWS = 1 << 14
 
 # ---- fast-path cache: pmap[p, g] (uint8) = the kinds (r 1, w 2, x 4) an access to gfn g in
@@ -124,8 +141,11 @@ S_EXEC_J = 14     # where execute resumes: the row of the instruction to attempt
 S_EXEC_K = 15     # ... and the batch index it scans from
 S_FIRST = 16      # where the instruction's rows are: see first_rows
 S_NSPILL = 17     # rows of the instruction spilled into ibuf at earlier batch ends
-S_PCOUNT = 18     # completions of the instruction's current pass (all in the vCPU's current view)
-N_VCPU_STATE = 19
+S_PCOUNT = 18     # completions of the instruction's current pass in the vCPU's current view
+S_CR3 = 19        # the vCPU's CR3 as last written ...
+S_CR3_SEEN = 20   # ... once it has written one
+S_NSEG = 21       # pass segments: completions of this pass in views a control row left (pseg)
+N_VCPU_STATE = 22
 
 # ---- Restarts (SPEC §5) execute an instruction again from its first row. Its rows are found
 # in the batch (rows of the slot from S_FIRST on), after the ones an earlier batch held, which
@@ -133,7 +153,9 @@ N_VCPU_STATE = 19
 B_KEY = 0   # gfn << 3 | kind bit (1 r, 2 w, 4 x)
 B_ROW = 1   # global row index
 B_IP = 2    # instruction pointer (when the trace has one)
-B_WIDTH = 3
+B_ARG = 3   # control rows: arg (their B_KEY is op << 3: kind bit 0)
+B_BOFF = 4  # byte offset of the row's address in its page, -1 if unknown
+B_WIDTH = 5
 MAX_INSN_ROWS = 1024  # SPEC §2: an instruction has at most 1024 rows
 # S_FIRST: f >= 0, the instruction began at batch index f; CONT, it began in an earlier batch
 # (its rows so far are spilled) and has no row in this batch yet; else -(f + 1), it began in an
@@ -173,7 +195,13 @@ D_VE_TO = 8
 D_HOST_ACCESS = 9
 D_WINDOW = 10
 D_HEADROOM = 11
-N_DOM = 12
+D_CR3_ON = 12         # [on_cr3]: CR3-load exiting on
+D_CR3_SYNC = 13
+D_CR3_ONCHANGE = 14
+D_BP_ACTION = 15      # [on_breakpoint]: -1 none, 0 step, 1 emulate
+D_BP_TO = 16
+D_BP_FAST = 17
+N_DOM = 18
 
 # ---- statuses returned to the driver
 ST_DONE = 0
@@ -566,6 +594,28 @@ def setup_gfns(op, pool, gs, roots, maxm, active, dflt, dom, p, gfns, arg, start
 
 
 @njit(cache=True)
+def setup_breakpoints(pool, gs, roots, maxm, dflt, dom, p, addrs, keys, start):
+    """``write_breakpoints`` into view p2m ``p`` (SPEC §4): keys[i] = mfn << 12 | offset of
+    the frame ``p``'s effective entry maps at addrs[i] (int64 (n,) byte addresses), prepopulating
+    a view >= 1 as set_mem_access does; -1 where the gfn is not RAM (setup_skipped)."""
+    for i in range(start, len(addrs)):
+        if pool.shape[0] - gs[GS_NFREE] < dom[D_HEADROOM]:
+            return ST_NEED_NODES, i
+        g = addrs[i] >> 12
+        if p >= 2:
+            cur, splits = prepopulate(pool, gs, roots, maxm, dflt, dom, p, g)
+            gs[GS_SETUP_SPLITS] += splits
+        else:
+            cur = effective_entry(pool, roots, p, g)
+        if cur < 0:
+            gs[GS_SETUP_SKIPPED] += 1
+            keys[i] = -1
+        else:
+            keys[i] = ((cur >> MFN_SHIFT) << 12) | (addrs[i] & 4095)
+    return ST_DONE, len(addrs)
+
+
+@njit(cache=True)
 def setup_change_gfn(pool, gs, roots, maxm, dflt, dom, remap, p, olds, news, start):
     """``change_gfn`` pairs ``olds[i] -> news[i]`` (int64 (n,)) in view p2m ``p``."""
     for i in range(start, len(olds)):
@@ -602,22 +652,40 @@ def fast_bits(e, lv, exec_sp):
 
 
 @njit(cache=True, inline="always")
-def completes(pmap, pool, root, p, g, kb, exec_sp):
+def completes(pmap, pool, root, p, g, kb, exec_sp, bpmfn):
     """Whether an access of kind bit ``kb`` to gfn ``g`` completes in p2m ``p`` (tree ``root``)
     without leaving the fast path: (done, e, lv), the walk's entry and level when it walked.
 
     The cache answers when it knows the kind; otherwise the tree is walked and the cache
     refilled. 0 <= g: a gfn of 2^63 or more is negative here (traces are checked, but a file
     whose statistics lie can slip one past); the cache is never indexed out of bounds.
+    A fetch from a frame holding breakpoints (``bpmfn``, int64 sorted mfns) never completes
+    here: the slow path checks whether it traps.
     """
     cached = 0 <= g < pmap.shape[1]
     if cached and pmap[p, g] & kb:
         return True, np.int64(0), 0
     e, lv = walk(pool, root, g)
     bits = fast_bits(e, lv, exec_sp)
+    if bits & 4 and len(bpmfn) and sorted_has(bpmfn, piece_at(e, lv, g) >> MFN_SHIFT):
+        bits &= 3
     if cached:
         pmap[p, g] = bits
     return (bits & kb) != 0, e, lv
+
+
+@njit(cache=True, inline="always")
+def sorted_has(arr, x):
+    """Whether sorted int64 ``arr`` holds ``x`` (binary search)."""
+    lo = 0
+    hi = len(arr)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if arr[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < len(arr) and arr[lo] == x
 
 
 @njit(cache=True, inline="always")
@@ -738,6 +806,7 @@ def end_instruction(vst, vc, pv, s):
     vst[s, S_VE_BUSY] = 0
     vst[s, S_EMUL] = 0
     vst[s, S_RESTARTS] = 0
+    vst[s, S_NSEG] = 0
     vst[s, S_PENDING] = 0
 
 
@@ -777,13 +846,15 @@ def rewrite_4k(pool, gs, roots, maxm, vc, pmap, s, p, g, e, lv, access):
 
 @njit(cache=True, inline="always")
 def attempt(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
-            rules, granges, s, g, kind, row, e, lv, has_ip, ipv, pmap):
+            rules, granges, s, g, kind, row, e, lv, has_ip, ipv, pmap, bpkey, first, boffv):
     """One attempt of SPEC §5 steps 2-8 at a row that the walk (``e``, ``lv``) of the vCPU's
     current view did not complete on the fast path; returns an outcome R_*.
 
     Exits and #VEs go to the event log ``elog``, with the row's instruction pointer ``ipv``
     when ``has_ip``. Every tree write clears the gfns it covers from the fast-path cache
-    ``pmap``. A completion is counted by the caller.
+    ``pmap``. A completion is counted by the caller. ``first``: the row is its instruction's
+    first; ``boffv``: its byte offset in the page (-1 unknown), for breakpoints ``bpkey``
+    (int64 sorted mfn << 12 | offset).
     """
     kb = np.int64(1) << kind
     view, p, root = current_view(vst, roots, s, dom[D_ALTP2M])
@@ -792,6 +863,10 @@ def attempt(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
     permitted = k == LEAF and (PERMITS[acc] & kb) != 0
     shatter = permitted and kind == 2 and lv > 1 and not dom[D_EXEC_SP]
     if permitted and not shatter:
+        # 2. an instruction's first fetch at a breakpoint of the frame this leaf maps traps
+        if (kind == 2 and first and boffv >= 0 and len(bpkey)
+                and sorted_has(bpkey, ((piece_at(e, lv, g) >> MFN_SHIFT) << 12) | boffv)):
+            return breakpoint_hit(vst, vc, pv, elog, gs, dom, s, view, g, has_ip, ipv)
         return R_DONE
     # 3. #VE: the deciding entry is the leaf the hardware found (valid, removed or
     # invisible: each keeps its bit); an empty slot has sve 1.
@@ -884,19 +959,7 @@ def attempt(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
             return R_UNMATCHED
         action = rules[r, 4]
         if action == A_STEP:
-            # SPEC §6.1: TOGGLE_SINGLESTEP turns a running single-step off; fast keeps it on
-            # with the latest return view
-            if not vst[s, S_SS_ON]:
-                vst[s, S_SS_ON] = 1
-                vst[s, S_SS_RET] = view
-                vst[s, S_SS_FAST] = rules[r, 6]
-            elif not rules[r, 6]:
-                vst[s, S_SS_ON] = 0
-            else:
-                vst[s, S_SS_RET] = view
-                vst[s, S_SS_FAST] = 1
-            vst[s, S_PENDING] = 1
-            switch_view(vst, vc, pv, s, rules[r, 5], C_SW_EVENT)
+            single_step(vst, vc, pv, s, view, rules[r, 5], rules[r, 6])
         elif action == A_EMULATE:
             vc[s, C_EMULATIONS] += 1
             return R_EMULATED
@@ -923,6 +986,38 @@ def attempt(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
 
 
 @njit(cache=True, inline="always")
+def single_step(vst, vc, pv, s, view, to, fast):
+    """A monitor's step response (SPEC §6.1): switch to ``to``; single-step on with return
+    view ``view``, unless already on: then Xen's flags decide (not fast toggles it off, fast
+    keeps it on with the new return view)."""
+    if not vst[s, S_SS_ON]:
+        vst[s, S_SS_ON] = 1
+        vst[s, S_SS_RET] = view
+        vst[s, S_SS_FAST] = fast
+    elif not fast:
+        vst[s, S_SS_ON] = 0
+    else:
+        vst[s, S_SS_RET] = view
+        vst[s, S_SS_FAST] = 1
+    vst[s, S_PENDING] = 1
+    switch_view(vst, vc, pv, s, to, C_SW_EVENT)
+
+
+@njit(cache=True, inline="always")
+def breakpoint_hit(vst, vc, pv, elog, gs, dom, s, view, g, has_ip, ipv):
+    """SPEC §6.4: the #BP exit, the breakpoint event and its response; an R_* outcome."""
+    vc[s, C_INT3] += 1
+    pv[view, V_INT3] += 1
+    log_event(elog, gs, view, g, E_INT3, has_ip, ipv)
+    vc[s, C_BP_EVENTS] += 1
+    if dom[D_BP_ACTION] == 1:
+        vc[s, C_EMULATIONS] += 1
+        return R_EMULATED
+    single_step(vst, vc, pv, s, view, dom[D_BP_TO], dom[D_BP_FAST])
+    return R_RESTART
+
+
+@njit(cache=True, inline="always")
 def slot_holds_table(pool, root, g, level):
     """Whether the entry of ``level`` covering ``g`` is a table (walking only through tables)."""
     node = root
@@ -936,28 +1031,33 @@ def slot_holds_table(pool, root, g, level):
     return False
 
 
-# Inlined into the replay loop: a call passing these ~30 arrays cost more than the rest of an
-# exit. The loop's other call site, resuming after growth, goes through resume (not inlined).
-@njit(cache=True, inline="always")
+# Not inlined: inlined into the replay loop it tripled the kernels' compile time for no
+# measurable gain; compiled without reference counting, as replay_batch, so a call does not
+# incref and decref its ~30 arrays. ``bt`` is the batch: (gfn int64, access uint8, vcpu uint16, ip int64, op uint8, arg int64,
+# boff int64), each (n,); ``aux`` the run's lookup tables: (bpmfn, bpkey, cr3r, vis, pseg),
+# see replay_batch.
+@njit(cache=True, _nrt=False)
 def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
-            rules, granges, ibuf, pmap, gfn, access, vcpu, ip, has_ip, lut, start_row,
+            rules, granges, ibuf, pmap, bt, aux, has_ip, has_op, lut, start_row,
             s, j, k, e, lv, has_walk):
     """Execute vCPU slot ``s``'s instruction from its row ``j`` to its newest row (SPEC §5):
-    one attempt per row, and from the first row again after each restart, until the newest
-    row completes. Returns an ST_* status.
+    one attempt per access row (control rows op 1 and 2 take effect again), and from the first
+    row again after each restart, until the newest row completes. Returns an ST_* status.
 
     Row ``j`` is ibuf[s, j] while j < the spilled rows, else the next row of slot ``s`` at
-    batch index ``k`` or later (batch arrays as replay_batch); ``j`` < 0 names the newest row,
-    at ``k``. (``e``, ``lv``) is the fast path's walk for row ``j`` when ``has_walk``. Before
-    each attempt there must be room for its tree writes and its log entry; without it the place
-    is saved (S_EXEC_J, S_EXEC_K, GS_RESUME) and the driver calls again after growing.
+    batch index ``k`` or later; ``j`` < 0 names the newest row, at ``k``. (``e``, ``lv``) is
+    the fast path's walk for row ``j`` when ``has_walk``. Before each attempt there must be
+    room for its tree writes and its log entry; without it the place is saved (S_EXEC_J,
+    S_EXEC_K, GS_RESUME) and the driver calls again after growing.
     """
+    gfn, access, vcpu, ip, op, arg, boff = bt
+    bpmfn, bpkey, cr3r, vis, pseg = aux
     nsp, first = first_rows(vst, s)
     if j < 0:
         # the instruction's rows: the spilled ones, then the slot's rows from ``first`` to k
         n = nsp
         for t in range(first, k + 1):
-            n += lut[vcpu[t]] == s
+            n += lut[vcpu[t]] == s and not (has_op and op[t] >= 3)
         if n > MAX_INSN_ROWS:
             gs[GS_ERR_ROW] = start_row + k
             return ST_LONG_INSN
@@ -966,8 +1066,6 @@ def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, i
     last = vst[s, S_NROWS] - 1
     altp2m = dom[D_ALTP2M]
     exec_sp = dom[D_EXEC_SP]
-    pc = vst[s, S_PCOUNT]
-    pview = current_view(vst, roots, s, altp2m)[0]  # where this pass's completions are
     while True:
         if pool.shape[0] - gs[GS_NFREE] < dom[D_HEADROOM] or gs[GS_LOGN] + 1 > elog.shape[0]:
             if pool.shape[0] - gs[GS_NFREE] >= dom[D_HEADROOM]:
@@ -979,39 +1077,51 @@ def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, i
                 st = ST_NEED_NODES
             vst[s, S_EXEC_J] = j
             vst[s, S_EXEC_K] = k
-            vst[s, S_PCOUNT] = pc
             gs[GS_RESUME] = s + 1
             return st
         if j < nsp:
             key = ibuf[s, j, B_KEY]
-            g = key >> 3
             kb = key & 7
+            g = key >> 3
             row = ibuf[s, j, B_ROW]
             ipv = ibuf[s, j, B_IP]
+            argv = ibuf[s, j, B_ARG]
+            boffv = ibuf[s, j, B_BOFF]
         else:
-            while lut[vcpu[k]] != s:
+            while lut[vcpu[k]] != s or (has_op and op[k] >= 3):
                 k += 1
-            g = gfn[k]
-            kb = KIND_BIT[access[k]]
+            kb = KIND_BIT[access[k]] if not (has_op and op[k]) else 0
+            g = gfn[k] if kb else np.int64(op[k])
             row = start_row + k
             ipv = ip[k] if has_ip else np.int64(0)
+            argv = arg[k] if has_op else np.int64(0)
+            boffv = boff[k] if len(bpkey) else np.int64(-1)
+        if kb == 0:
+            # a control row of the instruction: it takes effect again on every pass
+            control(vst, vc, pv, dom, cr3r, vis, pseg, s, g, argv)
+            if j == last:
+                return ST_DONE
+            if j >= nsp:
+                k += 1
+            j += 1
+            continue
         view, p, root = current_view(vst, roots, s, altp2m)
         if has_walk:
             has_walk = False
             done = False
         else:
-            done, e, lv = completes(pmap, pool, root, p, g, kb, exec_sp)
+            done, e, lv = completes(pmap, pool, root, p, g, kb, exec_sp, bpmfn)
         if done:
             out = R_DONE
         else:
             out = attempt(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
-                          rules, granges, s, g, KIND_OF_BIT[kb], row, e, lv, has_ip, ipv, pmap)
+                          rules, granges, s, g, KIND_OF_BIT[kb], row, e, lv, has_ip, ipv, pmap,
+                          bpkey, j == 0, boffv)
         if out == R_DONE:
             if done or visible(e, lv):  # MMIO rows are not completions
                 pv[view, V_COMPLETED] += 1
-                pc += 1
+                vst[s, S_PCOUNT] += 1
             if j == last:
-                vst[s, S_PCOUNT] = pc
                 return ST_DONE
             if j >= nsp:
                 k += 1
@@ -1024,18 +1134,32 @@ def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, i
             vst[s, S_RESTARTS] += 1
             vst[s, S_PENDING] = 1  # the instruction end clears the restart count
             vc[s, C_RESTARTS] += 1
-            # completions of the abandoned pass do not count (SPEC §5: final pass only)
-            pv[pview, V_COMPLETED] -= pc
-            pc = 0
-            pview = current_view(vst, roots, s, altp2m)[0]
+            # completions of the abandoned pass do not count (SPEC §5: final pass only); those
+            # before the attempt's switch are in the view the attempt ran in
+            retract_pass(vst, pv, pseg, s, view)
             j = 0
             k = first
         elif out == R_EMULATED:
-            # this row and the rest of the instruction complete without checks
-            vc[s, C_REC_EMUL] += last - j + 1
+            # this row and the rest of the instruction complete without checks: its access
+            # rows, whose control rows take effect (Xen emulates VMFUNC and mov cr3)
+            vc[s, C_REC_EMUL] += 1
+            kk = k + 1 if j >= nsp else first
+            for t in range(j + 1, last + 1):
+                if t < nsp:
+                    o = (ibuf[s, t, B_KEY] >> 3) if (ibuf[s, t, B_KEY] & 7) == 0 else 0
+                    argt = ibuf[s, t, B_ARG]
+                else:
+                    while lut[vcpu[kk]] != s or (has_op and op[kk] >= 3):
+                        kk += 1
+                    o = op[kk] if has_op else 0
+                    argt = arg[kk] if has_op else np.int64(0)
+                    kk += 1
+                if o:
+                    control(vst, vc, pv, dom, cr3r, vis, pseg, s, o, argt)
+                else:
+                    vc[s, C_REC_EMUL] += 1
             vst[s, S_EMUL] = 1
             vst[s, S_PENDING] = 1
-            vst[s, S_PCOUNT] = pc
             return ST_DONE
         elif out == R_CRASH:
             return ST_CRASH
@@ -1043,13 +1167,121 @@ def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, i
             return ST_UNMATCHED
 
 
-@njit(cache=True, _nrt=False)
-def resume(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
-           rules, granges, ibuf, pmap, gfn, access, vcpu, ip, has_ip, lut, start_row, s):
-    """execute, from where it stopped for room (S_EXEC_J, S_EXEC_K)."""
-    return execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
-                   rules, granges, ibuf, pmap, gfn, access, vcpu, ip, has_ip, lut, start_row,
-                   s, vst[s, S_EXEC_J], vst[s, S_EXEC_K], np.int64(0), 0, False)
+@njit(cache=True, inline="always")
+def retract_pass(vst, pv, pseg, s, view):
+    """Take back the completions of slot ``s``'s current pass: S_PCOUNT in ``view`` and the
+    segments control rows left in other views."""
+    pv[view, V_COMPLETED] -= vst[s, S_PCOUNT]
+    vst[s, S_PCOUNT] = 0
+    for t in range(vst[s, S_NSEG]):
+        pv[pseg[s, t, 0], V_COMPLETED] -= pseg[s, t, 1]
+    vst[s, S_NSEG] = 0
+
+
+@njit(cache=True, inline="always")
+def control_switch(vst, vc, pv, pseg, s, to, counter):
+    """A view switch by a control row inside an instruction: the pass's completions so far
+    stay attributed to the view they happened in (a segment per view)."""
+    old = vst[s, S_VIEW]
+    if old == to:
+        return
+    c = vst[s, S_PCOUNT]
+    if c:
+        n = vst[s, S_NSEG]
+        t = 0
+        while t < n and pseg[s, t, 0] != old:
+            t += 1
+        if t == n:
+            pseg[s, t, 0] = old
+            pseg[s, t, 1] = 0
+            vst[s, S_NSEG] = n + 1
+        pseg[s, t, 1] += c
+        vst[s, S_PCOUNT] = 0
+        vst[s, S_PENDING] = 1  # the instruction end clears the segments
+    switch_view(vst, vc, pv, s, to, counter)
+
+
+@njit(cache=True, inline="always")
+def control(vst, vc, pv, dom, cr3r, vis, pseg, s, o, argv):
+    """SPEC §6.5: a guest VMFUNC (op 1) or CR3 write (op 2) of vCPU slot ``s`` takes effect.
+
+    ``cr3r`` int64 (m, 3): [[on_cr3.switch]] rules (value, matches any, view); ``vis`` int64
+    (views,): 1 for views a guest VMFUNC may reach (active and visible after setup)."""
+    if o == 1:
+        if vst[s, S_VE_EN] and 0 <= argv < len(vis) and vis[argv]:
+            vc[s, C_GUEST_VMFUNCS] += 1
+            control_switch(vst, vc, pv, pseg, s, argv, C_SW_VMFUNC)
+        else:
+            vc[s, C_VMFUNC_EXITS] += 1  # the CPU exits and Xen injects #UD
+        return
+    vc[s, C_CR3_WRITES] += 1
+    if dom[D_CR3_ON]:
+        vc[s, C_CR3_EXITS] += 1
+        if not dom[D_CR3_ONCHANGE] or not vst[s, S_CR3_SEEN] or vst[s, S_CR3] != argv:
+            if dom[D_CR3_SYNC]:
+                vc[s, C_CR3_EVENTS] += 1
+                for r in range(cr3r.shape[0]):
+                    if cr3r[r, 1] or cr3r[r, 0] == argv:
+                        control_switch(vst, vc, pv, pseg, s, cr3r[r, 2], C_SW_EVENT)
+                        break
+            else:
+                vc[s, C_ASYNC] += 1
+    vst[s, S_CR3] = argv
+    vst[s, S_CR3_SEEN] = 1
+
+
+@njit(cache=True, inline="always")
+def reset_view(pool, gs, roots, remap, pmap, vc, pv, d, p):
+    """Reset view p2m ``p`` (SPEC §6.5): every entry gone, remap interval cleared, max_mapped
+    kept; its vCPUs stay and refill it lazily."""
+    roots[p] = alloc_node(pool, gs)
+    remap[p, 0] = np.int64(1) << 62
+    remap[p, 1] = -1
+    pmap[p, :] = 0
+    vc[d, C_VIEW_RESETS] += 1
+    pv[p - 1, V_RESETS] += 1
+
+
+@njit(cache=True)
+def host_change(pool, gs, roots, maxm, active, dom, remap, pmap, vc, pv, o, g):
+    """SPEC §6.5 host drop (op 3) or map (op 4) of gfn ``g``, counted in the domain row of
+    ``vc`` (its last)."""
+    d = vc.shape[0] - 1
+    e, lv = xwalk(pool, roots[0], g)
+    vc[d, C_EPT_SYNCS] += permits_any(e, lv)
+    for q in range(pmap.shape[0]):
+        forget(pmap, q, g, 1)
+    if o == 4:
+        sve = e_sve(e) if e & 3 == LEAF else 1
+        new = make_leaf(g + MFN_OFFSET, dom[D_HOST_ACCESS], sve)
+        vc[d, C_SPLITS] += write_4k(pool, gs, roots, maxm, 0, g, new)
+        gs[GS_SYNCS] = 0
+        vc[d, C_SPLITS] += propagate(pool, gs, roots, maxm, active, g, new)
+        vc[d, C_EPT_SYNCS] += gs[GS_SYNCS]
+        vc[d, C_HOST_MAPS] += 1
+        return
+    # the host entry becomes a hole (written even when it is one already)
+    vc[d, C_SPLITS] += write_4k(pool, gs, roots, maxm, 0, g, (e & ~np.int64(3)) | REMOVED if e & 3 == LEAF else np.int64(0))
+    vc[d, C_HOST_DROPS] += 1
+    hit = -1
+    for p in range(1, len(roots)):
+        if not active[p]:
+            continue
+        if remap[p, 0] <= g <= remap[p, 1]:
+            if hit < 0:
+                hit = p
+                reset_view(pool, gs, roots, remap, pmap, vc, pv, d, p)
+                continue
+            # a second view remaps g: every other active view is reset, each once
+            for q in range(1, len(roots)):
+                if active[q] and q != hit:
+                    reset_view(pool, gs, roots, remap, pmap, vc, pv, d, q)
+            return
+        ev, lvv = xwalk(pool, roots[p], g)
+        if ev & 3 == LEAF:
+            vc[d, C_EPT_SYNCS] += permits_any(ev, lvv)
+            removed = (piece_at(ev, lvv, g) & ~np.int64(3)) | REMOVED
+            vc[d, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, removed)
 
 
 @njit(cache=True, inline="always")
@@ -1062,10 +1294,11 @@ def first_rows(vst, s):
 
 
 @njit(cache=True, _nrt=False)
-def spill_open(vst, ibuf, gs, gfn, access, vcpu, ip, has_ip, lut, start_row, n):
+def spill_open(vst, ibuf, gs, bt, has_ip, has_op, lut, start_row, n):
     """At the end of a batch of ``n`` rows, copy the rows this batch holds of every open
     instruction that may still restart (not emulated) into ibuf, after its earlier spills.
     Returns ST_LONG_INSN (GS_ERR_ROW) for an instruction past MAX_INSN_ROWS, else ST_DONE."""
+    gfn, access, vcpu, ip, op, arg, boff = bt
     lo = n
     for s in range(vst.shape[0]):
         if not vst[s, S_STARTED] or vst[s, S_EMUL] or vst[s, S_FIRST] == CONT:
@@ -1075,6 +1308,8 @@ def spill_open(vst, ibuf, gs, gfn, access, vcpu, ip, has_ip, lut, start_row, n):
         vst[s, S_NSPILL] = nsp
         lo = min(lo, first)
     for k in range(lo, n):
+        if has_op and op[k] >= 3:
+            continue
         s = lut[vcpu[k]]
         f = vst[s, S_FIRST]
         if f == CONT or k < (f if f >= 0 else -(f + 1)):
@@ -1083,9 +1318,14 @@ def spill_open(vst, ibuf, gs, gfn, access, vcpu, ip, has_ip, lut, start_row, n):
         if j == MAX_INSN_ROWS:
             gs[GS_ERR_ROW] = start_row + k
             return ST_LONG_INSN
-        ibuf[s, j, B_KEY] = (gfn[k] << 3) | KIND_BIT[access[k]]
+        if has_op and op[k]:
+            ibuf[s, j, B_KEY] = np.int64(op[k]) << 3
+            ibuf[s, j, B_ARG] = arg[k]
+        else:
+            ibuf[s, j, B_KEY] = (gfn[k] << 3) | KIND_BIT[access[k]]
         ibuf[s, j, B_ROW] = start_row + k
         ibuf[s, j, B_IP] = ip[k] if has_ip else 0
+        ibuf[s, j, B_BOFF] = boff[k] if len(boff) == n else -1
         vst[s, S_NSPILL] = j + 1
     for s in range(vst.shape[0]):
         vst[s, S_FIRST] = CONT
@@ -1094,15 +1334,17 @@ def spill_open(vst, ibuf, gs, gfn, access, vcpu, ip, has_ip, lut, start_row, n):
 
 @njit(cache=True)
 def snapshot(vc, pv, snaps, w, nslots):
-    """Row ``w`` of ``snaps``: run totals of every counter, then each view's lazy-copy pages."""
+    """Row ``w`` of ``snaps``: run totals of every counter, then each view's lazy-copy pages,
+    then the domain row's EPT syncs."""
     nc = vc.shape[1]
     for c in range(nc):
         t = 0
         for s in range(nslots):
             t += vc[s, c]
         snaps[w, c] = t
-    for v in range(snaps.shape[1] - nc):
+    for v in range(pv.shape[0]):
         snaps[w, nc + v] = pv[v, V_LAZY_PAGES]
+    snaps[w, nc + pv.shape[0]] = vc[nslots - 1, C_EPT_SYNCS]  # the domain's own syncs
 
 
 @njit(cache=True, inline="always")
@@ -1137,14 +1379,21 @@ def flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, fi, pc):
 # handed to an inlined helper was incref'd and decref'd (atomic operations, about 70 of the
 # 114 ns an exit took). The kernel allocates nothing, so it needs no runtime.
 @njit(cache=True, nogil=True, _nrt=False)
-def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin,
-                 pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
-                 rules, granges, lut, snaps, pmap, ibuf):
+def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, op, arg, has_op, boff,
+                 start_row, begin, pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
+                 htab, itab, rules, granges, lut, snaps, pmap, ibuf, remap,
+                 bpmfn, bpkey, cr3r, vis, pseg):
     """Replay rows ``begin..`` of one batch; returns (status, index of the next row to do).
 
     gfn int64 (n,), access uint8 (n,), vcpu uint16 (n,), insn int64 (n,) (ignored unless
-    ``has_insn``), ip int64 (n,) (ignored unless ``has_ip``); ``start_row`` is the global index
-    of the batch's row 0; ``lut`` int64 (4096,) maps a vCPU number to its counter slot.
+    ``has_insn``), ip int64 (n,) (ignored unless ``has_ip``), op uint8 and arg int64 (n,)
+    (control rows, ignored unless ``has_op``), boff int64 (n,) (byte offset of each row's
+    address in its page, -1 unknown; read only when there are breakpoints); ``start_row`` is
+    the global index of the batch's row 0; ``lut`` int64 (4096,) maps a vCPU number to its
+    counter slot (the last row of ``vc`` is the domain's). Breakpoints: ``bpmfn`` int64 sorted
+    frames holding one, ``bpkey`` int64 sorted mfn << 12 | offset; ``cr3r`` int64 (m, 3)
+    CR3 rules; ``vis`` int64 (views,) guest VMFUNC targets; ``pseg`` int64 (slots, 513, 2)
+    pass segments; ``remap`` int64 (p2ms, 2) remap intervals.
     A restart executes an instruction again from its rows in the batch and, for one that
     began in an earlier batch, from ``ibuf`` (int64 (slots, MAX_INSN_ROWS, B_WIDTH)). Exits and #VEs are logged in ``elog`` (int64
     (m, 3), m > LOG_SLACK) and drained into the per-gfn and per-ip tables when the log fills;
@@ -1158,13 +1407,17 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
     headroom = dom[D_HEADROOM]
     nslots = vc.shape[0]
     n = len(gfn)
+    bt = (gfn, access, vcpu, ip, op, arg, boff)
+    aux = (bpmfn, bpkey, cr3r, vis, pseg)
     if gs[GS_RESUME]:
         s = gs[GS_RESUME] - 1
         gs[GS_RESUME] = 0
-        st = resume(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
-                    rules, granges, ibuf, pmap, gfn, access, vcpu, ip, has_ip, lut, start_row, s)
+        st = execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
+                     rules, granges, ibuf, pmap, bt, aux, has_ip, has_op, lut, start_row,
+                     s, vst[s, S_EXEC_J], vst[s, S_EXEC_K], np.int64(0), 0, False)
         if st != ST_DONE:
-            return st, begin + (st == ST_CRASH or st == ST_LIVELOCK or st == ST_UNMATCHED)
+            return st, begin + (st == ST_CRASH or st == ST_LIVELOCK or st == ST_UNMATCHED
+                                or st == ST_LONG_INSN)
         begin += 1
     # Room checks and the next window boundary live in locals: only the slow path and a
     # snapshot change them, and locals stay in registers across the counter stores.
@@ -1206,6 +1459,21 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
             snapshot(vc, pv, snaps, gs[GS_NEXT_WIN], nslots)
             gs[GS_NEXT_WIN] += 1
             next_snap = gs[GS_NEXT_WIN] * window
+        if has_op and op[i] >= 3:
+            # a host drop or map: the domain's, no vCPU's (SPEC §6.5)
+            if pool.shape[0] - gs[GS_NFREE] < headroom + len(roots):
+                flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, fi, pc)
+                return ST_NEED_NODES, i
+            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, fi, pc)
+            recs = 0
+            insns = 0
+            comp = 0
+            vc[nslots - 1, C_CONTROL] += 1
+            host_change(pool, gs, roots, maxm, active, dom, remap, pmap, vc, pv, op[i], gfn[i])
+            if last_s >= 0:  # a reset view has a new root
+                view, pq, root = current_view(vst, roots, last_s, altp2m)
+            room = has_room(pool, gs, elog, headroom)
+            continue
         s = lut[vcpu[i]]
         ins = insn[i] if has_insn else row
         if s != last_s:
@@ -1236,19 +1504,32 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
             view, pq, root = current_view(vst, roots, s, altp2m)
         insns += new_insn
         cur_ins = ins
-        recs += 1
-        if pend and vst[s, S_EMUL]:
-            vc[s, C_REC_EMUL] += 1
-            continue
         # A new instruction starts here. Masks, not branches: new_insn follows the data, and a
         # branch on it mispredicts often (see pend above).
         keep = np.int64(new_insn) - 1  # 0 on a new instruction, else all ones
         pc &= keep
         fi = (fi & keep) | (i & ~keep)
+        if has_op and op[i]:
+            # a guest VMFUNC or CR3 write of this vCPU's instruction takes effect (also in an
+            # emulated instruction); never a restart
+            flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, fi, pc)
+            recs = 0
+            insns = 0
+            comp = 0
+            vc[s, C_CONTROL] += 1
+            control(vst, vc, pv, dom, cr3r, vis, pseg, s, op[i], arg[i])
+            view, pq, root = current_view(vst, roots, s, altp2m)
+            pend = vst[s, S_PENDING]
+            pc = vst[s, S_PCOUNT]
+            continue
+        recs += 1
+        if pend and vst[s, S_EMUL]:
+            vc[s, C_REC_EMUL] += 1
+            continue
         g = gfn[i]
         kb = KIND_BIT[access[i]]
         # Fast path: a valid leaf of the current view that permits the access.
-        done, e, lv = completes(pmap, pool, root, pq, g, kb, exec_sp)
+        done, e, lv = completes(pmap, pool, root, pq, g, kb, exec_sp, bpmfn)
         if done:
             comp += 1
             pc += 1
@@ -1258,7 +1539,7 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
         insns = 0
         comp = 0
         st = execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
-                     rules, granges, ibuf, pmap, gfn, access, vcpu, ip, has_ip, lut, start_row,
+                     rules, granges, ibuf, pmap, bt, aux, has_ip, has_op, lut, start_row,
                      s, -1, i, e, lv, True)
         if st != ST_DONE:
             if st == ST_CRASH or st == ST_LIVELOCK or st == ST_UNMATCHED or st == ST_LONG_INSN:
@@ -1269,14 +1550,17 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
         pc = vst[s, S_PCOUNT]
         room = has_room(pool, gs, elog, headroom)
     flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, fi, pc)
-    return spill_open(vst, ibuf, gs, gfn, access, vcpu, ip, has_ip, lut, start_row, n), n
+    return spill_open(vst, ibuf, gs, bt, has_ip, has_op, lut, start_row, n), n
 
 
 @njit(cache=True, nogil=True)
-def track_tsc(tsc, vcpu, lut, seen, first, last, n):
-    """First and last ``tsc`` (uint64 (m,)) per vCPU slot over rows ``0..n`` of a batch;
-    ``seen`` (int64 (m,)) marks slots that have a first value."""
+def track_tsc(tsc, vcpu, lut, seen, first, last, n, op, has_op):
+    """First and last ``tsc`` (uint64 (m,)) per vCPU slot over rows ``0..n`` of a batch
+    (host drops and maps, op 3 and 4, have no vCPU); ``seen`` (int64 (m,)) marks slots that
+    have a first value."""
     for i in range(n):
+        if has_op and op[i] >= 3:
+            continue
         s = lut[vcpu[i]]
         if not seen[s]:
             seen[s] = 1
