@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from altp2m_replay import run, traces
+from altp2m_replay.policy import facts_from_arrays
 from altp2m_replay.traces import open_trace, validate, write_trace
 
 U = np.uint64
@@ -186,3 +189,47 @@ def test_replay_facts_with_insn_stats_on_a_trace_without_control_rows(tmp_path):
     # the quick path (no flag) leaves them out
     _, facts, checked = run.replay_facts(p, False)
     assert not checked and facts.insn_starts is None and facts.byte_addresses
+
+
+# --------------------------------------------------------------------------- against the row walk
+@st.composite
+def control_traces(draw):
+    """Random small traces with control rows, few vCPUs and insn ids that repeat, so that
+    instructions run across other vCPUs' rows, host rows and batch ends."""
+    n = draw(st.integers(1, 80))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    op = rng.choice(np.array([0, 0, 0, 0, 1, 2, 3, 4], np.uint8), n)
+    access = np.where(op == 0, rng.choice(np.array([1, 2, 3, 4, 4, 5, 7], np.uint8), n), 0).astype(np.uint8)
+    cols = {"access": access, "op": op, "vcpu": rng.integers(0, 3, n).astype(np.uint16)}
+    if draw(st.booleans()):
+        cols["gpa"] = rng.integers(0, 1 << 20, n).astype(np.uint64)
+    else:
+        cols["gfn"] = rng.integers(0, 64, n).astype(np.uint64)
+    if draw(st.booleans()):
+        cols["ip"] = rng.integers(0, 8, n).astype(np.uint64) * np.uint64(0x404)
+    if draw(st.booleans()):
+        cols["insn"] = rng.integers(0, 3, n).astype(np.uint64)
+    return cols
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cols=control_traces(), batch_rows=st.integers(1, 9))
+def test_streaming_stats_match_policy_row_walk(tmp_path, cols, batch_rows):
+    """The streaming pass and policy.facts_from_arrays (one row at a time, in Python) agree."""
+    p = write_trace(cols, tmp_path / "h.parquet", row_group_size=5)
+    tr = open_trace(p)
+    v = traces.Validator(tr, insn_stats=True)
+    for _ in tr.batches(batch_rows=batch_rows, columns=("gfn",), validator=v):
+        pass
+    st_ = v.result()
+    arrays = dict(cols)
+    if "gpa" in arrays:
+        arrays["gfn"] = arrays["gpa"] >> np.uint64(12)
+    ref = facts_from_arrays(arrays, insn_stats=True)
+    assert tr.byte_addresses == ref.byte_addresses
+    assert st_.max_gfn == ref.max_gfn
+    if ref.byte_addresses:
+        for mine, theirs in ((st_.insn_starts, ref.insn_starts), (st_.ip_first, ref.ip_first)):
+            assert mine[0].tolist() == theirs[0].tolist() and mine[1].tolist() == theirs[1].tolist()
+    else:
+        assert len(st_.insn_starts[0]) == 0 and len(st_.ip_first[0]) == 0
