@@ -63,7 +63,7 @@ _U64_BOUNDS = (0, (1 << 64) - 1, "a non-negative integer below 2^64")
 # dictionary that overflows; everything else gets a dictionary (few distinct values).
 _DELTA_COLUMNS = ("insn", "tsc", "ip")
 COMPRESSION = ("lz4", None)  # decodes ~1.7x faster than zstd; files ~25 % bigger
-_BATCH_FIELDS = ("gfn", "access", "vcpu", "insn", "tsc", "ip", "gla", "op", "arg")
+_BATCH_FIELDS = ("gfn", "access", "vcpu", "insn", "tsc", "ip", "gla", "op", "arg", "gpa")
 _MAX_GROUP_READ = 4 * DEFAULT_ROW_GROUP  # bigger row groups are read in slices
 
 
@@ -176,7 +176,8 @@ class Batch:
     ``start`` is the global index of the first row. ``gfn`` uint64 (``gpa >> 12`` when the
     file stores gpa), ``access`` uint8, ``vcpu`` uint16 (zeros when the file has no vcpu
     column), ``insn``/``tsc``/``ip``/``gla`` uint64, ``op`` uint8 and ``arg`` uint64, each None
-    when absent from the file (an absent ``op`` means every row is an access, op 0).
+    when absent from the file (an absent ``op`` means every row is an access, op 0); ``gpa``
+    uint64, the file's full addresses (byte addresses, SPEC §2), None when it stores gfn.
     Columns not requested from :meth:`Trace.batches` are None.
     """
 
@@ -190,6 +191,7 @@ class Batch:
     gla: np.ndarray | None = None
     op: np.ndarray | None = None
     arg: np.ndarray | None = None
+    gpa: np.ndarray | None = None
 
     def __len__(self) -> int:
         for name in _BATCH_FIELDS:

@@ -319,3 +319,12 @@ def test_csv_import_control_row_errors(tmp_path, body, lineno, needle):
     assert r.exit_code == 2 and r.stderr.count("\n") == 1
     assert r.stderr.startswith(f"Error: {src}: line {lineno}: ") and needle in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_batches_carry_full_gpas_for_byte_addresses(tmp_path):
+    gpa = [0x100123, 0x200FFF, 0x1000]
+    p = write_trace(table(gpa=gpa, access=[4, 1, 4]), tmp_path / "t.parquet")
+    got = list(open_trace(p).batches(batch_rows=2, columns=("gfn", "gpa")))
+    assert np.concatenate([b.gpa for b in got]).tolist() == gpa
+    assert np.concatenate([b.gfn for b in got]).tolist() == [0x100, 0x200, 0x1]
+    assert got[0].gpa.dtype == np.uint64

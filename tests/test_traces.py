@@ -115,7 +115,8 @@ def test_batches_default_is_row_groups_and_batch_rows(tmp_path):
         assert [b.start for b in got] == list(np.cumsum([0] + [len(b) for b in got[:-1]]))
         np.testing.assert_array_equal(np.concatenate([b.gfn for b in got]), small(1000)["gfn"])
     with pytest.raises(ValueError):
-        list(tr.batches(columns=("gpa",)))
+        list(tr.batches(columns=("gva",)))
+    assert all(b.gpa is None for b in tr.batches(columns=("gfn", "gpa")))  # a gfn trace
 
 
 def test_trace_writer_row_groups_exact(tmp_path):
