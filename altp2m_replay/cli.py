@@ -163,16 +163,27 @@ def trace_import(fmt, input_path, output, base_gfn):
 @click.option("--window", type=click.IntRange(min=1), default=None,
               help="Timeline window in rows (default: rows / 256).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
-              help="Processes for traces in parallel (default: number of cores).")
+              help="Local processes, each replaying whole traces (default: number of cores, "
+                   "at most one per trace). More jobs than traces also splits each trace's "
+                   "policies over processes, each decoding the trace.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads per process replaying a trace's policies side by side on one "
+                   "decode (default: number of cores / processes in use). Cores used: about "
+                   "jobs x threads.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run cells on an existing Dask cluster (tcp://HOST:PORT).")
 @click.option("--resume", is_flag=True, help="Skip cells already finished in the output folder.")
 @click.option("--no-html", is_flag=True, help="Skip report.html.")
 @click.option("--max-memory", default=None, metavar="SIZE",
               help="Memory budget of each process, such as 8G or 512M (default: half the RAM).")
-def replay(traces, policies, out_dir, costs, profile, window, jobs, scheduler, resume, no_html,
-           max_memory):
-    """Replay every TRACE (file, or folder of .parquet) under every POLICY."""
+def replay(traces, policies, out_dir, costs, profile, window, jobs, threads, scheduler, resume,
+           no_html, max_memory):
+    """Replay every TRACE (file, or folder of .parquet) under every POLICY.
+
+    Each trace is decoded once for all its policies. Traces run in --jobs processes; within
+    a process the policies of a trace run in --threads threads. The defaults use every core
+    once: one trace with several policies runs them in threads, many traces run in processes.
+    """
     from altp2m_replay import budget, run
     from altp2m_replay import costs as cost_mod
     from altp2m_replay.progress import Progress
@@ -182,7 +193,7 @@ def replay(traces, policies, out_dir, costs, profile, window, jobs, scheduler, r
 
     overrides = cost_mod.parse_cost_options(costs)
     manifest = run.replay(traces, policies, out_dir, cost_overrides=overrides, profile=profile,
-                          window=window, jobs=jobs, scheduler=scheduler, resume=resume,
+                          window=window, jobs=jobs, threads=threads, scheduler=scheduler, resume=resume,
                           html=not no_html, progress=Progress.for_terminal(),
                           warn=lambda m: click.echo(f"warning: {m}", err=True),
                           command="altp2m-replay " + " ".join(_Root.invoked_args))
@@ -203,11 +214,14 @@ def replay(traces, policies, out_dir, costs, profile, window, jobs, scheduler, r
 @click.option("--workload", default="kernel", show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Passes per figure; the best is reported.")
-def bench(rows, vcpus, policy, workload, rounds):
-    """Replay throughput (SPEC §13): bare scan, kernel and end-to-end rows/s."""
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="Threads of the side-by-side figure (default: number of cores; 0 skips it).")
+def bench(rows, vcpus, policy, workload, rounds, threads):
+    """Replay throughput (SPEC §13): bare scan, kernel and end-to-end rows/s, and every
+    built-in policy side by side versus one after the other."""
     from altp2m_replay.bench import format_bench, run_bench
 
-    click.echo(format_bench(run_bench(rows, vcpus, policy, workload, rounds=rounds,
+    click.echo(format_bench(run_bench(rows, vcpus, policy, workload, rounds=rounds, threads=threads,
                                       echo=lambda m: click.echo(m, err=True))))
 
 

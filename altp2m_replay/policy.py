@@ -40,7 +40,7 @@ GFN_LIMIT = 1 << 36
 
 TOP_KEYS = ("name", "description", "domain", "view", "breakpoints", "setup", "on_violation",
             "on_ve", "on_breakpoint", "on_cr3", "costs")
-BREAKPOINT_KEYS = ("at",)
+BREAKPOINT_KEYS = ("at", "fallback")
 ON_BREAKPOINT_KEYS = ("action", "to", "fast")
 ON_CR3_KEYS = ("sync", "onchangeonly", "switch")
 CR3_SWITCH_KEYS = ("cr3", "to")
@@ -183,6 +183,8 @@ class Policy:
     text: str = ""
     breakpoints: tuple[AddressSelector, ...] | None = None
     on_breakpoint: OnBreakpoint | None = None
+    # [breakpoints] fallback: what `at` becomes on a trace without `symbols` metadata
+    breakpoints_fallback: tuple[AddressSelector, ...] | None = None
     on_cr3: OnCr3 | None = None
 
     def view_name(self, index: int) -> str:
@@ -464,10 +466,12 @@ def _build(doc: dict, text: str, source: str) -> Policy:
 
     check_cost_table(costs, "[costs]")
     breakpoints = _parse_breakpoints(doc.get("breakpoints"))
+    fallback = _parse_breakpoints(doc["breakpoints"], "fallback") if breakpoints and "fallback" in doc["breakpoints"] else None
     on_breakpoint = _parse_on_breakpoint(doc.get("on_breakpoint"), names, domain)
     on_cr3 = _parse_on_cr3(doc.get("on_cr3"), names, domain)
     policy = Policy(name, description, source, domain, tuple(views), setup, rules, on_ve, dict(costs), text,
-                    breakpoints, on_breakpoint, on_cr3)
+                    breakpoints=breakpoints, on_breakpoint=on_breakpoint, on_cr3=on_cr3,
+                    breakpoints_fallback=fallback)
     _check_semantics(policy)
     return policy
 
@@ -592,8 +596,8 @@ def _address(value, where: str) -> int:
     return value
 
 
-def _parse_breakpoints(raw) -> tuple[AddressSelector, ...] | None:
-    """``[breakpoints] at`` (SPEC §4)."""
+def _parse_breakpoints(raw, key: str = "at") -> tuple[AddressSelector, ...] | None:
+    """``[breakpoints] at`` (SPEC §4), or its ``fallback`` (same forms)."""
     if raw is None:
         return None
     where = "[breakpoints]"
@@ -602,11 +606,11 @@ def _parse_breakpoints(raw) -> tuple[AddressSelector, ...] | None:
     _check_keys(raw, BREAKPOINT_KEYS, where)
     if "at" not in raw:
         raise _fail(where, 'missing "at"')
-    at = raw["at"]
+    at = raw[key]
     items = at if isinstance(at, list) else [at]
     out = []
     for i, item in enumerate(items):
-        w = f"{where} at[{i}]" if isinstance(at, list) else f"{where} at"
+        w = f"{where} {key}[{i}]" if isinstance(at, list) else f"{where} {key}"
         if not isinstance(item, dict):
             out.append(AddressSelector(addresses=(_address(item, w),)))
             continue
@@ -837,7 +841,7 @@ def needs_page_counts(p: Policy) -> bool:
 
 def needs_insn_stats(p: Policy) -> bool:
     """Whether resolving the policy's breakpoints needs the trace's instruction statistics."""
-    return any(a.ips or a.symbols or a.set for a in p.breakpoints or ())
+    return any(a.ips or a.symbols or a.set for a in (p.breakpoints or ()) + (p.breakpoints_fallback or ()))
 
 
 def resolve_breakpoints(p: Policy, facts: TraceFacts, warnings: list[str]) -> np.ndarray:
@@ -852,7 +856,11 @@ def resolve_breakpoints(p: Policy, facts: TraceFacts, warnings: list[str]) -> np
         else:
             warnings.append(f"[breakpoints]: {what} {ip:#x} is never executed by the trace; skipped")
 
-    for sel in p.breakpoints or ():
+    selectors = p.breakpoints or ()
+    if p.breakpoints_fallback is not None and not facts.symbols:
+        warnings.append("[breakpoints]: the trace has no symbols; using the fallback addresses")
+        selectors = p.breakpoints_fallback
+    for sel in selectors:
         out.extend(sel.addresses)
         for ip in sel.ips:
             by_ip(ip, "ip")
@@ -860,8 +868,16 @@ def resolve_breakpoints(p: Policy, facts: TraceFacts, warnings: list[str]) -> np
             names = sorted(n for n in facts.symbols if fnmatch.fnmatchcase(n, pattern))
             if not names:
                 warnings.append(f"[breakpoints]: symbol {pattern!r} matches nothing in the trace's symbols")
+            unexecuted = 0
             for n in names:
-                by_ip(facts.symbols[n], f"symbol {n} at ip")
+                i = int(np.searchsorted(ip_first[0], np.uint64(facts.symbols[n] % (1 << 64))))
+                if i < len(ip_first[0]) and int(ip_first[0][i]) == facts.symbols[n] % (1 << 64):
+                    out.append(int(ip_first[1][i]))
+                else:
+                    unexecuted += 1
+            if unexecuted:
+                warnings.append(f"[breakpoints]: {unexecuted} of the {len(names)} symbols matching "
+                                f"{pattern!r} are never executed by the trace; skipped")
         if sel.set == "executed_ips":
             addrs, counts = facts.insn_starts or (np.zeros(0, np.uint64), np.zeros(0, np.int64))
             order = np.lexsort((addrs, -np.asarray(counts, dtype=np.int64)))
@@ -869,6 +885,34 @@ def resolve_breakpoints(p: Policy, facts: TraceFacts, warnings: list[str]) -> np
                 order = order[: sel.top]
             out.extend(int(a) for a in addrs[order])
     return np.unique(np.asarray(out, dtype=np.int64))
+
+
+def _check_breakpoint_step(p: Policy, bps: np.ndarray, ranges: dict[int, np.ndarray]) -> None:
+    """SPEC §6.4: refuse an [on_breakpoint] step into a view that maps, at a breakpoint's gfn,
+    the frame holding it: the writer itself, or — where the writer had not remapped the gfn —
+    any view that does not remap it either. The restarted fetch would trap again forever."""
+    bp = p.on_breakpoint
+    if bp is None or bp.action != "step" or not len(bps):
+        return
+    gfns = np.unique(bps >> 12)
+    remapped: dict[int, set[int]] = {}
+    writers: list[tuple[int, set[int]]] = []
+    for op in p.setup:
+        if op.op == "change_gfn" and op.new is not None:
+            sel = ranges[id(op.gfns)]
+            hit = {int(g) for g in gfns if any(a <= g <= b for a, b in sel)}
+            remapped.setdefault(op.view, set()).update(hit)
+        elif op.op == "write_breakpoints":
+            writers.append((op.view, set(remapped.get(op.view, set()))))
+    to_remaps = remapped.get(bp.to, set())
+    for writer, w_remaps in writers:
+        for g in gfns:
+            g = int(g)
+            if writer == bp.to or (g not in w_remaps and g not in to_remaps):
+                raise PolicyError(
+                    f"[on_breakpoint]: step to view {p.view_name(bp.to)!r} maps, at gfn {g:#x}, the frame "
+                    f"write_breakpoints put an INT3 in: the restarted instruction would trap again at "
+                    f"every restart (step into a view that shows the original frame)")
 
 
 def resolve_cr3_rules(p: Policy, facts: TraceFacts, warnings: list[str]) -> list[tuple[tuple[int, ...], bool, int]]:
@@ -1006,6 +1050,7 @@ def resolve_all(p: Policy, facts: TraceFacts) -> tuple[np.ndarray, ResolvedSelec
             if r.gfns is not None:
                 out[id(r.gfns)] = resolve_selector(r.gfns, facts, ram_top, warnings, f"{r.where} gfns", bps)
         cr3 = resolve_cr3_rules(p, facts, warnings)
+        _check_breakpoint_step(p, bps, out)
     except PolicyError as exc:
         raise PolicyError(f"{p.source}: {exc}") from None
     return ram, ResolvedSelectors(out, warnings, bps, cr3)

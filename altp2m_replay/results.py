@@ -55,14 +55,15 @@ def cell_tables(trace: str, policy, res: SimResult, costs: dict[str, float]) -> 
 
     m = len(res.ip_keys)
     ip_schema = {"trace": pl.Utf8, "policy": pl.Utf8, "ip": pl.UInt64, "ept_exits": pl.Int64,
-                 "ve_delivered": pl.Int64}
+                 "ve_delivered": pl.Int64, "int3_exits": pl.Int64}
     by_ip = pl.DataFrame({
         "trace": [trace] * m, "policy": [policy.name] * m, "ip": res.ip_keys,
         "ept_exits": res.ip_values[:, 0], "ve_delivered": res.ip_values[:, 1],
+        "int3_exits": res.ip_values[:, 2],
     }).cast(ip_schema)
     if any(res.ip_other):  # ips the bounded per-ip table folded together: one row, ip null
-        other = [{"trace": trace, "policy": policy.name, "ip": None,
-                  "ept_exits": res.ip_other[0], "ve_delivered": res.ip_other[1]}]
+        other = [{"trace": trace, "policy": policy.name, "ip": None, "ept_exits": res.ip_other[0],
+                  "ve_delivered": res.ip_other[1], "int3_exits": res.ip_other[2]}]
         by_ip = pl.concat([by_ip, pl.DataFrame(other, schema=ip_schema)])
 
     tl = res.timeline

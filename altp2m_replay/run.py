@@ -57,11 +57,46 @@ from altp2m_replay.outdir import (
     write_table,
 )
 from altp2m_replay.policy import Policy, TraceFacts, load_policy, needs_page_counts
-from altp2m_replay.prefetch import prefetch
+from altp2m_replay.prefetch import side_by_side
 from altp2m_replay.results import TABLES, cell_tables
 
 CELLS = ".cells"
 MAX_WINDOWS = 1 << 16  # timeline windows per cell: each holds every counter
+
+
+def lean_kernel_loads() -> bool:
+    """Make Numba load cached kernels without first loading all of its lowering code.
+
+    Before it looks in its cache, Numba's loader calls ``target_context.refresh()``, which
+    imports and installs every lowering registry it has (typed containers, random, linalg,
+    ...): 0.15-0.2 s of CPU, a fifth of a warm ``replay`` of a small trace, paid again by every
+    worker process. Cached object code needs none of it, only the runtime its code calls
+    (NRT), set up here. A cache miss still compiles through Numba's compiler, which
+    refreshes the context itself. Applied once per process; ALTP2M_REPLAY_NUMBA_FULL_INIT=1,
+    or a Numba without the expected loader, keeps Numba's own behaviour. Returns whether
+    the lean loader is in use.
+    """
+    from numba.core import caching
+    from numba.core.runtime import rtsys
+
+    cache = caching.Cache
+    if getattr(cache.load_overload, "lean", False):
+        return True
+    if os.environ.get("ALTP2M_REPLAY_NUMBA_FULL_INIT") or not all(
+            hasattr(cache, a) for a in ("_load_overload", "_guard_against_spurious_io_errors")):
+        return False
+
+    def load_overload(self, sig, target_context):
+        rtsys.initialize(target_context)
+        with self._guard_against_spurious_io_errors():
+            return self._load_overload(sig, target_context)
+
+    load_overload.lean = True
+    cache.load_overload = load_overload
+    return True
+
+
+lean_kernel_loads()
 
 
 def expand_trace_args(args) -> list[Path]:
@@ -137,6 +172,13 @@ def _refuse_control_rows(path, op: np.ndarray | None, start: int = 0) -> None:
         raise TraceError(f"{path}: row {row}: control rows (op 1-4) are not replayed yet")
 
 
+def _refusing_control_rows(path, batches):
+    """``batches``, with _refuse_control_rows on each before it is handed on."""
+    for b in batches:
+        _refuse_control_rows(path, b.op, b.start)
+        yield b
+
+
 def replay_facts(path: Path, page_counts: bool,
                  insn_stats: bool = False) -> tuple[traces.TraceStats, TraceFacts, bool]:
     """What replay_trace needs before its first batch, and whether values are checked yet.
@@ -144,8 +186,8 @@ def replay_facts(path: Path, page_counts: bool,
     Without page counts, when Parquet statistics prove the gfn range, only metadata is read
     (and the vcpu column if its statistics are missing) and the values are not checked yet
     (False): replay_trace checks every value on the batches it decodes anyway, so the trace
-    is read once instead of twice (the separate pass took 0.25 s of a 0.8 s replay of 20 M
-    rows). Otherwise: trace_facts's full validation pass (True).
+    is read once instead of twice (figures in docs/performance.md). Otherwise:
+    trace_facts's full validation pass (True).
     """
     if not page_counts and not insn_stats:
         tr = traces.open_trace(path)
@@ -161,7 +203,7 @@ def replay_facts(path: Path, page_counts: bool,
 
 def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profile: str | None,
                  window: int | None, batch_rows: int | None = None, prepared=None,
-                 progress=None) -> list[CellOutput]:
+                 progress=None, threads: int = 1, cpu: dict | None = None) -> list[CellOutput]:
     """Replay one trace under every policy with a single decode of the trace.
 
     ``prepared`` is ``replay_facts``'s result when the caller has it already;
@@ -169,6 +211,10 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     checked, each batch is checked before any policy sees it: a bad row stops the replay
     with the same TraceError ``trace validate`` gives (a replay error in an earlier row of
     the trace comes first).
+
+    ``threads`` > 1 replays the policies side by side (``prefetch.side_by_side``): every
+    policy still gets the decoded batches in order, so its cell is the same, and errors are
+    those of replaying the policies one after the other. ``cpu``: see ``side_by_side``.
     """
     path = Path(path)
     if prepared is None:
@@ -177,39 +223,50 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     tr = traces.open_trace(path)
     validator = None if checked else traces.Validator(tr)
     t0 = time.perf_counter()
+    columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc", "ip", "op") if c in tr.columns]
+    seen = rerun = None
+
+    def feed(i: int, b: traces.Batch) -> bool:
+        r = reps[i]
+        r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start, ip=b.ip)
+        return r.done  # the guest crashed: nothing more to replay
+
+    def settle() -> bool:
+        nonlocal seen, rerun
+        if validator is not None:
+            full = validator.result()
+            seen = full.vcpus  # the vCPUs rows name; replayers have a slot for every candidate
+            if full.max_gfn != stats.max_gfn or not np.isin(seen, stats.vcpus).all():
+                rerun = full
+                return False
+        return True
+
+    def finish(i: int):
+        p = policies[i]
+        res = reps[i].finish(vcpus=seen)
+        costs = effective_costs(p.costs, profile, cost_overrides)
+        return res, costs, cell_tables(tr.name, p, res, costs)
+
+    def advance(b: traces.Batch) -> None:
+        progress(len(b.gfn) * len(reps))
+
     try:
         reps = [Replayer(p, facts, stats.vcpus, stats.rows, window=window) for p in policies]
-        columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc", "ip", "op") if c in tr.columns]
-        # Decode (and check) the next row group while the kernel (nogil) replays this one.
-        for b in prefetch(tr.batches(batch_rows=batch_rows, columns=tuple(columns), validator=validator)):
-            _refuse_control_rows(path, b.op, b.start)
-            live = [r for r in reps if not r.done]
-            if not live and validator is None:
-                break  # every policy crashed the guest; the rest still gets checked otherwise
-            for r in live:
-                r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start, ip=b.ip)
-            if progress is not None:
-                progress(len(b.gfn) * len(reps))
+        batches = tr.batches(batch_rows=batch_rows, columns=tuple(columns), validator=validator)
+        batches = _refusing_control_rows(path, batches)
+        done = side_by_side(batches, len(reps), feed, finish, threads, read_all=validator is not None,
+                            settle=settle, on_item=None if progress is None else advance, cpu=cpu)
     except (ReplayRuntimeError, PolicyError) as exc:
         # The engine knows the row and the policy; the user also needs the trace file.
         raise type(exc)(f"{path}: {exc}") from None
-    seen = None
-    if validator is not None:
-        full = validator.result()
-        seen = full.vcpus  # the vCPUs rows name; replayers have a slot for every candidate
-        if full.max_gfn != stats.max_gfn or not np.isin(seen, stats.vcpus).all():
-            # column statistics disagreed with the values: replay again from the facts the
-            # checks gathered (progress has counted these rows once already)
-            return replay_trace(path, policies, cost_overrides, profile, window, batch_rows,
-                                (full, _facts(tr, full), True), None)
+    if done is None:
+        # column statistics disagreed with the values: replay again from the facts the
+        # checks gathered (progress has counted these rows once already)
+        return replay_trace(path, policies, cost_overrides, profile, window, batch_rows,
+                            (rerun, _facts(tr, rerun), True), None, threads, cpu)
     elapsed = time.perf_counter() - t0
-    out = []
-    for p, r in zip(policies, reps, strict=True):
-        res = r.finish(vcpus=seen)
-        costs = effective_costs(p.costs, profile, cost_overrides)
-        out.append(CellOutput(tr.name, p.name, cell_tables(tr.name, p, res, costs), elapsed / len(reps),
-                              res.total["records"], res.warnings, costs))
-    return out
+    return [CellOutput(tr.name, p.name, tables, elapsed / len(reps), res.total["records"], res.warnings, costs)
+            for p, (res, costs, tables) in zip(policies, done, strict=True)]
 
 
 def _validate_unit(args):
@@ -578,16 +635,35 @@ def _split(items: list, parts: int) -> list[list]:
     return [items[i::parts] for i in range(parts)]
 
 
+def plan_workers(traces: int, jobs: int, explicit_jobs: bool, threads: int | None,
+                 cores: int) -> tuple[int, int]:
+    """(policy groups per trace, threads per group) for ``traces`` traces with work to do.
+
+    Processes take whole traces, and threads share a trace's policies on one decode: by
+    default ``jobs`` is the number of cores but no more than the traces, and ``threads``
+    the cores left to each process, so ``replay BIG -p a -p b`` runs one process with two
+    threads on two cores, and ``replay corpus/ -p a`` two processes of one thread. Only an
+    explicit ``--jobs`` larger than the number of traces splits a trace's policies over
+    processes (each decoding the trace), as before threads existed.
+    """
+    groups = max(1, jobs // max(1, traces)) if explicit_jobs else 1
+    if threads is None:
+        busy = max(1, min(jobs, traces * groups))
+        threads = max(1, cores // busy)
+    return groups, threads
+
+
 # --------------------------------------------------------------------------- run
 def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=None, window=None,
            jobs=None, scheduler=None, resume=False, html=True, command=None, batch_rows=None,
-           progress=None, warn=None) -> dict:
+           progress=None, warn=None, threads=None) -> dict:
     """Run every trace x policy and write SPEC §10's outputs into ``out_dir``.
 
     Policies and trace schemas are checked before any work, and every trace value before
     the first output file exists; the output files are replaced as one set (``outdir``).
     ``progress`` is an optional object with ``start(total_rows)``, ``advance(rows)`` and
     ``done()``; ``warn(message)`` is told about stored cells that cannot be resumed.
+    ``jobs`` and ``threads`` combine as ``plan_workers`` says.
     """
     paths = expand_trace_args(trace_args)
     policies = load_policies(policy_refs)
@@ -607,7 +683,9 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
     overrides = cost_overrides or {}
     for p in policies:
         effective_costs(p.costs, profile, overrides)  # a bad profile fails here, not in a worker
-    jobs = jobs or os.cpu_count() or 1
+    cores = os.cpu_count() or 1
+    explicit_jobs = jobs is not None
+    jobs = jobs or min(cores, len(paths))
     t0 = time.perf_counter()
     need_counts = any(needs_page_counts(p) for p in policies)
     shas = [sha256(p) for p in paths]
@@ -620,10 +698,11 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
     with OutputFolder(out, keep_on=(KeyboardInterrupt, Interrupted, WorkerLost)) as folder:
         try:
             clear_stale_temporaries(out)
-            done, units, unit_trace = _replay_cells(
+            done, units, unit_trace, threads = _replay_cells(
                 folder, paths, policies, opened, keys, stored, overrides=overrides, profile=profile,
                 window=window, jobs=jobs, scheduler=scheduler, resume=resume, batch_rows=batch_rows,
-                need_counts=need_counts, progress=progress, warn=warn)
+                need_counts=need_counts, progress=progress, warn=warn, explicit_jobs=explicit_jobs,
+                threads=threads, cores=cores)
             cells = [done[(trace_name(p), pol.name)] for p in paths for pol in policies]
             elapsed = time.perf_counter() - t0
             fresh = sum(len(u[1]) for u in units)
@@ -642,7 +721,8 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
                           for c in cells],
                 "timings": {"seconds": round(elapsed, 6),
                             "records_per_second": round(records / elapsed) if elapsed > 0 else None,
-                            "jobs": jobs, "scheduler": scheduler, "resumed_cells": len(cells) - fresh},
+                            "jobs": jobs, "threads": threads, "scheduler": scheduler,
+                            "resumed_cells": len(cells) - fresh},
             }
 
             def write_set(staging: Path) -> None:
@@ -684,9 +764,10 @@ def _kept(out: Path, stored: list[Path]) -> str:
 
 def _replay_cells(folder: OutputFolder, paths, policies, opened, keys, stored, *, overrides,
                   profile, window, jobs, scheduler, resume, batch_rows, need_counts, progress,
-                  warn):
+                  warn, explicit_jobs, threads, cores):
     """Check every trace, reuse stored cells (``resume``), replay the rest and store each
-    finished cell at once. Returns (cells by (trace, policy), units run, each unit's trace)."""
+    finished cell at once. Returns (cells by (trace, policy), units run, each unit's trace,
+    threads per unit)."""
     out = folder.path
     ex = _executor(jobs, len(paths) * len(policies), scheduler)
     finished = False
@@ -705,13 +786,16 @@ def _replay_cells(folder: OutputFolder, paths, policies, opened, keys, stored, *
                     done[name] = cached
                 else:
                     todo.setdefault(ti, []).append(pol)
-        groups_per_trace = max(1, jobs // max(1, len(todo))) if not scheduler else len(policies)
+        groups_per_trace, threads = plan_workers(len(todo), jobs, explicit_jobs, threads, cores)
+        if scheduler:
+            groups_per_trace, threads = len(policies), 1
         # In this process the unit reports every batch; elsewhere each finished unit does.
         inline = progress.advance if progress is not None and isinstance(ex, _Local) else None
         units, unit_trace = [], []
         for ti, pols in todo.items():
             for group in _split(pols, groups_per_trace):
-                units.append((paths[ti], group, overrides, profile, window, batch_rows, prepared[ti], inline))
+                units.append((paths[ti], group, overrides, profile, window, batch_rows, prepared[ti], inline,
+                              threads))
                 unit_trace.append(ti)
         if progress is not None:
             progress.start(sum(opened[ti].rows * len(pols) for ti, pols in todo.items()))
@@ -735,4 +819,4 @@ def _replay_cells(folder: OutputFolder, paths, policies, opened, keys, stored, *
         ex.close(abort=not finished)
         if progress is not None:
             progress.done()
-    return done, units, unit_trace
+    return done, units, unit_trace, threads

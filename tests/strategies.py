@@ -55,7 +55,7 @@ def _value(x) -> str:
 def to_toml(doc: dict) -> str:
     """Serialise the policy shapes used here: scalars, tables, arrays of tables."""
     lines = [f"{k} = {_value(v)}" for k, v in doc.items() if not isinstance(v, (dict, list))]
-    for key in ("domain", "on_ve"):
+    for key in ("domain", "on_ve", "breakpoints", "on_breakpoint", "on_cr3"):
         if key in doc:
             lines += ["", f"[{key}]"] + [f"{k} = {_value(v)}" for k, v in doc[key].items()]
     for key in ("view", "setup", "on_violation"):
@@ -270,7 +270,27 @@ def policy_docs(draw, pool: list[int], domain: dict) -> dict:
         else:
             rules.append(_action(draw, final, view_ref))
     doc["on_violation"] = rules
+    if altp2m and domain.get("monitor", True) and one_in(draw, 3):
+        # INT3 breakpoints (SPEC §4, §6.4): at pool pages, offsets the traces fetch from
+        doc["breakpoints"] = {"at": [hex((g << 12) | draw(st.sampled_from(OFFSETS)))
+                                     for g in draw(st.lists(st.sampled_from(pool), min_size=1, max_size=3))]}
+        for _ in range(draw(st.integers(1, 2))):
+            setup.insert(draw(st.integers(0, len(setup))), {"op": "write_breakpoints", "view": draw(view_ref)})
+        if one_in(draw, 3):
+            doc["on_breakpoint"] = {"action": "emulate"}
+        else:
+            doc["on_breakpoint"] = {"action": "step", "to": draw(view_ref), "fast": draw(st.booleans())}
+    if domain.get("monitor", True) and one_in(draw, 3):
+        cr3: dict = {"sync": not one_in(draw, 4), "onchangeonly": not one_in(draw, 3)}
+        if cr3["sync"] and altp2m:
+            cr3["switch"] = [{"cr3": draw(st.sampled_from(CR3S + ["other"])), "to": draw(view_ref)}
+                             for _ in range(draw(st.integers(0, 2)))]
+        doc["on_cr3"] = cr3
     return doc
+
+
+OFFSETS = [0x10, 0x20]   # byte offsets of fetches and breakpoints in their page
+CR3S = [0x1000, 0x2000, 0x3000]
 
 
 @st.composite
@@ -299,6 +319,22 @@ def traces(draw, pool: list[int], extra=()) -> dict[str, np.ndarray]:
             ids.append(ident)
             left -= 1
         arrays["insn"] = np.array(ids, dtype=np.uint64)
+    if one_in(draw, 3):
+        # control rows (SPEC §2): guest VMFUNCs, CR3 writes, host drops and maps
+        n = len(rows)
+        op = np.zeros(n, np.uint8)
+        arg = np.zeros(n, np.uint64)
+        for i in draw(st.lists(st.integers(0, n - 1), max_size=max(1, n // 8))):
+            o = draw(st.integers(1, 4))
+            op[i] = o
+            arg[i] = draw(st.integers(0, 3)) if o == 1 else draw(st.sampled_from(CR3S)) if o == 2 else 0
+        arrays["access"] = np.where(op > 0, 0, arrays["access"]).astype(np.uint8)
+        arrays["op"], arrays["arg"] = op, arg
+    if one_in(draw, 2):
+        # byte addresses: a gpa column, fetches at the breakpoint offsets mostly
+        offs = np.array(draw(st.lists(st.sampled_from(OFFSETS + [0x30]), min_size=len(rows), max_size=len(rows))),
+                        dtype=np.uint64)
+        arrays["gpa"] = (arrays.pop("gfn") << np.uint64(12)) | offs
     return arrays
 
 

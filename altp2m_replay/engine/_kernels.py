@@ -99,13 +99,14 @@ G_LAZY = 6
 G_INT3 = 7
 N_GFN_COUNTERS = 7
 H_WIDTH = 8
-# ---- per-ip table: itab[i] = ip, ept_exits, ve_delivered (24 bytes a row). A row is used iff
+# ---- per-ip table: itab[i] = ip, ept_exits, ve_delivered, int3_exits (32 bytes). A row is used iff
 # a count is nonzero: drain_log fills a row's key and one count together, and every ip value
 # is a valid key.
 I_IP = 0
 I_EXITS = 1
 I_VE = 2
-I_WIDTH = 3
+I_INT3 = 3
+I_WIDTH = 4
 # ---- event log: elog[j] = (htab key, event bits E_*, ip). The replay loop appends one entry
 # per exit or #VE; drain_log adds them to htab / itab. Appending is a sequential store, where
 # updating the tables in place cost a cache miss per exit (about 130 ns of 230 on the bench).
@@ -740,6 +741,7 @@ def drain_log(elog, gs, htab, itab):
             r = ip_slot(itab, gs, elog[j, 2])
             itab[r, I_EXITS] += bits & E_EXIT
             itab[r, I_VE] += (bits >> 4) & 1
+            itab[r, I_INT3] += (bits >> 6) & 1
     gs[GS_LOGN] = 0
 
 
@@ -772,7 +774,7 @@ def ip_slot(itab, gs, ip):
     mask = itab.shape[0] - 1
     i = hash_row(ip, mask)
     while True:
-        if itab[i, I_EXITS] == 0 and itab[i, I_VE] == 0:
+        if itab[i, I_EXITS] == 0 and itab[i, I_VE] == 0 and itab[i, I_INT3] == 0:
             itab[i, I_IP] = ip
             gs[GS_ICOUNT] += 1
             return i
@@ -1582,7 +1584,7 @@ def rehash(old, new, ip_table, gs):
     (int64, rows a power of two): the per-ip table if ``ip_table``, else the per-gfn one.
     ``gs`` (int64 (N_GS,)) is scratch: insertion counts land in it."""
     for i in range(old.shape[0]):
-        if ip_table and (old[i, I_EXITS] or old[i, I_VE]):
+        if ip_table and (old[i, I_EXITS] or old[i, I_VE] or old[i, I_INT3]):
             j = ip_slot(new, gs, old[i, I_IP])
         elif not ip_table and old[i, 0]:
             j = gfn_slot(new, gs, old[i, 0])

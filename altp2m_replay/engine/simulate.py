@@ -152,14 +152,14 @@ class SimResult:
     gfn_keys: np.ndarray
     gfn_values: np.ndarray
     ip_keys: np.ndarray      # uint64 (m,) instruction pointers with an exit or #VE, sorted
-    ip_values: np.ndarray    # int64 (m, 2): ept_exits, ve_delivered
+    ip_values: np.ndarray    # int64 (m, 3): ept_exits, ve_delivered, int3_exits
     timeline: dict[str, np.ndarray]
     population: dict[int, np.ndarray]   # view -> int64 (windows,) pages mapped at each window end
     window: int
     warnings: list[str] = field(default_factory=list)
     guest_cycles: dict[int, int] = field(default_factory=dict)
     # ept_exits, ve_delivered of ips without a row of their own (per-ip table at IP_ROWS)
-    ip_other: tuple[int, int] = (0, 0)
+    ip_other: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def gfns(self) -> dict[tuple[int, int], dict[str, int]]:
@@ -255,7 +255,7 @@ class Replayer:
         self.pv = np.zeros((max(1, n_p2m - 1), K.N_VIEW_COUNTERS), dtype=np.int64)
         self.htab = np.zeros((1 << 10, K.H_WIDTH), dtype=np.int64)
         self.itab = np.zeros((1 << 10, K.I_WIDTH), dtype=np.int64)
-        self.ip_other = np.zeros(2, dtype=np.int64)  # ept_exits, ve_delivered of compacted ips
+        self.ip_other = np.zeros(3, dtype=np.int64)  # ept_exits, ve_delivered, int3_exits of compacted ips
         self.elog = np.zeros((max(LOG_ROWS, K.LOG_SLACK + 1), 3), dtype=np.int64)
         # fast-path cache over the gfns the trace can touch, within PMAP_BYTES (pages of it
         # that no access reaches are never touched, so cost no memory)
@@ -499,13 +499,13 @@ class Replayer:
         """Keep the half of the per-ip table's rows with the most events (ties: lower ip) and
         add the rest to ``ip_other``: totals stay exact, the table stays at IP_ROWS rows."""
         t = self.itab
-        used = np.flatnonzero(t[:, K.I_EXITS] | t[:, K.I_VE])
+        used = np.flatnonzero(t[:, K.I_EXITS] | t[:, K.I_VE] | t[:, K.I_INT3])
         room = (3 * t.shape[0]) // 4 - int(self.gs[K.GS_LOGN]) - 1
         keep = max(0, min(t.shape[0] // 2, room))
-        events = t[used, K.I_EXITS] + t[used, K.I_VE]
+        events = t[used, K.I_EXITS] + t[used, K.I_VE] + t[used, K.I_INT3]
         order = np.lexsort((t[used, K.I_IP].view(np.uint64), -events))
         gone = used[order[keep:]]
-        self.ip_other += t[gone][:, [K.I_EXITS, K.I_VE]].sum(axis=0)
+        self.ip_other += t[gone][:, [K.I_EXITS, K.I_VE, K.I_INT3]].sum(axis=0)
         new = np.frombuffer(mmap.mmap(-1, t.nbytes), dtype=np.int64).reshape(t.shape)
         K.rehash(np.ascontiguousarray(t[used[order[:keep]]]), new, True, np.zeros(K.N_GS, dtype=np.int64))
         self.itab = new
@@ -581,14 +581,14 @@ class Replayer:
         for slot, v in reported:
             seen = self.guest_seen[slot]
             guest[v] = int(self.guest_last[slot]) - int(self.guest_first[slot]) if seen else 0
-        used_ip = np.flatnonzero(self.itab[:, K.I_EXITS] | self.itab[:, K.I_VE])
+        used_ip = np.flatnonzero(self.itab[:, K.I_EXITS] | self.itab[:, K.I_VE] | self.itab[:, K.I_INT3])
         ips = self.itab[used_ip, K.I_IP].view(np.uint64)
         iorder = np.argsort(ips)  # ips are unique: any sort gives one order
         rows = used_ip[iorder]  # one gather per column: 2-D fancy indexing took 60 ms here
-        ip_values = np.stack([self.itab[rows, K.I_EXITS], self.itab[rows, K.I_VE]], axis=1)
+        ip_values = np.stack([self.itab[rows, K.I_EXITS], self.itab[rows, K.I_VE], self.itab[rows, K.I_INT3]], axis=1)
         return SimResult(total, vcpus, views, gfn_keys, gfn_values, ips[iorder], ip_values,
                          timeline, population, self.window, self.warnings, guest,
-                         ip_other=(int(self.ip_other[0]), int(self.ip_other[1])))
+                         ip_other=(int(self.ip_other[0]), int(self.ip_other[1]), int(self.ip_other[2])))
 
 
 def _grown(table: np.ndarray, ip_table: bool) -> np.ndarray:
