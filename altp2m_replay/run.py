@@ -147,19 +147,40 @@ class CellOutput:
     costs: dict[str, float]
 
 
-def trace_facts(path: Path, page_counts: bool) -> tuple[traces.TraceStats, TraceFacts]:
-    """Validate one trace (full streaming pass) and gather what selector resolution needs."""
+def trace_facts(path: Path, page_counts: bool,
+                insn_stats: bool = False) -> tuple[traces.TraceStats, TraceFacts]:
+    """Validate one trace (full streaming pass) and gather what selector resolution needs
+    (``insn_stats``: also instruction starts by byte address and each ip's first one)."""
     tr = traces.open_trace(path)
-    stats = traces.validate(tr, page_counts=page_counts)
+    stats = traces.validate(tr, page_counts=page_counts, insn_stats=insn_stats)
     return stats, _facts(tr, stats)
 
 
 def _facts(tr: traces.Trace, stats: traces.TraceStats) -> TraceFacts:
     return TraceFacts(max_gfn=stats.max_gfn, meta_ram=tr.meta.ram,
-                      gfn_sets=dict(tr.meta.gfn_sets or {}), page_counts=stats.page_counts)
+                      gfn_sets=dict(tr.meta.gfn_sets or {}), page_counts=stats.page_counts,
+                      symbols=dict(tr.meta.symbols), processes=dict(tr.meta.processes),
+                      byte_addresses=tr.byte_addresses, insn_starts=stats.insn_starts,
+                      ip_first=stats.ip_first)
 
 
-def replay_facts(path: Path, page_counts: bool) -> tuple[traces.TraceStats, TraceFacts, bool]:
+def _refuse_control_rows(path, op: np.ndarray | None, start: int = 0) -> None:
+    """Until the engine replays control rows (issue 10): a TraceError at the first row of op
+    1-4 in ``op`` (uint8, rows from ``start``), so no replay gives numbers that ignore them."""
+    if op is not None and op.any():
+        row = start + int(np.argmax(op != 0))
+        raise TraceError(f"{path}: row {row}: control rows (op 1-4) are not replayed yet")
+
+
+def _refusing_control_rows(path, batches):
+    """``batches``, with _refuse_control_rows on each before it is handed on."""
+    for b in batches:
+        _refuse_control_rows(path, b.op, b.start)
+        yield b
+
+
+def replay_facts(path: Path, page_counts: bool,
+                 insn_stats: bool = False) -> tuple[traces.TraceStats, TraceFacts, bool]:
     """What replay_trace needs before its first batch, and whether values are checked yet.
 
     Without page counts, when Parquet statistics prove the gfn range, only metadata is read
@@ -168,12 +189,16 @@ def replay_facts(path: Path, page_counts: bool) -> tuple[traces.TraceStats, Trac
     is read once instead of twice (figures in docs/performance.md). Otherwise:
     trace_facts's full validation pass (True).
     """
-    if not page_counts:
+    if not page_counts and not insn_stats:
         tr = traces.open_trace(path)
         stats = traces.quick_stats(tr)
         if stats is not None:
             return stats, _facts(tr, stats), False
-    return (*trace_facts(path, page_counts), True)
+    stats, facts = trace_facts(path, page_counts, insn_stats)
+    if stats.control_records:  # refused before any output (replay_trace checks each batch too)
+        for b in traces.open_trace(path).batches(columns=("op",)):
+            _refuse_control_rows(path, b.op, b.start)
+    return stats, facts, True
 
 
 def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profile: str | None,
@@ -198,7 +223,7 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     tr = traces.open_trace(path)
     validator = None if checked else traces.Validator(tr)
     t0 = time.perf_counter()
-    columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc", "ip") if c in tr.columns]
+    columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc", "ip", "op") if c in tr.columns]
     seen = rerun = None
 
     def feed(i: int, b: traces.Batch) -> bool:
@@ -228,6 +253,7 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     try:
         reps = [Replayer(p, facts, stats.vcpus, stats.rows, window=window) for p in policies]
         batches = tr.batches(batch_rows=batch_rows, columns=tuple(columns), validator=validator)
+        batches = _refusing_control_rows(path, batches)
         done = side_by_side(batches, len(reps), feed, finish, threads, read_all=validator is not None,
                             settle=settle, on_item=None if progress is None else advance, cpu=cpu)
     except (ReplayRuntimeError, PolicyError) as exc:
