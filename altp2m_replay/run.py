@@ -56,7 +56,13 @@ from altp2m_replay.outdir import (
     write_checked,
     write_table,
 )
-from altp2m_replay.policy import Policy, TraceFacts, load_policy, needs_page_counts
+from altp2m_replay.policy import (
+    Policy,
+    TraceFacts,
+    load_policy,
+    needs_insn_stats,
+    needs_page_counts,
+)
 from altp2m_replay.prefetch import side_by_side
 from altp2m_replay.results import TABLES, cell_tables
 
@@ -164,21 +170,6 @@ def _facts(tr: traces.Trace, stats: traces.TraceStats) -> TraceFacts:
                       ip_first=stats.ip_first)
 
 
-def _refuse_control_rows(path, op: np.ndarray | None, start: int = 0) -> None:
-    """Until the engine replays control rows (issue 10): a TraceError at the first row of op
-    1-4 in ``op`` (uint8, rows from ``start``), so no replay gives numbers that ignore them."""
-    if op is not None and op.any():
-        row = start + int(np.argmax(op != 0))
-        raise TraceError(f"{path}: row {row}: control rows (op 1-4) are not replayed yet")
-
-
-def _refusing_control_rows(path, batches):
-    """``batches``, with _refuse_control_rows on each before it is handed on."""
-    for b in batches:
-        _refuse_control_rows(path, b.op, b.start)
-        yield b
-
-
 def replay_facts(path: Path, page_counts: bool,
                  insn_stats: bool = False) -> tuple[traces.TraceStats, TraceFacts, bool]:
     """What replay_trace needs before its first batch, and whether values are checked yet.
@@ -195,9 +186,6 @@ def replay_facts(path: Path, page_counts: bool,
         if stats is not None:
             return stats, _facts(tr, stats), False
     stats, facts = trace_facts(path, page_counts, insn_stats)
-    if stats.control_records:  # refused before any output (replay_trace checks each batch too)
-        for b in traces.open_trace(path).batches(columns=("op",)):
-            _refuse_control_rows(path, b.op, b.start)
     return stats, facts, True
 
 
@@ -218,17 +206,21 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     """
     path = Path(path)
     if prepared is None:
-        prepared = replay_facts(path, any(needs_page_counts(p) for p in policies))
+        prepared = replay_facts(path, any(needs_page_counts(p) for p in policies),
+                                any(needs_insn_stats(p) for p in policies))
     stats, facts, checked = prepared
     tr = traces.open_trace(path)
     validator = None if checked else traces.Validator(tr)
     t0 = time.perf_counter()
-    columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc", "ip", "op") if c in tr.columns]
+    columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc", "ip", "op", "arg") if c in tr.columns]
+    if any(p.breakpoints is not None for p in policies) and "gpa" in tr.columns:
+        columns.append("gpa")  # byte addresses of fetches, for breakpoints
     seen = rerun = None
 
     def feed(i: int, b: traces.Batch) -> bool:
         r = reps[i]
-        r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start, ip=b.ip)
+        r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start, ip=b.ip, op=b.op, arg=b.arg,
+               gpa=b.gpa)
         return r.done  # the guest crashed: nothing more to replay
 
     def settle() -> bool:
@@ -253,7 +245,6 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     try:
         reps = [Replayer(p, facts, stats.vcpus, stats.rows, window=window) for p in policies]
         batches = tr.batches(batch_rows=batch_rows, columns=tuple(columns), validator=validator)
-        batches = _refusing_control_rows(path, batches)
         done = side_by_side(batches, len(reps), feed, finish, threads, read_all=validator is not None,
                             settle=settle, on_item=None if progress is None else advance, cpu=cpu)
     except (ReplayRuntimeError, PolicyError) as exc:
@@ -270,8 +261,8 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
 
 
 def _validate_unit(args):
-    path, page_counts = args
-    return replay_facts(path, page_counts)
+    path, page_counts, insn_stats = args
+    return replay_facts(path, page_counts, insn_stats)
 
 
 def _replay_unit(args):
@@ -772,7 +763,8 @@ def _replay_cells(folder: OutputFolder, paths, policies, opened, keys, stored, *
     ex = _executor(jobs, len(paths) * len(policies), scheduler)
     finished = False
     try:
-        prepared = ex.keep(_validate_unit, [(p, need_counts) for p in paths])
+        need_stats = any(needs_insn_stats(p) for p in policies)
+        prepared = ex.keep(_validate_unit, [(p, need_counts, need_stats) for p in paths])
         if not scheduler:  # Dask keeps the facts on the cluster; its workers have their own budget
             prepared = budget.check_run(paths, policies, prepared, window)  # before any cell runs
         # Which cells still need computing (all of them unless resuming).
