@@ -28,6 +28,7 @@ from altp2m_replay.engine import simulate_arrays
 from altp2m_replay.outdir import TABLES, table_digests, write_table
 from altp2m_replay.policy import load_policy, parse_policy
 from altp2m_replay.report import render_html
+from altp2m_replay.report.charts import compact
 from altp2m_replay.report.html import _category_colours
 from altp2m_replay.results import cell_tables
 from tests.test_report import _body_ok, _console_errors, _run_chromium
@@ -176,6 +177,9 @@ def test_comparison_table_has_the_new_counters(livelock_dir):
     values = re.findall(r'<td class="n">([^<]*)</td>', cells)
     # records, EPT exits, vm_events, #VE, switches, lazy copies, then restarts
     assert values[6] == f"{row['restarts']:,}"
+    # the Δ column is compact (the table must fit the page), exact in its tooltip
+    delta = row["cycles_total"] - _total(livelock_dir, "none")["cycles_total"]
+    assert f'<td class="n" title="+{round(delta):,} cycles">+{compact(delta)}</td>' in cells
     # no policy here hits a breakpoint or writes CR3: those columns are named, not drawn
     for label in ("INT3 exits", "breakpoint events", "CR3 events"):
         assert f'<th class="n">{label}</th>' not in cmp

@@ -94,6 +94,11 @@ def fmt_signed(v) -> str:
     return "—" if v is None else ("+" if v > 0 else "") + f"{round(v):,}"
 
 
+def fmt_signed_compact(v) -> str:
+    """+6463599000 -> '+6.46G': the Δ column, whose exact value is in its tooltip."""
+    return "—" if v is None else ("+" if v > 0 else "") + charts.compact(v)
+
+
 def fmt_us(v) -> str:
     """Microseconds with precision that shrinks as the number grows."""
     if v is None:
@@ -668,7 +673,7 @@ _ENV = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
     keep_trailing_newline=True,
 )
-_ENV.filters.update(num=fmt_int, signed=fmt_signed, us=fmt_us, ratio=fmt_ratio, flt=fmt_float,
+_ENV.filters.update(num=fmt_int, signed=fmt_signed, signed_compact=fmt_signed_compact, us=fmt_us, ratio=fmt_ratio, flt=fmt_float,
                     size=fmt_bytes, pages=fmt_pages, gfn=fmt_gfn, compact=charts.compact)
 
 
