@@ -29,7 +29,7 @@ from altp2m_replay.outdir import TABLES, table_digests, write_table
 from altp2m_replay.policy import load_policy, parse_policy
 from altp2m_replay.report import render_html
 from altp2m_replay.report.charts import compact
-from altp2m_replay.report.html import _category_colours
+from altp2m_replay.report.html import SYMBOL_CHARS, _category_colours, _symbol_label
 from altp2m_replay.results import cell_tables
 from tests.test_report import _body_ok, _console_errors, _run_chromium
 
@@ -287,6 +287,10 @@ def test_symbols_degrade_when_the_trace_is_gone_or_changed(bp_dir, tmp_path):
         trace.write_bytes(moved.read_bytes() + b"\0")  # another file at that path
         section = _bp_section(render_html(bp_dir))
         assert "changed since the replay" in section and "do_sys_open" not in section
+        trace.write_bytes(b"\0" * moved.stat().st_size)  # same size, not Parquet
+        section = _bp_section(render_html(bp_dir))
+        assert "could not be read: addresses without symbol names" in section
+        assert "do_sys_open" not in section
     finally:
         moved.replace(trace)
     assert "do_sys_open" in _bp_section(render_html(bp_dir))
@@ -327,3 +331,16 @@ def test_a_folder_from_before_revision_2_still_renders(bp_dir, tmp_path):
     assert "No crashes, no livelocks and no setup warnings" in page
     table = re.search(r'<details class="hot categories">.*?</details>', page, re.S).group(0)
     assert "int3_exit<" not in table and "ept_exit<" in table
+
+
+def test_symbol_labels_are_bounded():
+    assert _symbol_label(None) == ("", "")
+    assert _symbol_label(["a"]) == ("a", "a")
+    long = "x" * 5000
+    shown, full = _symbol_label([long])
+    assert len(shown) == SYMBOL_CHARS and shown.endswith("…") and full == shown
+    names = [f"alias{i:02d}" for i in range(20)]
+    shown, full = _symbol_label(names)
+    assert shown == "alias00 (+19 aliases)"
+    assert full.startswith("alias00, alias01") and full.endswith(", … (20 names)")
+    assert "alias08" not in full

@@ -505,12 +505,23 @@ def _breakpoints(by_gfn: pl.DataFrame | None, by_ip: pl.DataFrame | None,
     return out
 
 
+SYMBOL_CHARS = 120  # a name longer than this is cut (metadata is not ours to trust)
+SYMBOL_ALIASES = 8  # names listed in the tooltip of an address that has more
+
+
 def _symbol_label(names: list[str] | None) -> tuple[str, str]:
     """(shown, full) for the names of one ip: aliases share an address."""
     if not names:
         return "", ""
-    shown = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} aliases)"
-    return shown, ", ".join(names)
+
+    def cut(n: str) -> str:
+        return n if len(n) <= SYMBOL_CHARS else n[:SYMBOL_CHARS - 1] + "…"
+
+    shown = cut(names[0]) if len(names) == 1 else f"{cut(names[0])} (+{len(names) - 1} aliases)"
+    full = ", ".join(cut(n) for n in names[:SYMBOL_ALIASES])
+    if len(names) > SYMBOL_ALIASES:
+        full += f", … ({len(names)} names)"
+    return shown, full
 
 
 def _name_ips(manifest: dict, trace: str, ip_hot: dict, bps: list[dict]) -> dict:
