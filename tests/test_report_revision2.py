@@ -233,6 +233,11 @@ def test_ip_table_names_symbols_and_comparison_counts_hits(bp_dir):
         [f"{row['int3_exits']:,}"] * 2 + [f"{row['restarts']:,}"]
     assert "CR3 events: 0 for every policy on this trace" in cmp
     assert "INT3 exits" in page[page.index('id="vcpus"'):page.index('id="hotspots"')]
+    # the views table counts hits per view: every hit is in `bp`, no view was reset
+    views = _section(page, "Views at the end of the run", 'id="vcpus"')
+    assert '<th class="n">INT3 exits</th>' in views and ">resets</th>" not in views
+    hits = re.search(r"<td class=\"n\">1</td>\s*<td>bp</td>(.*?)</tr>", views, re.S).group(1)
+    assert f'<td class="n">{row["int3_exits"]:,}</td>' in hits
     # the EPT-exit ranking keeps to instructions with EPT exits or #VEs; they get a symbol
     # column too, since the trace has symbols (this one is not a symbol: a dash)
     hot = _section(page, "Top faulting instructions", "Breakpoint hits (INT3 exits)")

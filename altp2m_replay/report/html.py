@@ -60,6 +60,8 @@ EXTRA_COUNTERS = (
     ("cr3_events", "CR3 events"),
     ("restarts", "restarts"),
 )
+# per-view Revision 2 counters, shown when some view of the trace has a non-zero value
+VIEW_EXTRA = (("int3_exits", "INT3 exits"), ("resets", "resets"))
 LIVELOCK_TEXT = ("the policy restarts an instruction forever (more than 64 restarts), "
                  "so the guest would hang")
 POLICY_COLOURS = ("#2563eb", "#ea580c", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04",
@@ -641,7 +643,9 @@ def build_context(out_dir) -> dict:
             "comparison": _comparison(summary, t, policies, pcolour, categories, ccolour),
             "timeline": _timeline(timeline, summary, t, policies, pcolour),
             "population": _population(population, summary, t, policies, pcolour),
-            "views": _views(by_view, t, policies, pcolour),
+            "views": (views := _views(by_view, t, policies, pcolour)),
+            "view_extra": [(c, label) for c, label in VIEW_EXTRA
+                           if any(v.get(c) for v in views)],
             "vcpus": _vcpus(summary, t, policies, pcolour),
             "hotspots": _hotspots(by_gfn, by_view, t, policies, pcolour),
             "ip_hotspots": ip_hot,
