@@ -196,6 +196,7 @@ def replay(traces, policies, out_dir, costs, profile, window, jobs, threads, sch
                           window=window, jobs=jobs, threads=threads, scheduler=scheduler, resume=resume,
                           html=not no_html, progress=Progress.for_terminal(),
                           warn=lambda m: click.echo(f"warning: {m}", err=True),
+                          note=lambda m: click.echo(f"note: {m}", err=True),
                           command="altp2m-replay " + " ".join(_Root.invoked_args))
     cells = manifest["cells"]
     rate = manifest["timings"]["records_per_second"]

@@ -647,14 +647,15 @@ def plan_workers(traces: int, jobs: int, explicit_jobs: bool, threads: int | Non
 # --------------------------------------------------------------------------- run
 def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=None, window=None,
            jobs=None, scheduler=None, resume=False, html=True, command=None, batch_rows=None,
-           progress=None, warn=None, threads=None) -> dict:
+           progress=None, warn=None, threads=None, note=None) -> dict:
     """Run every trace x policy and write SPEC §10's outputs into ``out_dir``.
 
     Policies and trace schemas are checked before any work, and every trace value before
     the first output file exists; the output files are replaced as one set (``outdir``).
     ``progress`` is an optional object with ``start(total_rows)``, ``advance(rows)`` and
-    ``done()``; ``warn(message)`` is told about stored cells that cannot be resumed.
-    ``jobs`` and ``threads`` combine as ``plan_workers`` says.
+    ``done()``; ``warn(message)`` is told about stored cells that cannot be resumed, and
+    ``note(message)`` that the kernels are being compiled (first run only). ``jobs`` and
+    ``threads`` combine as ``plan_workers`` says.
     """
     paths = expand_trace_args(trace_args)
     policies = load_policies(policy_refs)
@@ -693,7 +694,7 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
                 folder, paths, policies, opened, keys, stored, overrides=overrides, profile=profile,
                 window=window, jobs=jobs, scheduler=scheduler, resume=resume, batch_rows=batch_rows,
                 need_counts=need_counts, progress=progress, warn=warn, explicit_jobs=explicit_jobs,
-                threads=threads, cores=cores)
+                threads=threads, cores=cores, note=note)
             cells = [done[(trace_name(p), pol.name)] for p in paths for pol in policies]
             elapsed = time.perf_counter() - t0
             fresh = sum(len(u[1]) for u in units)
@@ -755,11 +756,19 @@ def _kept(out: Path, stored: list[Path]) -> str:
 
 def _replay_cells(folder: OutputFolder, paths, policies, opened, keys, stored, *, overrides,
                   profile, window, jobs, scheduler, resume, batch_rows, need_counts, progress,
-                  warn, explicit_jobs, threads, cores):
+                  warn, explicit_jobs, threads, cores, note=None):
     """Check every trace, reuse stored cells (``resume``), replay the rest and store each
     finished cell at once. Returns (cells by (trace, policy), units run, each unit's trace,
     threads per unit)."""
     out = folder.path
+    if not scheduler:
+        from altp2m_replay.engine.simulate import kernels_cached, warm_kernels
+
+        if not kernels_cached():
+            # the first run after an install: compile once here, not once per worker process
+            if note is not None:
+                note("compiling the replay kernels (first run only; a minute or two)")
+            warm_kernels()
     ex = _executor(jobs, len(paths) * len(policies), scheduler)
     finished = False
     try:

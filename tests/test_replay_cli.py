@@ -68,7 +68,7 @@ def replay_ok(*args):
     assert result.exit_code == 0, (result.exit_code, result.output)
     assert "Traceback" not in result.output
     # not a terminal: no progress display, only warnings on stderr
-    assert all(line.startswith("warning: ") for line in result.stderr.splitlines()), result.stderr
+    assert all(line.startswith(("warning: ", "note: ")) for line in result.stderr.splitlines()), result.stderr
     return result
 
 

@@ -448,6 +448,11 @@ class Replayer:
             boff = np.full(n, -1, dtype=np.int64)
         else:
             boff = gfn  # never read without breakpoints
+        # Read-only views of every input: Numba compiles one variant per mix of writable and
+        # read-only arrays (decoded Parquet columns are read-only, computed ones are not),
+        # each taking tens of seconds; with all of them read-only there is one.
+        gfn, access, vcpu, insn_arr, ip_arr, op_arr, arg_arr, boff = (
+            _read_only(a) for a in (gfn, access, vcpu, insn_arr, ip_arr, op_arr, arg_arr, boff))
         i = 0
         while True:
             st, i = K.replay_batch(gfn, access, vcpu, insn_arr, has_insn, ip_arr, has_ip,
@@ -477,7 +482,7 @@ class Replayer:
             else:
                 break
         if tsc is not None:
-            K.track_tsc(np.ascontiguousarray(tsc, dtype=np.uint64), vcpu, self.lut,
+            K.track_tsc(_read_only(np.ascontiguousarray(tsc, dtype=np.uint64)), vcpu, self.lut,
                         self.guest_seen, self.guest_first, self.guest_last, i, op_arr, has_op)
 
     def _grow_tables(self) -> None:
@@ -593,6 +598,13 @@ class Replayer:
                          ip_other=(int(self.ip_other[0]), int(self.ip_other[1]), int(self.ip_other[2])))
 
 
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view of ``a`` (no copy)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
 def _grown(table: np.ndarray, ip_table: bool) -> np.ndarray:
     """A hash table of twice the rows holding ``table``'s entries.
 
@@ -680,3 +692,70 @@ def simulate_arrays(policy: Policy, arrays: dict[str, np.ndarray], *, meta_ram=N
         if rep.done:
             break
     return rep.finish()
+
+
+def kernels_cached() -> bool:
+    """Whether Numba's cache holds the replay kernel for this source (no compile ahead).
+
+    Reads Numba's cache index (a private interface): when that cannot be read, says True
+    (nothing is announced, the run compiles as it goes)."""
+    try:
+        return bool(K.replay_batch._cache._cache_file._load_index())
+    except Exception:  # noqa: BLE001 - a newer Numba: no announcement, same results
+        return True
+
+
+WARM_POLICY = """
+name = "warm-up"
+[domain]
+ram = [[0, 1023]]
+[[view]]
+name = "a"
+default_access = "rx"
+[breakpoints]
+at = 0x5010
+[[setup]]
+op = "set_mem_access"
+view = "a"
+gfns = [6, 7]
+access = "x"
+[[setup]]
+op = "change_gfn"
+view = "a"
+old = 8
+new = 9
+[[setup]]
+op = "set_suppress_ve"
+view = "a"
+gfns = 10
+suppress = false
+[[setup]]
+op = "write_breakpoints"
+view = "a"
+[[setup]]
+op = "switch_p2m"
+view = "a"
+[[on_violation]]
+action = "step"
+[on_breakpoint]
+action = "emulate"
+[on_cr3]
+"""
+
+
+def warm_kernels() -> None:
+    """Compile (or load) every kernel a replay calls, on a few rows: run once in the main
+    process before worker processes start, so they load the kernels instead of each
+    compiling them."""
+    from altp2m_replay.policy import parse_policy
+
+    gfn = np.array([5, 6, 600, 7, 5, 3, 3], dtype=np.uint64)
+    arrays = {"gpa": (gfn << np.uint64(12)) | np.uint64(0x10),
+              "access": np.array([4, 2, 2, 1, 4, 0, 0], dtype=np.uint8),
+              "vcpu": np.array([0, 0, 1, 1, 0, 0, 1], dtype=np.uint16),
+              "insn": np.array([1, 1, 2, 2, 3, 4, 5], dtype=np.uint64),
+              "ip": np.arange(7, dtype=np.uint64), "tsc": np.arange(7, dtype=np.uint64),
+              "op": np.array([0, 0, 0, 0, 0, 2, 3], dtype=np.uint8),
+              "arg": np.array([0, 0, 0, 0, 0, 0x1000, 0], dtype=np.uint64)}
+    simulate_arrays(parse_policy(WARM_POLICY, "warm-up"), arrays, batch_rows=4)
+
