@@ -7,7 +7,7 @@ POLICIES := none baseline memaccess-write xen-access-altp2m-write xen-access-alt
             split-rx split-rx-mtf codemon-flip drakvuf-syscalls smartvmi-breakpoints-emulate
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint bench clean
+.PHONY: help run test test-fast lint bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
@@ -23,6 +23,9 @@ run: $(STAMP) ## Replay the bundled sample traces under every built-in policy in
 
 test: $(STAMP) ## Run the test suite
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP) ## Edit-test loop: no browser, real processes or QEMU, few Hypothesis examples
+	HYPOTHESIS_MAX_EXAMPLES=20 $(PY) -m pytest -q -x -k "not chromium and not dask and not processes and not capture and not ctrl_c and not killed"
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check altp2m_replay tests

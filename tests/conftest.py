@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import settings
 
 from altp2m_replay.cli import main
+
+if os.environ.get("HYPOTHESIS_MAX_EXAMPLES"):
+    # `make test-fast`: a few examples per property that does not set its own (the big
+    # reference-vs-kernel properties read the same variable)
+    settings.register_profile("fast", max_examples=int(os.environ["HYPOTHESIS_MAX_EXAMPLES"]))
+    settings.load_profile("fast")
 
 
 def _generate(path: Path, rows: int, seed: int, vcpus: int) -> Path:

@@ -8,6 +8,8 @@ the SPEC, so the two cannot agree on a mistake shared by both without one of tho
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +21,12 @@ try:   # pytest imports this file as a module of tests/ or of the tests package
 except ImportError:
     from tests.reference import reference_simulate
     from tests.strategies import cases
+
+def examples(n: int) -> int:
+    """``n`` Hypothesis examples, or fewer under `make test-fast` (HYPOTHESIS_MAX_EXAMPLES)."""
+    cap = int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", 0))
+    return min(n, cap) if cap else n
+
 
 SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
@@ -74,19 +82,19 @@ def compare(case, batch_rows=None) -> None:
 
 
 # --------------------------------------------------------------------------- properties
-@settings(max_examples=300, deadline=None, suppress_health_check=SLOW_OK)
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=SLOW_OK)
 @given(case=cases())
 def test_kernel_matches_reference(case):
     compare(case)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=SLOW_OK)
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=SLOW_OK)
 @given(case=cases(), batch_rows=st.sampled_from([1, 7, 4096]) | st.integers(1, 250))
 def test_kernel_batch_size_does_not_matter(case, batch_rows):
     compare(case, batch_rows)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=SLOW_OK)
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=SLOW_OK)
 @given(case=cases(), extra=st.integers(1, 6), cache_bytes=st.integers(0, 400))
 def test_kernel_with_tiny_buffers_matches_reference(case, extra, cache_bytes):
     """An event log drained every few exits, and a fast-path cache that covers only the
