@@ -49,8 +49,8 @@ class CaptureError(ReplayError):
 
 
 def workloads() -> list[str]:
-    """Names of the guest workloads (capture/guest/workloads/NAME.sh)."""
-    return sorted(p.stem for p in (GUEST_SRC / "workloads").glob("*.sh"))
+    """Names of the guest workloads (capture/guest/workloads/NAME.sh; _NAME.sh are helpers)."""
+    return sorted(p.stem for p in (GUEST_SRC / "workloads").glob("*.sh") if not p.stem.startswith("_"))
 
 
 def require_tools(tools: dict[str, str]) -> None:
@@ -216,8 +216,8 @@ def build_guest(build: Path = BUILD_DIR, echo=None) -> Guest:
                 ("bin/a2m-start", 0o100755, marker_elf(MARK_START)),
                 ("bin/a2m-stop", 0o100755, marker_elf(MARK_STOP)),
                 ("init", 0o100755, (GUEST_SRC / "init").read_bytes())]
-    entries += [(f"workloads/{w}.sh", 0o100644, (GUEST_SRC / "workloads" / f"{w}.sh").read_bytes())
-                for w in workloads()]
+    entries += [(f"workloads/{p.name}", 0o100644, p.read_bytes())
+                for p in sorted((GUEST_SRC / "workloads").glob("*.sh"))]
     blob = gzip.compress(cpio_newc(entries), compresslevel=6, mtime=0)
     if not initrd.exists() or initrd.read_bytes() != blob:
         tmp = initrd.with_suffix(".tmp")
@@ -238,7 +238,7 @@ def _write_system_map(guest: Guest, echo=None) -> None:
         echo("capture: booting the guest once to read its kernel symbols")
     with tempfile.TemporaryDirectory() as tmp:
         console = Path(tmp) / "console.txt"
-        rc, _ = _run_qemu(qemu_command(guest, "kallsyms", 1, 256, None, console), 600)
+        rc, _ = _run_qemu(qemu_command(guest, "_kallsyms", 1, 256, None, console), 600)
         lines = [ln.split(" ", 2)[2] for ln in console.read_text(errors="replace").splitlines()
                  if ln.startswith("A2M sym ")]
     if rc != 0 or not lines:
@@ -398,9 +398,10 @@ def _run_qemu(cmd: list[str], timeout: float, on_line=None, pass_fds=()) -> tupl
 
 
 def capture(workload: str, output, vcpus: int = 2, memory: int = 256, rows: int | None = None,
-            timeout: float = 1800, echo=None, progress=None) -> CaptureResult:
+            timeout: float = 1800, echo=None, progress=None, keep_raw=None) -> CaptureResult:
     """Boot the guest under QEMU with the plugin, run ``workload`` between the markers, and
-    import the window into a trace at ``output`` (written atomically)."""
+    import the window into a trace at ``output`` (written atomically); ``keep_raw`` keeps
+    the zstd record stream there (for `trace import qemu-capture`)."""
     _check_args(workload, vcpus, memory)
     if rows is not None and rows < 1:
         raise CaptureError(f"--rows must be at least 1, found {rows}")
@@ -477,6 +478,9 @@ def capture(workload: str, output, vcpus: int = 2, memory: int = 256, rows: int 
         if progress is not None:
             progress.done()
         import_s = time.perf_counter() - t0
+        if keep_raw:
+            shutil.move(raw, keep_raw)
+            raw = Path(keep_raw)
         win = report.window
         return CaptureResult(rows=n, output=output, raw_bytes=raw.stat().st_size,
                              window_seconds=times["close"] - times["open"],

@@ -150,7 +150,9 @@ def trace_import(fmt, input_path, output, base_gfn):
 @click.option("--memory", type=int, default=256, show_default=True, help="Guest RAM in MiB (64..3072).")
 @click.option("--rows", type=click.IntRange(min=1), default=None,
               help="Stop recording at the first instruction boundary after this many rows.")
-def trace_capture(workload, output, vcpus, memory, rows):
+@click.option("--keep-raw", type=click.Path(dir_okay=False), default=None,
+              help="Also keep the plugin's zstd record stream in this file.")
+def trace_capture(workload, output, vcpus, memory, rows, keep_raw):
     """Record WORKLOAD in a Linux guest under QEMU TCG into a trace (see `make guest`).
 
     \b
@@ -166,7 +168,8 @@ def trace_capture(workload, output, vcpus, memory, rows):
     if progress is not None:
         progress.label = "import"
     res = capture.capture(workload, output, vcpus=vcpus, memory=memory, rows=rows,
-                          echo=lambda m: click.echo(m, err=True), progress=progress)
+                          echo=lambda m: click.echo(m, err=True), progress=progress,
+                          keep_raw=keep_raw)
     click.echo(capture.summary_text(res))
 
 

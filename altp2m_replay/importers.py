@@ -31,6 +31,7 @@ import gzip
 import shutil
 import subprocess
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numba
@@ -562,6 +563,8 @@ def import_qemu_capture(input_path, output, symbols: dict[str, int] | None = Non
     rows = records = 0
     offset = 8 * CAPTURE_HEADER_WORDS  # byte offset of the next undecoded record
     end = None
+    writing = None
+    pool = ThreadPoolExecutor(1)
     try:
         header_vcpus = _capture_header(stream, label)
         info = {"format": 1, "source": f"import qemu-capture {src.name}", "vcpus": header_vcpus}
@@ -576,15 +579,19 @@ def import_qemu_capture(input_path, output, symbols: dict[str, int] | None = Non
                     words, bufs["gpa"], bufs["access"], bufs["vcpu"], bufs["insn"], bufs["ip"],
                     cur_insn, cur_ip, user_pages, kern_pages, sym_addr, sym_hit)
                 if r:
-                    chunk = {c: b[:r] for c, b in bufs.items()}
+                    chunk = {c: b[:r].copy() for c, b in bufs.items()}
                     chunk["insn"] = chunk["insn"].view(np.uint64)
-                    writer.write({c: a.copy() for c, a in chunk.items()})
+                    if writing is not None:
+                        writing.result()  # one chunk in flight: Parquet encodes while we decode
+                    writing = pool.submit(writer.write, chunk)
                     if progress is not None:
                         progress.advance(r)
                 rows += r
                 records += recs
                 where = f"{label}: byte {offset + 8 * used} (record {records + 1})"
                 offset += 8 * used
+                if status in (2, 3):
+                    _drain(writing)
                 if status == 2:
                     raise ImportFormatError(f"{where}: expected a record type 1-5 or 14, found {detail}")
                 if status == 3:
@@ -602,9 +609,11 @@ def import_qemu_capture(input_path, output, symbols: dict[str, int] | None = Non
                     break
                 pending = data[8 * used:]
                 if eof:
+                    _drain(writing)
                     raise ImportFormatError(f"{where}: the stream is truncated: expected "
                                             f"{'the rest of a record' if pending else 'another record or the end record (type 14)'}"
                                             f", found the end of the file")
+            _drain(writing)
             stream.close()
             if int(end[1]) != rows:
                 raise ImportFormatError(f"{where}: the end record counts {int(end[1])} access records, "
@@ -625,4 +634,12 @@ def import_qemu_capture(input_path, output, symbols: dict[str, int] | None = Non
     except BaseException:
         stream.kill()
         raise
+    finally:
+        pool.shutdown(wait=True)
     return rows
+
+
+def _drain(future) -> None:
+    """Wait for a chunk being written (its error, if any, is raised here)."""
+    if future is not None:
+        future.result()
