@@ -7,7 +7,7 @@ POLICIES := none baseline memaccess-write xen-access-altp2m-write xen-access-alt
             split-rx codemon-flip
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint bench clean
+.PHONY: help run test lint bench clean guest
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ lint: $(STAMP) ## ruff
 bench: $(STAMP) ## Throughput of SPEC §13 (bench command), then the pytest-benchmark suites
 	$(PY) -m altp2m_replay bench
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=mean,stddev,rounds
+
+guest: $(STAMP) ## Build the capture plugin and the guest for trace capture (qemu-system-x86, gcc, zstd)
+	$(PY) -m altp2m_replay.capture
 
 clean: ## Remove the virtual environment, caches and generated reports
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache reports/samples

@@ -339,13 +339,13 @@ class CaptureResult:
 
 
 def qemu_command(guest: Guest, workload: str, vcpus: int, memory: int, plugin: str | None,
-                 console: Path) -> list[str]:
+                 console: Path, scale: int = 100) -> list[str]:
     cmd = ["qemu-system-x86_64", "-accel", "tcg,thread=single", "-smp", str(vcpus),
            "-m", f"{memory}M", "-object", f"memory-backend-memfd,id=ram0,size={memory}M",
            "-machine", "pc,memory-backend=ram0", "-nodefaults", "-display", "none",
            "-no-reboot", "-serial", f"file:{console}",
            "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
-           "-append", f"{KERNEL_ARGS} a2m.workload={workload}"]
+           "-append", f"{KERNEL_ARGS} a2m.workload={workload} a2m.scale={scale}"]
     if plugin:
         cmd += ["-plugin", plugin]
     return cmd
@@ -398,10 +398,12 @@ def _run_qemu(cmd: list[str], timeout: float, on_line=None, pass_fds=()) -> tupl
 
 
 def capture(workload: str, output, vcpus: int = 2, memory: int = 256, rows: int | None = None,
-            timeout: float = 1800, echo=None, progress=None, keep_raw=None) -> CaptureResult:
+            timeout: float = 1800, echo=None, progress=None, keep_raw=None,
+            scale: int = 100) -> CaptureResult:
     """Boot the guest under QEMU with the plugin, run ``workload`` between the markers, and
     import the window into a trace at ``output`` (written atomically); ``keep_raw`` keeps
-    the zstd record stream there (for `trace import qemu-capture`)."""
+    the zstd record stream there (for `trace import qemu-capture`); ``scale`` sizes the
+    workload in percent."""
     _check_args(workload, vcpus, memory)
     if rows is not None and rows < 1:
         raise CaptureError(f"--rows must be at least 1, found {rows}")
@@ -434,7 +436,7 @@ def capture(workload: str, output, vcpus: int = 2, memory: int = 256, rows: int 
                 recorded[0] = int(m.group(1)) if m else 0
 
         try:
-            rc, lines = _run_qemu(qemu_command(guest, workload, vcpus, memory, arg, console),
+            rc, lines = _run_qemu(qemu_command(guest, workload, vcpus, memory, arg, console, scale),
                                   timeout, on_line, pass_fds=(wfd,))
         finally:
             os.close(wfd)
@@ -499,14 +501,16 @@ def summary_text(res: CaptureResult) -> str:
             f"clocksource {res.clocksource or 'unknown'}")
 
 
-def plain_run(workload: str, vcpus: int = 2, memory: int = 256, timeout: float = 1800) -> GuestReport:
+def plain_run(workload: str, vcpus: int = 2, memory: int = 256, timeout: float = 1800,
+              scale: int = 100) -> GuestReport:
     """Run the workload without the plugin (for the slowdown figure): the guest's report."""
     _check_args(workload, vcpus, memory)
     require_tools({"qemu-system-x86_64": "qemu-system-x86"})
     guest = build_guest()
     with tempfile.TemporaryDirectory() as tmp:
         console = Path(tmp) / "console.txt"
-        rc, lines = _run_qemu(qemu_command(guest, workload, vcpus, memory, None, console), timeout)
+        rc, lines = _run_qemu(qemu_command(guest, workload, vcpus, memory, None, console, scale),
+                              timeout)
         report = parse_console(console.read_text(errors="replace"))
     if rc != 0 or not report.done:
         raise CaptureError(f"plain run of {workload} failed: QEMU exit code {rc}")

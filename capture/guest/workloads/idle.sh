@@ -2,6 +2,7 @@
 prepare() { :; }
 ticks() {
     i=0
-    while [ $i -lt 20 ]; do usleep 50000; i=$((i + 1)); done
+    n=$(scaled 20)
+    while [ $i -lt "$n" ]; do usleep 50000; i=$((i + 1)); done
 }
 run() { ticks & ticks & wait; }

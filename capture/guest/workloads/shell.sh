@@ -2,7 +2,8 @@
 prepare() { :; }
 loop() {
     i=0
-    while [ $i -lt 40 ]; do
+    n=$(scaled 40)
+    while [ $i -lt "$n" ]; do
         echo "line $i of $1" | sed 's/line/LINE/' | tr 'a-z' 'A-Z' | wc -c > /dev/null
         ls /bin | grep -c a > /dev/null
         i=$((i + 1))
