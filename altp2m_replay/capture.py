@@ -363,8 +363,10 @@ def _check_args(workload: str, vcpus: int, memory: int) -> None:
         raise CaptureError(f"--memory must be in 64..{MAX_MEMORY_MIB} MiB, found {memory}")
 
 
-def _run_qemu(cmd: list[str], timeout: float, on_line=None, pass_fds=()) -> tuple[int, list[str]]:
-    """Run QEMU, collecting its stderr lines (the plugin's messages); kill it at the timeout."""
+def _run_qemu(cmd: list[str], timeout: float, on_line=None, pass_fds=(),
+              tick=None) -> tuple[int, list[str]]:
+    """Run QEMU, collecting its stderr lines (the plugin's messages); kill it at the timeout.
+    ``tick()`` is called about twice a second while it runs."""
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, pass_fds=pass_fds)
     lines: list[str] = []
@@ -377,8 +379,17 @@ def _run_qemu(cmd: list[str], timeout: float, on_line=None, pass_fds=()) -> tupl
 
     t = threading.Thread(target=pump, daemon=True)
     t.start()
+    deadline = time.monotonic() + timeout
     try:
-        rc = proc.wait(timeout=timeout)
+        while True:
+            try:
+                rc = proc.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    raise
+                if tick:
+                    tick()
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -428,16 +439,29 @@ def capture(workload: str, output, vcpus: int = 2, memory: int = 256, rows: int 
         def on_line(line: str) -> None:
             if "window opened" in line:
                 times["open"] = time.perf_counter()
-                if echo:
+                if echo and progress is None:
                     echo(f"capture: recording {workload} on {vcpus} vCPUs")
             elif "window closed" in line:
                 times["close"] = time.perf_counter()
                 m = re.search(r": (\d+) records", line)
                 recorded[0] = int(m.group(1)) if m else 0
 
+        t_start = time.perf_counter()
+
+        def tick() -> None:  # the progress line while QEMU runs (terminal only)
+            if progress is None:
+                return
+            state = ("recording" if "open" in times and "close" not in times
+                     else "recorded" if "close" in times else "booting")
+            progress.stream.write(f"\rcapture {workload}: {state}, {time.perf_counter() - t_start:.0f} s, "
+                                  f"{raw.stat().st_size / 1e6:,.1f} MB of zstd records   ")
+            progress.stream.flush()
+
         try:
             rc, lines = _run_qemu(qemu_command(guest, workload, vcpus, memory, arg, console, scale),
-                                  timeout, on_line, pass_fds=(wfd,))
+                                  timeout, on_line, pass_fds=(wfd,), tick=tick)
+            if progress is not None:
+                progress.stream.write("\n")
         finally:
             os.close(wfd)
             zerr = zstd.communicate()[1].decode(errors="replace").strip()
