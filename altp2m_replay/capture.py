@@ -40,6 +40,9 @@ MARK_START, MARK_STOP = 0x41324D53, 0x41324D45  # displacements of the plugin's 
 MAX_MEMORY_MIB = 3072  # one low RAM block: the pc machine puts RAM above 3.5 GiB at 4 GiB
 TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "gcc": "gcc", "zstd": "zstd"}
 GUEST_TOOLS = {"apt-get": "apt", "dpkg-deb": "dpkg"}
+NOT_RECORDED = ("CR3 writes (op 2 control rows) and tsc: QEMU 7.2's plugin API has no register "
+                "reads (9.0 added them); hardware page-walk accesses, interrupt delivery, DMA, "
+                "port I/O")
 KERNEL_ARGS = ("console=ttyS0 quiet nokaslr clocksource=tsc tsc=reliable panic=-1 "
                "oops=panic random.trust_cpu=on")
 
@@ -423,6 +426,8 @@ def capture(workload: str, output, vcpus: int = 2, memory: int = 256, rows: int 
     guest = build_guest(echo=echo)
     qemu_full = qemu_version()[2]
     output = Path(output)
+    if echo:
+        echo(f"capture: QEMU {qemu_full} cannot record {NOT_RECORDED}")
     with tempfile.TemporaryDirectory(prefix=".capture-", dir=output.parent if output.parent.is_dir() else None) as tmp:
         raw, console = Path(tmp) / "stream.zst", Path(tmp) / "console.txt"
         # The plugin writes into a pipe whose write end QEMU inherits; zstd compresses on the
@@ -489,6 +494,7 @@ def capture(workload: str, output, vcpus: int = 2, memory: int = 256, rows: int 
                   f"clocksource {report.clocksource or 'unknown'}; nokaslr")
         meta = {"source": source, "vcpus": vcpus, "gfn_sets": gfn_sets,
                 "processes": {},  # CR3 values need QEMU >= 9.0 register reads
+                "not_recorded": NOT_RECORDED,
                 "guest": {"clocksource": report.clocksource, "kernel": report.kernel,
                           "workload": workload, "memory_mib": memory, "row_limit": rows}}
         ram = ram_ranges(report.memmap)

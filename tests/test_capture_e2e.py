@@ -63,3 +63,5 @@ def test_capture_a_real_guest(tmp_path):
     assert "QEMU 7.2" in meta["source"] and "kernel 6." in meta["source"]
     assert meta["vcpus"] == 2
     assert meta["capture"]["unresolved_fetches"] == 0
+    assert "CR3 writes" in meta["not_recorded"] and meta["processes"] == {}  # QEMU 7.2
+    assert "op" not in t.schema.names and "tsc" not in t.schema.names
