@@ -8,7 +8,9 @@ import os
 import shutil
 import struct
 import subprocess
+from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -278,3 +280,23 @@ def test_marker_program_and_initramfs():
     second = archive.index(b"070701", 6)
     fields = [int(archive[second + 6 + 8 * i: second + 14 + 8 * i], 16) for i in range(13)]
     assert (fields[1], fields[9], fields[10]) == (0o020600, 5, 1)
+
+
+# --------------------------------------------------------------------------- the bundled corpus
+def test_bundled_captures():
+    files = sorted((Path(__file__).resolve().parent.parent / "traces").glob("qemu-*.parquet"))
+    assert len(files) >= 3
+    for f in files:
+        meta = meta_of(f)
+        t = pq.read_table(f, columns=["gpa", "access", "vcpu", "ip"])
+        gfn = t.column("gpa").to_numpy() >> 12
+        ram = meta["ram"]
+        in_ram = np.zeros(len(gfn), dtype=bool)
+        for a, b in ram:
+            in_ram |= (gfn >= a) & (gfn <= b)
+        # outside RAM only the local APIC's MMIO page, and only data accesses
+        assert set(np.unique(gfn[~in_ram]).tolist()) <= {0xFEE00}, f
+        assert (t.column("access").to_numpy()[~in_ram] != 4).all()
+        assert set(np.unique(t.column("vcpu").to_numpy()).tolist()) == {0, 1}
+        assert meta["source"].startswith("qemu-capture:") and "clocksource tsc" in meta["source"]
+        assert f.stat().st_size < 3_000_000
