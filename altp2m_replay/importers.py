@@ -556,9 +556,7 @@ def import_qemu_capture(input_path, output, symbols: dict[str, int] | None = Non
     kern_pages = np.zeros(ram_pages, dtype=np.uint8)
     cur_insn = np.full(VCPU_LIMIT, -1, dtype=np.int64)
     cur_ip = np.zeros(VCPU_LIMIT, dtype=np.uint64)
-    bufs = {"gpa": np.empty(_CHUNK_WORDS, np.uint64), "access": np.empty(_CHUNK_WORDS, np.uint8),
-            "vcpu": np.empty(_CHUNK_WORDS, np.uint16), "insn": np.empty(_CHUNK_WORDS, np.int64),
-            "ip": np.empty(_CHUNK_WORDS, np.uint64)}
+    kinds = {"gpa": np.uint64, "access": np.uint8, "vcpu": np.uint16, "insn": np.int64, "ip": np.uint64}
     stream = _CaptureStream(src, label)
     rows = records = 0
     offset = 8 * CAPTURE_HEADER_WORDS  # byte offset of the next undecoded record
@@ -575,11 +573,13 @@ def import_qemu_capture(input_path, output, symbols: dict[str, int] | None = Non
                 eof = len(data) < 8 * _CHUNK_WORDS
                 whole = len(data) // 8 * 8
                 words = np.frombuffer(data[:whole], dtype="<u8")
+                # fresh arrays per chunk: the writer thread may still hold the previous ones
+                bufs = {c: np.empty(len(words), k) for c, k in kinds.items()}
                 used, r, recs, status, detail = _decode_capture(
                     words, bufs["gpa"], bufs["access"], bufs["vcpu"], bufs["insn"], bufs["ip"],
                     cur_insn, cur_ip, user_pages, kern_pages, sym_addr, sym_hit)
                 if r:
-                    chunk = {c: b[:r].copy() for c, b in bufs.items()}
+                    chunk = {c: b[:r] for c, b in bufs.items()}
                     chunk["insn"] = chunk["insn"].view(np.uint64)
                     if writing is not None:
                         writing.result()  # one chunk in flight: Parquet encodes while we decode
