@@ -24,8 +24,9 @@ def test_capture_a_real_guest(tmp_path):
     for tool in ("qemu-system-x86_64", "gcc", "zstd", "apt-get", "dpkg-deb"):
         need(tool)
     out = tmp_path / "shell.parquet"
+    raw = tmp_path / "shell.zst"
     r = CliRunner().invoke(main, ["trace", "capture", "shell", "--vcpus", "2", "--rows", str(ROWS),
-                                  "-o", str(out)])
+                                  "-o", str(out), "--keep-raw", str(raw)])
     assert r.exit_code == 0, r.output + r.stderr
     assert "(row limit)" in r.stdout
     r = CliRunner().invoke(main, ["trace", "validate", str(out)])
@@ -65,3 +66,10 @@ def test_capture_a_real_guest(tmp_path):
     assert meta["capture"]["unresolved_fetches"] == 0
     assert "CR3 writes" in meta["not_recorded"] and meta["processes"] == {}  # QEMU 7.2
     assert "op" not in t.schema.names and "tsc" not in t.schema.names
+
+    # the kept record stream imports again into the same rows (without the guest's metadata)
+    again = tmp_path / "again.parquet"
+    r = CliRunner().invoke(main, ["trace", "import", "qemu-capture", str(raw), "-o", str(again)])
+    assert r.exit_code == 0, r.output
+    t2 = pq.read_table(again)
+    assert t2.num_rows == len(gpa) and np.array_equal(t2.column("gpa").to_numpy(), gpa)
