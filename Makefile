@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 POLICIES := none baseline memaccess-write xen-access-altp2m-write xen-access-altp2m-exec \
             drakvuf-hidden-breakpoints drakvuf-hidden-breakpoints-fast hvmi-ve-pagetables \
-            split-rx codemon-flip
+            split-rx split-rx-mtf codemon-flip drakvuf-syscalls smartvmi-breakpoints-emulate
 
 .DEFAULT_GOAL := help
 .PHONY: help run test lint bench clean guest

@@ -7,7 +7,14 @@ import sys
 import click
 
 from altp2m_replay import __version__
-from altp2m_replay.errors import ReplayError
+from altp2m_replay.errors import ReplayError, escape
+
+
+def _fail(message: str, code: int):
+    """Print ``Error: message`` as exactly one line and exit: control characters (a newline
+    in a file name, terminal escapes from a file) are shown escaped, never acted on."""
+    click.echo(f"Error: {escape(message)}", err=True)
+    sys.exit(code)
 
 
 class _Group(click.Group):
@@ -17,17 +24,18 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except ReplayError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT
+            _fail("interrupted", 130)
         except FileNotFoundError as exc:
-            click.echo(f"Error: {exc.filename}: no such file or directory", err=True)
-            sys.exit(2)
+            _fail(f"{exc.filename}: no such file or directory", 2)
         except (OSError, MemoryError) as exc:
             # a path that is not a folder, no permission, a full disk, not enough memory
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
-            click.echo(f"Error: {where}{reason}", err=True)
-            sys.exit(2)
+            _fail(f"{where}{reason}", 2)
+        except RecursionError:  # readers catch it and name the file; this is the backstop
+            _fail("input nested too deeply to read", 2)
 
 
 class _Root(_Group):
@@ -44,11 +52,9 @@ class _Root(_Group):
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
             hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
-            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
-            sys.exit(2)
+            _fail(f"{exc.format_message()}{hint}", 2)
         except click.ClickException as exc:
-            click.echo(f"Error: {exc.format_message()}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(exc.format_message(), exc.exit_code)
         except click.Abort:
             click.echo("Aborted.", err=True)
             sys.exit(1)
@@ -110,7 +116,7 @@ def trace_validate(file):
 @trace.command("generate")
 @click.argument("workload")
 @click.option("-n", "rows", type=click.IntRange(min=1), required=True, help="Number of rows.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--vcpus", type=click.IntRange(1, 4096), default=1, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 def trace_generate(workload, rows, seed, vcpus, output):
@@ -185,21 +191,39 @@ def trace_capture(workload, output, vcpus, memory, rows, keep_raw):
 @click.option("--window", type=click.IntRange(min=1), default=None,
               help="Timeline window in rows (default: rows / 256).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
-              help="Processes for traces in parallel (default: number of cores).")
+              help="Local processes, each replaying whole traces (default: number of cores, "
+                   "at most one per trace). More jobs than traces also splits each trace's "
+                   "policies over processes, each decoding the trace.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads per process replaying a trace's policies side by side on one "
+                   "decode (default: number of cores / processes in use). Cores used: about "
+                   "jobs x threads.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run cells on an existing Dask cluster (tcp://HOST:PORT).")
 @click.option("--resume", is_flag=True, help="Skip cells already finished in the output folder.")
 @click.option("--no-html", is_flag=True, help="Skip report.html.")
-def replay(traces, policies, out_dir, costs, profile, window, jobs, scheduler, resume, no_html):
-    """Replay every TRACE (file, or folder of .parquet) under every POLICY."""
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Memory budget of each process, such as 8G or 512M (default: half the RAM).")
+def replay(traces, policies, out_dir, costs, profile, window, jobs, threads, scheduler, resume,
+           no_html, max_memory):
+    """Replay every TRACE (file, or folder of .parquet) under every POLICY.
+
+    Each trace is decoded once for all its policies. Traces run in --jobs processes; within
+    a process the policies of a trace run in --threads threads. The defaults use every core
+    once: one trace with several policies runs them in threads, many traces run in processes.
+    """
+    from altp2m_replay import budget, run
     from altp2m_replay import costs as cost_mod
-    from altp2m_replay import run
     from altp2m_replay.progress import Progress
+
+    if max_memory is not None:
+        budget.set_limit(budget.parse_size(max_memory))
 
     overrides = cost_mod.parse_cost_options(costs)
     manifest = run.replay(traces, policies, out_dir, cost_overrides=overrides, profile=profile,
-                          window=window, jobs=jobs, scheduler=scheduler, resume=resume,
+                          window=window, jobs=jobs, threads=threads, scheduler=scheduler, resume=resume,
                           html=not no_html, progress=Progress.for_terminal(),
+                          warn=lambda m: click.echo(f"warning: {m}", err=True),
                           command="altp2m-replay " + " ".join(_Root.invoked_args))
     cells = manifest["cells"]
     rate = manifest["timings"]["records_per_second"]
@@ -218,11 +242,14 @@ def replay(traces, policies, out_dir, costs, profile, window, jobs, scheduler, r
 @click.option("--workload", default="kernel", show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Passes per figure; the best is reported.")
-def bench(rows, vcpus, policy, workload, rounds):
-    """Replay throughput (SPEC §13): bare scan, kernel and end-to-end rows/s."""
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="Threads of the side-by-side figure (default: number of cores; 0 skips it).")
+def bench(rows, vcpus, policy, workload, rounds, threads):
+    """Replay throughput (SPEC §13): bare scan, kernel and end-to-end rows/s, and every
+    built-in policy side by side versus one after the other."""
     from altp2m_replay.bench import format_bench, run_bench
 
-    click.echo(format_bench(run_bench(rows, vcpus, policy, workload, rounds=rounds,
+    click.echo(format_bench(run_bench(rows, vcpus, policy, workload, rounds=rounds, threads=threads,
                                       echo=lambda m: click.echo(m, err=True))))
 
 
@@ -295,4 +322,5 @@ def compare_cmd(base_dir, new_dir, metrics, max_increase, fmt):
     click.echo(text)
     if failed:
         raise GateFailed(f"{new_dir}: a metric grew more than {max_increase:g}% over {base_dir}, "
-                         f"or a cell of {base_dir} is missing (see above)")
+                         f"has no usable value (null, NaN, infinite), or a cell of {base_dir} "
+                         f"is missing (see above)")

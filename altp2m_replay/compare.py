@@ -2,9 +2,11 @@
 
 Rows are matched by (trace, policy, vcpu). A metric *grew past the threshold* when
 new > base × (1 + pct/100), decided in exact arithmetic so that a value exactly at the
-threshold passes; from a zero base any positive value grew. A cell of BASE that NEW lacks
-fails the gate too (a policy or trace silently dropped must not pass); a cell only in NEW is
-listed but not gated.
+threshold passes; from a zero base any positive value grew. The gate fails closed: a gated
+metric that is null, NaN or infinite in NEW is "invalid" and fails (nothing can vouch for
+it), as does a cell of BASE that NEW lacks (a policy or trace silently dropped must not
+pass); a metric missing from either summary is an error. A cell only in NEW is listed but
+not gated; a BASE value without a usable number gives "n/a" (nothing to compare against).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from pathlib import Path
 import polars as pl
 
 from altp2m_replay.errors import OutputError, did_you_mean
-from altp2m_replay.report.data import read_table, results_dir
+from altp2m_replay.outdir import check_output_set
+from altp2m_replay.report.data import read_manifest, read_table, results_dir
 
 DEFAULT_METRICS = ("cycles_total", "ept_exits", "vm_events")
 KEY = ("trace", "policy", "vcpu")
 FORMATS = ("text", "markdown", "json")
-STATUSES = ("grew", "increased", "equal", "improved", "n/a")
+STATUSES = ("grew", "invalid", "increased", "equal", "improved", "n/a")
+FAILING = ("grew", "invalid")
 
 
 @dataclass
@@ -34,8 +38,8 @@ class Change:
     base: float | int | None
     new: float | int | None
     change: float | int | None
-    change_pct: float | None  # None from a zero base (+inf) or when a side is null
-    status: str  # one of STATUSES; only "grew" fails
+    change_pct: float | None  # None from a zero base (+inf) or when a side has no number
+    status: str  # one of STATUSES; those in FAILING fail the gate
 
 
 @dataclass
@@ -47,7 +51,7 @@ class Cell:
 
     @property
     def failed(self) -> bool:
-        return any(c.status == "grew" for c in self.changes)
+        return any(c.status in FAILING for c in self.changes)
 
 
 @dataclass
@@ -75,6 +79,7 @@ class Comparison:
 # ----------------------------------------------------------------------------- loading
 def _load(path) -> tuple[Path, pl.DataFrame]:
     d = results_dir(path)
+    check_output_set(d, read_manifest(d))  # one run's files, or an error
     df = read_table(d, "summary", KEY)
     if df.height == 0:
         raise OutputError(f"{d / 'summary.parquet'}: holds no rows")
@@ -108,11 +113,17 @@ def _clean(v):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
+def _usable(v) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isinf(v))
+
+
 def judge(metric: str, base, new, max_increase: float) -> Change:
     """The verdict for one value pair (see the module docstring for the rule)."""
     base, new = _clean(base), _clean(new)
-    if base is None or new is None:
-        return Change(metric, base, new, None, None, "equal" if base is new else "n/a")
+    if not _usable(new):
+        return Change(metric, base, new, None, None, "invalid")
+    if not _usable(base):
+        return Change(metric, base, new, None, None, "n/a")
     change = new - base
     if new == base:
         return Change(metric, base, new, change, 0.0, "equal")
@@ -161,6 +172,8 @@ def compare_dirs(base_dir, new_dir, metrics=(), max_increase: float = 0.0) -> Co
 def _num(v) -> str:
     if v is None:
         return "—"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
     if isinstance(v, int) or float(v).is_integer():
         return f"{v:,.0f}"
     return f"{v:,.4f}".rstrip("0").rstrip(".")
@@ -195,6 +208,9 @@ def _verdict(c: Comparison) -> str:
         if counts["grew"]:
             parts.append(f"{counts['grew']} value{'s' if counts['grew'] != 1 else ''} "
                          f"grew past {pct}")
+        if counts["invalid"]:
+            parts.append(f"{counts['invalid']} value{'s' if counts['invalid'] != 1 else ''} "
+                         f"null, NaN or infinite in new")
         if c.missing:
             parts.append(f"{len(c.missing)} cell{'s' if len(c.missing) != 1 else ''} "
                          f"missing from new")
@@ -218,8 +234,8 @@ def format_text(c: Comparison) -> str:
     right = {2, 4, 5, 6, 7}
     rows = _rows(c)
     for r in rows:
-        if r[8] == "grew":
-            r[8] = "GREW"  # the failing lines should stand out in a CI log
+        if r[8] in FAILING:
+            r[8] = r[8].upper()  # the failing lines should stand out in a CI log
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
 
     def line(cells):
@@ -251,7 +267,7 @@ def format_markdown(c: Comparison) -> str:
            "", "| trace | policy | vCPU | metric | base | new | change | change % | status |",
            "|---|---|---:|---|---:|---:|---:|---:|---|"]
     for r in _rows(c):
-        status = "❌ grew" if r[8] == "grew" else r[8]
+        status = f"❌ {r[8]}" if r[8] in FAILING else r[8]
         out.append("| " + " | ".join(_md(x) for x in r[:8] + [status]) + " |")
     if c.missing:
         out += ["", "**Missing from new (fails the gate):** "
@@ -260,6 +276,11 @@ def format_markdown(c: Comparison) -> str:
         out += ["", "**New cells (not gated):** "
                 + ", ".join(f"`{_md(_cell_name(k))}`" for k in c.added)]
     return "\n".join(out)
+
+
+def _json(v):
+    """Infinity is not JSON: say it as the string "inf" or "-inf"."""
+    return _num(v) if isinstance(v, float) and math.isinf(v) else v
 
 
 def format_json(c: Comparison) -> str:
@@ -275,7 +296,8 @@ def format_json(c: Comparison) -> str:
         "max_increase": c.max_increase,
         "counts": c.counts(),
         "cells": [{**key((cell.trace, cell.policy, cell.vcpu)), "failed": cell.failed,
-                   "metrics": {ch.metric: {"base": ch.base, "new": ch.new, "change": ch.change,
+                   "metrics": {ch.metric: {"base": _json(ch.base), "new": _json(ch.new),
+                                           "change": ch.change,
                                            "change_pct": ch.change_pct, "status": ch.status,
                                            "grew": ch.status == "grew"}
                                for ch in cell.changes}}

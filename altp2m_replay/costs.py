@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
-from altp2m_replay.errors import PolicyError, did_you_mean
+from altp2m_replay.errors import PolicyError, did_you_mean, shown
 
 # key -> (default cycles, counters it is charged per). Order is the report's order.
 COSTS: dict[str, tuple[float, tuple[str, ...]]] = {
     "ept_exit": (5000, ("ept_exits",)),
     "lazy_copy": (500, ("lazy_copies",)),
-    "vm_event_sync": (90000, ("mem_access_events", "singlestep_events")),
-    "monitor_callback": (30000, ("mem_access_events", "singlestep_events")),
+    "vm_event_sync": (90000, ("mem_access_events", "singlestep_events", "breakpoint_events", "cr3_events")),
+    "monitor_callback": (30000, ("mem_access_events", "singlestep_events", "breakpoint_events", "cr3_events")),
+    "int3_exit": (5000, ("int3_exits",)),
+    "cr3_exit": (3000, ("cr3_exits",)),
+    "vmfunc_exit": (5000, ("vmfunc_exits",)),
+    "view_reset": (20000, ("view_resets",)),
+    "ept_sync_ipi": (4000, ("ept_sync_ipis",)),
     "vm_event_async": (5000, ("async_events",)),
     "mtf_exit": (3000, ("mtf_exits",)),
     "view_switch": (200, ("switches_vm_event", "switches_fast_ss")),
@@ -29,6 +33,10 @@ PROFILES: dict[str, dict[str, float]] = {
     "polling-agent": {"vm_event_sync": 15000, "monitor_callback": 0},
 }
 DEFAULT_GHZ = 3.0
+# Bounds that keep every total finite: a counter is below 2^63, so 14 keys of at most 1e15
+# cycles per event sum to below 1.3e35, and overhead_us = cycles / (cpu_ghz * 1e3) stays finite.
+MAX_COST = 1e15
+MIN_GHZ, MAX_GHZ = 1e-3, 1e3
 EXTRA_KEYS = ("cpu_ghz", "profile")
 
 
@@ -39,13 +47,14 @@ def check_cost_table(table: Mapping, where: str) -> None:
         if key not in allowed:
             raise PolicyError(f'{where}: unknown cost key "{key}"{did_you_mean(key, allowed)}')
         if key == "profile":
-            if value not in PROFILES:
-                raise PolicyError(f'{where}: unknown profile {value!r}{did_you_mean(value, PROFILES)}')
+            if not isinstance(value, str) or value not in PROFILES:
+                raise PolicyError(f'{where}: unknown profile {shown(value)}{did_you_mean(value, PROFILES)}')
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise PolicyError(f'{where}: cost "{key}" must be a finite number >= 0, found {value!r}')
-        if key == "cpu_ghz" and value <= 0:
-            raise PolicyError(f'{where}: "cpu_ghz" must be > 0, found {value!r}')
+        lo, hi = (MIN_GHZ, MAX_GHZ) if key == "cpu_ghz" else (0, MAX_COST)
+        # compared before any float(): an integer too large for a float stays an int here
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            what = f'"{key}"' if key == "cpu_ghz" else f'cost "{key}"'
+            raise PolicyError(f"{where}: {what} must be a number in {lo:g}..{hi:g}, found {shown(value)}")
 
 
 def parse_cost_options(items) -> dict[str, float]:

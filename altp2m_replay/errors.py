@@ -27,8 +27,25 @@ class ReplayRuntimeError(ReplayError):
     """The trace drove the policy somewhere it cannot go (unmatched violation, retry loop)."""
 
 
+class MemoryBudgetError(ReplayRuntimeError):
+    """A run would need more memory than ``--max-memory`` allows (sized before the work, or
+    guarded when a table grows)."""
+
+
 class OutputError(ReplayError):
     """An output or results folder is missing, unreadable or inconsistent."""
+
+
+class WorkerLost(ReplayError):
+    """A worker process died (killed by the system, often for memory). Exit code 1."""
+
+    exit_code = 1
+
+
+class Interrupted(ReplayError):
+    """Ctrl-C (SIGINT): the run stopped; the message says what it kept. Exit code 130."""
+
+    exit_code = 130
 
 
 class GateFailed(ReplayError):
@@ -37,7 +54,26 @@ class GateFailed(ReplayError):
     exit_code = 1
 
 
+def escape(text: str) -> str:
+    """``text`` with control characters (newlines, terminal escapes) shown as Python escapes,
+    so text taken from a file or a file name prints as what it is, on one line."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def shown(value, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters (a value from a file can be huge)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deeply>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def did_you_mean(word: str, choices) -> str:
     """Return ' (did you mean "x"?)' when a close match exists, else ''."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    if not isinstance(word, str) or len(word) > 100:  # a list or table from a file; a blob
+        return ""
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
     return f' (did you mean "{close[0]}"?)' if close else ""

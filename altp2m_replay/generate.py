@@ -334,7 +334,9 @@ class _Generator:
 JIT_PERIOD = 2048  # instructions between two JIT code emissions (one page each)
 
 
-def _check(workload: str, n: int, vcpus: int) -> None:
+def _check(workload: str, n: int, vcpus: int, seed: int = 0) -> None:
+    if not isinstance(seed, int) or seed < 0:  # numpy seeds only non-negative integers
+        raise TraceError(f"--seed must be a non-negative integer, found {seed}")
     if workload not in WORKLOADS:
         raise TraceError(f'unknown workload "{workload}"{did_you_mean(workload, WORKLOADS)}; '
                          f"expected one of {', '.join(WORKLOADS)}")
@@ -348,7 +350,7 @@ def iter_chunks(workload: str, n: int, seed: int = 0, vcpus: int = 1, chunk_rows
     """Yield the trace as dicts of numpy arrays (gfn uint64, access uint8, vcpu uint16,
     insn/ip/tsc uint64) of ``chunk_rows`` rows (default CHUNK_ROWS; the last may be shorter).
     The rows depend on the chunk size, so keep the default for reproducible traces."""
-    _check(workload, n, vcpus)
+    _check(workload, n, vcpus, seed)
     chunk_rows = chunk_rows or CHUNK_ROWS
     gen = _Generator(workload, seed, vcpus)
     done = 0
@@ -381,7 +383,7 @@ def generate(workload: str, n: int, seed: int = 0, vcpus: int = 1, output=None,
     """Write ``n`` rows of ``workload`` to ``output`` (atomically); same seed, same bytes."""
     if output is None:
         raise TypeError("generate() needs output=PATH")
-    _check(workload, n, vcpus)
+    _check(workload, n, vcpus, seed)
     meta = metadata(workload, seed, vcpus)
     chunks = prefetch(iter_chunks(workload, n, seed, vcpus))
     try:

@@ -30,6 +30,7 @@ import csv
 import gzip
 import shutil
 import subprocess
+import zlib
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,10 +39,12 @@ import numba
 import numpy as np
 
 from altp2m_replay.errors import ImportFormatError, did_you_mean
-from altp2m_replay.traces import GFN_LIMIT, GPA_LIMIT, VCPU_LIMIT, TraceWriter
+from altp2m_replay.traces import GFN_LIMIT, GPA_LIMIT, VCPU_LIMIT, TraceWriter, _first_line
 
 FORMATS = ("lackey", "qemu-mem", "csv", "qemu-capture")
 FLUSH_ROWS = 1 << 20  # rows buffered before a chunk goes to the writer
+MAX_LINE = 1 << 20  # characters in one input line
+MAX_ACCESS_BYTES = 1 << 20  # one access spans at most 256 pages (lackey SIZE, qemu access_size)
 _TYPECODE = {"gpa": "Q", "gfn": "Q", "access": "B", "vcpu": "H", "insn": "Q", "gla": "Q",
              "ip": "Q", "tsc": "Q", "op": "B", "arg": "Q"}
 _DTYPE = {"Q": np.uint64, "B": np.uint8, "H": np.uint16}
@@ -91,10 +94,22 @@ class _FirstTouch:
 
 
 def _open_text(path: Path):
-    # surrogateescape: undecodable bytes become a "malformed line" error, not a traceback
+    # surrogateescape: undecodable bytes become a "malformed line" error, not a traceback;
+    # utf-8-sig: a byte-order mark (spreadsheets write one) is not part of the first name
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
-    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _lines(fh, label: str):
+    """The lines of ``fh``, each at most MAX_LINE characters: a file without line breaks
+    must not be read into memory whole."""
+    lineno = 0
+    while line := fh.readline(MAX_LINE + 1):
+        lineno += 1
+        if len(line) > MAX_LINE:
+            raise ImportFormatError(f"{label}: line {lineno}: longer than {MAX_LINE:,} characters")
+        yield line
 
 
 def _ranges(gfns) -> list[list[int]]:
@@ -143,8 +158,8 @@ def import_trace(fmt: str, input_path, output, base_gfn: int = 0x1000) -> int:
         try:
             with _open_text(src) as fh:
                 rows = parse(fh, label, writer, base_gfn)
-        except (OSError, EOFError) as exc:  # unreadable file, broken gzip stream
-            raise ImportFormatError(f"{label}: cannot read: {exc}") from None
+        except (OSError, EOFError, zlib.error) as exc:  # unreadable file, broken gzip stream
+            raise ImportFormatError(f"{label}: cannot read: {_first_line(exc)}") from None
         if rows == 0:
             raise ImportFormatError(f"{label}: no memory accesses found, expected at least one")
     return rows
@@ -162,7 +177,7 @@ def _lackey(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
     insn = -1
     ip = 0
     rows = 0
-    for lineno, line in enumerate(fh, 1):
+    for lineno, line in enumerate(_lines(fh, label), 1):
         # ==PID== is lackey's own output; --PID-- and **PID** are valgrind core messages.
         if not line.strip() or line[:2] in ("==", "--", "**"):
             continue
@@ -179,7 +194,7 @@ def _lackey(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
         except ValueError:
             raise ImportFormatError(f"{label}: line {lineno}: {_LACKEY_HELP} with ADDR in hex "
                                     f"and SIZE in decimal, found {_show(line)}") from None
-        if not (0 <= addr <= _U64_MAX and 0 <= size <= 1 << 20) or addr + max(size, 1) - 1 > _U64_MAX:
+        if not (0 <= addr <= _U64_MAX and 0 <= size <= MAX_ACCESS_BYTES) or addr + max(size, 1) - 1 > _U64_MAX:
             raise ImportFormatError(f"{label}: line {lineno}: address or size out of range, "
                                     f"found {_show(line)}")
         if access == 4:
@@ -224,7 +239,7 @@ def _qemu_mem(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
     prev_ip, prev_kind = None, 0  # prev_kind: 1 load that may be completed by a store
     rows = 0
     max_hw_gfn = -1
-    for lineno, line in enumerate(fh, 1):
+    for lineno, line in enumerate(_lines(fh, label), 1):
         text = line.strip()
         if not text:
             continue
@@ -245,24 +260,23 @@ def _qemu_mem(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
         # The symbol may itself contain commas (C++): count the fixed fields from both ends.
         insn_s = fields[0]
         vaddr_s, hw_s, size_s, kind_s = fields[-5:-1]
-        try:
-            ip = int(insn_s, 16)
-            vaddr = int(vaddr_s, 16)
-            hw = int(hw_s, 16) if hw_s.strip() else 0
-            bits = int(size_s, 10)
-        except ValueError:
-            raise ImportFormatError(f"{label}: line {lineno}: expected hex addresses and a decimal "
-                                    f"access_size, found {_show(line)}") from None
+        where = f"{label}: line {lineno}"
+        ip = _qemu_int(insn_s, 16, "insn_vaddr", where)
+        vaddr = _qemu_int(vaddr_s, 16, "mem_vaddr", where)
+        hw = _qemu_int(hw_s, 16, "mem_hwaddr", where) if hw_s.strip() else 0
+        bits = _qemu_int(size_s, 10, "access_size", where)
         kind = kind_s.strip()
         if kind not in ("load", "store"):
             raise ImportFormatError(f'{label}: line {lineno}: access_type must be "load" or "store", '
                                     f"found {kind!r}")
-        if bits <= 0 or bits % 8:
-            raise ImportFormatError(f"{label}: line {lineno}: access_size must be a positive number "
-                                    f"of bits divisible by 8, found {bits}")
-        if not (0 <= ip <= _U64_MAX and 0 <= vaddr <= _U64_MAX and 0 <= hw < GPA_LIMIT):
-            raise ImportFormatError(f"{label}: line {lineno}: address out of range (mem_hwaddr must be "
-                                    f"below 2^48), found {_show(line)}")
+        if bits <= 0 or bits % 8 or bits > 8 * MAX_ACCESS_BYTES:
+            raise ImportFormatError(f"{where}: column access_size: expected a positive number of bits "
+                                    f"divisible by 8, at most {8 * MAX_ACCESS_BYTES:,}, found {bits}")
+        for name, value, top in (("insn_vaddr", ip, _U64_MAX), ("mem_vaddr", vaddr, _U64_MAX),
+                                 ("mem_hwaddr", hw, GPA_LIMIT - 1)):
+            if value > top:
+                raise ImportFormatError(f"{where}: column {name}: expected an address below "
+                                        f"2^{top.bit_length()}, found {value:#x}")
         access = 2 if kind == "store" else 1
         if not (access == 2 and prev_kind == 1 and ip == prev_ip):
             insn += 1
@@ -298,6 +312,19 @@ def _qemu_mem(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
     return rows
 
 
+def _qemu_int(text: str, base: int, column: str, where: str) -> int:
+    """A non-negative integer field of the qemu-mem CSV, or an error naming its column."""
+    s = text.strip()
+    try:
+        if s[:1] in "+-" or s[:2].lower() == "0x" and base == 10:
+            raise ValueError
+        return int(s, base)
+    except ValueError:
+        kind = "hex" if base == 16 else "decimal"
+        raise ImportFormatError(f"{where}: column {column}: expected a {kind} {column}, "
+                                f"found {s[:40]!r}") from None
+
+
 # --------------------------------------------------------------------------- csv
 _CSV_LIMITS = {
     "gpa": (GPA_LIMIT - 1, "a guest-physical address below 2^48"),
@@ -326,9 +353,29 @@ def _parse_uint(s: str) -> int:
     return v
 
 
+class _CsvRows:
+    """A csv.reader whose errors (a field over the csv module's limit, a NUL) name the line."""
+
+    def __init__(self, reader, label: str):
+        self.reader, self.label = reader, label
+
+    @property
+    def line_num(self) -> int:
+        return self.reader.line_num
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.reader)
+        except csv.Error as exc:
+            raise ImportFormatError(f"{self.label}: line {self.reader.line_num}: {exc}") from None
+
+
 def _csv(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
     del base_gfn  # addresses come from the file
-    reader = csv.reader(fh)
+    reader = _CsvRows(csv.reader(_lines(fh, label)), label)
     header = None
     for fields in reader:
         if fields and any(f.strip() for f in fields):

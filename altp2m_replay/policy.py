@@ -10,7 +10,9 @@ DRAKVUF-style policies put shadow and sink pages with ``add_ram``.
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from altp2m_replay.errors import PolicyError, did_you_mean
+from altp2m_replay.errors import PolicyError, did_you_mean, shown
 
 # p2m_access_t values, in Xen's order (xen/include/xen/mem_access.h).
 ACCESS_CODES = {
@@ -36,11 +38,20 @@ SETUP_OPS = (
 )
 GFN_LIMIT = 1 << 36
 
-TOP_KEYS = ("name", "description", "domain", "view", "setup", "on_violation", "on_ve", "costs")
+TOP_KEYS = ("name", "description", "domain", "view", "breakpoints", "setup", "on_violation",
+            "on_ve", "on_breakpoint", "on_cr3", "costs")
+BREAKPOINT_KEYS = ("at", "fallback")
+ON_BREAKPOINT_KEYS = ("action", "to", "fast")
+ON_CR3_KEYS = ("sync", "onchangeonly", "switch")
+CR3_SWITCH_KEYS = ("cr3", "to")
+ADDRESS_SETS = ("executed_ips",)
 DOMAIN_KEYS = (
-    "altp2m", "nr_altp2m", "host_order", "host_access", "exec_sp", "monitor",
+    "altp2m", "nr_altp2m", "origin", "host_order", "host_access", "exec_sp", "monitor",
     "access_required", "xen", "ram",
 )
+ORIGINS = ("create", "restore")
+# Legacy VGA hole of every HVM guest (emulated MMIO), left out of the fallback RAM (SPEC §3).
+VGA_HOLE = (0xA0, 0xBF)
 VIEW_KEYS = ("name", "index", "default_access", "visible")
 SETUP_KEYS = {
     "set_mem_access": ("view", "gfns", "access"),
@@ -48,12 +59,13 @@ SETUP_KEYS = {
     "set_suppress_ve": ("view", "gfns", "suppress"),
     "set_visibility": ("view", "visible"),
     "add_ram": ("gfns",),
+    "write_breakpoints": ("view",),
     "switch_p2m": ("view",),
     "enable_notify": ("vcpus",),
 }
 RULE_KEYS = ("view", "kind", "gfns", "action", "to", "fast", "access")
 VE_KEYS = ("action", "to")
-SELECTOR_SETS = ("executed", "written", "read", "touched")
+SELECTOR_SETS = ("executed", "written", "read", "touched", "breakpoints")
 
 
 # --------------------------------------------------------------------------- model
@@ -63,7 +75,8 @@ class Domain:
 
     altp2m: bool = True
     nr_altp2m: int = 10
-    host_order: int = 9
+    origin: str = "create"
+    host_order: int = 18  # resolved from ``origin`` and ``xen`` unless the policy sets it
     host_access: str = "rwx"
     exec_sp: bool = True
     monitor: bool = True
@@ -123,6 +136,40 @@ class OnVE:
 
 
 @dataclass(frozen=True)
+class AddressSelector:
+    """One item of ``[breakpoints] at`` (SPEC §4): byte addresses, ips, symbols or a ranked set."""
+
+    addresses: tuple[int, ...] = ()
+    ips: tuple[int, ...] = ()
+    symbols: tuple[str, ...] = ()
+    set: str | None = None
+    top: int | None = None
+
+
+@dataclass(frozen=True)
+class OnBreakpoint:
+    action: str            # "step" or "emulate"
+    to: int = 0
+    fast: bool = False
+
+
+@dataclass(frozen=True)
+class Cr3Rule:
+    where: str
+    values: tuple[int, ...]       # CR3 values
+    processes: tuple[str, ...]    # "process:NAME" names, resolved against the trace
+    other: bool                   # "other": any value
+    to: int
+
+
+@dataclass(frozen=True)
+class OnCr3:
+    sync: bool = True
+    onchangeonly: bool = True
+    switch: tuple[Cr3Rule, ...] = ()
+
+
+@dataclass(frozen=True)
 class Policy:
     name: str
     description: str
@@ -134,6 +181,11 @@ class Policy:
     on_ve: OnVE | None
     costs: dict[str, Any] = field(default_factory=dict)
     text: str = ""
+    breakpoints: tuple[AddressSelector, ...] | None = None
+    on_breakpoint: OnBreakpoint | None = None
+    # [breakpoints] fallback: what `at` becomes on a trace without `symbols` metadata
+    breakpoints_fallback: tuple[AddressSelector, ...] | None = None
+    on_cr3: OnCr3 | None = None
 
     def view_name(self, index: int) -> str:
         for v in self.views:
@@ -255,7 +307,7 @@ def _parse_domain(t: dict) -> Domain:
     try:
         major, minor = (int(p) for p in str(xen_s).split(".")[:2])
     except ValueError:
-        raise _fail(where, f'"xen" must be a version like "4.22", found {xen_s!r}') from None
+        raise _fail(where, f'"xen" must be a version like "4.22", found {shown(xen_s)}') from None
     xen = (major, minor)
     if xen < (4, 6):
         raise _fail(where, f'"xen" {xen_s} predates altp2m (4.6)')
@@ -263,8 +315,12 @@ def _parse_domain(t: dict) -> Domain:
     nr = t.get("nr_altp2m", 10)
     if not isinstance(nr, int) or isinstance(nr, bool) or not 1 <= nr <= max_views:
         raise _fail(where, f'"nr_altp2m" must be in 1..{max_views} for xen {xen_s}, found {nr!r}')
-    host_order = t.get("host_order", 9)
-    if host_order not in (0, 9, 18) or isinstance(host_order, bool):
+    origin = t.get("origin", "create")
+    if origin not in ORIGINS:
+        raise _fail(where, f'"origin" must be "create" or "restore", found {origin!r}'
+                           f'{did_you_mean(origin, ORIGINS) if isinstance(origin, str) else ""}')
+    host_order = t.get("host_order", default_host_order(origin, xen))
+    if type(host_order) is not int or host_order not in (0, 9, 18):
         raise _fail(where, f'"host_order" must be 0, 9 or 18, found {host_order!r}')
     ram = None
     if "ram" in t:
@@ -275,6 +331,7 @@ def _parse_domain(t: dict) -> Domain:
     return Domain(
         altp2m=_bool(t, "altp2m", True, where),
         nr_altp2m=nr,
+        origin=origin,
         host_order=host_order,
         host_access=_access(t.get("host_access", "rwx"), where + " host_access"),
         exec_sp=_bool(t, "exec_sp", True, where),
@@ -283,6 +340,14 @@ def _parse_domain(t: dict) -> Domain:
         xen=xen,
         ram=ram,
     )
+
+
+def default_host_order(origin: str, xen: tuple[int, int]) -> int:
+    """SPEC §3: the toolstack gives a new guest 1 GiB pages where they fit; a restored one
+    (snapshot, migration) 4 KiB pages before xen 4.21 and 2 MiB pages from 4.21."""
+    if origin == "create":
+        return 18
+    return 9 if xen >= (4, 21) else 0
 
 
 def _view_ref(value, names: dict[str, int], where: str) -> int:
@@ -302,16 +367,42 @@ def _view_ref(value, names: dict[str, int], where: str) -> int:
     raise _fail(where, f"expected a view name or index, found {value!r}")
 
 
+# Bounds that keep reading a hostile file fast (tomllib is quadratic in dotted-key parts).
+MAX_POLICY_BYTES = 16 << 20
+MAX_KEY_PARTS = 100
+_PART = r"""(?:[A-Za-z0-9_-]+|"[^"\n]*"|'[^'\n]*')"""
+# where a key or a table name starts: a line's start (after "[" or "[["), or in an inline table
+_LONG_KEY = re.compile(r"(?:^|[{,])[ \t]*\[{0,2}[ \t]*" + _PART
+                       + r"(?:[ \t]*\.[ \t]*" + _PART + f"){{{MAX_KEY_PARTS}}}", re.MULTILINE)
+
+
 def parse_policy(text: str, source: str) -> Policy:
     """Parse and check policy TOML ``text``; ``source`` names it in messages."""
+    if len(text) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{source}: {len(text):,} characters; policy files are limited to "
+                          f"{MAX_POLICY_BYTES:,}")
+    long_key = _LONG_KEY.search(text)
+    if long_key is not None:
+        line = text.count("\n", 0, long_key.start()) + 1
+        raise PolicyError(f"{source}: line {line}: a dotted key or table name with more than "
+                          f"{MAX_KEY_PARTS} parts")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"{source}: broken TOML: {exc}") from None
+    except RecursionError:
+        raise PolicyError(f"{source}: arrays or tables nested too deeply") from None
     try:
         return _build(doc, text, source)
     except PolicyError as exc:
         raise PolicyError(f"{source}: {exc}") from None
+    except RecursionError:  # repr() of a value nested hundreds deep, in a message
+        raise PolicyError(f"{source}: a value nested too deeply") from None
+
+
+def _one_of(value, choices) -> bool:
+    """``value`` is a string among ``choices`` (a list or table from TOML is not)."""
+    return isinstance(value, str) and value in choices
 
 
 def _build(doc: dict, text: str, source: str) -> Policy:
@@ -320,6 +411,8 @@ def _build(doc: dict, text: str, source: str) -> Policy:
     if not isinstance(name, str) or not name:
         raise _fail("policy", 'needs a "name" string')
     description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise _fail("policy", f'"description" must be a string, found {type(description).__name__}')
     domain = _parse_domain(doc.get("domain", {}))
 
     raw_views = doc.get("view", [])
@@ -372,7 +465,13 @@ def _build(doc: dict, text: str, source: str) -> Policy:
     from altp2m_replay.costs import check_cost_table
 
     check_cost_table(costs, "[costs]")
-    policy = Policy(name, description, source, domain, tuple(views), setup, rules, on_ve, dict(costs), text)
+    breakpoints = _parse_breakpoints(doc.get("breakpoints"))
+    fallback = _parse_breakpoints(doc["breakpoints"], "fallback") if breakpoints and "fallback" in doc["breakpoints"] else None
+    on_breakpoint = _parse_on_breakpoint(doc.get("on_breakpoint"), names, domain)
+    on_cr3 = _parse_on_cr3(doc.get("on_cr3"), names, domain)
+    policy = Policy(name, description, source, domain, tuple(views), setup, rules, on_ve, dict(costs), text,
+                    breakpoints=breakpoints, on_breakpoint=on_breakpoint, on_cr3=on_cr3,
+                    breakpoints_fallback=fallback)
     _check_semantics(policy)
     return policy
 
@@ -386,8 +485,8 @@ def _parse_setup(raw, names: dict[str, int], domain: Domain) -> list[SetupOp]:
         if not isinstance(t, dict):
             raise _fail(where, "must be a table")
         op = t.get("op")
-        if op not in SETUP_KEYS:
-            raise _fail(where, f"unknown op {op!r}{did_you_mean(op, SETUP_OPS)}")
+        if not _one_of(op, SETUP_KEYS):
+            raise _fail(where, f"unknown op {shown(op)}{did_you_mean(op, SETUP_OPS)}")
         where = f"setup[{i}] ({op})"
         _check_keys(t, ("op",) + SETUP_KEYS[op], where)
         for key in SETUP_KEYS[op]:
@@ -410,7 +509,7 @@ def _parse_setup(raw, names: dict[str, int], domain: Domain) -> list[SetupOp]:
             ops.append(SetupOp(op, where, view=view, visible=_bool(t, "visible", True, where)))
         elif op == "add_ram":
             ops.append(SetupOp(op, where, gfns=parse_selector(t["gfns"], where + " gfns")))
-        elif op == "switch_p2m":
+        elif op in ("switch_p2m", "write_breakpoints"):
             ops.append(SetupOp(op, where, view=view))
         elif op == "enable_notify":
             vc = t.get("vcpus", "all")
@@ -434,8 +533,8 @@ def _parse_rules(raw, names: dict[str, int], domain: Domain) -> list[Rule]:
             raise _fail(where, "must be a table")
         _check_keys(t, RULE_KEYS, where)
         action = t.get("action")
-        if action not in RESPONSE_CODES:
-            raise _fail(where, f"unknown action {action!r}{did_you_mean(action, RESPONSE_CODES)}")
+        if not _one_of(action, RESPONSE_CODES):
+            raise _fail(where, f"unknown action {shown(action)}{did_you_mean(action, RESPONSE_CODES)}")
         if not domain.altp2m and action in ("step", "switch"):
             raise _fail(where, f'action "{action}" switches views, which needs altp2m; with altp2m = false only emulate and set-access exist')
         view = _view_ref(t["view"], names, where) if "view" in t else None
@@ -443,8 +542,8 @@ def _parse_rules(raw, names: dict[str, int], domain: Domain) -> list[Rule]:
         if "kind" in t:
             k = t["kind"]
             ks = [k] if isinstance(k, str) else k
-            if not isinstance(ks, list) or not ks or any(x not in KIND_CODES for x in ks):
-                raise _fail(where, f'"kind" must be "r", "w", "x" or a list of them, found {k!r}')
+            if not isinstance(ks, list) or not ks or any(not _one_of(x, KIND_CODES) for x in ks):
+                raise _fail(where, f'"kind" must be "r", "w", "x" or a list of them, found {shown(k)}')
             kinds = tuple(sorted(set(ks)))
         gfns = parse_selector(t["gfns"], where + " gfns") if "gfns" in t else None
         extra = {"step": ("to", "fast"), "switch": ("to",), "set-access": ("access",), "emulate": ()}[action]
@@ -474,8 +573,8 @@ def _parse_on_ve(raw, names: dict[str, int], domain: Domain) -> OnVE | None:
         raise _fail(where, "#VE needs altp2m; this policy sets [domain] altp2m = false")
     _check_keys(raw, VE_KEYS, where)
     action = raw.get("action")
-    if action not in VE_CODES:
-        raise _fail(where, f"unknown action {action!r}{did_you_mean(action, VE_CODES)}")
+    if not _one_of(action, VE_CODES):
+        raise _fail(where, f"unknown action {shown(action)}{did_you_mean(action, VE_CODES)}")
     if action == "emulate":
         if "to" in raw:
             raise _fail(where, '"to" does not apply to action "emulate"')
@@ -483,6 +582,140 @@ def _parse_on_ve(raw, names: dict[str, int], domain: Domain) -> OnVE | None:
     if "to" not in raw:
         raise _fail(where, f'action "{action}" needs "to"')
     return OnVE(action, _view_ref(raw["to"], names, where + " to"))
+
+
+def _address(value, where: str) -> int:
+    """A byte address (guest physical): an integer or a hex string, below 2^48."""
+    if isinstance(value, str):
+        try:
+            value = int(value, 16) if value.lower().startswith("0x") else int(value)
+        except ValueError:
+            raise _fail(where, f"expected an address (integer or hex string), found {value!r}") from None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 48:
+        raise _fail(where, f"expected an address below 2^48, found {value!r}")
+    return value
+
+
+def _parse_breakpoints(raw, key: str = "at") -> tuple[AddressSelector, ...] | None:
+    """``[breakpoints] at`` (SPEC §4), or its ``fallback`` (same forms)."""
+    if raw is None:
+        return None
+    where = "[breakpoints]"
+    if not isinstance(raw, dict):
+        raise _fail(where, "must be a table")
+    _check_keys(raw, BREAKPOINT_KEYS, where)
+    if "at" not in raw:
+        raise _fail(where, 'missing "at"')
+    at = raw[key]
+    items = at if isinstance(at, list) else [at]
+    out = []
+    for i, item in enumerate(items):
+        w = f"{where} {key}[{i}]" if isinstance(at, list) else f"{where} {key}"
+        if not isinstance(item, dict):
+            out.append(AddressSelector(addresses=(_address(item, w),)))
+            continue
+        if "set" in item:
+            _check_keys(item, ("set", "top"), w)
+            if item["set"] not in ADDRESS_SETS:
+                raise _fail(w, f'set must be "executed_ips", found {item["set"]!r}')
+            top = item.get("top")
+            if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < 1):
+                raise _fail(w, f"top must be a positive integer, found {top!r}")
+            out.append(AddressSelector(set=item["set"], top=top))
+            continue
+        if len(item) != 1:
+            raise _fail(w, 'a table must have exactly one of "ip", "symbol", "set"')
+        key, value = next(iter(item.items()))
+        if key == "ip":
+            vals = value if isinstance(value, list) else [value]
+            out.append(AddressSelector(ips=tuple(_address(v, w + " ip") if not isinstance(v, int) else _ip(v, w) for v in vals)))
+        elif key == "symbol":
+            vals = value if isinstance(value, list) else [value]
+            if not vals or any(not isinstance(v, str) or not v for v in vals):
+                raise _fail(w, f'"symbol" must be a name or a list of names, found {value!r}')
+            out.append(AddressSelector(symbols=tuple(vals)))
+        else:
+            raise _fail(w, f'unknown key "{key}"{did_you_mean(key, ("ip", "symbol", "set"))}')
+    return tuple(out)
+
+
+def _ip(v: int, where: str) -> int:
+    if not 0 <= v < 1 << 64:
+        raise _fail(where, f"ip must be in uint64 range, found {v!r}")
+    return v
+
+
+def _parse_on_breakpoint(raw, names: dict[str, int], domain: Domain) -> OnBreakpoint | None:
+    if raw is None:
+        return None
+    where = "[on_breakpoint]"
+    if not isinstance(raw, dict):
+        raise _fail(where, "must be a table")
+    _check_keys(raw, ON_BREAKPOINT_KEYS, where)
+    action = raw.get("action")
+    if action not in ("step", "emulate"):
+        raise _fail(where, f'action must be "step" or "emulate", found {action!r}'
+                           f'{did_you_mean(action, ("step", "emulate")) if isinstance(action, str) else ""}')
+    if action == "emulate":
+        for key in ("to", "fast"):
+            if key in raw:
+                raise _fail(where, f'"{key}" does not apply to action "emulate"')
+        return OnBreakpoint(action)
+    if not domain.altp2m:
+        raise _fail(where, 'action "step" switches views, which needs altp2m; with altp2m = false use "emulate"')
+    fast = _bool(raw, "fast", False, where)
+    if fast and domain.xen < (4, 14):
+        raise _fail(where, "fast single-step needs xen >= 4.14")
+    to = _view_ref(raw["to"], names, where + " to") if "to" in raw else 0
+    return OnBreakpoint(action, to, fast)
+
+
+def _parse_on_cr3(raw, names: dict[str, int], domain: Domain) -> OnCr3 | None:
+    if raw is None:
+        return None
+    where = "[on_cr3]"
+    if not isinstance(raw, dict):
+        raise _fail(where, "must be a table")
+    _check_keys(raw, ON_CR3_KEYS, where)
+    sync = _bool(raw, "sync", True, where)
+    rules = []
+    switches = raw.get("switch", [])
+    if not isinstance(switches, list):
+        raise _fail(where, '"switch" must be an array of tables ([[on_cr3.switch]])')
+    if switches and not sync:
+        raise _fail(where, "[[on_cr3.switch]] needs sync = true: an asynchronous event has no response")
+    if switches and not domain.altp2m:
+        raise _fail(where, "[[on_cr3.switch]] switches views, which needs altp2m")
+    for i, t in enumerate(switches):
+        w = f"on_cr3.switch[{i}]"
+        if not isinstance(t, dict):
+            raise _fail(w, "must be a table")
+        _check_keys(t, CR3_SWITCH_KEYS, w)
+        for key in CR3_SWITCH_KEYS:
+            if key not in t:
+                raise _fail(w, f'missing "{key}"')
+        vals = t["cr3"] if isinstance(t["cr3"], list) else [t["cr3"]]
+        values, procs, other = [], [], False
+        for v in vals:
+            if isinstance(v, str) and v == "other":
+                other = True
+            elif isinstance(v, str) and v.startswith("process:") and len(v) > 8:
+                procs.append(v[8:])
+            elif isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64:
+                values.append(v)
+            elif isinstance(v, str) and v.lower().startswith("0x"):
+                values.append(_ip(_address_any(v, w), w))
+            else:
+                raise _fail(w, f'"cr3" must be an integer, "process:NAME", "other" or a list of them, found {v!r}')
+        rules.append(Cr3Rule(w, tuple(values), tuple(procs), other, _view_ref(t["to"], names, w + " to")))
+    return OnCr3(sync, _bool(raw, "onchangeonly", True, where), tuple(rules))
+
+
+def _address_any(v: str, where: str) -> int:
+    try:
+        return int(v, 16)
+    except ValueError:
+        raise _fail(where, f"expected a hex number, found {v!r}") from None
 
 
 def _check_semantics(p: Policy) -> None:
@@ -505,6 +738,21 @@ def _check_semantics(p: Policy) -> None:
             raise _fail("[on_ve]", "the #VE agent needs #VE and VMFUNC: add a setup op enable_notify for its vCPUs")
         if p.on_ve.action != "emulate" and not visible.get(p.on_ve.to, False):
             raise _fail("[on_ve]", f"VMFUNC target view {p.view_name(p.on_ve.to)!r} is invisible at the end of setup: the guest's VMFUNC would raise #UD")
+    if p.breakpoints is not None:
+        if not p.domain.monitor:
+            raise _fail("[breakpoints]", "breakpoint hits are events to a monitor: [domain] monitor = false has none")
+        if p.on_breakpoint is None:
+            raise _fail("[breakpoints]", "needs [on_breakpoint] to say how the monitor answers a hit")
+    elif p.on_breakpoint is not None:
+        raise _fail("[on_breakpoint]", "there are no [breakpoints] to answer")
+    if any(op.op == "write_breakpoints" for op in p.setup) and p.breakpoints is None:
+        raise _fail("[[setup]]", "write_breakpoints needs a [breakpoints] table")
+    uses_bp_set = any(sel is not None and sel.set == "breakpoints"
+                      for sel in [op.gfns for op in p.setup] + [op.new for op in p.setup] + [r.gfns for r in p.rules])
+    if uses_bp_set and p.breakpoints is None:
+        raise _fail("policy", '{ set = "breakpoints" } needs a [breakpoints] table')
+    if p.on_cr3 is not None and not p.domain.monitor:
+        raise _fail("[on_cr3]", "CR3 events go to a monitor: [domain] monitor = false has none")
 
 
 # --------------------------------------------------------------------------- loading
@@ -546,6 +794,17 @@ class TraceFacts:
     gfn_sets: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     page_counts: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
     touched_counts: tuple[np.ndarray, np.ndarray] | None = None
+    # SPEC §2 metadata for breakpoint selectors and CR3 rules
+    symbols: dict[str, int] = field(default_factory=dict)
+    processes: dict[str, int] = field(default_factory=dict)
+    # whether instructions have byte addresses (a gpa column, or gfn and ip), and, when a
+    # policy's breakpoint selectors need them (needs_insn_stats), from a pass over the trace:
+    # insn_starts = (byte addresses uint64 (n,) sorted, instructions starting there int64 (n,)),
+    # ip_first = (ips uint64 (m,) sorted, byte address of the first instruction whose first
+    # row is a fetch with that ip uint64 (m,))
+    byte_addresses: bool = False
+    insn_starts: tuple[np.ndarray, np.ndarray] | None = None
+    ip_first: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def merge_ranges(ranges) -> np.ndarray:
@@ -575,7 +834,99 @@ def gfns_to_ranges(gfns: np.ndarray) -> np.ndarray:
 
 def needs_page_counts(p: Policy) -> bool:
     sels = [op.gfns for op in p.setup] + [op.new for op in p.setup] + [r.gfns for r in p.rules]
-    return any(s is not None and s.set is not None and not s.set.startswith("meta:") for s in sels)
+    # a meta: set needs no counts unless ``top`` ranks its members by them
+    return any(s is not None and s.set is not None and s.set != "breakpoints"
+               and (not s.set.startswith("meta:") or s.top is not None) for s in sels)
+
+
+def needs_insn_stats(p: Policy) -> bool:
+    """Whether resolving the policy's breakpoints needs the trace's instruction statistics."""
+    return any(a.ips or a.symbols or a.set for a in (p.breakpoints or ()) + (p.breakpoints_fallback or ()))
+
+
+def resolve_breakpoints(p: Policy, facts: TraceFacts, warnings: list[str]) -> np.ndarray:
+    """SPEC §4 ``[breakpoints] at`` against the trace: sorted unique byte addresses, int64 (n,)."""
+    out: list[int] = []
+    ip_first = facts.ip_first or (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+
+    def by_ip(ip: int, what: str) -> None:
+        i = int(np.searchsorted(ip_first[0], np.uint64(ip)))
+        if i < len(ip_first[0]) and int(ip_first[0][i]) == ip:
+            out.append(int(ip_first[1][i]))
+        else:
+            warnings.append(f"[breakpoints]: {what} {ip:#x} is never executed by the trace; skipped")
+
+    selectors = p.breakpoints or ()
+    if p.breakpoints_fallback is not None and not facts.symbols:
+        warnings.append("[breakpoints]: the trace has no symbols; using the fallback addresses")
+        selectors = p.breakpoints_fallback
+    for sel in selectors:
+        out.extend(sel.addresses)
+        for ip in sel.ips:
+            by_ip(ip, "ip")
+        for pattern in sel.symbols:
+            names = sorted(n for n in facts.symbols if fnmatch.fnmatchcase(n, pattern))
+            if not names:
+                warnings.append(f"[breakpoints]: symbol {pattern!r} matches nothing in the trace's symbols")
+            unexecuted = 0
+            for n in names:
+                i = int(np.searchsorted(ip_first[0], np.uint64(facts.symbols[n] % (1 << 64))))
+                if i < len(ip_first[0]) and int(ip_first[0][i]) == facts.symbols[n] % (1 << 64):
+                    out.append(int(ip_first[1][i]))
+                else:
+                    unexecuted += 1
+            if unexecuted:
+                warnings.append(f"[breakpoints]: {unexecuted} of the {len(names)} symbols matching "
+                                f"{pattern!r} are never executed by the trace; skipped")
+        if sel.set == "executed_ips":
+            addrs, counts = facts.insn_starts or (np.zeros(0, np.uint64), np.zeros(0, np.int64))
+            order = np.lexsort((addrs, -np.asarray(counts, dtype=np.int64)))
+            if sel.top is not None:
+                order = order[: sel.top]
+            out.extend(int(a) for a in addrs[order])
+    return np.unique(np.asarray(out, dtype=np.int64))
+
+
+def _check_breakpoint_step(p: Policy, bps: np.ndarray, ranges: dict[int, np.ndarray]) -> None:
+    """SPEC §6.4: refuse an [on_breakpoint] step into a view that maps, at a breakpoint's gfn,
+    the frame holding it: the writer itself, or — where the writer had not remapped the gfn —
+    any view that does not remap it either. The restarted fetch would trap again forever."""
+    bp = p.on_breakpoint
+    if bp is None or bp.action != "step" or not len(bps):
+        return
+    gfns = np.unique(bps >> 12)
+    remapped: dict[int, set[int]] = {}
+    writers: list[tuple[int, set[int]]] = []
+    for op in p.setup:
+        if op.op == "change_gfn" and op.new is not None:
+            sel = ranges[id(op.gfns)]
+            hit = {int(g) for g in gfns if any(a <= g <= b for a, b in sel)}
+            remapped.setdefault(op.view, set()).update(hit)
+        elif op.op == "write_breakpoints":
+            writers.append((op.view, set(remapped.get(op.view, set()))))
+    to_remaps = remapped.get(bp.to, set())
+    for writer, w_remaps in writers:
+        for g in gfns:
+            g = int(g)
+            if writer == bp.to or (g not in w_remaps and g not in to_remaps):
+                raise PolicyError(
+                    f"[on_breakpoint]: step to view {p.view_name(bp.to)!r} maps, at gfn {g:#x}, the frame "
+                    f"write_breakpoints put an INT3 in: the restarted instruction would trap again at "
+                    f"every restart (step into a view that shows the original frame)")
+
+
+def resolve_cr3_rules(p: Policy, facts: TraceFacts, warnings: list[str]) -> list[tuple[tuple[int, ...], bool, int]]:
+    """``[[on_cr3.switch]]`` rules as (CR3 values, matches any value, view to switch to)."""
+    out = []
+    for r in p.on_cr3.switch if p.on_cr3 else ():
+        values = list(r.values)
+        for name in r.processes:
+            if name in facts.processes:
+                values.append(int(facts.processes[name]))
+            else:
+                warnings.append(f"{r.where}: the trace names no process {name!r}; \"process:{name}\" matches nothing")
+        out.append((tuple(values), r.other, r.to))
+    return out
 
 
 def ram_ranges(p: Policy, facts: TraceFacts) -> np.ndarray:
@@ -584,20 +935,28 @@ def ram_ranges(p: Policy, facts: TraceFacts) -> np.ndarray:
         return merge_ranges(p.domain.ram)
     if facts.meta_ram:
         return merge_ranges(facts.meta_ram)
-    size = 1 << p.domain.host_order
+    # [0, 0x9f] and [0xc0, max gfn rounded up to a whole GiB]: the VGA hole stays MMIO
+    size = 1 << 18
     last = int(math.ceil((facts.max_gfn + 1) / size) * size) - 1
-    return np.asarray([[0, last]], dtype=np.int64)
+    ranges = [(0, VGA_HOLE[0] - 1)]
+    if last > VGA_HOLE[1]:
+        ranges.append((VGA_HOLE[1] + 1, last))
+    return np.asarray(ranges, dtype=np.int64)
 
 
 @dataclass
 class ResolvedSelectors:
-    """Every selector of a policy as int64 (n, 2) ranges, keyed by ``id(selector)``."""
+    """Every selector of a policy as int64 (n, 2) ranges, keyed by ``id(selector)``, plus the
+    breakpoint byte addresses (int64 (b,) sorted) and the CR3 rules resolved against the trace."""
 
     ranges: dict[int, np.ndarray]
     warnings: list[str]
+    breakpoints: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    cr3_rules: list = field(default_factory=list)
 
 
-def resolve_selector(sel: Selector, facts: TraceFacts, ram_top: int, warnings: list[str], where: str) -> np.ndarray:
+def resolve_selector(sel: Selector, facts: TraceFacts, ram_top: int, warnings: list[str], where: str,
+                     breakpoints: np.ndarray | None = None) -> np.ndarray:
     """Turn one selector into sorted merged ranges (int64, shape (n, 2))."""
     if sel.above_ram is not None:
         a, b = sel.above_ram
@@ -607,6 +966,8 @@ def resolve_selector(sel: Selector, facts: TraceFacts, ram_top: int, warnings: l
         return np.asarray([[first, last]], dtype=np.int64)
     if sel.set is None:
         return merge_ranges(sel.ranges)
+    if sel.set == "breakpoints":
+        return gfns_to_ranges(np.unique(breakpoints >> 12)) if breakpoints is not None else np.zeros((0, 2), np.int64)
     if sel.set.startswith("meta:"):
         set_name = sel.set[5:]
         if set_name not in facts.gfn_sets:
@@ -620,7 +981,13 @@ def resolve_selector(sel: Selector, facts: TraceFacts, ram_top: int, warnings: l
         inside = np.zeros(len(g), dtype=bool)
         for a, b in ranges:
             inside |= (g >= a) & (g <= b)
-        return _top(g[inside], counts[inside], sel.top)
+        touched = _top(g[inside], counts[inside], sel.top)
+        short = sel.top - range_count(touched)
+        if short > 0:
+            # every member counts, touched or not: untouched ones rank last, lowest gfn first
+            touched = merge_ranges(list(map(tuple, touched)) +
+                                   list(map(tuple, _first_n(_subtract(ranges, g[inside]), short))))
+        return touched
     if facts.page_counts is None:
         raise PolicyError(f"{where}: selector {sel.text} needs the trace's page counts")
     gfns, counts = facts.page_counts[sel.set]
@@ -636,23 +1003,57 @@ def _top(gfns: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
     return gfns_to_ranges(gfns[order[:n]])
 
 
+def _subtract(ranges: np.ndarray, gfns: np.ndarray) -> np.ndarray:
+    """int64 (n, 2) sorted merged ``ranges`` less the gfns in ``gfns`` (int64 (m,), inside
+    them), as sorted ranges."""
+    out = []
+    cut = np.sort(gfns)
+    for a, b in ranges:
+        a, b = int(a), int(b)
+        for g in cut[(cut >= a) & (cut <= b)]:
+            if g > a:
+                out.append((a, int(g) - 1))
+            a = int(g) + 1
+        if a <= b:
+            out.append((a, b))
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+
+def _first_n(ranges: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` gfns of sorted ``ranges``, as ranges."""
+    out = []
+    for a, b in ranges:
+        if n <= 0:
+            break
+        take = min(n, int(b) - int(a) + 1)
+        out.append((int(a), int(a) + take - 1))
+        n -= take
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+
 def resolve_all(p: Policy, facts: TraceFacts) -> tuple[np.ndarray, ResolvedSelectors]:
-    """Resolve RAM and every selector of ``p`` against ``facts``."""
+    """Resolve RAM, breakpoints, CR3 rules and every selector of ``p`` against ``facts``."""
     ram = ram_ranges(p, facts)
     ram_top = int(ram[:, 1].max()) if len(ram) else -1
     warnings: list[str] = []
     out: dict[int, np.ndarray] = {}
     try:
+        if p.breakpoints is not None and not facts.byte_addresses:
+            raise PolicyError("[breakpoints] need a trace whose instructions have byte addresses "
+                              "(a gpa column, or gfn and ip); this trace has neither")
+        bps = resolve_breakpoints(p, facts, warnings)
         for op in p.setup:
             for sel, tag in ((op.gfns, "gfns"), (op.new, "new")):
                 if sel is not None:
-                    out[id(sel)] = resolve_selector(sel, facts, ram_top, warnings, f"{op.where} {tag}")
+                    out[id(sel)] = resolve_selector(sel, facts, ram_top, warnings, f"{op.where} {tag}", bps)
         for r in p.rules:
             if r.gfns is not None:
-                out[id(r.gfns)] = resolve_selector(r.gfns, facts, ram_top, warnings, f"{r.where} gfns")
+                out[id(r.gfns)] = resolve_selector(r.gfns, facts, ram_top, warnings, f"{r.where} gfns", bps)
+        cr3 = resolve_cr3_rules(p, facts, warnings)
+        _check_breakpoint_step(p, bps, out)
     except PolicyError as exc:
         raise PolicyError(f"{p.source}: {exc}") from None
-    return ram, ResolvedSelectors(out, warnings)
+    return ram, ResolvedSelectors(out, warnings, bps, cr3)
 
 
 def expand(ranges: np.ndarray) -> np.ndarray:
@@ -712,13 +1113,57 @@ def page_counts_from_arrays(gfn: np.ndarray, access: np.ndarray) -> dict[str, tu
     return out
 
 
-def facts_from_arrays(arrays: dict[str, np.ndarray], meta_ram=None, gfn_sets=None) -> TraceFacts:
-    """TraceFacts for an in-memory trace (``gfn`` and ``access`` arrays)."""
+def facts_from_arrays(arrays: dict[str, np.ndarray], meta_ram=None, gfn_sets=None, symbols=None,
+                      processes=None, insn_stats: bool = False) -> TraceFacts:
+    """TraceFacts for an in-memory trace (``gfn`` and ``access`` arrays; optional ``op``,
+    ``vcpu``, ``insn``, ``ip``, ``gpa``). ``insn_stats`` walks the rows in Python: for the
+    small traces of tests and examples."""
     gfn = np.asarray(arrays["gfn"], dtype=np.uint64)
     access = np.asarray(arrays["access"], dtype=np.uint8)
-    return TraceFacts(
-        max_gfn=int(gfn.max()) if len(gfn) else 0,
+    op = arrays.get("op")
+    op = np.zeros(len(gfn), np.uint8) if op is None else np.asarray(op, dtype=np.uint8)
+    sized = gfn[(op == 0) | (op >= 3)]  # access rows and host drops / maps
+    has_gpa = arrays.get("gpa") is not None
+    byte_addresses = has_gpa or arrays.get("ip") is not None
+    facts = TraceFacts(
+        max_gfn=int(sized.max()) if len(sized) else 0,
         meta_ram=meta_ram,
         gfn_sets=dict(gfn_sets or {}),
         page_counts=page_counts_from_arrays(gfn, access),
+        symbols=dict(symbols or {}),
+        processes=dict(processes or {}),
+        byte_addresses=byte_addresses,
     )
+    if insn_stats and byte_addresses:
+        facts.insn_starts, facts.ip_first = _insn_stats(arrays, gfn, access, op)
+    return facts
+
+
+def _insn_stats(arrays, gfn, access, op) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(insn_starts, ip_first) of TraceFacts, one row at a time (SPEC §2 instructions)."""
+    n = len(gfn)
+    vcpu = arrays.get("vcpu")
+    insn = arrays.get("insn")
+    ip = arrays.get("ip")
+    gpa = arrays.get("gpa")
+    current: dict[int, int] = {}
+    starts: dict[int, int] = {}
+    first_of_ip: dict[int, int] = {}
+    for r in range(n):
+        if op[r] >= 3:
+            continue
+        v = int(vcpu[r]) if vcpu is not None else 0
+        ident = int(insn[r]) if insn is not None else -1 - r
+        if current.get(v) == ident:
+            continue
+        current[v] = ident
+        if op[r] != 0 or not access[r] & 4:
+            continue  # the instruction starts with no fetch: no byte address
+        addr = int(gpa[r]) if gpa is not None else (int(gfn[r]) << 12) | (int(ip[r]) & 0xFFF)
+        starts[addr] = starts.get(addr, 0) + 1
+        if ip is not None:
+            first_of_ip.setdefault(int(ip[r]), addr)
+    sa = sorted(starts)
+    si = sorted(first_of_ip)
+    return ((np.asarray(sa, dtype=np.uint64), np.asarray([starts[a] for a in sa], dtype=np.int64)),
+            (np.asarray(si, dtype=np.uint64), np.asarray([first_of_ip[i] for i in si], dtype=np.uint64)))

@@ -1,11 +1,6 @@
-"""Results: engine counters -> polars tables (SPEC §10) -> Parquet, written atomically."""
+"""Results: engine counters -> the polars tables of SPEC §10 (written by ``run`` via ``outdir``)."""
 
 from __future__ import annotations
-
-import json
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -18,8 +13,7 @@ from altp2m_replay.engine.simulate import (
     VIEW_COUNTERS,
     SimResult,
 )
-
-TABLES = ("summary", "by_view", "by_gfn", "by_ip", "timeline", "population")
+from altp2m_replay.outdir import TABLES  # noqa: F401 - the names of cell_tables' tables
 
 
 def cell_tables(trace: str, policy, res: SimResult, costs: dict[str, float]) -> dict[str, pl.DataFrame]:
@@ -60,11 +54,17 @@ def cell_tables(trace: str, policy, res: SimResult, costs: dict[str, float]) -> 
     }).cast(gschema)
 
     m = len(res.ip_keys)
+    ip_schema = {"trace": pl.Utf8, "policy": pl.Utf8, "ip": pl.UInt64, "ept_exits": pl.Int64,
+                 "ve_delivered": pl.Int64, "int3_exits": pl.Int64}
     by_ip = pl.DataFrame({
         "trace": [trace] * m, "policy": [policy.name] * m, "ip": res.ip_keys,
         "ept_exits": res.ip_values[:, 0], "ve_delivered": res.ip_values[:, 1],
-    }).cast({"trace": pl.Utf8, "policy": pl.Utf8, "ip": pl.UInt64, "ept_exits": pl.Int64,
-             "ve_delivered": pl.Int64})
+        "int3_exits": res.ip_values[:, 2],
+    }).cast(ip_schema)
+    if any(res.ip_other):  # ips the bounded per-ip table folded together: one row, ip null
+        other = [{"trace": trace, "policy": policy.name, "ip": None, "ept_exits": res.ip_other[0],
+                  "ve_delivered": res.ip_other[1], "int3_exits": res.ip_other[2]}]
+        by_ip = pl.concat([by_ip, pl.DataFrame(other, schema=ip_schema)])
 
     tl = res.timeline
     win_cycles = np.asarray(cycles(tl, costs)["cycles_total"], dtype=float)
@@ -90,37 +90,3 @@ def cell_tables(trace: str, policy, res: SimResult, costs: dict[str, float]) -> 
              "window": pl.Int64, "first_record": pl.Int64, "pages_mapped": pl.Int64})
     return {"summary": summary, "by_view": by_view, "by_gfn": by_gfn, "by_ip": by_ip,
             "timeline": timeline, "population": population}
-
-
-def _umask_mode() -> int:
-    # mkstemp creates 0600 files; published outputs get the usual 0666 & ~umask
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
-    _atomic(path, df.write_parquet)
-
-
-def atomic_write_json(obj, path: Path) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())

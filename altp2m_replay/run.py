@@ -1,49 +1,102 @@
 """``replay``: every trace x every policy, each trace decoded once, tables and manifest out.
 
 A run has two phases. First every policy and trace is checked (for traces a streaming pre-pass
-that also gathers what gfn selectors need), so bad input stops the run before any output
-exists; an error found while replaying leaves only finished cells in ``DIR/.cells``. Then work
-units — one trace with a group of policies — replay in this process, in ``jobs`` local
+that also gathers what gfn selectors need), so bad input stops the run before any work. Then
+work units — one trace with a group of policies — replay in this process, in ``jobs`` local
 processes, or on a Dask cluster. A unit decodes its trace's row groups once and feeds every
 policy's state from the same batches. Each finished cell (trace x policy) is stored at once
 under ``DIR/.cells/`` so an interrupted run loses nothing finished, and ``--resume`` skips
-cells whose inputs have not changed. The final tables are concatenated from the cells.
+cells whose inputs have not changed. The final tables are concatenated from the cells and
+replace the folder's files as one set (``outdir``). The folder is locked for the run; bad
+input or a failed write leaves it as it was (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import math
 import multiprocessing
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from altp2m_replay import __version__, traces
+from altp2m_replay import __version__, budget, traces
 from altp2m_replay.checks import coverage_gaps
 from altp2m_replay.costs import effective_costs
 from altp2m_replay.engine import Replayer
 from altp2m_replay.errors import (
+    Interrupted,
     OutputError,
     PolicyError,
     ReplayError,
     ReplayRuntimeError,
     TraceError,
+    WorkerLost,
+)
+from altp2m_replay.outdir import (
+    OutputFolder,
+    publish,
+    sha256,
+    table_digests,
+    write_checked,
+    write_table,
 )
 from altp2m_replay.policy import Policy, TraceFacts, load_policy, needs_page_counts
-from altp2m_replay.prefetch import prefetch
-from altp2m_replay.results import TABLES, atomic_write_json, atomic_write_parquet, cell_tables
+from altp2m_replay.prefetch import side_by_side
+from altp2m_replay.results import TABLES, cell_tables
 
 CELLS = ".cells"
 MAX_WINDOWS = 1 << 16  # timeline windows per cell: each holds every counter
+
+
+def lean_kernel_loads() -> bool:
+    """Make Numba load cached kernels without first loading all of its lowering code.
+
+    Before it looks in its cache, Numba's loader calls ``target_context.refresh()``, which
+    imports and installs every lowering registry it has (typed containers, random, linalg,
+    ...): 0.15-0.2 s of CPU, a fifth of a warm ``replay`` of a small trace, paid again by every
+    worker process. Cached object code needs none of it, only the runtime its code calls
+    (NRT), set up here. A cache miss still compiles through Numba's compiler, which
+    refreshes the context itself. Applied once per process; ALTP2M_REPLAY_NUMBA_FULL_INIT=1,
+    or a Numba without the expected loader, keeps Numba's own behaviour. Returns whether
+    the lean loader is in use.
+    """
+    from numba.core import caching
+    from numba.core.runtime import rtsys
+
+    cache = caching.Cache
+    if getattr(cache.load_overload, "lean", False):
+        return True
+    if os.environ.get("ALTP2M_REPLAY_NUMBA_FULL_INIT") or not all(
+            hasattr(cache, a) for a in ("_load_overload", "_guard_against_spurious_io_errors")):
+        return False
+
+    def load_overload(self, sig, target_context):
+        rtsys.initialize(target_context)
+        with self._guard_against_spurious_io_errors():
+            return self._load_overload(sig, target_context)
+
+    load_overload.lean = True
+    cache.load_overload = load_overload
+    return True
+
+
+lean_kernel_loads()
 
 
 def expand_trace_args(args) -> list[Path]:
@@ -94,14 +147,6 @@ class CellOutput:
     costs: dict[str, float]
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def trace_facts(path: Path, page_counts: bool) -> tuple[traces.TraceStats, TraceFacts]:
     """Validate one trace (full streaming pass) and gather what selector resolution needs."""
     tr = traces.open_trace(path)
@@ -120,8 +165,8 @@ def replay_facts(path: Path, page_counts: bool) -> tuple[traces.TraceStats, Trac
     Without page counts, when Parquet statistics prove the gfn range, only metadata is read
     (and the vcpu column if its statistics are missing) and the values are not checked yet
     (False): replay_trace checks every value on the batches it decodes anyway, so the trace
-    is read once instead of twice (the separate pass took 0.25 s of a 0.8 s replay of 20 M
-    rows). Otherwise: trace_facts's full validation pass (True).
+    is read once instead of twice (figures in docs/performance.md). Otherwise:
+    trace_facts's full validation pass (True).
     """
     if not page_counts:
         tr = traces.open_trace(path)
@@ -133,7 +178,7 @@ def replay_facts(path: Path, page_counts: bool) -> tuple[traces.TraceStats, Trac
 
 def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profile: str | None,
                  window: int | None, batch_rows: int | None = None, prepared=None,
-                 progress=None) -> list[CellOutput]:
+                 progress=None, threads: int = 1, cpu: dict | None = None) -> list[CellOutput]:
     """Replay one trace under every policy with a single decode of the trace.
 
     ``prepared`` is ``replay_facts``'s result when the caller has it already;
@@ -141,6 +186,10 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     checked, each batch is checked before any policy sees it: a bad row stops the replay
     with the same TraceError ``trace validate`` gives (a replay error in an earlier row of
     the trace comes first).
+
+    ``threads`` > 1 replays the policies side by side (``prefetch.side_by_side``): every
+    policy still gets the decoded batches in order, so its cell is the same, and errors are
+    those of replaying the policies one after the other. ``cpu``: see ``side_by_side``.
     """
     path = Path(path)
     if prepared is None:
@@ -149,38 +198,49 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     tr = traces.open_trace(path)
     validator = None if checked else traces.Validator(tr)
     t0 = time.perf_counter()
+    columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc", "ip") if c in tr.columns]
+    seen = rerun = None
+
+    def feed(i: int, b: traces.Batch) -> bool:
+        r = reps[i]
+        r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start, ip=b.ip)
+        return r.done  # the guest crashed: nothing more to replay
+
+    def settle() -> bool:
+        nonlocal seen, rerun
+        if validator is not None:
+            full = validator.result()
+            seen = full.vcpus  # the vCPUs rows name; replayers have a slot for every candidate
+            if full.max_gfn != stats.max_gfn or not np.isin(seen, stats.vcpus).all():
+                rerun = full
+                return False
+        return True
+
+    def finish(i: int):
+        p = policies[i]
+        res = reps[i].finish(vcpus=seen)
+        costs = effective_costs(p.costs, profile, cost_overrides)
+        return res, costs, cell_tables(tr.name, p, res, costs)
+
+    def advance(b: traces.Batch) -> None:
+        progress(len(b.gfn) * len(reps))
+
     try:
         reps = [Replayer(p, facts, stats.vcpus, stats.rows, window=window) for p in policies]
-        columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc", "ip") if c in tr.columns]
-        # Decode (and check) the next row group while the kernel (nogil) replays this one.
-        for b in prefetch(tr.batches(batch_rows=batch_rows, columns=tuple(columns), validator=validator)):
-            live = [r for r in reps if not r.done]
-            if not live and validator is None:
-                break  # every policy crashed the guest; the rest still gets checked otherwise
-            for r in live:
-                r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start, ip=b.ip)
-            if progress is not None:
-                progress(len(b.gfn) * len(reps))
+        batches = tr.batches(batch_rows=batch_rows, columns=tuple(columns), validator=validator)
+        done = side_by_side(batches, len(reps), feed, finish, threads, read_all=validator is not None,
+                            settle=settle, on_item=None if progress is None else advance, cpu=cpu)
     except (ReplayRuntimeError, PolicyError) as exc:
         # The engine knows the row and the policy; the user also needs the trace file.
         raise type(exc)(f"{path}: {exc}") from None
-    seen = None
-    if validator is not None:
-        full = validator.result()
-        seen = full.vcpus  # the vCPUs rows name; replayers have a slot for every candidate
-        if full.max_gfn != stats.max_gfn or not np.isin(seen, stats.vcpus).all():
-            # column statistics disagreed with the values: replay again from the facts the
-            # checks gathered (progress has counted these rows once already)
-            return replay_trace(path, policies, cost_overrides, profile, window, batch_rows,
-                                (full, _facts(tr, full), True), None)
+    if done is None:
+        # column statistics disagreed with the values: replay again from the facts the
+        # checks gathered (progress has counted these rows once already)
+        return replay_trace(path, policies, cost_overrides, profile, window, batch_rows,
+                            (rerun, _facts(tr, rerun), True), None, threads, cpu)
     elapsed = time.perf_counter() - t0
-    out = []
-    for p, r in zip(policies, reps, strict=True):
-        res = r.finish(vcpus=seen)
-        costs = effective_costs(p.costs, profile, cost_overrides)
-        out.append(CellOutput(tr.name, p.name, cell_tables(tr.name, p, res, costs), elapsed / len(reps),
-                              res.total["records"], res.warnings, costs))
-    return out
+    return [CellOutput(tr.name, p.name, tables, elapsed / len(reps), res.total["records"], res.warnings, costs)
+            for p, (res, costs, tables) in zip(policies, done, strict=True)]
 
 
 def _validate_unit(args):
@@ -193,39 +253,71 @@ def _replay_unit(args):
 
 
 # --------------------------------------------------------------------------- cell store
+CELL_FORMAT = 1  # cell.json layout; a stored cell of another format is computed again
+
+
 def cell_key(trace_sha: str, policy: Policy, costs: dict, window) -> str:
-    """What a cell's numbers depend on: trace bytes, policy text, costs, window, version."""
-    blob = json.dumps([__version__, trace_sha, policy.text, policy.source, costs, window],
-                      sort_keys=True, default=str)
+    """What a cell's numbers depend on: trace bytes, policy text, costs, window, and the
+    code (version and source: a stored cell of other code may differ in numbers or columns)."""
+    blob = json.dumps([__version__, _code_digest(), trace_sha, policy.text, policy.source,
+                       costs, window], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _cell_dir(out: Path, trace: str, policy: str) -> Path:
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{trace}__{policy}")
-    return out / CELLS / safe
+@functools.cache
+def _code_digest() -> str:
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
-def store_cell(out: Path, cell: CellOutput, key: str) -> Path:
-    """Write one cell's tables atomically (a temporary folder renamed into place); returns
-    the cell's folder."""
-    final = _cell_dir(out, cell.trace, cell.policy)
-    final.parent.mkdir(parents=True, exist_ok=True)
+def _cell_ident(trace: str, policy: str) -> str:
+    return hashlib.sha256(json.dumps([trace, policy]).encode()).hexdigest()[:16]
+
+
+def _cell_dir(out: Path, trace: str, policy: str, key: str) -> Path:
+    """``DIR/.cells/<readable>-<hash of the names>-<key>``.
+
+    The readable part is for people only (ASCII letters, digits, ``-`` and ``_``, at most 80
+    characters, never a leading dot); the hash of the exact (trace, policy) names keeps
+    ``run 1`` and ``run_1`` apart, and the whole name stays far below the 255-byte limit
+    whatever the names' length.
+    """
+    readable = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_") else "_"
+                       for ch in f"{trace}__{policy}")[:80]
+    return out / CELLS / f"{readable}-{_cell_ident(trace, policy)}-{key}"
+
+
+def store_cell(out: Path, cell: CellOutput, key: str) -> tuple[Path, Path | None]:
+    """Write one cell's tables atomically (a temporary folder renamed into place).
+
+    Returns the cell's folder and, when a cell of the same key was there (computed again
+    without --resume), where that one was moved aside: the run deletes it when it succeeds
+    and puts it back when it fails."""
+    final = _cell_dir(out, cell.trace, cell.policy, key)
     tmp = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
         for name, df in cell.tables.items():
-            df.write_parquet(tmp / f"{name}.parquet")
-        meta = {"key": key, "trace": cell.trace, "policy": cell.policy, "records": cell.records,
-                "seconds": cell.seconds, "warnings": cell.warnings, "costs": cell.costs}
-        (tmp / "cell.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+            write_table(df, tmp / f"{name}.parquet", shown=final / f"{name}.parquet")
+        meta = {"format": CELL_FORMAT, "key": key, "trace": cell.trace, "policy": cell.policy,
+                "records": cell.records, "seconds": cell.seconds, "warnings": cell.warnings,
+                "costs": cell.costs,
+                "files": {f"{name}.parquet": sha256(tmp / f"{name}.parquet") for name in TABLES}}
+        data = json.dumps(meta, indent=1).encode()
+        write_checked(tmp / "cell.json", lambda p: p.write_bytes(data), shown=final / "cell.json")
+        old = None
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            old = Path(tempfile.mkdtemp(prefix=".old-", dir=final.parent)) / "cell"
+            os.rename(final, old)
+        os.rename(tmp, final)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
+    return final, old
 
 
 def clear_stale_temporaries(out: Path) -> None:
@@ -237,50 +329,222 @@ def clear_stale_temporaries(out: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load_cell(out: Path, trace: str, policy: str, key: str) -> CellOutput | None:
-    """A stored cell with this key, or None (absent, stale or unreadable)."""
-    d = _cell_dir(out, trace, policy)
+_CELL_NAME = re.compile(r"[A-Za-z0-9_-]*-([0-9a-f]{16})-[0-9a-f]{24}")
+
+
+def prune_cells(out: Path, current: dict[tuple[str, str], str]) -> None:
+    """Remove stored cells that can never be resumed again: those of this run's (trace,
+    policy) pairs with another key, and folders not named as cells are (older versions)."""
+    cells = out / CELLS
+    keep = {_cell_dir(out, t, p, k).name for (t, p), k in current.items()}
+    idents = {_cell_ident(t, p) for t, p in current}
+    for d in cells.iterdir() if cells.is_dir() else ():
+        m = _CELL_NAME.fullmatch(d.name)
+        if d.name not in keep and (m is None or m.group(1) in idents):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _BadCell(Exception):
+    pass
+
+
+def _number(v, what: str, integer: bool = False):
+    ok = not isinstance(v, bool) and isinstance(v, int if integer else (int, float))
+    if not ok or not math.isfinite(v) or v < 0:
+        raise _BadCell(f"{what} is {v!r}, expected a {'whole ' if integer else ''}number >= 0")
+    return v
+
+
+def load_cell(out: Path, trace: str, policy: str, key: str, warn=None) -> CellOutput | None:
+    """A stored cell with this key, or None (absent, or unusable: ``warn`` says why)."""
+    d = _cell_dir(out, trace, policy, key)
+    if not d.is_dir():
+        return None
     try:
         meta = json.loads((d / "cell.json").read_text(encoding="utf-8"))
-        if meta.get("key") != key:
-            return None
-        tables = {name: pl.read_parquet(d / f"{name}.parquet") for name in TABLES}
-    except (OSError, ValueError, pl.exceptions.PolarsError):
+        if not isinstance(meta, dict):
+            raise _BadCell("cell.json is not a JSON object")
+        if meta.get("format") != CELL_FORMAT:
+            raise _BadCell(f"format {meta.get('format')!r}, expected {CELL_FORMAT}")
+        for field, want in (("key", key), ("trace", trace), ("policy", policy)):
+            if meta.get(field) != want:
+                raise _BadCell(f"{field} is {meta.get(field)!r}, expected {want!r}")
+        records = _number(meta.get("records"), "records", integer=True)
+        seconds = _number(meta.get("seconds"), "seconds")
+        warnings, costs, files = meta.get("warnings"), meta.get("costs"), meta.get("files")
+        if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+            raise _BadCell("warnings is not a list of strings")
+        if not isinstance(costs, dict):
+            raise _BadCell("costs is not an object")
+        for k, v in costs.items():
+            _number(v, f"cost {k}")
+        if not isinstance(files, dict):
+            raise _BadCell("files is not an object")
+        tables = {}
+        for name in TABLES:
+            path = d / f"{name}.parquet"
+            if files.get(path.name) != sha256(path):
+                raise _BadCell(f"{path.name} is not the file cell.json was written with")
+            tables[name] = pl.read_parquet(path)
+    except (_BadCell, OSError, ValueError, RecursionError, pl.exceptions.PolarsError) as exc:
+        if warn is not None:
+            warn(f"{d}: stored cell not usable ({_first_line(exc)}); computing it again")
         return None
-    return CellOutput(trace, policy, tables, meta["seconds"], meta["records"], meta["warnings"], meta["costs"])
+    return CellOutput(trace, policy, tables, seconds, records, warnings, costs)
 
 
 # --------------------------------------------------------------------------- executors
+# Each executor has ``keep`` (results in order: here, or on a cluster handles to results that
+# stay there, passed on to later work), ``submit_all`` (results here, in completion order)
+# and ``close(abort)`` (abort: stop running work now).
 class _Local:
-    """Runs functions in this process, with the executor interface the run uses."""
+    """Runs functions in this process."""
 
-    def map(self, fn, items):
+    def keep(self, fn, items):
         return [fn(i) for i in items]
 
     def submit_all(self, fn, items):
         for i, item in enumerate(items):
             yield i, fn(item)
 
-    def close(self):
+    def close(self, abort=False):
         pass
 
 
+def _worker_main(conn, parent: int) -> None:
+    """A worker process: run ``(fn, item)`` tasks from ``conn`` and send back
+    ``(True, result)`` or ``(False, exception, traceback text)`` until told to stop.
+
+    Ctrl-C is the main process's to handle (a terminal sends it to the whole process group;
+    the worker also starts with SIGINT ignored, see _Processes._start), and a thread exits
+    the worker when its parent is gone (killed, perhaps by the OOM killer) instead of
+    letting it run on as an orphan.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        fn, item = task
+        try:
+            reply = (True, fn(item))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main process
+            reply = (False, exc, traceback.format_exc())
+        try:
+            conn.send(reply)
+        except Exception as exc:  # noqa: BLE001 - e.g. an exception that cannot be pickled
+            conn.send((False, RuntimeError(f"{type(exc).__name__}: {exc}"), traceback.format_exc()))
+
+
+def _watch_parent(parent: int, every: float = 0.2) -> None:
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
+
+
 class _Processes:
+    """Units in up to ``jobs`` spawned worker processes, one unit at a time each.
+
+    A small pool of its own rather than ProcessPoolExecutor: that one's result thread can
+    hang for good on a worker killed while sending its result (so Ctrl-C could not finish),
+    and it says only BrokenProcessPool when a worker dies. Here each worker has its own
+    pipe, a dead worker is seen by its sentinel (WorkerLost, with how it died), and
+    ``close(abort=True)`` kills the workers without waiting for anything.
+    """
+
     def __init__(self, jobs: int):
         # spawn, not fork: a forked child inherits polars' and pyarrow's thread pools in
         # whatever state they were and can deadlock. Workers load kernels from Numba's cache.
-        self.ex = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+        self.ctx = multiprocessing.get_context("spawn")
+        self.jobs = jobs
+        self.idle: list = []  # (process, connection)
+        self.all: list = []
 
-    def map(self, fn, items):
-        return list(self.ex.map(fn, items))
+    def _start(self):
+        conn, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker_main, args=(child, os.getpid()), daemon=True)
+        # SIGINT ignored across the exec, so a Ctrl-C while the worker starts up cannot print
+        # its traceback (Python keeps an inherited SIG_IGN); _worker_main keeps it ignored.
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            proc.start()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, old)
+        child.close()
+        self.all.append((proc, conn))
+        return proc, conn
 
     def submit_all(self, fn, items):
-        futs = {self.ex.submit(fn, item): i for i, item in enumerate(items)}
-        for f in as_completed(futs):
-            yield futs[f], f.result()
+        queue = list(enumerate(items))[::-1]
+        while len(self.all) < min(self.jobs, len(queue)):
+            self.idle.append(self._start())
+        busy: dict = {}  # connection -> (item index, process)
+        while queue or busy:
+            while queue and self.idle:
+                proc, conn = self.idle.pop()
+                i, item = queue.pop()
+                try:
+                    conn.send((fn, item))
+                except OSError:  # it died while idle
+                    self._lost(proc)
+                busy[conn] = (i, proc)
+            ready = mp_wait([*busy, *(p.sentinel for _, p in busy.values())])
+            for conn in [r for r in ready if r in busy]:
+                i, proc = busy.pop(conn)
+                try:
+                    reply = conn.recv()
+                except (EOFError, OSError):
+                    self._lost(proc)
+                self.idle.append((proc, conn))
+                if not reply[0]:
+                    exc = reply[1]
+                    if not isinstance(exc, ReplayError):
+                        exc.add_note(f"in a worker process:\n{reply[2]}")
+                    raise exc
+                yield i, reply[1]
+            for proc in [p for _, p in busy.values() if p.sentinel in ready]:
+                self._lost(proc)
 
-    def close(self):
-        self.ex.shutdown(cancel_futures=True)
+    def _lost(self, proc):
+        proc.join(1)
+        code = proc.exitcode
+        if code is not None and code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exit code {code}"
+        raise WorkerLost(f"a worker process died ({how}), often for lack of memory")
+
+    def keep(self, fn, items):
+        return [r for _, r in sorted(self.submit_all(fn, items), key=lambda x: x[0])]
+
+    def close(self, abort=False):
+        for proc, conn in self.all:
+            if abort:
+                proc.kill()  # running units would otherwise finish first
+            else:
+                with contextlib.suppress(OSError):
+                    conn.send(None)
+        for proc, conn in self.all:
+            proc.join(None if abort else 10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            conn.close()
+        self.all, self.idle = [], []
 
 
 class _Dask:
@@ -296,8 +560,29 @@ class _Dask:
         except (OSError, TimeoutError, ValueError) as exc:
             raise ReplayError(f"--scheduler {address}: cannot connect ({exc})") from None
 
-    def map(self, fn, items):
-        return self.client.gather(self.client.map(fn, items, pure=False))
+    def _result(self, fut):
+        from distributed import KilledWorker
+
+        try:
+            return fut.result()
+        except KilledWorker as exc:
+            reason = _first_line(exc).split(". ")[0]
+            raise WorkerLost(f"a Dask worker died, often for lack of memory ({reason})") from None
+
+    def keep(self, fn, items):
+        """Results stay on the workers (futures); errors are raised here, before any work.
+
+        A trace's prepared facts can hold page counts as large as the trace's gfn range;
+        the units of that trace take the future, so each worker fetches them once instead
+        of the client sending them with every policy's unit."""
+        from distributed import wait
+
+        futs = self.client.map(fn, items, pure=False)
+        wait(futs)
+        for f in futs:
+            if f.status != "finished":
+                self._result(f)  # raises the worker's error
+        return futs
 
     def submit_all(self, fn, items):
         from distributed import as_completed as dask_completed
@@ -305,9 +590,9 @@ class _Dask:
         futs = self.client.map(fn, items, pure=False)
         index = {f.key: i for i, f in enumerate(futs)}
         for f in dask_completed(futs):
-            yield index[f.key], f.result()
+            yield index[f.key], self._result(f)
 
-    def close(self):
+    def close(self, abort=False):
         self.client.close()
 
 
@@ -324,15 +609,35 @@ def _split(items: list, parts: int) -> list[list]:
     return [items[i::parts] for i in range(parts)]
 
 
+def plan_workers(traces: int, jobs: int, explicit_jobs: bool, threads: int | None,
+                 cores: int) -> tuple[int, int]:
+    """(policy groups per trace, threads per group) for ``traces`` traces with work to do.
+
+    Processes take whole traces, and threads share a trace's policies on one decode: by
+    default ``jobs`` is the number of cores but no more than the traces, and ``threads``
+    the cores left to each process, so ``replay BIG -p a -p b`` runs one process with two
+    threads on two cores, and ``replay corpus/ -p a`` two processes of one thread. Only an
+    explicit ``--jobs`` larger than the number of traces splits a trace's policies over
+    processes (each decoding the trace), as before threads existed.
+    """
+    groups = max(1, jobs // max(1, traces)) if explicit_jobs else 1
+    if threads is None:
+        busy = max(1, min(jobs, traces * groups))
+        threads = max(1, cores // busy)
+    return groups, threads
+
+
 # --------------------------------------------------------------------------- run
 def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=None, window=None,
            jobs=None, scheduler=None, resume=False, html=True, command=None, batch_rows=None,
-           progress=None) -> dict:
+           progress=None, warn=None, threads=None) -> dict:
     """Run every trace x policy and write SPEC §10's outputs into ``out_dir``.
 
     Policies and trace schemas are checked before any work, and every trace value before
-    the first output file exists; every file is written atomically. ``progress`` is an
-    optional object with ``start(total_rows)``, ``advance(rows)`` and ``done()``.
+    the first output file exists; the output files are replaced as one set (``outdir``).
+    ``progress`` is an optional object with ``start(total_rows)``, ``advance(rows)`` and
+    ``done()``; ``warn(message)`` is told about stored cells that cannot be resumed.
+    ``jobs`` and ``threads`` combine as ``plan_workers`` says.
     """
     paths = expand_trace_args(trace_args)
     policies = load_policies(policy_refs)
@@ -352,90 +657,140 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
     overrides = cost_overrides or {}
     for p in policies:
         effective_costs(p.costs, profile, overrides)  # a bad profile fails here, not in a worker
-    jobs = jobs or os.cpu_count() or 1
+    cores = os.cpu_count() or 1
+    explicit_jobs = jobs is not None
+    jobs = jobs or min(cores, len(paths))
     t0 = time.perf_counter()
     need_counts = any(needs_page_counts(p) for p in policies)
     shas = [sha256(p) for p in paths]
+    keys = {(trace_name(path), pol.name): cell_key(sha, pol, effective_costs(pol.costs, profile, overrides), window)
+            for path, sha in zip(paths, shas, strict=True) for pol in policies}
 
-    created = not out.exists()
-    clear_stale_temporaries(out)
-    ex = _executor(jobs, len(paths) * len(policies), scheduler)
+    # The folder is locked for the run. Bad input or a failed write puts it back as it was;
+    # an interruption or a lost worker keeps the finished cells for --resume.
     stored: list[Path] = []  # cell folders this run wrote
-    try:
-        prepared = ex.map(_validate_unit, [(p, need_counts) for p in paths])
-        # Which cells still need computing (all of them unless resuming).
-        keys = {}
-        done: dict[tuple[str, str], CellOutput] = {}
-        todo: dict[int, list[Policy]] = {}
-        for ti, (path, sha) in enumerate(zip(paths, shas, strict=True)):
-            for pol in policies:
-                costs = effective_costs(pol.costs, profile, overrides)
-                key = cell_key(sha, pol, costs, window)
-                keys[(trace_name(path), pol.name)] = key
-                cached = load_cell(out, trace_name(path), pol.name, key) if resume else None
-                if cached is not None:
-                    done[(cached.trace, cached.policy)] = cached
-                else:
-                    todo.setdefault(ti, []).append(pol)
-        groups_per_trace = max(1, jobs // max(1, len(todo))) if not scheduler else len(policies)
-        # In this process the unit reports every batch; elsewhere each finished unit does.
-        inline = progress.advance if progress is not None and isinstance(ex, _Local) else None
-        units = [(paths[ti], group, overrides, profile, window, batch_rows, prepared[ti], inline)
-                 for ti, pols in todo.items() for group in _split(pols, groups_per_trace)]
-        if progress is not None:
-            progress.start(sum(opened[ti].rows * len(pols) for ti, pols in todo.items()))
-        if units:
-            out.mkdir(parents=True, exist_ok=True)
-        for i, cells in ex.submit_all(_replay_unit, units):
-            for cell in cells:
-                stored.append(store_cell(out, cell, keys[(cell.trace, cell.policy)]))
-                done[(cell.trace, cell.policy)] = cell
-            if progress is not None and inline is None:
-                progress.advance(int(units[i][6][0].rows) * len(units[i][1]))
-    except BaseException as exc:
-        # Finished cells stay in DIR/.cells for --resume after an interruption or a failed
-        # cell. A bad trace is bad input: values are checked as each trace is replayed, so
-        # cells of other traces may be done already; they go, as if every trace had been
-        # checked first. A folder this run made and left empty goes too.
-        if isinstance(exc, TraceError):
-            for d in stored:
-                shutil.rmtree(d, ignore_errors=True)
-            if created and (out / CELLS).is_dir() and not any((out / CELLS).iterdir()):
-                (out / CELLS).rmdir()
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
-    finally:
-        ex.close()
-        if progress is not None:
-            progress.done()
+    with OutputFolder(out, keep_on=(KeyboardInterrupt, Interrupted, WorkerLost)) as folder:
+        try:
+            clear_stale_temporaries(out)
+            done, units, unit_trace, threads = _replay_cells(
+                folder, paths, policies, opened, keys, stored, overrides=overrides, profile=profile,
+                window=window, jobs=jobs, scheduler=scheduler, resume=resume, batch_rows=batch_rows,
+                need_counts=need_counts, progress=progress, warn=warn, explicit_jobs=explicit_jobs,
+                threads=threads, cores=cores)
+            cells = [done[(trace_name(p), pol.name)] for p in paths for pol in policies]
+            elapsed = time.perf_counter() - t0
+            fresh = sum(len(u[1]) for u in units)
+            records = sum(opened[ti].rows * len(u[1]) for ti, u in zip(unit_trace, units, strict=True))
+            manifest = {
+                "tool": "altp2m-replay",
+                "version": __version__,
+                "command": command or " ".join(sys.argv),
+                "inputs": [{"trace": trace_name(p), "path": str(p), "bytes": p.stat().st_size,
+                            "sha256": sha, "rows": tr.rows}
+                           for p, sha, tr in zip(paths, shas, opened, strict=True)],
+                "policies": [{"name": p.name, "source": p.source, "description": p.description,
+                              "text": p.text} for p in policies],
+                "cells": [{"trace": c.trace, "policy": c.policy, "records": c.records,
+                           "seconds": round(c.seconds, 6), "costs": c.costs, "warnings": c.warnings}
+                          for c in cells],
+                "timings": {"seconds": round(elapsed, 6),
+                            "records_per_second": round(records / elapsed) if elapsed > 0 else None,
+                            "jobs": jobs, "threads": threads, "scheduler": scheduler,
+                            "resumed_cells": len(cells) - fresh},
+            }
 
-    cells = [done[(trace_name(p), pol.name)] for p in paths for pol in policies]
-    elapsed = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    for name in TABLES:
-        atomic_write_parquet(pl.concat([c.tables[name] for c in cells], how="vertical"), out / f"{name}.parquet")
-    fresh = sum(len(u[1]) for u in units)
-    records = sum(opened[paths.index(u[0])].rows * len(u[1]) for u in units)
-    manifest = {
-        "tool": "altp2m-replay",
-        "version": __version__,
-        "command": command or " ".join(sys.argv),
-        "inputs": [{"trace": trace_name(p), "path": str(p), "bytes": p.stat().st_size, "sha256": sha,
-                    "rows": tr.rows} for p, sha, tr in zip(paths, shas, opened, strict=True)],
-        "policies": [{"name": p.name, "source": p.source, "description": p.description,
-                      "text": p.text} for p in policies],
-        "cells": [{"trace": c.trace, "policy": c.policy, "records": c.records,
-                   "seconds": round(c.seconds, 6), "costs": c.costs, "warnings": c.warnings}
-                  for c in cells],
-        "timings": {"seconds": round(elapsed, 6),
-                    "records_per_second": round(records / elapsed) if elapsed > 0 else None,
-                    "jobs": jobs, "scheduler": scheduler, "resumed_cells": len(cells) - fresh},
-    }
-    atomic_write_json(manifest, out / "manifest.json")
-    if html:
-        from altp2m_replay.report import write_report
+            def write_set(staging: Path) -> None:
+                for name in TABLES:
+                    try:
+                        df = pl.concat([c.tables[name] for c in cells], how="vertical")
+                    except pl.exceptions.PolarsError as exc:  # a stored cell edited by hand
+                        raise OutputError(f"{out / CELLS}: the {name} tables of the stored cells "
+                                          f"do not fit together ({_first_line(exc)}); run "
+                                          f"without --resume") from None
+                    write_table(df, staging / f"{name}.parquet", shown=out / f"{name}.parquet")
+                manifest["files"] = table_digests(staging)  # what belongs together (outdir)
+                text = (json.dumps(manifest, indent=2) + "\n").encode()
+                write_checked(staging / "manifest.json", lambda p: p.write_bytes(text),
+                              shown=out / "manifest.json")
+                if html:
+                    from altp2m_replay.report.html import render_html
 
-        write_report(out)
+                    page = render_html(staging).encode("utf-8")
+                    write_checked(staging / "report.html", lambda p: p.write_bytes(page),
+                                  shown=out / "report.html")
+
+            publish(out, write_set)
+            prune_cells(out, keys)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; {_kept(out, stored)}") from None
+        except WorkerLost as exc:
+            raise WorkerLost(f"{exc}; {_kept(out, stored)}") from None
     return manifest
 
+
+def _kept(out: Path, stored: list[Path]) -> str:
+    if not stored:
+        return f"no cell had finished: {out} is as it was"
+    n = len(stored)
+    return (f"{n} finished cell{'s' if n != 1 else ''} kept in {out / CELLS}: run again with "
+            f"--resume to go on from there")
+
+
+def _replay_cells(folder: OutputFolder, paths, policies, opened, keys, stored, *, overrides,
+                  profile, window, jobs, scheduler, resume, batch_rows, need_counts, progress,
+                  warn, explicit_jobs, threads, cores):
+    """Check every trace, reuse stored cells (``resume``), replay the rest and store each
+    finished cell at once. Returns (cells by (trace, policy), units run, each unit's trace,
+    threads per unit)."""
+    out = folder.path
+    ex = _executor(jobs, len(paths) * len(policies), scheduler)
+    finished = False
+    try:
+        prepared = ex.keep(_validate_unit, [(p, need_counts) for p in paths])
+        if not scheduler:  # Dask keeps the facts on the cluster; its workers have their own budget
+            prepared = budget.check_run(paths, policies, prepared, window)  # before any cell runs
+        # Which cells still need computing (all of them unless resuming).
+        done: dict[tuple[str, str], CellOutput] = {}
+        todo: dict[int, list[Policy]] = {}
+        for ti, path in enumerate(paths):
+            for pol in policies:
+                name = (trace_name(path), pol.name)
+                cached = load_cell(out, *name, keys[name], warn) if resume else None
+                if cached is not None:
+                    done[name] = cached
+                else:
+                    todo.setdefault(ti, []).append(pol)
+        groups_per_trace, threads = plan_workers(len(todo), jobs, explicit_jobs, threads, cores)
+        if scheduler:
+            groups_per_trace, threads = len(policies), 1
+        # In this process the unit reports every batch; elsewhere each finished unit does.
+        inline = progress.advance if progress is not None and isinstance(ex, _Local) else None
+        units, unit_trace = [], []
+        for ti, pols in todo.items():
+            for group in _split(pols, groups_per_trace):
+                units.append((paths[ti], group, overrides, profile, window, batch_rows, prepared[ti], inline,
+                              threads))
+                unit_trace.append(ti)
+        if progress is not None:
+            progress.start(sum(opened[ti].rows * len(pols) for ti, pols in todo.items()))
+        cells_dir = out / CELLS
+        if units and not cells_dir.is_dir():
+            cells_dir.mkdir()
+            folder.added.append(cells_dir)
+        for i, cells in ex.submit_all(_replay_unit, units):
+            for cell in cells:
+                d, old = store_cell(out, cell, keys[(cell.trace, cell.policy)])
+                stored.append(d)
+                if old is None:
+                    folder.added.append(d)
+                else:
+                    folder.replaced.append((old, d))
+                done[(cell.trace, cell.policy)] = cell
+            if progress is not None and inline is None:
+                progress.advance(opened[unit_trace[i]].rows * len(units[i][1]))
+        finished = True
+    finally:
+        ex.close(abort=not finished)
+        if progress is not None:
+            progress.done()
+    return done, units, unit_trace, threads

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numba import njit
 
-from altp2m_replay.errors import TraceError
+from altp2m_replay import budget
+from altp2m_replay.errors import TraceError, escape
 
 META_KEY = "altp2m_replay"
 FORMAT_VERSION = 1
@@ -129,6 +130,8 @@ def _read_meta(path, kv: dict | None) -> TraceMeta:
         # json.JSONDecodeError is a ValueError too.
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise TraceError(f'{path}: metadata key "{META_KEY}": {msg}') from None
+    except RecursionError:
+        raise TraceError(f'{path}: metadata key "{META_KEY}": arrays or objects nested too deeply') from None
 
 
 # --------------------------------------------------------------------------- open
@@ -297,6 +300,8 @@ def open_trace(path) -> Trace:
         raise TraceError(f"{path}: no such file")
     if p.is_dir():
         raise TraceError(f"{path}: is a directory, expected a Parquet trace file")
+    if not p.is_file():  # a FIFO or a device would block or never end
+        raise TraceError(f"{path}: not a regular file, expected a Parquet trace file")
     try:
         with pq.ParquetFile(p) as pf:
             schema = pf.schema_arrow
@@ -346,7 +351,8 @@ class TraceStats:
 class _CountMerger:
     """Sums (key, count) pairs streamed in batches; memory ~ distinct keys, not rows."""
 
-    def __init__(self):
+    def __init__(self, label: str = "trace"):
+        self.label = label
         self.keys = np.empty(0, np.uint64)
         self.counts = np.empty(0, np.int64)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
@@ -363,6 +369,9 @@ class _CountMerger:
     def _merge(self) -> None:
         if not self._pending:
             return
+        n = len(self.keys) + sum(len(k) for k, _ in self._pending)
+        # concatenated keys and counts, the sort order and the sorted copies: 40 bytes a key
+        budget.ensure(40 * n, f"{self.label}: counting rows per page ({n:,} gfn counts)")
         keys = np.concatenate([self.keys] + [k for k, _ in self._pending])
         counts = np.concatenate([self.counts] + [c for _, c in self._pending])
         self._pending, self._pending_len = [], 0
@@ -424,10 +433,11 @@ def _proven_clean(col: str, stat) -> tuple[int, int] | None:
     return mn, mx
 
 
-# Always read: access (access mix), vcpu (vCPU set, tsc order), tsc (order check), and the
-# address column: gfns index the engine's tables, so their range is taken from the values,
-# never from statistics a writer may have got wrong.
-_ALWAYS_READ = ("gpa", "gfn", "access", "vcpu", "tsc")
+# Always read: access (access mix), vcpu (vCPU set, tsc order), tsc (order check), the
+# address column (gfns index the engine's tables, so their range is taken from the values,
+# never from statistics a writer may have got wrong), and insn and ip: replay reads them and
+# checks what it reads, so validate must not take a footer's word for them either.
+_ALWAYS_READ = ("gpa", "gfn", "access", "vcpu", "tsc", "insn", "ip")
 _NO_VCPU = np.zeros(1, dtype=np.uint16)  # stands in for a missing vcpu column (_tsc_order)
 
 
@@ -519,7 +529,7 @@ class Validator:
         self.last_row = np.full(VCPU_LIMIT, -1, dtype=np.int64)
         self.gfn_lo: list[int] = []
         self.gfn_hi: list[int] = []
-        self.mergers = ({k: _CountMerger() for k in ("read", "written", "executed", "touched")}
+        self.mergers = ({k: _CountMerger(self.label) for k in ("read", "written", "executed", "touched")}
                         if page_counts else None)
         self.shift = 12 if self.addr == "gpa" else 0
 
@@ -689,6 +699,8 @@ def info_text(path) -> str:
     for name, ranges in m.gfn_sets.items():
         rows.append((f"  set {name}", f"{_pages(ranges):,} pages in {len(ranges):,} "
                                       f"range{'s' if len(ranges) != 1 else ''} ({_fmt_ranges(ranges, 3)})"))
+    # names and text come from the file: show control characters escaped, never act on them
+    rows = [(escape(k), escape(v)) for k, v in rows]
     width = max(len(k) for k, _ in rows) + 2
     lines = [f"{k + ':':<{width}}{v}".rstrip() for k, v in rows]
     return "\n".join(lines)

@@ -55,7 +55,7 @@ def _value(x) -> str:
 def to_toml(doc: dict) -> str:
     """Serialise the policy shapes used here: scalars, tables, arrays of tables."""
     lines = [f"{k} = {_value(v)}" for k, v in doc.items() if not isinstance(v, (dict, list))]
-    for key in ("domain", "on_ve"):
+    for key in ("domain", "on_ve", "breakpoints", "on_breakpoint", "on_cr3"):
         if key in doc:
             lines += ["", f"[{key}]"] + [f"{k} = {_value(v)}" for k, v in doc[key].items()]
     for key in ("view", "setup", "on_violation"):
@@ -125,6 +125,8 @@ def domains(draw) -> dict:
     if one_in(draw, 6):
         d["altp2m"] = False
     order = draw(st.sampled_from([0, 9, 18]))
+    if one_in(draw, 4):
+        d["origin"] = draw(st.sampled_from(["create", "restore"]))
     if order != 9 or draw(st.booleans()):
         d["host_order"] = order
     if one_in(draw, 3):
@@ -136,8 +138,10 @@ def domains(draw) -> dict:
     # Before 4.19 lazy copies take the host's access, which leaves views' default_access
     # unused: keep the newer versions most common so views do restrict.
     d["xen"] = draw(st.sampled_from(XENS + XENS[2:] * 2))
-    if order == 0 or not one_in(draw, 3):
-        pool = RAM_SMALL if order == 0 else RAM_SMALL + RAM_LARGE
+    # a restored domain without host_order has 4 KiB host pages before 4.21: keep RAM small
+    small = order == 0 or (d.get("origin") == "restore" and "host_order" not in d)
+    if small or not one_in(draw, 3):
+        pool = RAM_SMALL if small else RAM_SMALL + RAM_LARGE
         d["ram"] = [list(r) for r in draw(st.lists(st.sampled_from(pool), min_size=1, max_size=2))]
     return d
 
@@ -266,12 +270,32 @@ def policy_docs(draw, pool: list[int], domain: dict) -> dict:
         else:
             rules.append(_action(draw, final, view_ref))
     doc["on_violation"] = rules
+    if altp2m and domain.get("monitor", True) and one_in(draw, 3):
+        # INT3 breakpoints (SPEC §4, §6.4): at pool pages, offsets the traces fetch from
+        doc["breakpoints"] = {"at": [hex((g << 12) | draw(st.sampled_from(OFFSETS)))
+                                     for g in draw(st.lists(st.sampled_from(pool), min_size=1, max_size=3))]}
+        for _ in range(draw(st.integers(1, 2))):
+            setup.insert(draw(st.integers(0, len(setup))), {"op": "write_breakpoints", "view": draw(view_ref)})
+        if one_in(draw, 3):
+            doc["on_breakpoint"] = {"action": "emulate"}
+        else:
+            doc["on_breakpoint"] = {"action": "step", "to": draw(view_ref), "fast": draw(st.booleans())}
+    if domain.get("monitor", True) and one_in(draw, 3):
+        cr3: dict = {"sync": not one_in(draw, 4), "onchangeonly": not one_in(draw, 3)}
+        if cr3["sync"] and altp2m:
+            cr3["switch"] = [{"cr3": draw(st.sampled_from(CR3S + ["other"])), "to": draw(view_ref)}
+                             for _ in range(draw(st.integers(0, 2)))]
+        doc["on_cr3"] = cr3
     return doc
+
+
+OFFSETS = [0x10, 0x20]   # byte offsets of fetches and breakpoints in their page
+CR3S = [0x1000, 0x2000, 0x3000]
 
 
 @st.composite
 def traces(draw, pool: list[int], extra=()) -> dict[str, np.ndarray]:
-    """1-200 rows over the pool (and a few other gfns), 1-3 vCPUs, ``insn`` runs of 1-3 rows."""
+    """1-200 rows over the pool (and a few other gfns), 1-3 vCPUs, ``insn`` runs of 1-5 rows."""
     gfn_choice = st.sampled_from(pool)
     if draw(st.booleans()):
         gfn_choice = gfn_choice | region_gfn(extra)
@@ -279,7 +303,7 @@ def traces(draw, pool: list[int], extra=()) -> dict[str, np.ndarray]:
     # Draw the length first: left to itself Hypothesis keeps lists very short.
     n_rows = draw(st.integers(1, 200))
     rows = draw(st.lists(st.tuples(gfn_choice, st.integers(1, 7), st.integers(0, n_vcpus - 1),
-                                   st.integers(1, 3)), min_size=n_rows, max_size=n_rows))
+                                   st.integers(1, 5)), min_size=n_rows, max_size=n_rows))
     arrays = {
         "gfn": np.array([r[0] for r in rows], dtype=np.uint64),
         "access": np.array([r[1] for r in rows], dtype=np.uint8),
@@ -287,7 +311,7 @@ def traces(draw, pool: list[int], extra=()) -> dict[str, np.ndarray]:
     if n_vcpus > 1 or draw(st.booleans()):
         arrays["vcpu"] = np.array([r[2] for r in rows], dtype=np.uint16)
     if draw(st.booleans()):
-        # Consecutive runs of 1-3 rows share an id (per vCPU they form the instructions).
+        # Consecutive runs of 1-5 rows share an id (per vCPU they form the instructions).
         ids, ident, left = [], 100, 0
         for r in rows:
             if left == 0:
@@ -295,6 +319,22 @@ def traces(draw, pool: list[int], extra=()) -> dict[str, np.ndarray]:
             ids.append(ident)
             left -= 1
         arrays["insn"] = np.array(ids, dtype=np.uint64)
+    if one_in(draw, 3):
+        # control rows (SPEC §2): guest VMFUNCs, CR3 writes, host drops and maps
+        n = len(rows)
+        op = np.zeros(n, np.uint8)
+        arg = np.zeros(n, np.uint64)
+        for i in draw(st.lists(st.integers(0, n - 1), max_size=max(1, n // 8))):
+            o = draw(st.integers(1, 4))
+            op[i] = o
+            arg[i] = draw(st.integers(0, 3)) if o == 1 else draw(st.sampled_from(CR3S)) if o == 2 else 0
+        arrays["access"] = np.where(op > 0, 0, arrays["access"]).astype(np.uint8)
+        arrays["op"], arrays["arg"] = op, arg
+    if one_in(draw, 2):
+        # byte addresses: a gpa column, fetches at the breakpoint offsets mostly
+        offs = np.array(draw(st.lists(st.sampled_from(OFFSETS + [0x30]), min_size=len(rows), max_size=len(rows))),
+                        dtype=np.uint64)
+        arrays["gpa"] = (arrays.pop("gfn") << np.uint64(12)) | offs
     return arrays
 
 

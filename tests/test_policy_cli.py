@@ -18,7 +18,7 @@ from altp2m_replay.cli import main
 BUILTINS = (
     "none", "baseline", "memaccess-write", "xen-access-altp2m-write", "xen-access-altp2m-exec",
     "drakvuf-hidden-breakpoints", "drakvuf-hidden-breakpoints-fast", "hvmi-ve-pagetables",
-    "split-rx", "codemon-flip",
+    "split-rx", "split-rx-mtf", "codemon-flip", "drakvuf-syscalls", "smartvmi-breakpoints-emulate",
 )
 
 

@@ -31,6 +31,7 @@ SPEC_COSTS = {
     "lazy_copy": (500, ("lazy_copies",)),
     "vm_event_sync": (90000, ("mem_access_events", "singlestep_events")),
     "monitor_callback": (30000, ("mem_access_events", "singlestep_events")),
+    "ept_sync_ipi": (4000, ("ept_sync_ipis",)),
     "vm_event_async": (5000, ("async_events",)),
     "mtf_exit": (3000, ("mtf_exits",)),
     "view_switch": (200, ("switches_vm_event", "switches_fast_ss")),
@@ -49,9 +50,10 @@ COUNTERS = (
     "singlestep_events", "async_events", "vm_events", "ve_delivered", "ve_blocked",
     "ve_emulations", "mtf_exits", "switches_vm_event", "switches_fast_ss", "switches_vmfunc",
     "view_switches", "emulations", "records_emulated", "access_changes", "superpage_splits",
-    "shatters", "mmio_accesses", "crashed", "crash_record", "setup_splits", "setup_skipped",
+    "shatters", "mmio_accesses", "restarts", "ept_syncs", "ept_sync_ipis", "crashed",
+    "crash_record", "livelocked", "livelock_record", "setup_splits", "setup_skipped",
 )
-NOT_ADDITIVE = ("crashed", "crash_record", "setup_splits", "setup_skipped")
+NOT_ADDITIVE = ("crashed", "crash_record", "livelocked", "livelock_record", "setup_splits", "setup_skipped")
 ADDITIVE = tuple(c for c in COUNTERS if c not in NOT_ADDITIVE)
 CYCLE_COLUMNS = tuple(f"cycles_{k}" for k in SPEC_COSTS) + ("cycles_total",)
 
@@ -677,7 +679,7 @@ def test_an_unmatched_violation_names_the_row(tmp_path):
     assert "partial.parquet" in line  # SPEC §12: the line names the file
 
 
-def test_a_retry_loop_names_the_row(tmp_path):
+def test_a_switch_loop_is_a_livelock_result_naming_the_row(tmp_path):
     trace = write_trace({"gfn": np.array([0x200, 0x300], np.uint64),
                          "access": np.array([1, 2], np.uint8)}, tmp_path / "loop.parquet")
     policy = write_policy(tmp_path / "loop.toml", '''
@@ -700,8 +702,14 @@ def test_a_retry_loop_names_the_row(tmp_path):
         action = "switch"
         to = "a"
         ''')
-    line = replay_error([trace, "-p", policy, "--jobs", 1], tmp_path / "out", "row 1")
-    assert "loop.parquet" in line  # SPEC §12: the line names the file
+    # Row 0 (r 0x200) lazy-copies 2 MiB rx into a and completes. Row 1 (w 0x300) faults in a,
+    # switches to b, lazy-copies there, faults, switches back, ...: after 64 restarts the
+    # instruction never retires. SPEC §5: a livelock is a result (exit 0), not an error.
+    # restarts: 1 (row 0's lazy copy) + 64 (row 1).
+    replay_ok(trace, "-p", policy, "--jobs", 1, "-o", tmp_path / "out", "--no-html")
+    total = tables(tmp_path / "out")["summary"].filter(pl.col("vcpu") == -1).row(0, named=True)
+    assert (total["livelocked"], total["livelock_record"], total["restarts"]) == (1, 1, 65)
+    assert (total["crashed"], total["crash_record"], total["records"]) == (0, -1, 2)
 
 
 # --------------------------------------------------------------------------- entry points

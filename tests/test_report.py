@@ -3,6 +3,7 @@ by a real headless Chromium."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -92,6 +93,7 @@ def test_crashes_and_warnings_are_shown_before_the_results(copy_dir):
     summary.write_parquet(copy_dir / "summary.parquet")
     manifest = json.loads((copy_dir / "manifest.json").read_text())
     manifest["cells"][2]["warnings"] = ["setup: gfn set \"page_tables\" is empty <b>"]
+    manifest["files"]["summary.parquet"] = hashlib.sha256((copy_dir / "summary.parquet").read_bytes()).hexdigest()
     (copy_dir / "manifest.json").write_text(json.dumps(manifest))
     page = render_html(copy_dir)
     alerts = page.index('id="alerts"')
@@ -130,7 +132,9 @@ def test_population_has_one_curve_per_view_per_policy(out_dir):
     final = pop.filter((pl.col("policy") == "baseline") & (pl.col("view") == 0)).sort("window")
     pages = final["pages_mapped"][-1]
     assert re.search(r">\d+ (KiB|MiB|GiB)</text>", svgs[1])
-    assert f"{pages * 4096 / (1 << 20):,.1f} MiB" in page
+    size = pages * 4096  # the legend's unit: the largest binary unit the size reaches
+    div, unit = next((d, u) for d, u in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")) if size >= d)
+    assert f"{size / div:,.1f} {unit}" in page
     assert f"({pages:,} pages)</title>" in svgs[1]
     assert "view 1 · watch" in page
     assert "Lazy copies (cumulative)" not in page and "Lazy copy pages (cumulative)" not in page
@@ -168,6 +172,9 @@ def test_missing_optional_tables_still_render(copy_dir):
 
 
 def test_older_folders_fall_back_to_the_cumulative_lazy_curve(copy_dir):
+    manifest = json.loads((copy_dir / "manifest.json").read_text())
+    del manifest["files"]  # older manifests did not list their files
+    (copy_dir / "manifest.json").write_text(json.dumps(manifest))
     (copy_dir / "population.parquet").unlink()
     (copy_dir / "by_ip.parquet").unlink()
     page = render_html(copy_dir)

@@ -40,16 +40,20 @@ from altp2m_replay.policy import parse_policy
 TOTAL_COUNTERS = (
     "records", "instructions", "ept_exits", "lazy_copies", "lazy_copies_4k", "lazy_copies_2m",
     "lazy_copies_1g", "lazy_copy_pages", "access_violations", "mem_access_events",
-    "singlestep_events", "async_events", "vm_events", "ve_delivered", "ve_blocked",
-    "ve_emulations", "mtf_exits", "switches_vm_event", "switches_fast_ss", "switches_vmfunc",
-    "view_switches", "emulations", "records_emulated", "access_changes", "superpage_splits",
-    "shatters", "mmio_accesses", "crashed", "crash_record", "setup_splits", "setup_skipped",
+    "singlestep_events", "async_events", "breakpoint_events", "cr3_events", "vm_events",
+    "ve_delivered", "ve_blocked", "ve_emulations", "mtf_exits", "switches_vm_event",
+    "switches_fast_ss", "switches_vmfunc", "view_switches", "emulations", "records_emulated",
+    "access_changes", "superpage_splits", "shatters", "mmio_accesses", "restarts", "int3_exits",
+    "control_records", "cr3_writes", "cr3_exits", "guest_vmfuncs", "vmfunc_exits", "host_drops",
+    "host_maps", "view_resets", "ept_syncs", "ept_sync_ipis", "crashed", "crash_record",
+    "livelocked", "livelock_record", "setup_splits", "setup_skipped",
 )
 VIEW_COUNTERS = (
-    "records_completed", "ept_exits", "lazy_copies", "lazy_copy_pages", "access_violations",
-    "ve_delivered", "switches_in", "pages_mapped", "leaves_4k", "leaves_2m", "leaves_1g",
+    "records_completed", "ept_exits", "int3_exits", "lazy_copies", "lazy_copy_pages",
+    "access_violations", "ve_delivered", "switches_in", "resets", "pages_mapped", "leaves_4k",
+    "leaves_2m", "leaves_1g",
 )
-GFN_COUNTERS = ("ept_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
+GFN_COUNTERS = ("ept_exits", "int3_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
 SETUP_ONLY = ("setup_splits", "setup_skipped")
 
 GIB_PAGES = 1 << 18
@@ -158,17 +162,30 @@ def make_trace(*rows: str) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- checks
-def _full(spec: dict, what: str) -> dict:
+def _full(spec: dict, what: str, nvcpus: int = 1) -> dict:
     unknown = set(spec) - set(TOTAL_COUNTERS)
     assert not unknown, f"test bug: unknown counters {unknown} in {what}"
     out = dict.fromkeys(TOTAL_COUNTERS, 0)
     out["crash_record"] = -1
+    out["livelock_record"] = -1
     out.update(spec)
     # The two sums of §7, from the hand-derived parts (unless the test spells them out).
     if "vm_events" not in spec:
-        out["vm_events"] = out["mem_access_events"] + out["singlestep_events"] + out["async_events"]
+        out["vm_events"] = (out["mem_access_events"] + out["singlestep_events"] + out["async_events"]
+                            + out["breakpoint_events"] + out["cr3_events"])
     if "view_switches" not in spec:
         out["view_switches"] = out["switches_vm_event"] + out["switches_fast_ss"] + out["switches_vmfunc"]
+    # §5: every lazy copy, shatter, n2rwx async event, monitor response but emulate (to a
+    # mem_access or breakpoint event) and #VE agent action but emulate ends its attempt in a
+    # restart. Tests with restarts of other causes (rx2rw, no-monitor relax), async CR3
+    # events or a livelock spell `restarts` out.
+    if "restarts" not in spec:
+        out["restarts"] = (out["lazy_copies"] + out["shatters"] + out["async_events"]
+                           + out["mem_access_events"] + out["breakpoint_events"] - out["emulations"]
+                           + out["ve_delivered"] - out["ve_emulations"])
+    # §5: each sync of a vCPU's step interrupts the trace's other vCPUs.
+    if "ept_sync_ipis" not in spec:
+        out["ept_sync_ipis"] = out["ept_syncs"] * (nvcpus - 1)
     return out
 
 
@@ -187,7 +204,8 @@ def check(res: Result, total: dict, *, vcpus: dict | None = None, views: dict, g
     ``vcpus`` defaults to ``{0: total}`` (single-vCPU trace; setup counters are 0 there).
     """
     errors = []
-    exp_total = _full(total, "total")
+    nvcpus = len(vcpus) if vcpus is not None else 1
+    exp_total = _full(total, "total", nvcpus)
     errors += _compare(res.total, exp_total, TOTAL_COUNTERS, "total")
 
     if vcpus is None:
@@ -195,8 +213,8 @@ def check(res: Result, total: dict, *, vcpus: dict | None = None, views: dict, g
     if set(res.vcpus) != set(vcpus):
         errors.append(f"vcpus: engine {sorted(res.vcpus)}, expected {sorted(vcpus)}")
     for vc, spec in vcpus.items():
-        spec = {"crashed": exp_total["crashed"], "crash_record": exp_total["crash_record"], **spec}
-        errors += _compare(res.vcpus.get(vc, {}), _full(spec, f"vcpu {vc}"), TOTAL_COUNTERS, f"vcpu {vc}")
+        spec = {k: exp_total[k] for k in ("crashed", "crash_record", "livelocked", "livelock_record")} | spec
+        errors += _compare(res.vcpus.get(vc, {}), _full(spec, f"vcpu {vc}", nvcpus), TOTAL_COUNTERS, f"vcpu {vc}")
 
     for vw, spec in views.items():
         unknown = set(spec) - set(VIEW_COUNTERS)
@@ -645,10 +663,12 @@ def test_view0_restriction_kept_without_altp2m(sim):
     #      rewrite, already 4K (no split), access_changes 1 -> retry -> done(0).
     # w 5: rwx -> done.   w 6: split piece rwx -> done.
     # No lazy copies: the host is not a view.
+    # Rev 2: the set-access rewrites an entry that permitted r: one EPT sync (ept_syncs 1;
+    # one vCPU, so no IPIs); the retry is one restart.
     check(
         res,
         {"records": 4, "instructions": 4, "ept_exits": 1, "access_violations": 1,
-         "mem_access_events": 1, "access_changes": 1, "setup_splits": 1},
+         "mem_access_events": 1, "access_changes": 1, "ept_syncs": 1, "setup_splits": 1},
         views={0: {"records_completed": 4, "ept_exits": 1, "access_violations": 1,
                    "pages_mapped": 1024, "leaves_4k": 512, "leaves_2m": 1}},
         gfns={(0, 5): {"ept_exits": 1, "viol_w": 1}},
@@ -677,10 +697,11 @@ def test_memaccess_write_without_altp2m_splits_host_at_replay(sim):
     # w 601: 4K rx piece -> viol_w (0,601) -> exit -> event -> set-access (no split),
     #        access_changes 2 -> done.
     # r 5, x 6: 2M leaf [0,511] rx, exec_sp true -> done.
+    # Rev 2: both set-access rewrites replace rx entries: 2 EPT syncs; 2 restarts.
     check(
         res,
         {"records": 5, "instructions": 5, "ept_exits": 2, "access_violations": 2,
-         "mem_access_events": 2, "access_changes": 2, "superpage_splits": 1},
+         "mem_access_events": 2, "access_changes": 2, "superpage_splits": 1, "ept_syncs": 2},
         views={0: {"records_completed": 5, "ept_exits": 2, "access_violations": 2,
                    "pages_mapped": 1024, "leaves_4k": 512, "leaves_2m": 1}},
         gfns={(0, 600): {"ept_exits": 1, "viol_w": 1}, (0, 601): {"ept_exits": 1, "viol_w": 1}},
@@ -826,17 +847,20 @@ def test_set_access_response_in_view0_propagates_at_replay(sim):
     # row3 v1 x 5: v1 still on v; v[5] now rwx -> done(1), no exit.
     # row4 v1 x 6: v[6] still rw -> viol_x (1,6), exit(1) -> event -> switch to 0 (svm,
     #   switches_in[0]) -> view 0: 6 > mm 5 -> hole 0: exit(0), lazy 4K rx -> done(0).
+    # Rev 2 EPT syncs: row2's step rewrites three p2ms whose entries permitted something (the
+    # host's rx, view 0's rx, v's rw): ept_syncs 3, each interrupting the other vCPU
+    # (ept_sync_ipis 3, derived by the helper).
     check(
         res,
         {"records": 5, "instructions": 5, "ept_exits": 6, "lazy_copies": 3, "lazy_copies_4k": 2,
          "lazy_copies_2m": 1, "lazy_copy_pages": 514, "access_violations": 3,
          "mem_access_events": 3, "switches_vm_event": 2, "access_changes": 1,
-         "superpage_splits": 2},
+         "superpage_splits": 2, "ept_syncs": 3},
         vcpus={
             0: {"records": 3, "instructions": 3, "ept_exits": 4, "lazy_copies": 2,
                 "lazy_copies_4k": 1, "lazy_copies_2m": 1, "lazy_copy_pages": 513,
                 "access_violations": 2, "mem_access_events": 2, "switches_vm_event": 1,
-                "access_changes": 1, "superpage_splits": 2},
+                "access_changes": 1, "superpage_splits": 2, "ept_syncs": 3},
             1: {"records": 2, "instructions": 2, "ept_exits": 2, "lazy_copies": 1,
                 "lazy_copies_4k": 1, "lazy_copy_pages": 1, "access_violations": 1,
                 "mem_access_events": 1, "switches_vm_event": 1},
@@ -1242,7 +1266,7 @@ def test_setup_splits_count_513_per_gigabyte(sim):
 
 
 # =========================================================================== RAM (§3)
-def test_default_ram_is_aligned_max_gfn(sim):
+def test_default_ram_is_gib_aligned_max_gfn_less_the_vga_hole(sim):
     res = sim(
         """
         [[setup]]
@@ -1251,20 +1275,28 @@ def test_default_ram_is_aligned_max_gfn(sim):
         gfns = [1024, 1025]
         access = "r"
         """,
-        ["r 600", "r 5"],
+        ["r 600", "r 5", "r 0xa5"],
     )
-    # No ram anywhere: RAM = [0, align_up(600 + 1, 512) - 1] = [0, 1023]: host 2M leaves
-    # [0,511] and [512,1023].
-    # Setup: 1024 and 1025 are not RAM -> setup_skipped 2 (no host write, no split).
-    # r 600: fresh view 0, 2M region 512 above mm 0 -> hole 9, host 2M -> exit(0), lazy 2M.
-    # r 5: 5 <= mm 1023 -> walk: the 2M-level entry [0,511] is empty -> hole 9 -> lazy 2M.
+    # Rev 2 (re-derived: the fallback RAM and the default host order changed, §3):
+    # no ram anywhere: RAM = [0, 0x9f] and [0xc0, align_up(600 + 1, 2^18) - 1 = 0x3ffff];
+    # origin "create": host_order 18, but the first GiB holds the VGA hole, so 2M leaves
+    # from 512 on and 4K leaves in [0, 0x9f] and [0xc0, 511].
+    # Setup: 1024 and 1025 are RAM now: host 4K write of 1024 splits the 2M leaf
+    # [1024,1535] (setup_splits 1); 1025 is then a 4K piece (no split). No view holds them.
+    # r 600: fresh view 0, 2M region 512 above mm 0 -> hole 9, host 2M -> exit(0), lazy 2M
+    #   (mm 1023) -> restart -> done(0).
+    # r 5: 5 <= mm -> walk: the 2M-level entry [0,511] is empty -> hole 9; host leaf 4K ->
+    #   min(0, 9) = 0: exit(0), lazy 4K -> restart -> done(0).
+    # r 0xa5: walk reaches the 4K table made by r 5, entry empty; the host does not map
+    #   0xa5 (VGA hole) -> exit(0), MMIO; not a completion.
     check(
         res,
-        {"records": 2, "instructions": 2, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_2m": 2,
-         "lazy_copy_pages": 1024, "setup_skipped": 2},
-        views={0: {"records_completed": 2, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 1024,
-                   "pages_mapped": 1024, "leaves_2m": 2}},
-        gfns={(0, 600): {"ept_exits": 1, "lazy_copies": 1}, (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+        {"records": 3, "instructions": 3, "ept_exits": 3, "lazy_copies": 2, "lazy_copies_2m": 1,
+         "lazy_copies_4k": 1, "lazy_copy_pages": 513, "mmio_accesses": 1, "setup_splits": 1},
+        views={0: {"records_completed": 2, "ept_exits": 3, "lazy_copies": 2, "lazy_copy_pages": 513,
+                   "pages_mapped": 513, "leaves_2m": 1, "leaves_4k": 1}},
+        gfns={(0, 600): {"ept_exits": 1, "lazy_copies": 1}, (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+              (0, 0xa5): {"ept_exits": 1}},
     )
 
 
@@ -1417,8 +1449,10 @@ def test_ve_with_suppress_ve_0_and_vmfunc_step(sim):
     # set_mem_access pt r: pt holds 4K leaves -> rewrite access r, bit 0 kept. setup_splits 0.
     # row0 (insn 1) r 10: r -> done(1).
     # row1 (insn 1) w 10: violation; #VE enabled, not busy, leaf bit 0 -> #VE: ve_delivered
-    #   (pt), busy -> vmfunc-step to 0 (svf 1, switches_in[0]) -> retry in view 0: no leaf;
-    #   busy, and the empty slot has bit 1 (no ve_blocked) -> exit(0), lazy 4K rwx -> done(0).
+    #   (pt), busy -> vmfunc-step to 0 (svf 1, switches_in[0]) -> restart insn 1 in view 0
+    #   (Rev 2, re-derived): row0 r 10 again: no leaf; busy, and the empty slot has bit 1 (no
+    #   ve_blocked) -> exit(0), lazy 4K rwx -> restart -> row0 done(0), row1 done(0). The
+    #   first pass's completion of row0 in pt does not count (final pass only).
     # row2 (insn 2): insn 1 ends: no single-step; the #VE step switches back to pt (svf 2,
     #   switches_in[1]); busy clears. w 20: pt has no leaf; the empty 4K slot has bit 1 -> no
     #   #VE -> exit(1), lazy: 20 > mm 11, regions at 0 -> 4K rwx -> done(1).
@@ -1427,9 +1461,9 @@ def test_ve_with_suppress_ve_0_and_vmfunc_step(sim):
         {"records": 3, "instructions": 2, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_4k": 2,
          "lazy_copy_pages": 2, "ve_delivered": 1, "switches_vmfunc": 2},
         views={
-            1: {"records_completed": 2, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
+            1: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
                 "ve_delivered": 1, "switches_in": 1, "pages_mapped": 3, "leaves_4k": 3},
-            0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
+            0: {"records_completed": 2, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
                 "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
         },
         gfns={(1, 10): {"ve_delivered": 1}, (0, 10): {"ept_exits": 1, "lazy_copies": 1},
@@ -1709,22 +1743,25 @@ def test_step_over_multi_row_instruction(sim):
         XEN_ACCESS_WRITE.format(fast="false"),
         ["i1 r 5", "i1 w 5", "i1 w 6", "i2 r 6"],
     )
-    # row0 (insn 1) r 5: watch fresh -> exit(1), lazy 4K rx -> done(1).
+    # Rev 2 (re-derived: the whole instruction restarts, §5):
+    # row0 (insn 1) r 5: watch fresh -> exit(1), lazy 4K rx -> restart -> done(1).
     # row1 (insn 1) w 5: rx -> viol_w (1,5), exit(1) -> event -> step to 0 (svm 1,
-    #   switches_in[0]), return view watch -> view 0 fresh: exit(0), lazy 4K rwx -> done(0).
+    #   switches_in[0]), return view watch -> restart insn 1 in view 0: row0 r 5: view 0
+    #   fresh: exit(0), lazy 4K rwx -> restart -> row0 done(0), row1 done(0).
     # row2 (insn 1, still single-stepping in view 0) w 6: 6 > mm 5 -> exit(0), lazy 4K ->
-    #   done(0). No new event.
+    #   restart -> rows 0-2 done(0). No new event. The final pass of insn 1 is in view 0:
+    #   3 completions there; row0's completion in watch was on an abandoned pass.
     # row3 (insn 2): insn 1 ends: mtf 1, singlestep event 1, switch back (svm 2,
-    #   switches_in[1]). r 6 in watch: 6 > mm 5 -> exit(1), lazy 4K rx -> done(1).
+    #   switches_in[1]). r 6 in watch: 6 > mm 5 -> exit(1), lazy 4K rx -> restart -> done(1).
     check(
         res,
         {"records": 4, "instructions": 2, "ept_exits": 5, "lazy_copies": 4, "lazy_copies_4k": 4,
          "lazy_copy_pages": 4, "access_violations": 1, "mem_access_events": 1,
          "singlestep_events": 1, "mtf_exits": 1, "switches_vm_event": 2},
         views={
-            1: {"records_completed": 2, "ept_exits": 3, "lazy_copies": 2, "lazy_copy_pages": 2,
+            1: {"records_completed": 1, "ept_exits": 3, "lazy_copies": 2, "lazy_copy_pages": 2,
                 "access_violations": 1, "switches_in": 1, "pages_mapped": 2, "leaves_4k": 2},
-            0: {"records_completed": 2, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 2,
+            0: {"records_completed": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 2,
                 "switches_in": 1, "pages_mapped": 2, "leaves_4k": 2},
         },
         gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
@@ -1734,7 +1771,7 @@ def test_step_over_multi_row_instruction(sim):
     )
 
 
-def test_step_while_stepping_only_switches(sim):
+def test_second_non_fast_step_toggles_single_step_off(sim):
     res = sim(
         RAM_1K + """
         [[view]]
@@ -1763,21 +1800,21 @@ def test_step_while_stepping_only_switches(sim):
         """,
         ["w 5"],
     )
-    # w 5 in a: exit(a), lazy 4K rx -> viol_w (a,5), exit(a) -> event 1 -> step to b (svm 1,
-    #   switches_in[b]), single-step on, return view a -> b fresh: exit(b), lazy 4K r ->
-    #   viol_w (b,5), exit(b) -> event 2 -> step to 0: already single-stepping, so only the
-    #   switch (svm 2, switches_in[0]); the return view stays a -> view 0: exit(0), lazy 4K
-    #   -> done(0).
-    # End of trace: one single-step ends: mtf 1, singlestep event 1, back to a (svm 3,
-    #   switches_in[a]).
+    # Rev 2 (re-derived: a second non-fast step is Xen's TOGGLE_SINGLESTEP, §6.1):
+    # w 5 in a: exit(a), lazy 4K rx -> restart -> viol_w (a,5), exit(a) -> event 1 -> step
+    #   to b (svm 1, switches_in[b]), single-step on, return view a -> restart in b: b fresh:
+    #   exit(b), lazy 4K r -> restart -> viol_w (b,5), exit(b) -> event 2 -> non-fast step
+    #   while single-stepping: switch to 0 (svm 2, switches_in[0]) and single-step OFF ->
+    #   restart in view 0: exit(0), lazy 4K -> restart -> done(0).
+    # End of trace: no single-step pending: no MTF, no event, the vCPU stays in view 0.
     check(
         res,
         {"records": 1, "instructions": 1, "ept_exits": 5, "lazy_copies": 3, "lazy_copies_4k": 3,
          "lazy_copy_pages": 3, "access_violations": 2, "mem_access_events": 2,
-         "singlestep_events": 1, "mtf_exits": 1, "switches_vm_event": 3},
+         "switches_vm_event": 2},
         views={
             1: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 1,
-                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+                "pages_mapped": 1, "leaves_4k": 1},
             2: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 1,
                 "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
             0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
@@ -1950,11 +1987,13 @@ def test_codemon_write_execute_flip_with_set_access(sim):
     # row2 x 600: rw -> viol_x, exit(1) -> event -> set-access rx (4K already, no split),
     #   access_changes 2 -> done(1).
     # row3 r 600: rx -> done.   row4 x 601: rx piece -> done.
+    # Rev 2: both set-access rewrites replace entries that permitted something (rx, rw):
+    # ept_syncs 2; lazy copy + two responses: 3 restarts.
     check(
         res,
         {"records": 5, "instructions": 5, "ept_exits": 3, "lazy_copies": 1, "lazy_copies_2m": 1,
          "lazy_copy_pages": 512, "access_violations": 2, "mem_access_events": 2,
-         "access_changes": 2, "superpage_splits": 1},
+         "access_changes": 2, "superpage_splits": 1, "ept_syncs": 2},
         views={1: {"records_completed": 5, "ept_exits": 3, "lazy_copies": 1, "lazy_copy_pages": 512,
                    "access_violations": 2, "pages_mapped": 512, "leaves_4k": 512}},
         gfns={(1, 600): {"ept_exits": 3, "lazy_copies": 1, "viol_w": 1, "viol_x": 1}},
@@ -1983,38 +2022,56 @@ def test_unmatched_violation_is_an_error(sim):
     # rule filters kind x -> no rule matches -> run-time error naming the row.
 
 
-def test_retry_loop_over_64_is_an_error(sim):
-    with pytest.raises(ReplayRuntimeError):
-        sim(
-            RAM_1K + """
-            [[view]]
-            name = "a"
-            default_access = "rx"
+def test_switch_ping_pong_livelocks_after_64_restarts(sim):
+    res = sim(
+        RAM_1K + """
+        [[view]]
+        name = "a"
+        default_access = "rx"
 
-            [[view]]
-            name = "b"
-            default_access = "rx"
+        [[view]]
+        name = "b"
+        default_access = "rx"
 
-            [[setup]]
-            op = "switch_p2m"
-            view = "a"
+        [[setup]]
+        op = "switch_p2m"
+        view = "a"
 
-            [[on_violation]]
-            view = "a"
-            kind = "w"
-            action = "switch"
-            to = "b"
+        [[on_violation]]
+        view = "a"
+        kind = "w"
+        action = "switch"
+        to = "b"
 
-            [[on_violation]]
-            view = "b"
-            kind = "w"
-            action = "switch"
-            to = "a"
-            """,
-            ["w 5"],
-        )
-    # w 5 faults in a -> switch to b -> faults in b -> switch to a -> ... forever: more than
-    # 64 retries of one access -> error.
+        [[on_violation]]
+        view = "b"
+        kind = "w"
+        action = "switch"
+        to = "a"
+        """,
+        ["w 5", "r 6"],
+    )
+    # Rev 2 (re-derived: was an error, now a livelock result, §5). Attempts of row 0, each an
+    # exit: A1 lazy 4K rx in a (restart 1); A2 viol_w in a -> switch to b (restart 2);
+    # A3 lazy in b (3); A4 viol in b -> switch to a (4); A5.. each a violation and a switch.
+    # A64 is restart 64; A65 (in a: odd attempts from A5 run in a) would be the 65th:
+    # livelock at row 0, its exit, event and switch counted. Row 1 is never processed.
+    # Exits 65: a = A1, A2, A5, A7, .., A65 (2 + 31), b = A3, A4, A6, .., A64 (2 + 30).
+    # Violations / events / switches 63 (A2, A4..A65); switches into b 32, into a 31.
+    check(
+        res,
+        {"records": 1, "instructions": 1, "ept_exits": 65, "lazy_copies": 2, "lazy_copies_4k": 2,
+         "lazy_copy_pages": 2, "access_violations": 63, "mem_access_events": 63,
+         "switches_vm_event": 63, "restarts": 64, "livelocked": 1, "livelock_record": 0},
+        views={
+            1: {"ept_exits": 33, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 32,
+                "switches_in": 31, "pages_mapped": 1, "leaves_4k": 1},
+            2: {"ept_exits": 32, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 31,
+                "switches_in": 32, "pages_mapped": 1, "leaves_4k": 1},
+        },
+        gfns={(1, 5): {"ept_exits": 33, "lazy_copies": 1, "viol_w": 32},
+              (2, 5): {"ept_exits": 32, "lazy_copies": 1, "viol_w": 31}},
+    )
 
 
 # =========================================================================== special accesses
@@ -2042,11 +2099,13 @@ def test_rx2rw_turns_into_rw_without_event(sim):
     #   (access_changes 2) -> done.
     # row3 r 602: rx2rw permits r -> done.
     # The emulate rule is never used (no event).
+    # Rev 2: restarts 3 (the lazy copy, two rx2rw rewrites); each rewrite replaces an entry
+    # that permitted rx: ept_syncs 2.
     check(
         res,
         {"records": 4, "instructions": 4, "ept_exits": 3, "lazy_copies": 1, "lazy_copies_2m": 1,
          "lazy_copy_pages": 512, "access_violations": 2, "access_changes": 2,
-         "superpage_splits": 1},
+         "superpage_splits": 1, "restarts": 3, "ept_syncs": 2},
         views={1: {"records_completed": 4, "ept_exits": 3, "lazy_copies": 1, "lazy_copy_pages": 512,
                    "access_violations": 2, "pages_mapped": 512, "leaves_4k": 512}},
         gfns={(1, 600): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
@@ -2068,22 +2127,54 @@ def test_n2rwx_sends_async_event_and_relaxes(sim):
         [[on_violation]]
         action = "emulate"
         """,
-        ["r 600", "x 601", "r 600"],
+        ["r 5", "x 6", "r 5"],
     )
-    # row0 r 600: exit(1), lazy 2M n2rwx -> retry: counts as n -> viol_r, exit(1) -> n2rwx:
-    #   4K rewrite rwx (split: superpage_splits 1; access_changes 1) -> monitor present ->
-    #   async event (async_events 1; no rule is consulted) -> retry -> done(1).
-    # row1 x 601: n2rwx piece -> viol_x, exit -> rwx (access_changes 2) -> async 2 -> done.
-    # row2 r 600: rwx -> done.
+    # Rev 2 (re-derived on 4 KiB copies: a 2 MiB n2rwx copy is invisible to Xen and livelocks,
+    # see test_n2rwx_superpage_copy_is_invisible_and_livelocks).
+    # row0 r 5: fresh v, regions at 0 -> hole 0: exit(1), lazy 4K n2rwx -> restart -> counts
+    #   as n -> viol_r, exit(1) -> n2rwx: 4K rewrite rwx (no split; access_changes 1; the
+    #   entry permitted nothing: no EPT sync) -> monitor present -> async event (async_events
+    #   1; no rule is consulted) -> restart -> done(1).
+    # row1 x 6: 6 > mm 5, hole 0: exit, lazy 4K n2rwx -> restart -> viol_x, exit -> rwx
+    #   (access_changes 2) -> async 2 -> restart -> done.
+    # row2 r 5: rwx -> done.
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 3, "lazy_copies": 1, "lazy_copies_2m": 1,
-         "lazy_copy_pages": 512, "access_violations": 2, "async_events": 2, "access_changes": 2,
-         "superpage_splits": 1},
-        views={1: {"records_completed": 3, "ept_exits": 3, "lazy_copies": 1, "lazy_copy_pages": 512,
-                   "access_violations": 2, "pages_mapped": 512, "leaves_4k": 512}},
-        gfns={(1, 600): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1},
-              (1, 601): {"ept_exits": 1, "viol_x": 1}},
+        {"records": 3, "instructions": 3, "ept_exits": 4, "lazy_copies": 2, "lazy_copies_4k": 2,
+         "lazy_copy_pages": 2, "access_violations": 2, "async_events": 2, "access_changes": 2},
+        views={1: {"records_completed": 3, "ept_exits": 4, "lazy_copies": 2, "lazy_copy_pages": 2,
+                   "access_violations": 2, "pages_mapped": 2, "leaves_4k": 2}},
+        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1},
+              (1, 6): {"ept_exits": 2, "lazy_copies": 1, "viol_x": 1}},
+    )
+
+
+def test_n2rwx_superpage_copy_is_invisible_and_livelocks(sim):
+    res = sim(
+        RAM_1K + """
+        [[view]]
+        name = "v"
+        default_access = "n2rwx"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "v"
+        """,
+        ["r 600", "r 5"],
+    )
+    # Rev 2 (§3 invisible superpages): r 600: fresh v, 2M region above mm 0 -> hole 9: exit(1),
+    # lazy 2M n2rwx (mm 1023) -> restart 1. The hardware faults on the leaf (no bits); its
+    # suppress-VE bit is 1, #VE is off anyway -> exit; Xen's lookup does not see a 2M leaf
+    # that permits nothing: no valid leaf -> lazy copy again, hole order = the empty slot at
+    # the 2M level = 9 -> 2M again -> restart 2 ... The attempt after restart 64 is the 65th
+    # exit and copy: livelock at row 0. Row 1 is never processed.
+    check(
+        res,
+        {"records": 1, "instructions": 1, "ept_exits": 65, "lazy_copies": 65, "lazy_copies_2m": 65,
+         "lazy_copy_pages": 65 * 512, "restarts": 64, "livelocked": 1, "livelock_record": 0},
+        views={1: {"ept_exits": 65, "lazy_copies": 65, "lazy_copy_pages": 65 * 512,
+                   "pages_mapped": 512, "leaves_2m": 1}},
+        gfns={(1, 600): {"ept_exits": 65, "lazy_copies": 65}},
     )
 
 
@@ -2103,22 +2194,23 @@ def test_n2rwx_without_monitor_relaxes_once_when_not_required(sim):
         op = "switch_p2m"
         view = "v"
         """,
-        ["r 600", "r 5"],
+        ["r 5", "r 7"],
     )
-    # row0 r 600: exit(1), lazy 2M [512,1023] n2rwx -> viol_r, exit(1) -> n2rwx: 4K rwx
-    #   (split 1, access_changes 1) -> no monitor, not required: relax, but not again for
-    #   n2rwx (no second access change), no event -> retry -> done(1).
-    # row1 r 5: 5 <= mm 1023 -> walk: 2M-level entry [0,511] empty -> hole 9 -> exit, lazy 2M
-    #   n2rwx -> viol_r, exit -> 4K rwx (split 2, access_changes 2) -> done.
+    # Rev 2 (re-derived on 4 KiB copies: a 2 MiB n2rwx copy livelocks, §3).
+    # row0 r 5: exit(1), lazy 4K n2rwx -> restart 1 -> viol_r, exit(1) -> n2rwx: 4K rwx
+    #   (access_changes 1) -> no monitor, not required: relax, but not again for n2rwx (no
+    #   second access change), no event -> restart 2 -> done(1).
+    # row1 r 7: 7 > mm 5, regions at 0 -> hole 0: exit, lazy 4K n2rwx -> restart 3 -> viol_r,
+    #   exit -> rwx (access_changes 2) -> restart 4 -> done.
+    # No EPT syncs: n2rwx entries permit nothing.
     check(
         res,
-        {"records": 2, "instructions": 2, "ept_exits": 4, "lazy_copies": 2, "lazy_copies_2m": 2,
-         "lazy_copy_pages": 1024, "access_violations": 2, "access_changes": 2,
-         "superpage_splits": 2},
-        views={1: {"records_completed": 2, "ept_exits": 4, "lazy_copies": 2, "lazy_copy_pages": 1024,
-                   "access_violations": 2, "pages_mapped": 1024, "leaves_4k": 1024}},
-        gfns={(1, 600): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1},
-              (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1}},
+        {"records": 2, "instructions": 2, "ept_exits": 4, "lazy_copies": 2, "lazy_copies_4k": 2,
+         "lazy_copy_pages": 2, "access_violations": 2, "access_changes": 2, "restarts": 4},
+        views={1: {"records_completed": 2, "ept_exits": 4, "lazy_copies": 2, "lazy_copy_pages": 2,
+                   "access_violations": 2, "pages_mapped": 2, "leaves_4k": 2}},
+        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1},
+              (1, 7): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1}},
     )
 
 
@@ -2137,19 +2229,20 @@ def test_n2rwx_without_monitor_crashes_when_required(sim):
         op = "switch_p2m"
         view = "v"
         """,
-        ["r 600", "r 5"],
+        ["r 5", "r 7"],
     )
-    # row0 r 600: exit(1), lazy 2M n2rwx -> viol_r, exit(1) -> n2rwx: 4K rwx (split 1,
-    #   access_changes 1), then "no monitor" with access_required -> crash: crashed 1,
+    # Rev 2 (re-derived on a 4 KiB copy: a 2 MiB n2rwx copy livelocks, §3).
+    # row0 r 5: exit(1), lazy 4K n2rwx -> restart 1 -> viol_r, exit(1) -> n2rwx: 4K rwx
+    #   (access_changes 1), then "no monitor" with access_required -> crash: crashed 1,
     #   crash_record 0. Row 1 is never processed; no end-of-trace instruction bookkeeping.
     check(
         res,
-        {"records": 1, "instructions": 1, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_2m": 1,
-         "lazy_copy_pages": 512, "access_violations": 1, "access_changes": 1,
-         "superpage_splits": 1, "crashed": 1, "crash_record": 0},
-        views={1: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 512, "access_violations": 1,
-                   "pages_mapped": 512, "leaves_4k": 512}},
-        gfns={(1, 600): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1}},
+        {"records": 1, "instructions": 1, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_4k": 1,
+         "lazy_copy_pages": 1, "access_violations": 1, "access_changes": 1,
+         "crashed": 1, "crash_record": 0},
+        views={1: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 1,
+                   "pages_mapped": 1, "leaves_4k": 1}},
+        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1}},
     )
 
 
@@ -2216,11 +2309,13 @@ def test_relax_without_access_required(sim):
     #   rwx (split: superpage_splits 1; access_changes 1), no event -> done(1).
     # row1 w 600: rwx -> done.
     # row2 w 601: rx piece -> viol_w, exit -> relax (access_changes 2) -> done.
+    # Rev 2: restarts 3 (the lazy copy, two relax rewrites); each relax rewrites an rx entry:
+    # ept_syncs 2.
     check(
         res,
         {"records": 3, "instructions": 3, "ept_exits": 3, "lazy_copies": 1, "lazy_copies_2m": 1,
          "lazy_copy_pages": 512, "access_violations": 2, "access_changes": 2,
-         "superpage_splits": 1},
+         "superpage_splits": 1, "restarts": 3, "ept_syncs": 2},
         views={1: {"records_completed": 3, "ept_exits": 3, "lazy_copies": 1, "lazy_copy_pages": 512,
                    "access_violations": 2, "pages_mapped": 512, "leaves_4k": 512}},
         gfns={(1, 600): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
@@ -2245,10 +2340,11 @@ def test_shatter_superpage_when_exec_sp_false(sim):
     # row2 r 602: done.
     # row3 x 0: 0 <= mm 1023 -> walk: 2M-level entry [0,511] empty -> hole 9 -> exit(0),
     #   lazy 2M -> exec on a superpage -> exit(0) -> shatter 2 -> done(0).
+    # Rev 2: each shatter rewrites an rwx leaf: ept_syncs 2.
     check(
         res,
         {"records": 4, "instructions": 4, "ept_exits": 4, "lazy_copies": 2, "lazy_copies_2m": 2,
-         "lazy_copy_pages": 1024, "shatters": 2},
+         "lazy_copy_pages": 1024, "shatters": 2, "ept_syncs": 2},
         views={0: {"records_completed": 4, "ept_exits": 4, "lazy_copies": 2, "lazy_copy_pages": 1024,
                    "pages_mapped": 1024, "leaves_4k": 1024}},
         gfns={(0, 600): {"ept_exits": 2, "lazy_copies": 1}, (0, 0): {"ept_exits": 2, "lazy_copies": 1}},
@@ -2281,11 +2377,12 @@ def test_set_access_splits_a_1g_leaf_513_times(sim):
     # w 5: 1G rx -> viol_w (1,5), exit(1) -> event -> set-access rwx in v: 4K rewrite of 5
     #   takes the 1G leaf down to 4K: superpage_splits 513; access_changes 1 -> done(1).
     # w 6, w 100000: 4K rx pieces -> viol_w, exit, event, set-access (no split) -> done.
+    # Rev 2: three set-access rewrites of rx entries: ept_syncs 3.
     check(
         res,
         {"records": 4, "instructions": 4, "ept_exits": 4, "lazy_copies": 1, "lazy_copies_1g": 1,
          "lazy_copy_pages": GIB_PAGES, "access_violations": 3, "mem_access_events": 3,
-         "access_changes": 3, "superpage_splits": 513},
+         "access_changes": 3, "superpage_splits": 513, "ept_syncs": 3},
         views={1: {"records_completed": 4, "ept_exits": 4, "lazy_copies": 1,
                    "lazy_copy_pages": GIB_PAGES, "access_violations": 3,
                    "pages_mapped": GIB_PAGES, "leaves_4k": GIB_PAGES}},
@@ -2308,10 +2405,11 @@ def test_shatter_of_a_1g_leaf_counts_one_shatter(sim):
     #   no access violation -> §5.8 shatter: 4K rewrite of 0 takes the 1G leaf down to 4K
     #   (all 2M pieces too): shatters 1, superpage_splits 0 -> done(0).
     # x 600, x 5: 4K rwx -> done.
+    # Rev 2: the shatter rewrites an rwx leaf: ept_syncs 1.
     check(
         res,
         {"records": 3, "instructions": 3, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_1g": 1,
-         "lazy_copy_pages": GIB_PAGES, "shatters": 1},
+         "lazy_copy_pages": GIB_PAGES, "shatters": 1, "ept_syncs": 1},
         views={0: {"records_completed": 3, "ept_exits": 2, "lazy_copies": 1,
                    "lazy_copy_pages": GIB_PAGES, "pages_mapped": GIB_PAGES, "leaves_4k": GIB_PAGES}},
         gfns={(0, 0): {"ept_exits": 2, "lazy_copies": 1}},
@@ -2633,7 +2731,8 @@ fast = {fast}
 
 
 def _delta(after: Result, before: Result) -> dict:
-    return {k: after.total[k] - before.total[k] for k in TOTAL_COUNTERS if k not in ("crash_record",)}
+    return {k: after.total[k] - before.total[k] for k in TOTAL_COUNTERS
+            if k not in ("crash_record", "livelock_record")}
 
 
 def test_calibration_hidden_breakpoint_read_costs_248400_cycles(sim):
@@ -2664,6 +2763,7 @@ def test_calibration_hidden_breakpoint_read_costs_248400_cycles(sim):
                       "mem_access_events": 1, "singlestep_events": 1, "mtf_exits": 1,
                       "switches_vm_event": 2}, "delta")
     expected.pop("crash_record")
+    expected.pop("livelock_record")
     assert delta == expected
     # 5000 + (90000 + 30000)*2 + 3000 + 200*2 = 248,400.
     assert cycles(delta, costs)["cycles_total"] == 248_400
@@ -2693,6 +2793,7 @@ def test_calibration_fast_single_step_costs_128400_cycles(sim):
                       "mem_access_events": 1, "mtf_exits": 1, "switches_vm_event": 1,
                       "switches_fast_ss": 1}, "delta")
     expected.pop("crash_record")
+    expected.pop("livelock_record")
     assert delta == expected
     # 5000 + 90000 + 30000 + 3000 + 200*2 = 128,400.
     fast = cycles(delta, costs)["cycles_total"]
@@ -2798,3 +2899,846 @@ def test_write_without_read_policy_is_refused(access):
             name = "v"
             default_access = "{access}"
             """)
+
+
+# =========================================================================== Revision 2 (§3, §5, §6.1, §9)
+BASELINE_1K = RAM_1K
+
+
+def test_three_row_instruction_restarts_after_each_lazy_copy(sim):
+    res = sim(BASELINE_1K, ["i1 x 5", "i1 r 6", "i1 w 600"])
+    # One instruction of three rows in view 0 (fresh, rwx).
+    # row0 x 5: 5 > mm 0, regions at 0 -> hole 0: exit(0), lazy 4K, mm 5 -> restart 1 ->
+    #   row0 again: done(0).
+    # row1 r 6: 6 > mm 5 -> hole 0: exit(0), lazy 4K -> restart 2 -> row0 done, row1 done.
+    # row2 w 600: 2M region 512 above mm 6 -> hole 9: exit(0), lazy 2M -> restart 3 ->
+    #   rows 0, 1, 2 done(0). Only the final pass counts: records_completed 3.
+    check(
+        res,
+        {"records": 3, "instructions": 1, "ept_exits": 3, "lazy_copies": 3, "lazy_copies_4k": 2,
+         "lazy_copies_2m": 1, "lazy_copy_pages": 514, "restarts": 3},
+        views={0: {"records_completed": 3, "ept_exits": 3, "lazy_copies": 3, "lazy_copy_pages": 514,
+                   "pages_mapped": 514, "leaves_4k": 2, "leaves_2m": 1}},
+        gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1}, (0, 6): {"ept_exits": 1, "lazy_copies": 1},
+              (0, 600): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_step_restarts_the_instruction_and_copies_its_fetch_page_into_view0(sim):
+    res = sim(XEN_ACCESS_WRITE.format(fast="false"), ["i1 x 5", "i1 r 6", "i1 w 7", "i2 x 5"])
+    # row0 x 5 in watch (fresh): hole 0 -> exit(1), lazy 4K rx -> restart 1 -> done(1).
+    # row1 r 6: exit(1), lazy 4K rx -> restart 2 -> rows 0, 1 done(1).
+    # row2 w 7: exit(1), lazy 4K rx -> restart 3 -> rows 0, 1 done; w 7 on rx -> viol_w (1,7),
+    #   exit(1), event -> step to 0 (svm 1, switches_in[0]; single-step on, return watch) ->
+    #   restart 4 in view 0 (fresh): x 5 exit(0), lazy 4K (the fetch page copied into the
+    #   step view) -> restart 5 -> x 5 done; r 6 exit(0), lazy -> restart 6 -> x 5, r 6 done;
+    #   w 7 exit(0), lazy -> restart 7 -> rows 0-2 done(0): the final pass, 3 completions.
+    # row3 (insn 2): insn 1 ends: mtf 1, singlestep event 1, back to watch (svm 2,
+    #   switches_in[1]); x 5 in watch done(1).
+    check(
+        res,
+        {"records": 4, "instructions": 2, "ept_exits": 7, "lazy_copies": 6, "lazy_copies_4k": 6,
+         "lazy_copy_pages": 6, "access_violations": 1, "mem_access_events": 1,
+         "singlestep_events": 1, "mtf_exits": 1, "switches_vm_event": 2, "restarts": 7},
+        views={
+            1: {"records_completed": 1, "ept_exits": 4, "lazy_copies": 3, "lazy_copy_pages": 3,
+                "access_violations": 1, "switches_in": 1, "pages_mapped": 3, "leaves_4k": 3},
+            0: {"records_completed": 3, "ept_exits": 3, "lazy_copies": 3, "lazy_copy_pages": 3,
+                "switches_in": 1, "pages_mapped": 3, "leaves_4k": 3},
+        },
+        gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}, (1, 6): {"ept_exits": 1, "lazy_copies": 1},
+              (1, 7): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+              (0, 5): {"ept_exits": 1, "lazy_copies": 1}, (0, 6): {"ept_exits": 1, "lazy_copies": 1},
+              (0, 7): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+SPLIT_RX = RAM_1K + """
+[[view]]
+name = "exec"
+
+[[view]]
+name = "data"
+
+[[setup]]
+op = "set_mem_access"
+view = "exec"
+gfns = 5
+access = "x"
+
+[[setup]]
+op = "set_mem_access"
+view = "data"
+gfns = 5
+access = "rw"
+
+[[setup]]
+op = "switch_p2m"
+view = "exec"
+
+[[on_violation]]
+view = "exec"
+kind = ["r", "w"]
+action = "switch"
+to = "data"
+
+[[on_violation]]
+view = "data"
+kind = "x"
+action = "switch"
+to = "exec"
+"""
+
+
+def test_split_rx_livelocks_on_code_reading_its_own_page(sim):
+    res = sim(SPLIT_RX, ["i1 x 5", "i2 x 5", "i2 r 5", "i3 x 6"])
+    # Setup: exec and data prepopulate the host 2M [0,511] (rwx) and split it (setup_splits
+    #   2); exec[5] = x, data[5] = rw.
+    # row0 (insn 1) x 5 in exec: done(1).
+    # row1 (insn 2) x 5: done(1). row2 r 5: x-only -> viol_r (1,5), exit(1), event, switch to
+    #   data (svm) -> restart 1 in data: row1 x 5 on rw -> viol_x (2,5), exit(2), event, switch
+    #   to exec -> restart 2 in exec: row1 done, row2 viol_r ... Violation k causes restart k;
+    #   odd ones are row 2 in exec, even ones row 1 in data. Violation 65 (row 2, in exec)
+    #   would be restart 65: livelock, livelock_record 2; its exit, event and switch count.
+    # Exits 65: exec 33, data 32. Switches 65: into data 33, into exec 32. The pass in
+    #   progress (exec, after restart 64) completed row 1: exec records_completed 1 + 1.
+    #   Row 3 is never processed.
+    check(
+        res,
+        {"records": 3, "instructions": 2, "ept_exits": 65, "access_violations": 65,
+         "mem_access_events": 65, "switches_vm_event": 65, "restarts": 64, "livelocked": 1,
+         "livelock_record": 2, "setup_splits": 2},
+        views={
+            1: {"records_completed": 2, "ept_exits": 33, "access_violations": 33, "switches_in": 32,
+                "pages_mapped": 512, "leaves_4k": 512},
+            2: {"ept_exits": 32, "access_violations": 32, "switches_in": 33,
+                "pages_mapped": 512, "leaves_4k": 512},
+        },
+        gfns={(1, 5): {"ept_exits": 33, "viol_r": 33}, (2, 5): {"ept_exits": 32, "viol_x": 32}},
+    )
+
+
+def test_split_rx_with_mtf_step_into_view0_retires(sim):
+    policy = SPLIT_RX.replace('action = "switch"\nto = "data"', 'action = "step"\nto = 0')
+    res = sim(policy, ["i1 x 5", "i2 x 5", "i2 r 5", "i3 x 6"])
+    # As above up to row2: r 5 in exec -> viol_r (1,5), exit(1), event -> step to 0 (svm 1,
+    #   switches_in[0]), restart 1 in view 0 (fresh): row1 x 5: exit(0), lazy 4K rwx ->
+    #   restart 2 -> x 5 done(0), r 5 done(0).
+    # row3 (insn 3): insn 2 ends: mtf, singlestep event, back to exec (svm 2); x 6 done(1).
+    check(
+        res,
+        {"records": 4, "instructions": 3, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_4k": 1,
+         "lazy_copy_pages": 1, "access_violations": 1, "mem_access_events": 1,
+         "singlestep_events": 1, "mtf_exits": 1, "switches_vm_event": 2, "setup_splits": 2},
+        views={
+            1: {"records_completed": 2, "ept_exits": 1, "access_violations": 1, "switches_in": 1,
+                "pages_mapped": 512, "leaves_4k": 512},
+            2: {"pages_mapped": 512, "leaves_4k": 512},
+            0: {"records_completed": 2, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
+                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+        },
+        gfns={(1, 5): {"ept_exits": 1, "viol_r": 1}, (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_write_execute_flip_livelocks_on_an_instruction_writing_its_own_page(sim):
+    res = sim(
+        RAM_1K + """
+        [[view]]
+        name = "code"
+        default_access = "rx"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "code"
+
+        [[on_violation]]
+        kind = "w"
+        action = "set-access"
+        access = "rw"
+
+        [[on_violation]]
+        kind = "x"
+        action = "set-access"
+        access = "rx"
+        """,
+        ["i1 x 5", "i1 w 5"],
+    )
+    # row0 x 5: code fresh, hole 0: exit(1), lazy 4K rx -> restart 1 -> done(1).
+    # row1 w 5: rx -> viol_w, exit, event, set-access rw (an rx entry rewritten: ept_syncs) ->
+    #   restart 2 -> row0 x 5 on rw -> viol_x, exit, event, set-access rx (sync) -> restart 3
+    #   -> row0 done, row1 viol_w ... Violation k causes restart k + 1; violation 64 (row 0,
+    #   even ones are row 0) would be restart 65: livelock at row 0 after 64 violations,
+    #   events, access changes and syncs; exits 1 + 64. viol_w 32 (odd), viol_x 32 (even).
+    #   The pass in progress completed nothing.
+    check(
+        res,
+        {"records": 2, "instructions": 1, "ept_exits": 65, "lazy_copies": 1, "lazy_copies_4k": 1,
+         "lazy_copy_pages": 1, "access_violations": 64, "mem_access_events": 64,
+         "access_changes": 64, "ept_syncs": 64, "restarts": 64, "livelocked": 1,
+         "livelock_record": 0},
+        views={1: {"ept_exits": 65, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 64,
+                   "pages_mapped": 1, "leaves_4k": 1}},
+        gfns={(1, 5): {"ept_exits": 65, "lazy_copies": 1, "viol_w": 32, "viol_x": 32}},
+    )
+
+
+@pytest.mark.parametrize("rows", [64, 65])
+def test_the_64_restart_boundary(sim, rows):
+    res = sim(BASELINE_1K, [f"i1 r {g}" for g in range(1, rows + 1)])
+    # One instruction whose row j reads gfn j + 1, each a fresh 4K lazy copy in view 0
+    # (g > mm = g - 1 and its regions start at 0: hole 0): row j costs one exit and one
+    # restart, after which rows 0..j complete.
+    # 64 rows: 64 restarts, the instruction retires: 64 completions.
+    # 65 rows: row 64's copy would be restart 65: livelock at row 64 (its exit and copy
+    #   count); the pass in progress had completed rows 0..63.
+    total = {"records": rows, "instructions": 1, "ept_exits": rows, "lazy_copies": rows,
+             "lazy_copies_4k": rows, "lazy_copy_pages": rows, "restarts": 64}
+    if rows == 65:
+        total |= {"livelocked": 1, "livelock_record": 64}
+    check(
+        res,
+        total,
+        views={0: {"records_completed": 64, "ept_exits": rows, "lazy_copies": rows,
+                   "lazy_copy_pages": rows, "pages_mapped": rows, "leaves_4k": rows}},
+        gfns={(0, g): {"ept_exits": 1, "lazy_copies": 1} for g in range(1, rows + 1)},
+    )
+
+
+@pytest.mark.parametrize("xen", ["4.18", "4.19"])
+def test_n_default_view_over_1g_host_pages_livelocks_from_419(sim, xen):
+    res = sim(
+        f"""
+        [domain]
+        xen = "{xen}"
+        ram = [[0, {2 * GIB_PAGES - 1}]]
+
+        [[view]]
+        name = "n"
+        default_access = "n"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "n"
+        """,
+        [f"r {GIB_PAGES + 6}"],
+    )
+    # origin "create": host_order 18, RAM two whole GiB -> two 1G host leaves.
+    # r 2^18+6 in n (fresh): its 1G region starts above mm 0 -> hole 18, host 1G ->
+    #   min(18, 18): exit(1), lazy 1G.
+    # 4.18: the copy takes the host entry's access rwx -> restart 1 -> done(1).
+    # 4.19: it takes n's default access n: a 1G leaf that permits nothing is invisible to Xen
+    #   (§3): the hardware faults (exit), Xen finds no valid leaf, the hole order at the
+    #   empty 1G slot is 18 -> copies it again -> ... the 65th attempt's exit and copy count,
+    #   then livelock at row 0 (restarts 64).
+    n = 1 if xen == "4.18" else 65
+    total = {"records": 1, "instructions": 1, "ept_exits": n, "lazy_copies": n, "lazy_copies_1g": n,
+             "lazy_copy_pages": n * GIB_PAGES}
+    if xen == "4.19":
+        total |= {"restarts": 64, "livelocked": 1, "livelock_record": 0}
+    check(
+        res,
+        total,
+        views={1: {"records_completed": 1 if xen == "4.18" else 0, "ept_exits": n, "lazy_copies": n,
+                   "lazy_copy_pages": n * GIB_PAGES, "pages_mapped": GIB_PAGES, "leaves_1g": 1}},
+        gfns={(1, GIB_PAGES + 6): {"ept_exits": n, "lazy_copies": n}},
+    )
+
+
+def test_prepopulate_with_n_then_4k_write_leaves_an_empty_table(sim):
+    res = sim(
+        RAM_1K + """
+        [[view]]
+        name = "v"
+        default_access = "n"
+
+        [[setup]]
+        op = "set_mem_access"
+        view = "v"
+        gfns = 5
+        access = "rx"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "v"
+
+        [[on_violation]]
+        action = "emulate"
+        """,
+        ["r 5", "r 6"],
+    )
+    # Setup (xen 4.22): v has no leaf for 5 -> prepopulate the host's 2M [0,511] with v's
+    #   default access n: invisible (§3); the 4K write of 5 then replaces it with an empty
+    #   table (no split: setup_splits 0) holding only 5 = rx; mm 511.
+    # r 5: rx -> done(1).
+    # r 6: 4K slot empty -> exit(1); 6 <= mm -> hole 0: lazy 4K n (visible: a 4K leaf) ->
+    #   restart 1 -> viol_r (1,6), exit, event, emulate.
+    check(
+        res,
+        {"records": 2, "instructions": 2, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_4k": 1,
+         "lazy_copy_pages": 1, "access_violations": 1, "mem_access_events": 1, "emulations": 1,
+         "records_emulated": 1},
+        views={1: {"records_completed": 1, "ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1,
+                   "access_violations": 1, "pages_mapped": 2, "leaves_4k": 2}},
+        gfns={(1, 6): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1}},
+    )
+
+
+def test_second_fast_step_keeps_single_step_on_with_the_new_return_view(sim):
+    res = sim(
+        RAM_1K + """
+        [[view]]
+        name = "a"
+        default_access = "rx"
+
+        [[view]]
+        name = "b"
+        default_access = "r"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "a"
+
+        [[on_violation]]
+        view = "a"
+        kind = "w"
+        action = "step"
+        to = "b"
+
+        [[on_violation]]
+        view = "b"
+        kind = "w"
+        action = "step"
+        to = 0
+        fast = true
+        """,
+        ["w 5"],
+    )
+    # w 5 in a: exit(a), lazy 4K rx -> restart 1 -> viol_w, exit(a), event 1 -> step to b
+    #   (svm 1; single-step on, return a, not fast) -> restart 2 in b: exit(b), lazy 4K r ->
+    #   restart 3 -> viol_w, exit(b), event 2 -> fast step while stepping: switch to 0 (svm 2),
+    #   single-step stays on, fast, return view b -> restart 4: exit(0), lazy 4K -> restart 5
+    #   -> done(0).
+    # End of trace: mtf 1, fast: Xen switches back to b (sfs 1, switches_in[b]); no event.
+    check(
+        res,
+        {"records": 1, "instructions": 1, "ept_exits": 5, "lazy_copies": 3, "lazy_copies_4k": 3,
+         "lazy_copy_pages": 3, "access_violations": 2, "mem_access_events": 2, "mtf_exits": 1,
+         "switches_vm_event": 2, "switches_fast_ss": 1},
+        views={
+            1: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 1,
+                "pages_mapped": 1, "leaves_4k": 1},
+            2: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 1,
+                "switches_in": 2, "pages_mapped": 1, "leaves_4k": 1},
+            0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
+                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+        },
+        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+              (2, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+              (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+@pytest.mark.parametrize("xen", ["4.20", "4.21"])
+def test_restored_domain_host_pages_by_xen_version(sim, xen):
+    res = sim(
+        f"""
+        [domain]
+        origin = "restore"
+        xen = "{xen}"
+        ram = [[0, 1023]]
+
+        [[setup]]
+        op = "set_mem_access"
+        view = 0
+        gfns = 5
+        access = "rx"
+        """,
+        ["r 600"],
+    )
+    # origin "restore": host_order 0 before 4.21 (every host leaf 4K), 9 from 4.21.
+    # Setup: the view-0 write of 5 goes to the host: 4.20 a 4K leaf already (no split), 4.21
+    #   splits the 2M leaf [0,511] (setup_splits 1). View 0 holds nothing: no propagation.
+    # r 600: fresh view 0, 2M region above mm 0 -> hole 9; min(host order, 9): 4.20 -> 4K
+    #   copy, 4.21 -> 2M copy: exit(0), lazy -> restart 1 -> done(0).
+    order = 0 if xen == "4.20" else 9
+    pages = 1 << order
+    check(
+        res,
+        {"records": 1, "instructions": 1, "ept_exits": 1, "lazy_copies": 1,
+         LAZY_KEY[order]: 1, "lazy_copy_pages": pages, "setup_splits": 0 if xen == "4.20" else 1},
+        views={0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": pages,
+                   "pages_mapped": pages, LEAF_KEY[order]: 1}},
+        gfns={(0, 600): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+@pytest.mark.parametrize("nvcpus", [1, 2, 4])
+def test_ept_syncs_interrupt_every_other_vcpu(sim, nvcpus):
+    res = sim(
+        """
+        [domain]
+        altp2m = false
+        host_access = "rx"
+        ram = [[0, 1023]]
+
+        [[on_violation]]
+        kind = "w"
+        action = "set-access"
+        """,
+        ["v0 w 5"] + [f"v{v} r 6" for v in range(1, nvcpus)],
+    )
+    # altp2m off, host 2M leaves rx. v0 w 5: viol_w (0,5), exit, event, set-access rwx: the
+    #   host's 2M leaf splits (superpage_splits 1) and 5's rx entry is rewritten: one EPT sync,
+    #   an IPI to each of the other nvcpus - 1 vCPUs -> restart 1 -> done(0).
+    # Every other vCPU: r 6 on its rx piece -> done(0).
+    v0 = {"records": 1, "instructions": 1, "ept_exits": 1, "access_violations": 1,
+          "mem_access_events": 1, "access_changes": 1, "superpage_splits": 1, "ept_syncs": 1,
+          "ept_sync_ipis": nvcpus - 1}
+    others = {v: {"records": 1, "instructions": 1} for v in range(1, nvcpus)}
+    check(
+        res,
+        v0 | {"records": nvcpus, "instructions": nvcpus},
+        vcpus={0: v0} | others,
+        views={0: {"records_completed": nvcpus, "ept_exits": 1, "access_violations": 1,
+                   "pages_mapped": 1024, "leaves_4k": 512, "leaves_2m": 1}},
+        gfns={(0, 5): {"ept_exits": 1, "viol_w": 1}},
+    )
+
+
+def test_meta_set_top_ranks_untouched_members_last(sim):
+    res = sim(
+        RAM_1K + """
+        [[setup]]
+        op = "set_mem_access"
+        view = 0
+        gfns = { set = "meta:pt", top = 6 }
+        access = "rwx"
+        """,
+        ["r 1021", "r 1021", "r 1022"],
+        gfn_sets={"pt": [[1020, 1030]]},
+    )
+    # meta:pt = 1020-1030; touched: 1021 (2 rows), 1022 (1). top 6: 1021, 1022, then the
+    #   untouched members lowest first: 1020, 1023, 1024, 1025 (§9).
+    # Setup (view 0 = host writes): 1020-1023 are RAM: the first splits the host 2M leaf
+    #   [512,1023] (setup_splits 1); 1024 and 1025 are not RAM: setup_skipped 2.
+    # r 1021: fresh view 0, hole 9, but the host leaf is 4K now -> lazy 4K -> restart -> done.
+    # r 1021: done. r 1022: 1022 > mm 1021, regions not above -> hole 0 -> lazy 4K -> done.
+    check(
+        res,
+        {"records": 3, "instructions": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_4k": 2,
+         "lazy_copy_pages": 2, "setup_splits": 1, "setup_skipped": 2},
+        views={0: {"records_completed": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 2,
+                   "pages_mapped": 2, "leaves_4k": 2}},
+        gfns={(0, 1021): {"ept_exits": 1, "lazy_copies": 1}, (0, 1022): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+@pytest.mark.parametrize("batch_rows", [1, 2, None])
+def test_timeline_counts_restarted_rows_in_the_window_of_the_arriving_row(batch_rows):
+    from altp2m_replay.engine import simulate_arrays
+
+    # Window of 2 rows: window 0 = rows 0-1, window 1 = rows 2-3.
+    res = simulate_arrays(make_policy(XEN_ACCESS_WRITE.format(fast="false")),
+                          make_trace("i1 r 5", "i1 r 6", "i1 w 7"), window=2, batch_rows=batch_rows)
+    # row0 r 5 (window 0): exit(1), lazy. row1 r 6 (window 0): exit(1), lazy.
+    # row2 w 7 (window 1): exit(1), lazy; viol_w exit(1), event, step to 0 (svm); the restart
+    #   re-executes rows 0 and 1 in view 0: exit + lazy each, then row 2: exit + lazy. All of
+    #   it belongs to window 1, the window of the arriving row. The instruction end at the
+    #   end of the trace (MTF, single-step event, switch back) goes to the last row's window.
+    tl = res.timeline
+    assert list(tl["ept_exits"]) == [2, 5]
+    assert list(tl["lazy_copies"]) == [2, 4]
+    assert list(tl["vm_events"]) == [0, 2]
+    assert list(tl["view_switches"]) == [0, 2]
+
+
+@pytest.mark.parametrize("batch_rows", [100, None])
+def test_an_instruction_of_more_than_1024_rows_is_an_error_naming_the_row(batch_rows):
+    from altp2m_replay.engine import simulate_arrays
+    from altp2m_replay.errors import TraceError
+
+    # SPEC §2: at most 1024 rows per instruction. Rows 0-1023 read gfn 5 (one lazy copy,
+    # then fast-path completions); row 1024, the 1025th row of instruction 7, reads gfn 6.
+    n = 1025
+    gfns = np.full(n, 5, np.uint64)
+    gfns[-1] = 6
+    arrays = {"gfn": gfns, "access": np.ones(n, np.uint8), "insn": np.full(n, 7, np.uint64)}
+    with pytest.raises(TraceError, match="row 1024: instruction has more than 1024 rows"):
+        simulate_arrays(make_policy(RAM_1K), arrays, batch_rows=batch_rows)
+
+
+# =========================================================================== Revision 2: breakpoints and control rows (§2, §4, §6.4, §6.5)
+CONTROL_OPS = {"vmfunc": 1, "cr3": 2, "drop": 3, "map": 4}
+
+
+def make_trace2(*rows: str) -> dict[str, np.ndarray]:
+    """Like make_trace, plus control rows ``"vmfunc N"``, ``"cr3 VALUE"``, ``"drop GFN"``,
+    ``"map GFN"`` (``op``/``arg`` columns) and byte offsets ``"x 5@0x10"`` (a ``gpa`` column
+    then replaces ``gfn``: gpa = gfn << 12 | offset)."""
+    gfn, access, vcpu, insn, op, arg, off = [], [], [], [], [], [], []
+    for row in rows:
+        toks = row.split()
+        v, i = 0, None
+        while toks[0][0] in "vi" and toks[0][1:].isdigit():
+            if toks[0][0] == "v":
+                v = int(toks[0][1:])
+            else:
+                i = int(toks[0][1:])
+            toks = toks[1:]
+        word, value = toks
+        if word in CONTROL_OPS:
+            o = CONTROL_OPS[word]
+            op.append(o)
+            arg.append(int(value, 0) if o <= 2 else 0)
+            gfn.append(int(value, 0) if o >= 3 else 0)
+            access.append(0)
+            off.append(0)
+        else:
+            g, _, o_ = value.partition("@")
+            op.append(0)
+            arg.append(0)
+            gfn.append(int(g, 0))
+            access.append(KINDS[word])
+            off.append(int(o_, 0) if o_ else 0)
+        vcpu.append(v)
+        insn.append(i)
+    out = {"access": np.asarray(access, dtype=np.uint8), "op": np.asarray(op, dtype=np.uint8),
+           "arg": np.asarray(arg, dtype=np.uint64)}
+    if any("@" in r for r in rows):
+        out["gpa"] = (np.asarray(gfn, dtype=np.uint64) << np.uint64(12)) | np.asarray(off, dtype=np.uint64)
+    else:
+        out["gfn"] = np.asarray(gfn, dtype=np.uint64)
+    if any(r.split()[0][0] == "v" for r in rows):
+        out["vcpu"] = np.asarray(vcpu, dtype=np.uint16)
+    if any(x is not None for x in insn):
+        out["insn"] = np.asarray(insn, dtype=np.uint64)
+    return out
+
+
+@pytest.fixture(params=ENGINES)
+def sim2(request):
+    """As ``sim``, with make_trace2 rows."""
+    if request.param == "reference":
+        engine = _reference_engine()
+        extra = {}
+    else:
+        from altp2m_replay.engine import simulate_arrays as engine
+
+        extra = {"batch_rows": 2} if request.param == "numba-batch2" else {}
+
+    def run(policy_body: str, rows, **kwargs) -> Result:
+        return _adapt(engine(make_policy(policy_body), make_trace2(*rows), **kwargs, **extra))
+
+    return run
+
+
+SHADOW_BP = RAM_1K + """
+[[view]]
+name = "x"
+
+[breakpoints]
+at = 0x5010
+
+[[setup]]
+op = "change_gfn"
+view = "x"
+old = 5
+new = 1000
+
+[[setup]]
+op = "write_breakpoints"
+view = "x"
+
+[[setup]]
+op = "switch_p2m"
+view = "x"
+
+[on_breakpoint]
+action = "step"
+fast = {fast}
+"""
+
+
+def test_breakpoint_in_a_shadow_frame_is_stepped_into_view0(sim2):
+    res = sim2(SHADOW_BP.format(fast="false"), ["i1 x 5@0x10", "i1 r 600", "i2 x 5@0x20"])
+    # Setup: change_gfn prepopulates x with the host's 2M [0,511] and splits it (setup_splits
+    #   1); x[5] maps the frame of 1000. write_breakpoints x: x's entry at gfn 5 maps frame
+    #   1000: the INT3 is at (frame 1000, 0x10). View 0 maps gfn 5 to frame 5: no INT3 there.
+    # row0 (insn 1) fetch 0x5010 in x: the leaf permits x, first row, frame 1000 offset 0x10
+    #   holds the INT3 -> trap: int3_exits (x, gfn 5), breakpoint event, step to 0 (svm 1,
+    #   single-step on, return x) -> restart 1 in view 0: exit(0), lazy 4K -> restart 2 ->
+    #   fetch in view 0 (frame 5): done(0).
+    # row1 r 600: view 0, 2M region above mm 5 -> lazy 2M -> restart 3 -> rows 0, 1 done(0).
+    # row2 (insn 2): insn 1 ends: mtf, single-step event, back to x (svm 2); fetch 0x5020 in x:
+    #   frame 1000 offset 0x20, no INT3 -> done(1).
+    check(
+        res,
+        {"records": 3, "instructions": 2, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_4k": 1,
+         "lazy_copies_2m": 1, "lazy_copy_pages": 513, "int3_exits": 1, "breakpoint_events": 1,
+         "singlestep_events": 1, "mtf_exits": 1, "switches_vm_event": 2, "setup_splits": 1},
+        views={
+            1: {"records_completed": 1, "int3_exits": 1, "switches_in": 1, "pages_mapped": 512,
+                "leaves_4k": 512},
+            0: {"records_completed": 2, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 513,
+                "switches_in": 1, "pages_mapped": 513, "leaves_4k": 1, "leaves_2m": 1},
+        },
+        gfns={(1, 5): {"int3_exits": 1}, (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+              (0, 600): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+@pytest.mark.parametrize(("fast", "expected"), [("false", 248_400), ("true", 128_400)])
+def test_calibration_one_breakpoint_hit(sim2, fast, expected):
+    costs = effective_costs({})
+    one = sim2(SHADOW_BP.format(fast=fast), ["i1 x 5@0x10", "i2 x 7"])
+    two = sim2(SHADOW_BP.format(fast=fast), ["i1 x 5@0x10", "i2 x 7", "i3 x 5@0x10", "i4 x 7"])
+    # The second hit finds view 0 warm: int3 exit, breakpoint event, step to 0 (svm), the
+    # restarted fetch completes in view 0; at insn 4's start: mtf and a single-step event and
+    # svm back (not fast), or Xen's own switch back (fast); then x 7 completes in x.
+    # SPEC §8: 5000 + 2 x (90000 + 30000) + 3000 + 2 x 200 = 248,400; fast: one event, 128,400.
+    delta = _delta(two, one)
+    expected_delta = {"records": 2, "instructions": 2, "int3_exits": 1, "breakpoint_events": 1,
+                      "mtf_exits": 1, "switches_vm_event": 1, "restarts": 1}
+    expected_delta |= ({"switches_fast_ss": 1} if fast == "true"
+                       else {"singlestep_events": 1, "switches_vm_event": 2})
+    want = _full(expected_delta, "delta")
+    want.pop("crash_record")
+    want.pop("livelock_record")
+    assert delta == want
+    assert cycles(delta, costs)["cycles_total"] == expected
+
+
+def test_breakpoint_emulated_in_place(sim2):
+    res = sim2(SHADOW_BP.replace('action = "step"\nfast = {fast}', 'action = "emulate"'),
+               ["i1 x 5@0x10", "i1 r 600", "i2 x 6"])
+    # row0: trap in x (int3_exits, breakpoint event) -> emulate: emulations 1, the row and the
+    #   rest of insn 1 complete unchecked (records_emulated 1, then row1: 2). No restart.
+    # row2 x 6 in x: a prepopulated 4K piece -> done(1).
+    check(
+        res,
+        {"records": 3, "instructions": 2, "int3_exits": 1, "breakpoint_events": 1, "emulations": 1,
+         "records_emulated": 2, "setup_splits": 1},
+        views={1: {"records_completed": 1, "int3_exits": 1, "pages_mapped": 512, "leaves_4k": 512}},
+        gfns={(1, 5): {"int3_exits": 1}},
+    )
+
+
+CR3_POLICY = RAM_1K + """
+[[view]]
+name = "a"
+
+[[view]]
+name = "b"
+
+[on_cr3]
+{extra}
+
+[[on_cr3.switch]]
+cr3 = 0x1000
+to = "a"
+
+[[on_cr3.switch]]
+cr3 = "other"
+to = 0
+"""
+
+
+def test_cr3_writes_sync_events_switch_views(sim2):
+    res = sim2(CR3_POLICY.format(extra=""), ["cr3 0x1000", "r 5", "cr3 0x1000", "cr3 0x2000", "r 5"])
+    # No insn column: each row is an instruction. Every CR3 write exits ([on_cr3]).
+    # cr3 0x1000: the vCPU's first write (a change): sync event 1 -> rule 1: switch to a (svm 1).
+    # r 5 in a (fresh): exit(a), lazy 4K -> restart -> done(a).
+    # cr3 0x1000 again: unchanged, onchangeonly: exit, no event.
+    # cr3 0x2000: event 2 -> "other": switch to 0 (svm 2). r 5 in view 0: exit, lazy, done(0).
+    check(
+        res,
+        {"records": 2, "instructions": 5, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_4k": 2,
+         "lazy_copy_pages": 2, "control_records": 3, "cr3_writes": 3, "cr3_exits": 3,
+         "cr3_events": 2, "switches_vm_event": 2},
+        views={
+            1: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
+                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+            0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
+                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+        },
+        gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}, (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+@pytest.mark.parametrize(("onchangeonly", "events"), [("true", 2), ("false", 3)])
+def test_cr3_writes_async_events(sim2, onchangeonly, events):
+    res = sim2(RAM_1K + f"[on_cr3]\nsync = false\nonchangeonly = {onchangeonly}\n",
+               ["cr3 1", "cr3 1", "cr3 2"])
+    # Three writes, three exits; with onchangeonly the repeated value sends no event. Async
+    # events get no response (no switch) and, unlike n2rwx ones, restart nothing.
+    check(
+        res,
+        {"instructions": 3, "control_records": 3, "cr3_writes": 3, "cr3_exits": 3,
+         "async_events": events, "restarts": 0},
+        views={},
+        gfns={},
+    )
+
+
+def test_guest_vmfunc_switches_or_raises_ud(sim2):
+    res = sim2(
+        RAM_1K + """
+        [[view]]
+        name = "alt"
+
+        [[view]]
+        name = "hid"
+        visible = false
+
+        [[setup]]
+        op = "enable_notify"
+        vcpus = [0]
+        """,
+        ["v0 vmfunc 1", "v0 r 5", "v1 vmfunc 1", "v0 vmfunc 2", "v0 vmfunc 7"],
+    )
+    # v0 vmfunc 1: #VE/VMFUNC enabled on v0, view 1 active and visible: guest_vmfuncs 1,
+    #   switch (svf 1, switches_in[1]).
+    # v0 r 5 in alt: exit(1), lazy 4K -> restart -> done(1).
+    # v1 vmfunc 1: VMFUNC not enabled on v1 -> exit, #UD: vmfunc_exits.
+    # v0 vmfunc 2: invisible view -> vmfunc_exits. v0 vmfunc 7: no such view -> vmfunc_exits.
+    v0 = {"records": 1, "instructions": 4, "ept_exits": 1, "lazy_copies": 1, "lazy_copies_4k": 1,
+          "lazy_copy_pages": 1, "control_records": 3, "guest_vmfuncs": 1, "switches_vmfunc": 1,
+          "vmfunc_exits": 2}
+    v1 = {"instructions": 1, "control_records": 1, "vmfunc_exits": 1}
+    check(
+        res,
+        {k: v0.get(k, 0) + v1.get(k, 0) for k in set(v0) | set(v1)},
+        vcpus={0: v0, 1: v1},
+        views={1: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
+                   "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1}},
+        gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_host_drop_resets_the_view_that_remaps_it_and_a_map_restores_ram(sim2):
+    res = sim2(
+        RAM_1K + """
+        [[view]]
+        name = "s"
+
+        [[setup]]
+        op = "change_gfn"
+        view = "s"
+        old = 5
+        new = 1000
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "s"
+        """,
+        ["r 5", "drop 1000", "r 5", "map 1000", "r 1000"],
+    )
+    # Setup: s prepopulated with 2M [0,511] and split (setup_splits 1); s[5] -> frame 1000;
+    #   s's remap interval [1000, 1000]; its max_mapped 511.
+    # r 5: done(s).
+    # drop 1000 (the domain's): the host's 2M leaf [512,1023] (rwx) splits (superpage_splits
+    #   1) and 1000 becomes a hole: an entry that permitted something: one EPT sync, an IPI to
+    #   every vCPU (1). View 0 holds nothing; 1000 lies in s's remap interval: s is reset
+    #   (view_resets 1), max_mapped kept.
+    # r 5 in s: empty -> exit; 5 <= mm 511, the new root is empty -> hole 18; host 2M ->
+    #   lazy 2M [0,511] -> restart -> done(s) (5 maps its own frame again).
+    # map 1000: the host hole becomes a 4K RAM leaf (no sync: nothing was permitted; no split:
+    #   already 4K); no view holds 1000.
+    # r 1000 in s: 1000 > mm 511, 2M region above it -> hole 9; host leaf 4K -> lazy 4K -> done.
+    v0 = {"records": 3, "instructions": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_2m": 1,
+          "lazy_copies_4k": 1, "lazy_copy_pages": 513}
+    check(
+        res,
+        v0 | {"control_records": 2, "host_drops": 1, "host_maps": 1, "view_resets": 1,
+              "ept_syncs": 1, "ept_sync_ipis": 1, "superpage_splits": 1, "setup_splits": 1},
+        vcpus={0: v0},
+        views={1: {"records_completed": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 513,
+                   "resets": 1, "pages_mapped": 513, "leaves_2m": 1, "leaves_4k": 1}},
+        gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}, (1, 1000): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_host_drop_in_two_remap_intervals_resets_every_view_once(sim2):
+    remap = """
+        [[setup]]
+        op = "change_gfn"
+        view = "{v}"
+        old = 5
+        new = 1000
+    """
+    res = sim2(
+        RAM_1K + """
+        [[view]]
+        name = "a"
+
+        [[view]]
+        name = "b"
+        """ + remap.format(v="a") + remap.format(v="b"),
+        ["r 600", "drop 1000"],
+    )
+    # Setup: a and b each prepopulate 2M [0,511] and split it (setup_splits 2); both remap 5
+    #   to 1000: remap intervals [1000, 1000].
+    # r 600 in view 0: exit(0), lazy 2M [512,1023] -> restart -> done(0).
+    # drop 1000: host split (1) and hole: sync 1. Views in index order: view 0 (no remap)
+    #   holds 1000 in its 2M leaf: 4K removal, split (superpage_splits 2), sync 2. a: in its
+    #   interval -> reset. b: in its interval, a second hit -> every other active view is
+    #   reset (view 0 and b; a already was): view_resets 3. One vCPU: ept_sync_ipis 2.
+    v0 = {"records": 1, "instructions": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copies_2m": 1,
+          "lazy_copy_pages": 512}
+    check(
+        res,
+        v0 | {"control_records": 1, "host_drops": 1, "view_resets": 3, "ept_syncs": 2,
+              "ept_sync_ipis": 2, "superpage_splits": 2, "setup_splits": 2},
+        vcpus={0: v0},
+        views={0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 512,
+                   "resets": 1},
+               1: {"resets": 1}, 2: {"resets": 1}},
+        gfns={(0, 600): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_a_restart_executes_the_instructions_cr3_write_again(sim2):
+    res = sim2(RAM_1K + "[on_cr3]\nonchangeonly = false\n", ["i1 cr3 0x1000", "i1 r 5"])
+    # row0 (insn 1) cr3: exit, sync event 1 (no switch rules). row1 r 5: view 0 fresh: exit,
+    # lazy 4K -> restart -> the pass executes the CR3 write again (exit, event 2: onchangeonly
+    # is off) -> r 5 done(0).
+    check(
+        res,
+        {"records": 1, "instructions": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copies_4k": 1,
+         "lazy_copy_pages": 1, "control_records": 1, "cr3_writes": 2, "cr3_exits": 2,
+         "cr3_events": 2},
+        views={0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
+                   "pages_mapped": 1, "leaves_4k": 1}},
+        gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_guest_vmfunc_inside_a_restarted_instruction(sim2):
+    res = sim2(
+        RAM_1K + """
+        [[view]]
+        name = "alt"
+
+        [[setup]]
+        op = "enable_notify"
+        """,
+        ["i1 r 5", "i1 vmfunc 1", "i1 r 6"],
+    )
+    # row0 r 5 in view 0: exit(0), lazy 4K -> restart 1 -> done(0).
+    # row1 VMFUNC to alt: guest_vmfuncs 1, svf 1 (the pass's completion of row0 stays in 0).
+    # row2 r 6 in alt (fresh): exit(alt), lazy 4K -> restart 2, in alt: row0 r 5: exit(alt),
+    #   lazy -> restart 3 -> r 5 done(alt); the VMFUNC again (guest_vmfuncs 2, already in alt:
+    #   no switch); r 6 done(alt). The final pass completed both in alt; view 0's completion
+    #   was on an abandoned pass.
+    check(
+        res,
+        {"records": 2, "instructions": 1, "ept_exits": 3, "lazy_copies": 3, "lazy_copies_4k": 3,
+         "lazy_copy_pages": 3, "control_records": 1, "guest_vmfuncs": 2, "switches_vmfunc": 1},
+        views={0: {"ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1, "pages_mapped": 1,
+                   "leaves_4k": 1},
+               1: {"records_completed": 2, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 2,
+                   "switches_in": 1, "pages_mapped": 2, "leaves_4k": 2}},
+        gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1}, (1, 5): {"ept_exits": 1, "lazy_copies": 1},
+              (1, 6): {"ept_exits": 1, "lazy_copies": 1}},
+    )

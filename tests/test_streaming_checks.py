@@ -194,11 +194,11 @@ def test_validate_names_the_file_as_given(tmp_path, monkeypatch):
 
 def test_validate_reads_the_address_column_whatever_its_statistics(tmp_path):
     """gfns index the engine's tables: their range comes from the values, so a file whose
-    statistics are wrong cannot smuggle a gfn past the checks. insn/ip with clean
-    statistics are skipped."""
+    statistics are wrong cannot smuggle a gfn past the checks. insn and ip too: replay reads
+    and checks them, so validate must agree with it whatever the statistics say."""
     path, _ = _grouped_trace(tmp_path / "t.parquet")
     tr = traces.open_trace(path)
     v = traces.Validator(tr)
     with pq.ParquetFile(path) as pf:
         for g in range(tr.row_groups):
-            assert v.plan(pf, g) == ["gfn", "access", "vcpu", "tsc"]
+            assert v.plan(pf, g) == ["gfn", "access", "vcpu", "insn", "tsc"]

@@ -61,7 +61,22 @@ C_ACCESS_CHANGES = 21
 C_SPLITS = 22
 C_SHATTERS = 23
 C_MMIO = 24
-N_COUNTERS = 25
+C_RESTARTS = 25
+C_EPT_SYNCS = 26   # ept_sync_ipis follow from these and the trace's vCPU count (driver)
+C_BP_EVENTS = 27
+C_CR3_EVENTS = 28
+C_INT3 = 29
+C_CONTROL = 30
+C_CR3_WRITES = 31
+C_CR3_EXITS = 32
+C_GUEST_VMFUNCS = 33
+C_VMFUNC_EXITS = 34
+C_HOST_DROPS = 35
+C_HOST_MAPS = 36
+C_VIEW_RESETS = 37
+N_COUNTERS = 38
+# vc has one row per vCPU slot and a last row for domain-wide events (control rows op 3 and 4,
+# SPEC §7: in the total row only).
 
 # ---- per-view counters: pv[view, V_*]
 V_COMPLETED = 0
@@ -71,7 +86,9 @@ V_LAZY_PAGES = 3
 V_VIOLATIONS = 4
 V_VE = 5
 V_SWITCHES_IN = 6
-N_VIEW_COUNTERS = 7
+V_INT3 = 7
+V_RESETS = 8
+N_VIEW_COUNTERS = 9
 
 # ---- per-gfn table: htab[i] = key (view << 36 | gfn) + 1 (0: empty), then counters G_*.
 # One 64-byte row per entry, so an exit touches one cache line of it.
@@ -79,15 +96,17 @@ G_EXITS = 1
 G_VIOL_R = 2  # + kind (0 r, 1 w, 2 x)
 G_VE = 5
 G_LAZY = 6
-N_GFN_COUNTERS = 6
+G_INT3 = 7
+N_GFN_COUNTERS = 7
 H_WIDTH = 8
-# ---- per-ip table: itab[i] = ip, ept_exits, ve_delivered (24 bytes a row). A row is used iff
+# ---- per-ip table: itab[i] = ip, ept_exits, ve_delivered, int3_exits (32 bytes). A row is used iff
 # a count is nonzero: drain_log fills a row's key and one count together, and every ip value
 # is a valid key.
 I_IP = 0
 I_EXITS = 1
 I_VE = 2
-I_WIDTH = 3
+I_INT3 = 3
+I_WIDTH = 4
 # ---- event log: elog[j] = (htab key, event bits E_*, ip). The replay loop appends one entry
 # per exit or #VE; drain_log adds them to htab / itab. Appending is a sequential store, where
 # updating the tables in place cost a cache miss per exit (about 130 ns of 230 on the bench).
@@ -95,7 +114,8 @@ E_EXIT = 1       # event bit b counts into htab column G_EXITS + b
 E_VIOL_R = 2     # << kind
 E_VE = 16
 E_LAZY = 32
-E_HAS_IP = 64    # the row had an ip: count into itab too
+E_INT3 = 64
+E_HAS_IP = 128   # the row had an ip: count into itab too
 LOG_ROWS = 1 << 14
 
 # ---- fast-path cache: pmap[p, g] (uint8) = the kinds (r 1, w 2, x 4) an access to gfn g in
@@ -115,8 +135,33 @@ S_VES_RET = 7
 S_INSN = 8
 S_STARTED = 9
 S_EMUL = 10
-S_PENDING = 11    # 1 while any of SS_ON, VES_ON, VE_BUSY, EMUL is set: the instruction end has work
-N_VCPU_STATE = 12
+S_PENDING = 11    # 1 while any of SS_ON, VES_ON, VE_BUSY, EMUL, RESTARTS is set: the instruction end has work
+S_NROWS = 12      # rows of the current instruction (kept while execute waits for room)
+S_RESTARTS = 13   # restarts of the current instruction
+S_EXEC_J = 14     # where execute resumes: the row of the instruction to attempt next ...
+S_EXEC_K = 15     # ... and the batch index it scans from
+S_FIRST = 16      # where the instruction's rows are: see first_rows
+S_NSPILL = 17     # rows of the instruction spilled into ibuf at earlier batch ends
+S_PCOUNT = 18     # completions of the instruction's current pass in the vCPU's current view
+S_CR3 = 19        # the vCPU's CR3 as last written ...
+S_CR3_SEEN = 20   # ... once it has written one
+S_NSEG = 21       # pass segments: completions of this pass in views a control row left (pseg)
+N_VCPU_STATE = 22
+
+# ---- Restarts (SPEC §5) execute an instruction again from its first row. Its rows are found
+# in the batch (rows of the slot from S_FIRST on), after the ones an earlier batch held, which
+# spill_open copied into ibuf[slot, j, B_*] when that batch ended: nothing is stored per row.
+B_KEY = 0   # gfn << 3 | kind bit (1 r, 2 w, 4 x)
+B_ROW = 1   # global row index
+B_IP = 2    # instruction pointer (when the trace has one)
+B_ARG = 3   # control rows: arg (their B_KEY is op << 3: kind bit 0)
+B_BOFF = 4  # byte offset of the row's address in its page, -1 if unknown
+B_WIDTH = 5
+MAX_INSN_ROWS = 1024  # SPEC §2: an instruction has at most 1024 rows
+# S_FIRST: f >= 0, the instruction began at batch index f; CONT, it began in an earlier batch
+# (its rows so far are spilled) and has no row in this batch yet; else -(f + 1), it began in an
+# earlier batch and its rows here start at batch index f.
+CONT = -(1 << 62)
 
 # ---- global scalars: gs[GS_*]
 GS_NFREE = 0
@@ -131,7 +176,12 @@ GS_NEXT_WIN = 8
 GS_SPLITS = 9  # scratch: splits done by the last tree write
 GS_ICOUNT = 10  # entries in the per-ip table
 GS_LOGN = 11    # entries in the event log
-N_GS = 12
+GS_LIVELOCKED = 12
+GS_LIVELOCK_ROW = 13
+GS_RESUME = 14  # 1 + the vCPU slot whose instruction execute left half done for room, else 0
+GS_SYNCS = 15   # scratch: p2ms synced by the current step
+GS_ERR_VIEW = 16
+N_GS = 17
 
 # ---- domain scalars: dom[D_*]
 D_ALTP2M = 0
@@ -146,7 +196,13 @@ D_VE_TO = 8
 D_HOST_ACCESS = 9
 D_WINDOW = 10
 D_HEADROOM = 11
-N_DOM = 12
+D_CR3_ON = 12         # [on_cr3]: CR3-load exiting on
+D_CR3_SYNC = 13
+D_CR3_ONCHANGE = 14
+D_BP_ACTION = 15      # [on_breakpoint]: -1 none, 0 step, 1 emulate
+D_BP_TO = 16
+D_BP_FAST = 17
+N_DOM = 18
 
 # ---- statuses returned to the driver
 ST_DONE = 0
@@ -158,6 +214,15 @@ ST_RETRIES = 5
 ST_NO_ENTRY = 6   # setup: change_gfn / set_suppress_ve found no effective entry
 ST_NOT_RAM = 7    # setup: change_gfn old is not host RAM
 ST_NEED_IPHASH = 8
+ST_LIVELOCK = 9
+ST_LONG_INSN = 10  # an instruction of more than MAX_INSN_ROWS rows (GS_ERR_ROW names the row)
+
+# Outcomes of one attempt at a row (SPEC §5)
+R_DONE = 0
+R_RESTART = 1
+R_EMULATED = 2
+R_CRASH = 3
+R_UNMATCHED = 4
 
 # Monitor responses (policy.RESPONSE_CODES).
 A_STEP = 0
@@ -165,8 +230,8 @@ A_EMULATE = 1
 A_SWITCH = 2
 A_SET_ACCESS = 3
 
-MAX_RETRIES = 64
-LOG_SLACK = MAX_RETRIES + 2  # most log entries one access can append (one per attempt)
+MAX_RESTARTS = 64  # an instruction restarted more than this livelocks (SPEC §5)
+LOG_SLACK = 4      # log entries kept free before a row; execute checks before each attempt
 
 # Which of r(1)/w(2)/x(4) each p2m_access_t permits; rx2rw permits rx, n2rwx nothing.
 PERMITS = np.array([0, 1, 2, 3, 4, 5, 6, 7, 5, 0], dtype=np.int64)
@@ -264,6 +329,30 @@ def walk(pool, root, g):
     return pool[e >> MFN_SHIFT, g & 511], 1
 
 
+@njit(cache=True, inline="always")
+def visible(e, lv):
+    """Whether Xen's own lookups see entry ``e`` found at ``lv`` as a valid leaf: a 2 MiB or
+    1 GiB leaf whose bits permit nothing is an empty slot to them (SPEC §3)."""
+    return e & 3 == LEAF and (lv == 1 or PERMITS[(e >> 2) & 15] != 0)
+
+
+@njit(cache=True, inline="always")
+def xwalk(pool, root, g):
+    """Xen's lookup of ``g``: as ``walk``, but an invisible superpage reads as an empty slot
+    at its level (entry 0)."""
+    e, lv = walk(pool, root, g)
+    if e & 3 == LEAF and not visible(e, lv):
+        return np.int64(0), lv
+    return e, lv
+
+
+@njit(cache=True, inline="always")
+def permits_any(e, lv):
+    """Whether a rewrite or removal of entry ``e`` (at ``lv``) needs an EPT sync: a valid leaf
+    whose bits permitted something."""
+    return e & 3 == LEAF and PERMITS[(e >> 2) & 15] != 0
+
+
 @njit(cache=True)
 def alloc_node(pool, gs):
     n = gs[GS_NFREE]
@@ -305,7 +394,8 @@ def set_leaf(pool, gs, roots, maxm, p, g, level, entry):
     """Write ``entry`` as the leaf of entry ``level`` covering ``g`` in p2m ``p``.
 
     Creates missing tables, splits a larger leaf above it (splits land in gs[GS_SPLITS]),
-    and replaces whatever subtree the slot held, as ``ept_set_entry`` does.
+    and replaces whatever subtree the slot held, as ``ept_set_entry`` does. A larger leaf
+    Xen does not see (SPEC §3) is not split: it becomes an empty table.
     """
     node = roots[p]
     for lv in range(4, level, -1):
@@ -314,7 +404,7 @@ def set_leaf(pool, gs, roots, maxm, p, g, level, entry):
         k = e & 3
         if k == TABLE:
             node = e >> MFN_SHIFT
-        elif k == LEAF and lv <= 3:
+        elif k == LEAF and lv <= 3 and visible(e, lv):
             gs[GS_SPLITS] += split_leaf(pool, gs, node, idx, lv, level)
             node = pool[node, idx] >> MFN_SHIFT
         else:
@@ -340,14 +430,16 @@ def write_4k(pool, gs, roots, maxm, p, g, entry):
 def propagate(pool, gs, roots, maxm, active, g, host_entry):
     """Push the host's new 4 KiB entry for ``g`` into every active view holding ``g``.
 
-    Each view keeps its own suppress-VE bit. Returns splits.
+    Each view keeps its own suppress-VE bit. Returns splits; gs[GS_SYNCS] counts the views
+    whose rewritten entry permitted something.
     """
     splits = 0
     for p in range(1, len(roots)):
         if not active[p]:
             continue
-        e, lv = walk(pool, roots[p], g)
+        e, lv = xwalk(pool, roots[p], g)
         if e & 3 == LEAF:
+            gs[GS_SYNCS] += permits_any(e, lv)
             splits += write_4k(pool, gs, roots, maxm, p, g, with_sve(host_entry, e_sve(e)))
     return splits
 
@@ -356,11 +448,13 @@ def propagate(pool, gs, roots, maxm, active, g, host_entry):
 def host_set(pool, gs, roots, maxm, active, g, access, sve):
     """View-0 ``set_mem_access`` / ``set_suppress_ve``: host 4 KiB write, then propagate.
 
-    ``access`` or ``sve`` of -1 keeps the current value. Returns (done, splits).
+    ``access`` or ``sve`` of -1 keeps the current value. Returns (done, splits);
+    gs[GS_SYNCS] grows by the p2ms (host included) whose rewritten entry permitted something.
     """
-    e, lv = walk(pool, roots[0], g)
+    e, lv = xwalk(pool, roots[0], g)
     if e & 3 != LEAF:
         return False, 0
+    gs[GS_SYNCS] += permits_any(e, lv)
     new = piece_at(e, lv, g)
     if access >= 0:
         new = with_access(new, access)
@@ -377,10 +471,10 @@ def prepopulate(pool, gs, roots, maxm, dflt, dom, p, g):
 
     Returns (entry for g, splits) or (-1, 0) when the host does not map ``g``.
     """
-    e, lv = walk(pool, roots[p], g)
+    e, lv = xwalk(pool, roots[p], g)
     if e & 3 == LEAF:
         return piece_at(e, lv, g), 0
-    h, hl = walk(pool, roots[0], g)
+    h, hl = xwalk(pool, roots[0], g)
     if h & 3 != LEAF:
         return np.int64(-1), 0
     access = dflt[p] if dom[D_PREPOP_DEFAULT] else e_access(h)
@@ -395,10 +489,10 @@ def prepopulate(pool, gs, roots, maxm, dflt, dom, p, g):
 def effective_entry(pool, roots, p, g):
     """The 4 KiB entry for ``g`` Xen's setup ops use: view ``p``'s valid leaf, else the host's
     RAM leaf (no prepopulate), else -1."""
-    e, lv = walk(pool, roots[p], g)
+    e, lv = xwalk(pool, roots[p], g)
     if e & 3 == LEAF:
         return piece_at(e, lv, g)
-    h, hl = walk(pool, roots[0], g)
+    h, hl = xwalk(pool, roots[0], g)
     if h & 3 == LEAF:
         return piece_at(h, hl, g)
     return np.int64(-1)
@@ -464,7 +558,7 @@ def setup_gfns(op, pool, gs, roots, maxm, active, dflt, dom, p, gfns, arg, start
             return ST_NEED_NODES, i
         g = gfns[i]
         if op == 2:
-            h, hl = walk(pool, roots[0], g)
+            h, hl = xwalk(pool, roots[0], g)
             if h & 3 != LEAF:
                 set_leaf(pool, gs, roots, maxm, 0, g, 1, make_leaf(g + MFN_OFFSET, dom[D_HOST_ACCESS], 1))
             continue
@@ -475,7 +569,7 @@ def setup_gfns(op, pool, gs, roots, maxm, active, dflt, dom, p, gfns, arg, start
             if not done:
                 gs[GS_SETUP_SKIPPED] += 1
             continue
-        e, lv = walk(pool, roots[p], g)
+        e, lv = xwalk(pool, roots[p], g)
         if op == 0:
             if e & 3 == LEAF:
                 new = with_access(piece_at(e, lv, g), arg)
@@ -498,6 +592,28 @@ def setup_gfns(op, pool, gs, roots, maxm, active, dflt, dom, p, gfns, arg, start
                 removed = (piece_at(e, lv, g) & ~np.int64(3)) | REMOVED
                 gs[GS_SETUP_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, removed)
     return ST_DONE, len(gfns)
+
+
+@njit(cache=True)
+def setup_breakpoints(pool, gs, roots, maxm, dflt, dom, p, addrs, keys, start):
+    """``write_breakpoints`` into view p2m ``p`` (SPEC §4): keys[i] = mfn << 12 | offset of
+    the frame ``p``'s effective entry maps at addrs[i] (int64 (n,) byte addresses), prepopulating
+    a view >= 1 as set_mem_access does; -1 where the gfn is not RAM (setup_skipped)."""
+    for i in range(start, len(addrs)):
+        if pool.shape[0] - gs[GS_NFREE] < dom[D_HEADROOM]:
+            return ST_NEED_NODES, i
+        g = addrs[i] >> 12
+        if p >= 2:
+            cur, splits = prepopulate(pool, gs, roots, maxm, dflt, dom, p, g)
+            gs[GS_SETUP_SPLITS] += splits
+        else:
+            cur = effective_entry(pool, roots, p, g)
+        if cur < 0:
+            gs[GS_SETUP_SKIPPED] += 1
+            keys[i] = -1
+        else:
+            keys[i] = ((cur >> MFN_SHIFT) << 12) | (addrs[i] & 4095)
+    return ST_DONE, len(addrs)
 
 
 @njit(cache=True)
@@ -537,22 +653,40 @@ def fast_bits(e, lv, exec_sp):
 
 
 @njit(cache=True, inline="always")
-def completes(pmap, pool, root, p, g, kb, exec_sp):
+def completes(pmap, pool, root, p, g, kb, exec_sp, bpmfn):
     """Whether an access of kind bit ``kb`` to gfn ``g`` completes in p2m ``p`` (tree ``root``)
     without leaving the fast path: (done, e, lv), the walk's entry and level when it walked.
 
     The cache answers when it knows the kind; otherwise the tree is walked and the cache
     refilled. 0 <= g: a gfn of 2^63 or more is negative here (traces are checked, but a file
     whose statistics lie can slip one past); the cache is never indexed out of bounds.
+    A fetch from a frame holding breakpoints (``bpmfn``, int64 sorted mfns) never completes
+    here: the slow path checks whether it traps.
     """
     cached = 0 <= g < pmap.shape[1]
     if cached and pmap[p, g] & kb:
         return True, np.int64(0), 0
     e, lv = walk(pool, root, g)
     bits = fast_bits(e, lv, exec_sp)
+    if bits & 4 and len(bpmfn) and sorted_has(bpmfn, piece_at(e, lv, g) >> MFN_SHIFT):
+        bits &= 3
     if cached:
         pmap[p, g] = bits
     return (bits & kb) != 0, e, lv
+
+
+@njit(cache=True, inline="always")
+def sorted_has(arr, x):
+    """Whether sorted int64 ``arr`` holds ``x`` (binary search)."""
+    lo = 0
+    hi = len(arr)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if arr[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < len(arr) and arr[lo] == x
 
 
 @njit(cache=True, inline="always")
@@ -607,6 +741,7 @@ def drain_log(elog, gs, htab, itab):
             r = ip_slot(itab, gs, elog[j, 2])
             itab[r, I_EXITS] += bits & E_EXIT
             itab[r, I_VE] += (bits >> 4) & 1
+            itab[r, I_INT3] += (bits >> 6) & 1
     gs[GS_LOGN] = 0
 
 
@@ -639,7 +774,7 @@ def ip_slot(itab, gs, ip):
     mask = itab.shape[0] - 1
     i = hash_row(ip, mask)
     while True:
-        if itab[i, I_EXITS] == 0 and itab[i, I_VE] == 0:
+        if itab[i, I_EXITS] == 0 and itab[i, I_VE] == 0 and itab[i, I_INT3] == 0:
             itab[i, I_IP] = ip
             gs[GS_ICOUNT] += 1
             return i
@@ -672,6 +807,8 @@ def end_instruction(vst, vc, pv, s):
         vst[s, S_VES_ON] = 0
     vst[s, S_VE_BUSY] = 0
     vst[s, S_EMUL] = 0
+    vst[s, S_RESTARTS] = 0
+    vst[s, S_NSEG] = 0
     vst[s, S_PENDING] = 0
 
 
@@ -700,167 +837,516 @@ def match_rule(rules, granges, view, kind, g):
 
 
 @njit(cache=True, inline="always")
-def access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
-                rules, granges, s, g, kind, row, e, lv, has_ip, ipv, pmap):
-    """SPEC §5 steps 1-8 for one access that did not complete on the fast path.
+def rewrite_4k(pool, gs, roots, maxm, vc, pmap, s, p, g, e, lv, access):
+    """A replay-time 4 KiB access rewrite of the valid leaf ``e`` (at ``lv``) covering ``g``
+    in p2m ``p``, by vCPU slot ``s``: splits, the EPT sync and access_changes counted."""
+    vc[s, C_EPT_SYNCS] += permits_any(e, lv)
+    vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), access))
+    forget(pmap, p, g, 1)
+    vc[s, C_ACCESS_CHANGES] += 1
 
-    ``e``, ``lv``: the fast path's walk of the current view, reused by the first pass.
+
+@njit(cache=True, inline="always")
+def attempt(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
+            rules, granges, s, g, kind, row, e, lv, has_ip, ipv, pmap, bpkey, first, boffv):
+    """One attempt of SPEC §5 steps 2-8 at a row that the walk (``e``, ``lv``) of the vCPU's
+    current view did not complete on the fast path; returns an outcome R_*.
+
     Exits and #VEs go to the event log ``elog``, with the row's instruction pointer ``ipv``
-    when ``has_ip``. Every tree write clears the gfns it covers from the fast-path cache ``pmap``.
+    when ``has_ip``. Every tree write clears the gfns it covers from the fast-path cache
+    ``pmap``. A completion is counted by the caller. ``first``: the row is its instruction's
+    first; ``boffv``: its byte offset in the page (-1 unknown), for breakpoints ``bpkey``
+    (int64 sorted mfn << 12 | offset).
     """
     kb = np.int64(1) << kind
-    altp2m = dom[D_ALTP2M]
-    for attempt in range(MAX_RETRIES + 1):
-        view, p, root = current_view(vst, roots, s, altp2m)
-        if attempt > 0:  # after a switch or a tree write
-            done, e, lv = completes(pmap, pool, root, p, g, kb, dom[D_EXEC_SP])
-            if done:
-                pv[view, V_COMPLETED] += 1
-                return ST_DONE
-        k = e & 3
-        acc = (e >> 2) & 15
-        permitted = k == LEAF and (PERMITS[acc] & kb) != 0
-        shatter = permitted and kind == 2 and lv > 1 and not dom[D_EXEC_SP]
-        if permitted and not shatter:
-            pv[view, V_COMPLETED] += 1
-            return ST_DONE
-        # 3. #VE: the deciding entry is the leaf (valid or removed); an empty slot has sve 1.
-        sve = (e >> 6) & 1 if k >= LEAF else 1
-        if vst[s, S_VE_EN] and sve == 0:
-            if not vst[s, S_VE_BUSY]:
-                vc[s, C_VE] += 1
-                pv[view, V_VE] += 1
-                log_event(elog, gs, view, g, E_VE, has_ip, ipv)
-                vst[s, S_VE_BUSY] = 1
-                vst[s, S_PENDING] = 1
-                act = dom[D_VE_ACTION]
-                if act == 2:
-                    vc[s, C_VE_EMUL] += 1
-                    vc[s, C_REC_EMUL] += 1
-                    vst[s, S_EMUL] = 1
-                    return ST_DONE
-                if act == 0:
-                    vst[s, S_VES_ON] = 1
-                    vst[s, S_VES_RET] = view
+    view, p, root = current_view(vst, roots, s, dom[D_ALTP2M])
+    k = e & 3
+    acc = (e >> 2) & 15
+    permitted = k == LEAF and (PERMITS[acc] & kb) != 0
+    shatter = permitted and kind == 2 and lv > 1 and not dom[D_EXEC_SP]
+    if permitted and not shatter:
+        # 2. an instruction's first fetch at a breakpoint of the frame this leaf maps traps
+        if (kind == 2 and first and boffv >= 0 and len(bpkey)
+                and sorted_has(bpkey, ((piece_at(e, lv, g) >> MFN_SHIFT) << 12) | boffv)):
+            return breakpoint_hit(vst, vc, pv, elog, gs, dom, s, view, g, has_ip, ipv)
+        return R_DONE
+    # 3. #VE: the deciding entry is the leaf the hardware found (valid, removed or
+    # invisible: each keeps its bit); an empty slot has sve 1.
+    sve = (e >> 6) & 1 if k >= LEAF else 1
+    if vst[s, S_VE_EN] and sve == 0:
+        if not vst[s, S_VE_BUSY]:
+            vc[s, C_VE] += 1
+            pv[view, V_VE] += 1
+            log_event(elog, gs, view, g, E_VE, has_ip, ipv)
+            vst[s, S_VE_BUSY] = 1
+            vst[s, S_PENDING] = 1
+            act = dom[D_VE_ACTION]
+            if act == 2:
+                vc[s, C_VE_EMUL] += 1
+                return R_EMULATED
+            if act == 0:
+                vst[s, S_VES_ON] = 1
+                vst[s, S_VES_RET] = view
+            if act >= 0:
                 switch_view(vst, vc, pv, s, dom[D_VE_TO], C_SW_VMFUNC)
-                continue
-            vc[s, C_VE_BLOCKED] += 1
-        # 4. VM exit
-        vc[s, C_EPT_EXITS] += 1
-        pv[view, V_EXITS] += 1
-        ev = log_event(elog, gs, view, g, E_EXIT, has_ip, ipv)
-        if k != LEAF:
-            h, hl = walk(pool, roots[0], g) if p != 0 else (e, lv)
-            if p != 0 and h & 3 == LEAF:
-                # 5. lazy copy at min(host order, hole order)
-                host_order = level_order(hl)
-                if g > maxm[p]:
-                    if (g & ~np.int64((1 << 18) - 1)) > maxm[p]:
-                        hole = 18
-                    elif (g & ~np.int64(511)) > maxm[p]:
-                        hole = 9
-                    else:
-                        hole = 0
-                else:
-                    hole = 18 if lv >= 3 else level_order(lv)
-                order = min(host_order, hole) if dom[D_LAZY_MIN] else host_order
-                level = order // 9 + 1
-                base = g & ~((np.int64(1) << order) - 1)
-                access = dflt[p] if dom[D_LAZY_DEFAULT] else e_access(h)
-                src = piece_at(h, hl, base)
-                set_leaf(pool, gs, roots, maxm, p, base, level, with_sve(with_access(src, access), 1))
-                pages = np.int64(1) << order
-                forget(pmap, p, base, pages)
-                vc[s, C_LAZY] += 1
-                vc[s, C_LAZY_4K + level - 1] += 1
-                vc[s, C_LAZY_PAGES] += pages
-                pv[view, V_LAZY] += 1
-                pv[view, V_LAZY_PAGES] += pages
-                elog[ev, 1] |= E_LAZY
-                continue
+            return R_RESTART
+        vc[s, C_VE_BLOCKED] += 1
+    # 4. VM exit
+    vc[s, C_EPT_EXITS] += 1
+    pv[view, V_EXITS] += 1
+    ev = log_event(elog, gs, view, g, E_EXIT, has_ip, ipv)
+    if not visible(e, lv):
+        # no leaf Xen sees: an empty slot, a removed leaf or an invisible superpage
+        h, hl = xwalk(pool, roots[0], g) if p != 0 else (np.int64(0), 4)
+        if h & 3 != LEAF:
             # 6. hole: emulated MMIO
             vc[s, C_MMIO] += 1
-            return ST_DONE
-        if not permitted:
-            # 7. access violation
-            vc[s, C_VIOLATIONS] += 1
-            pv[view, V_VIOLATIONS] += 1
-            elog[ev, 1] |= E_VIOL_R << kind
-            if acc == 8 and kind == 1:
-                vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), 3))
-                forget(pmap, p, g, 1)
-                vc[s, C_ACCESS_CHANGES] += 1
-                continue
-            n2 = acc == 9
-            if n2:
-                vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), 7))
-                forget(pmap, p, g, 1)
-                vc[s, C_ACCESS_CHANGES] += 1
-            if not dom[D_MONITOR]:
-                if dom[D_ACCESS_REQUIRED]:
-                    gs[GS_CRASHED] = 1
-                    gs[GS_CRASH_ROW] = row
-                    return ST_CRASH
-                if not n2:
-                    vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), 7))
-                    forget(pmap, p, g, 1)
-                    vc[s, C_ACCESS_CHANGES] += 1
-                continue
-            if n2:
-                vc[s, C_ASYNC] += 1
-                continue
-            vc[s, C_MEM_ACCESS] += 1
-            r = match_rule(rules, granges, view, kind, g)
-            if r < 0:
-                gs[GS_ERR_ROW] = row
-                return ST_UNMATCHED
-            action = rules[r, 4]
-            if action == A_STEP:
-                if not vst[s, S_SS_ON]:
-                    vst[s, S_SS_ON] = 1
-                    vst[s, S_PENDING] = 1
-                    vst[s, S_SS_RET] = view
-                    vst[s, S_SS_FAST] = rules[r, 6]
-                switch_view(vst, vc, pv, s, rules[r, 5], C_SW_EVENT)
-            elif action == A_EMULATE:
-                vc[s, C_EMULATIONS] += 1
-                vc[s, C_REC_EMUL] += 1
-                vst[s, S_EMUL] = 1
-                vst[s, S_PENDING] = 1
-                return ST_DONE
-            elif action == A_SWITCH:
-                switch_view(vst, vc, pv, s, rules[r, 5], C_SW_EVENT)
+            return R_DONE
+        # 5. lazy copy at min(host order, hole order)
+        host_order = level_order(hl)
+        if g > maxm[p]:
+            if (g & ~np.int64((1 << 18) - 1)) > maxm[p]:
+                hole = 18
+            elif (g & ~np.int64(511)) > maxm[p]:
+                hole = 9
             else:
-                if p <= 1:  # view 0 (or the host itself): Xen's set_mem_access on the host
-                    _, splits = host_set(pool, gs, roots, maxm, active, g, rules[r, 7], -1)
-                    vc[s, C_SPLITS] += splits
-                    for q in range(pmap.shape[0]):  # the host and every view it propagated to
-                        forget(pmap, q, g, 1)
-                else:
-                    vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g,
-                                                with_access(piece_at(e, lv, g), rules[r, 7]))
-                    forget(pmap, p, g, 1)
-                vc[s, C_ACCESS_CHANGES] += 1
+                hole = 0
+        else:
+            hole = 18 if lv >= 3 else level_order(lv)
+        order = min(host_order, hole) if dom[D_LAZY_MIN] else host_order
+        level = order // 9 + 1
+        base = g & ~((np.int64(1) << order) - 1)
+        if not dom[D_LAZY_MIN] and slot_holds_table(pool, roots[p], base, level):
+            vc[s, C_EPT_SYNCS] += 1  # the copy replaces a table: present entries go
+        access = dflt[p] if dom[D_LAZY_DEFAULT] else e_access(h)
+        src = piece_at(h, hl, base)
+        set_leaf(pool, gs, roots, maxm, p, base, level, with_sve(with_access(src, access), 1))
+        pages = np.int64(1) << order
+        forget(pmap, p, base, pages)
+        vc[s, C_LAZY] += 1
+        vc[s, C_LAZY_4K + level - 1] += 1
+        vc[s, C_LAZY_PAGES] += pages
+        pv[view, V_LAZY] += 1
+        pv[view, V_LAZY_PAGES] += pages
+        elog[ev, 1] |= E_LAZY
+        return R_RESTART
+    if not permitted:
+        # 7. access violation
+        vc[s, C_VIOLATIONS] += 1
+        pv[view, V_VIOLATIONS] += 1
+        elog[ev, 1] |= E_VIOL_R << kind
+        if acc == 8 and kind == 1:
+            rewrite_4k(pool, gs, roots, maxm, vc, pmap, s, p, g, e, lv, 3)
+            return R_RESTART
+        n2 = acc == 9
+        if n2:
+            rewrite_4k(pool, gs, roots, maxm, vc, pmap, s, p, g, e, lv, 7)
+        if not dom[D_MONITOR]:
+            if dom[D_ACCESS_REQUIRED]:
+                gs[GS_CRASHED] = 1
+                gs[GS_CRASH_ROW] = row
+                return R_CRASH
+            if not n2:
+                rewrite_4k(pool, gs, roots, maxm, vc, pmap, s, p, g, e, lv, 7)
+            return R_RESTART
+        if n2:
+            vc[s, C_ASYNC] += 1
+            return R_RESTART
+        vc[s, C_MEM_ACCESS] += 1
+        r = match_rule(rules, granges, view, kind, g)
+        if r < 0:
+            gs[GS_ERR_ROW] = row
+            gs[GS_ERR_GFN] = g
+            gs[GS_ERR_VIEW] = view
+            return R_UNMATCHED
+        action = rules[r, 4]
+        if action == A_STEP:
+            single_step(vst, vc, pv, s, view, rules[r, 5], rules[r, 6])
+        elif action == A_EMULATE:
+            vc[s, C_EMULATIONS] += 1
+            return R_EMULATED
+        elif action == A_SWITCH:
+            switch_view(vst, vc, pv, s, rules[r, 5], C_SW_EVENT)
+        elif p <= 1:
+            # view 0 (or the host itself): Xen's set_mem_access on the host, propagated
+            gs[GS_SYNCS] = 0
+            _, splits = host_set(pool, gs, roots, maxm, active, g, rules[r, 7], -1)
+            vc[s, C_SPLITS] += splits
+            vc[s, C_EPT_SYNCS] += gs[GS_SYNCS]
+            vc[s, C_ACCESS_CHANGES] += 1
+            for q in range(pmap.shape[0]):  # the host and every view it propagated to
+                forget(pmap, q, g, 1)
+        else:
+            rewrite_4k(pool, gs, roots, maxm, vc, pmap, s, p, g, e, lv, rules[r, 7])
+        return R_RESTART
+    # 8. XSA-304: execute on a superpage with exec_sp = false shatters it
+    vc[s, C_EPT_SYNCS] += 1
+    write_4k(pool, gs, roots, maxm, p, g, piece_at(e, lv, g))
+    forget(pmap, p, g, 1)
+    vc[s, C_SHATTERS] += 1
+    return R_RESTART
+
+
+@njit(cache=True, inline="always")
+def single_step(vst, vc, pv, s, view, to, fast):
+    """A monitor's step response (SPEC §6.1): switch to ``to``; single-step on with return
+    view ``view``, unless already on: then Xen's flags decide (not fast toggles it off, fast
+    keeps it on with the new return view)."""
+    if not vst[s, S_SS_ON]:
+        vst[s, S_SS_ON] = 1
+        vst[s, S_SS_RET] = view
+        vst[s, S_SS_FAST] = fast
+    elif not fast:
+        vst[s, S_SS_ON] = 0
+    else:
+        vst[s, S_SS_RET] = view
+        vst[s, S_SS_FAST] = 1
+    vst[s, S_PENDING] = 1
+    switch_view(vst, vc, pv, s, to, C_SW_EVENT)
+
+
+@njit(cache=True, inline="always")
+def breakpoint_hit(vst, vc, pv, elog, gs, dom, s, view, g, has_ip, ipv):
+    """SPEC §6.4: the #BP exit, the breakpoint event and its response; an R_* outcome."""
+    vc[s, C_INT3] += 1
+    pv[view, V_INT3] += 1
+    log_event(elog, gs, view, g, E_INT3, has_ip, ipv)
+    vc[s, C_BP_EVENTS] += 1
+    if dom[D_BP_ACTION] == 1:
+        vc[s, C_EMULATIONS] += 1
+        return R_EMULATED
+    single_step(vst, vc, pv, s, view, dom[D_BP_TO], dom[D_BP_FAST])
+    return R_RESTART
+
+
+@njit(cache=True, inline="always")
+def slot_holds_table(pool, root, g, level):
+    """Whether the entry of ``level`` covering ``g`` is a table (walking only through tables)."""
+    node = root
+    for lv in range(4, level - 1, -1):
+        e = pool[node, (g >> level_order(lv)) & 511]
+        if e & 3 != TABLE:
+            return False
+        if lv == level:
+            return True
+        node = e >> MFN_SHIFT
+    return False
+
+
+# Not inlined: inlined into the replay loop it tripled the kernels' compile time for no
+# measurable gain; compiled without reference counting, as replay_batch, so a call does not
+# incref and decref its ~30 arrays. ``bt`` is the batch: (gfn int64, access uint8, vcpu uint16, ip int64, op uint8, arg int64,
+# boff int64), each (n,); ``aux`` the run's lookup tables: (bpmfn, bpkey, cr3r, vis, pseg),
+# see replay_batch.
+@njit(cache=True, _nrt=False)
+def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
+            rules, granges, ibuf, pmap, bt, aux, has_ip, has_op, lut, start_row,
+            s, j, k, e, lv, has_walk):
+    """Execute vCPU slot ``s``'s instruction from its row ``j`` to its newest row (SPEC §5):
+    one attempt per access row (control rows op 1 and 2 take effect again), and from the first
+    row again after each restart, until the newest row completes. Returns an ST_* status.
+
+    Row ``j`` is ibuf[s, j] while j < the spilled rows, else the next row of slot ``s`` at
+    batch index ``k`` or later; ``j`` < 0 names the newest row, at ``k``. (``e``, ``lv``) is
+    the fast path's walk for row ``j`` when ``has_walk``. Before each attempt there must be
+    room for its tree writes and its log entry; without it the place is saved (S_EXEC_J,
+    S_EXEC_K, GS_RESUME) and the driver calls again after growing.
+    """
+    gfn, access, vcpu, ip, op, arg, boff = bt
+    bpmfn, bpkey, cr3r, vis, pseg = aux
+    nsp, first = first_rows(vst, s)
+    if j < 0:
+        # the instruction's rows: the spilled ones, then the slot's rows from ``first`` to k
+        n = nsp
+        for t in range(first, k + 1):
+            n += lut[vcpu[t]] == s and not (has_op and op[t] >= 3)
+        if n > MAX_INSN_ROWS:
+            gs[GS_ERR_ROW] = start_row + k
+            return ST_LONG_INSN
+        vst[s, S_NROWS] = n
+        j = n - 1
+    last = vst[s, S_NROWS] - 1
+    altp2m = dom[D_ALTP2M]
+    exec_sp = dom[D_EXEC_SP]
+    while True:
+        if pool.shape[0] - gs[GS_NFREE] < dom[D_HEADROOM] or gs[GS_LOGN] + 1 > elog.shape[0]:
+            if pool.shape[0] - gs[GS_NFREE] >= dom[D_HEADROOM]:
+                st = drain_status(gs, htab, itab)
+                if st == ST_DONE:
+                    drain_log(elog, gs, htab, itab)
+                    continue
+            else:
+                st = ST_NEED_NODES
+            vst[s, S_EXEC_J] = j
+            vst[s, S_EXEC_K] = k
+            gs[GS_RESUME] = s + 1
+            return st
+        if j < nsp:
+            key = ibuf[s, j, B_KEY]
+            kb = key & 7
+            g = key >> 3
+            row = ibuf[s, j, B_ROW]
+            ipv = ibuf[s, j, B_IP]
+            argv = ibuf[s, j, B_ARG]
+            boffv = ibuf[s, j, B_BOFF]
+        else:
+            while lut[vcpu[k]] != s or (has_op and op[k] >= 3):
+                k += 1
+            kb = KIND_BIT[access[k]] if not (has_op and op[k]) else 0
+            g = gfn[k] if kb else np.int64(op[k])
+            row = start_row + k
+            ipv = ip[k] if has_ip else np.int64(0)
+            argv = arg[k] if has_op else np.int64(0)
+            boffv = boff[k] if len(bpkey) else np.int64(-1)
+        if kb == 0:
+            # a control row of the instruction: it takes effect again on every pass
+            control(vst, vc, pv, dom, cr3r, vis, pseg, s, g, argv)
+            if j == last:
+                return ST_DONE
+            if j >= nsp:
+                k += 1
+            j += 1
             continue
-        # 8. XSA-304: execute on a superpage with exec_sp = false shatters it
-        write_4k(pool, gs, roots, maxm, p, g, piece_at(e, lv, g))
-        forget(pmap, p, g, 1)
-        vc[s, C_SHATTERS] += 1
-    gs[GS_ERR_ROW] = row
-    return ST_RETRIES
+        view, p, root = current_view(vst, roots, s, altp2m)
+        if has_walk:
+            has_walk = False
+            done = False
+        else:
+            done, e, lv = completes(pmap, pool, root, p, g, kb, exec_sp, bpmfn)
+        if done:
+            out = R_DONE
+        else:
+            out = attempt(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
+                          rules, granges, s, g, KIND_OF_BIT[kb], row, e, lv, has_ip, ipv, pmap,
+                          bpkey, j == 0, boffv)
+        if out == R_DONE:
+            if done or visible(e, lv):  # MMIO rows are not completions
+                pv[view, V_COMPLETED] += 1
+                vst[s, S_PCOUNT] += 1
+            if j == last:
+                return ST_DONE
+            if j >= nsp:
+                k += 1
+            j += 1
+        elif out == R_RESTART:
+            if vst[s, S_RESTARTS] == MAX_RESTARTS:
+                gs[GS_LIVELOCKED] = 1
+                gs[GS_LIVELOCK_ROW] = row
+                return ST_LIVELOCK
+            vst[s, S_RESTARTS] += 1
+            vst[s, S_PENDING] = 1  # the instruction end clears the restart count
+            vc[s, C_RESTARTS] += 1
+            # completions of the abandoned pass do not count (SPEC §5: final pass only); those
+            # before the attempt's switch are in the view the attempt ran in
+            retract_pass(vst, pv, pseg, s, view)
+            j = 0
+            k = first
+        elif out == R_EMULATED:
+            # this row and the rest of the instruction complete without checks: its access
+            # rows, whose control rows take effect (Xen emulates VMFUNC and mov cr3)
+            vc[s, C_REC_EMUL] += 1
+            kk = k + 1 if j >= nsp else first
+            for t in range(j + 1, last + 1):
+                if t < nsp:
+                    o = (ibuf[s, t, B_KEY] >> 3) if (ibuf[s, t, B_KEY] & 7) == 0 else 0
+                    argt = ibuf[s, t, B_ARG]
+                else:
+                    while lut[vcpu[kk]] != s or (has_op and op[kk] >= 3):
+                        kk += 1
+                    o = op[kk] if has_op else 0
+                    argt = arg[kk] if has_op else np.int64(0)
+                    kk += 1
+                if o:
+                    control(vst, vc, pv, dom, cr3r, vis, pseg, s, o, argt)
+                else:
+                    vc[s, C_REC_EMUL] += 1
+            vst[s, S_EMUL] = 1
+            vst[s, S_PENDING] = 1
+            return ST_DONE
+        elif out == R_CRASH:
+            return ST_CRASH
+        else:
+            return ST_UNMATCHED
+
+
+@njit(cache=True, inline="always")
+def retract_pass(vst, pv, pseg, s, view):
+    """Take back the completions of slot ``s``'s current pass: S_PCOUNT in ``view`` and the
+    segments control rows left in other views."""
+    pv[view, V_COMPLETED] -= vst[s, S_PCOUNT]
+    vst[s, S_PCOUNT] = 0
+    for t in range(vst[s, S_NSEG]):
+        pv[pseg[s, t, 0], V_COMPLETED] -= pseg[s, t, 1]
+    vst[s, S_NSEG] = 0
+
+
+@njit(cache=True, inline="always")
+def control_switch(vst, vc, pv, pseg, s, to, counter):
+    """A view switch by a control row inside an instruction: the pass's completions so far
+    stay attributed to the view they happened in (a segment per view)."""
+    old = vst[s, S_VIEW]
+    if old == to:
+        return
+    c = vst[s, S_PCOUNT]
+    if c:
+        n = vst[s, S_NSEG]
+        t = 0
+        while t < n and pseg[s, t, 0] != old:
+            t += 1
+        if t == n:
+            pseg[s, t, 0] = old
+            pseg[s, t, 1] = 0
+            vst[s, S_NSEG] = n + 1
+        pseg[s, t, 1] += c
+        vst[s, S_PCOUNT] = 0
+        vst[s, S_PENDING] = 1  # the instruction end clears the segments
+    switch_view(vst, vc, pv, s, to, counter)
+
+
+@njit(cache=True, inline="always")
+def control(vst, vc, pv, dom, cr3r, vis, pseg, s, o, argv):
+    """SPEC §6.5: a guest VMFUNC (op 1) or CR3 write (op 2) of vCPU slot ``s`` takes effect.
+
+    ``cr3r`` int64 (m, 3): [[on_cr3.switch]] rules (value, matches any, view); ``vis`` int64
+    (views,): 1 for views a guest VMFUNC may reach (active and visible after setup)."""
+    if o == 1:
+        if vst[s, S_VE_EN] and 0 <= argv < len(vis) and vis[argv]:
+            vc[s, C_GUEST_VMFUNCS] += 1
+            control_switch(vst, vc, pv, pseg, s, argv, C_SW_VMFUNC)
+        else:
+            vc[s, C_VMFUNC_EXITS] += 1  # the CPU exits and Xen injects #UD
+        return
+    vc[s, C_CR3_WRITES] += 1
+    if dom[D_CR3_ON]:
+        vc[s, C_CR3_EXITS] += 1
+        if not dom[D_CR3_ONCHANGE] or not vst[s, S_CR3_SEEN] or vst[s, S_CR3] != argv:
+            if dom[D_CR3_SYNC]:
+                vc[s, C_CR3_EVENTS] += 1
+                for r in range(cr3r.shape[0]):
+                    if cr3r[r, 1] or cr3r[r, 0] == argv:
+                        control_switch(vst, vc, pv, pseg, s, cr3r[r, 2], C_SW_EVENT)
+                        break
+            else:
+                vc[s, C_ASYNC] += 1
+    vst[s, S_CR3] = argv
+    vst[s, S_CR3_SEEN] = 1
+
+
+@njit(cache=True, inline="always")
+def reset_view(pool, gs, roots, remap, pmap, vc, pv, d, p):
+    """Reset view p2m ``p`` (SPEC §6.5): every entry gone, remap interval cleared, max_mapped
+    kept; its vCPUs stay and refill it lazily."""
+    roots[p] = alloc_node(pool, gs)
+    remap[p, 0] = np.int64(1) << 62
+    remap[p, 1] = -1
+    pmap[p, :] = 0
+    vc[d, C_VIEW_RESETS] += 1
+    pv[p - 1, V_RESETS] += 1
+
+
+@njit(cache=True)
+def host_change(pool, gs, roots, maxm, active, dom, remap, pmap, vc, pv, o, g):
+    """SPEC §6.5 host drop (op 3) or map (op 4) of gfn ``g``, counted in the domain row of
+    ``vc`` (its last)."""
+    d = vc.shape[0] - 1
+    e, lv = xwalk(pool, roots[0], g)
+    vc[d, C_EPT_SYNCS] += permits_any(e, lv)
+    for q in range(pmap.shape[0]):
+        forget(pmap, q, g, 1)
+    if o == 4:
+        sve = e_sve(e) if e & 3 == LEAF else 1
+        new = make_leaf(g + MFN_OFFSET, dom[D_HOST_ACCESS], sve)
+        vc[d, C_SPLITS] += write_4k(pool, gs, roots, maxm, 0, g, new)
+        gs[GS_SYNCS] = 0
+        vc[d, C_SPLITS] += propagate(pool, gs, roots, maxm, active, g, new)
+        vc[d, C_EPT_SYNCS] += gs[GS_SYNCS]
+        vc[d, C_HOST_MAPS] += 1
+        return
+    # the host entry becomes a hole (written even when it is one already)
+    vc[d, C_SPLITS] += write_4k(pool, gs, roots, maxm, 0, g, (e & ~np.int64(3)) | REMOVED if e & 3 == LEAF else np.int64(0))
+    vc[d, C_HOST_DROPS] += 1
+    hit = -1
+    for p in range(1, len(roots)):
+        if not active[p]:
+            continue
+        if remap[p, 0] <= g <= remap[p, 1]:
+            if hit < 0:
+                hit = p
+                reset_view(pool, gs, roots, remap, pmap, vc, pv, d, p)
+                continue
+            # a second view remaps g: every other active view is reset, each once
+            for q in range(1, len(roots)):
+                if active[q] and q != hit:
+                    reset_view(pool, gs, roots, remap, pmap, vc, pv, d, q)
+            return
+        ev, lvv = xwalk(pool, roots[p], g)
+        if ev & 3 == LEAF:
+            vc[d, C_EPT_SYNCS] += permits_any(ev, lvv)
+            removed = (piece_at(ev, lvv, g) & ~np.int64(3)) | REMOVED
+            vc[d, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, removed)
+
+
+@njit(cache=True, inline="always")
+def first_rows(vst, s):
+    """(rows of slot ``s``'s instruction spilled in ibuf, batch index its rows here start at)."""
+    f = vst[s, S_FIRST]
+    if f >= 0:
+        return 0, f
+    return vst[s, S_NSPILL], -(f + 1)
+
+
+@njit(cache=True, _nrt=False)
+def spill_open(vst, ibuf, gs, bt, has_ip, has_op, lut, start_row, n):
+    """At the end of a batch of ``n`` rows, copy the rows this batch holds of every open
+    instruction that may still restart (not emulated) into ibuf, after its earlier spills.
+    Returns ST_LONG_INSN (GS_ERR_ROW) for an instruction past MAX_INSN_ROWS, else ST_DONE."""
+    gfn, access, vcpu, ip, op, arg, boff = bt
+    lo = n
+    for s in range(vst.shape[0]):
+        if not vst[s, S_STARTED] or vst[s, S_EMUL] or vst[s, S_FIRST] == CONT:
+            vst[s, S_FIRST] = CONT
+            continue
+        nsp, first = first_rows(vst, s)
+        vst[s, S_NSPILL] = nsp
+        lo = min(lo, first)
+    for k in range(lo, n):
+        if has_op and op[k] >= 3:
+            continue
+        s = lut[vcpu[k]]
+        f = vst[s, S_FIRST]
+        if f == CONT or k < (f if f >= 0 else -(f + 1)):
+            continue
+        j = vst[s, S_NSPILL]
+        if j == MAX_INSN_ROWS:
+            gs[GS_ERR_ROW] = start_row + k
+            return ST_LONG_INSN
+        if has_op and op[k]:
+            ibuf[s, j, B_KEY] = np.int64(op[k]) << 3
+            ibuf[s, j, B_ARG] = arg[k]
+        else:
+            ibuf[s, j, B_KEY] = (gfn[k] << 3) | KIND_BIT[access[k]]
+        ibuf[s, j, B_ROW] = start_row + k
+        ibuf[s, j, B_IP] = ip[k] if has_ip else 0
+        ibuf[s, j, B_BOFF] = boff[k] if len(boff) == n else -1
+        vst[s, S_NSPILL] = j + 1
+    for s in range(vst.shape[0]):
+        vst[s, S_FIRST] = CONT
+    return ST_DONE
 
 
 @njit(cache=True)
 def snapshot(vc, pv, snaps, w, nslots):
-    """Row ``w`` of ``snaps``: run totals of every counter, then each view's lazy-copy pages."""
+    """Row ``w`` of ``snaps``: run totals of every counter, then each view's lazy-copy pages,
+    then the domain row's EPT syncs."""
     nc = vc.shape[1]
     for c in range(nc):
         t = 0
         for s in range(nslots):
             t += vc[s, c]
         snaps[w, c] = t
-    for v in range(snaps.shape[1] - nc):
+    for v in range(pv.shape[0]):
         snaps[w, nc + v] = pv[v, V_LAZY_PAGES]
+    snaps[w, nc + pv.shape[0]] = vc[nslots - 1, C_EPT_SYNCS]  # the domain's own syncs
 
 
 @njit(cache=True, inline="always")
@@ -878,13 +1364,16 @@ def has_room(pool, gs, elog, headroom):
 
 
 @njit(cache=True, inline="always")
-def flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp):
+def flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, fi, pc):
     """Store what the replay loop keeps in locals for vCPU slot ``s``: records and
-    instructions counted, the current instruction, completions in ``view``."""
+    instructions counted, completions in ``view``, and the current instruction: its id, where
+    its rows are (S_FIRST), its pass's completions."""
     if s >= 0:
         vc[s, C_RECORDS] += recs
         vc[s, C_INSTRUCTIONS] += insns
         vst[s, S_INSN] = cur_ins
+        vst[s, S_FIRST] = fi
+        vst[s, S_PCOUNT] = pc
         pv[view, V_COMPLETED] += comp
 
 
@@ -892,17 +1381,27 @@ def flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp):
 # handed to an inlined helper was incref'd and decref'd (atomic operations, about 70 of the
 # 114 ns an exit took). The kernel allocates nothing, so it needs no runtime.
 @njit(cache=True, nogil=True, _nrt=False)
-def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin,
-                 pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
-                 rules, granges, lut, snaps, pmap):
+def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, op, arg, has_op, boff,
+                 start_row, begin, pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
+                 htab, itab, rules, granges, lut, snaps, pmap, ibuf, remap,
+                 bpmfn, bpkey, cr3r, vis, pseg):
     """Replay rows ``begin..`` of one batch; returns (status, index of the next row to do).
 
     gfn int64 (n,), access uint8 (n,), vcpu uint16 (n,), insn int64 (n,) (ignored unless
-    ``has_insn``), ip int64 (n,) (ignored unless ``has_ip``); ``start_row`` is the global index
-    of the batch's row 0; ``lut`` int64 (4096,) maps a vCPU number to its counter slot.
-    Exits and #VEs are logged in ``elog`` (int64 (m, 3), m > LOG_SLACK) and drained into the
-    per-gfn and per-ip tables when the log fills; the driver drains what is left at the end.
-    ``pmap`` uint8 (p2ms, m) caches fast-path results for gfns below m (see fast_bits).
+    ``has_insn``), ip int64 (n,) (ignored unless ``has_ip``), op uint8 and arg int64 (n,)
+    (control rows, ignored unless ``has_op``), boff int64 (n,) (byte offset of each row's
+    address in its page, -1 unknown; read only when there are breakpoints); ``start_row`` is
+    the global index of the batch's row 0; ``lut`` int64 (4096,) maps a vCPU number to its
+    counter slot (the last row of ``vc`` is the domain's). Breakpoints: ``bpmfn`` int64 sorted
+    frames holding one, ``bpkey`` int64 sorted mfn << 12 | offset; ``cr3r`` int64 (m, 3)
+    CR3 rules; ``vis`` int64 (views,) guest VMFUNC targets; ``pseg`` int64 (slots, 513, 2)
+    pass segments; ``remap`` int64 (p2ms, 2) remap intervals.
+    A restart executes an instruction again from its rows in the batch and, for one that
+    began in an earlier batch, from ``ibuf`` (int64 (slots, MAX_INSN_ROWS, B_WIDTH)). Exits and #VEs are logged in ``elog`` (int64
+    (m, 3), m > LOG_SLACK) and drained into the per-gfn and per-ip tables when the log fills;
+    the driver drains what is left at the end. ``pmap`` uint8 (p2ms, m) caches fast-path
+    results for gfns below m (see fast_bits). When a status asks for room in the middle of
+    an instruction (GS_RESUME), the call after growing carries on where it stopped.
     """
     altp2m = dom[D_ALTP2M]
     exec_sp = dom[D_EXEC_SP]
@@ -910,6 +1409,18 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
     headroom = dom[D_HEADROOM]
     nslots = vc.shape[0]
     n = len(gfn)
+    bt = (gfn, access, vcpu, ip, op, arg, boff)
+    aux = (bpmfn, bpkey, cr3r, vis, pseg)
+    if gs[GS_RESUME]:
+        s = gs[GS_RESUME] - 1
+        gs[GS_RESUME] = 0
+        st = execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
+                     rules, granges, ibuf, pmap, bt, aux, has_ip, has_op, lut, start_row,
+                     s, vst[s, S_EXEC_J], vst[s, S_EXEC_K], np.int64(0), 0, False)
+        if st != ST_DONE:
+            return st, begin + (st == ST_CRASH or st == ST_LIVELOCK or st == ST_UNMATCHED
+                                or st == ST_LONG_INSN)
+        begin += 1
     # Room checks and the next window boundary live in locals: only the slow path and a
     # snapshot change them, and locals stay in registers across the counter stores.
     room = has_room(pool, gs, elog, headroom)
@@ -926,9 +1437,11 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
     recs = 0
     insns = 0
     comp = 0
+    fi = 0   # the slot's instruction: where its rows are (S_FIRST) ...
+    pc = 0   # ... and the completions of its current pass
     for i in range(begin, n):
         if not room:
-            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp)
+            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, fi, pc)
             if pool.shape[0] - gs[GS_NFREE] < headroom:
                 return ST_NEED_NODES, i
             st = drain_status(gs, htab, itab)
@@ -941,17 +1454,32 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
             comp = 0
         row = start_row + i
         if row >= next_snap:
-            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp)
+            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, fi, pc)
             recs = 0
             insns = 0
             comp = 0
             snapshot(vc, pv, snaps, gs[GS_NEXT_WIN], nslots)
             gs[GS_NEXT_WIN] += 1
             next_snap = gs[GS_NEXT_WIN] * window
+        if has_op and op[i] >= 3:
+            # a host drop or map: the domain's, no vCPU's (SPEC §6.5)
+            if pool.shape[0] - gs[GS_NFREE] < headroom + len(roots):
+                flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, fi, pc)
+                return ST_NEED_NODES, i
+            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, fi, pc)
+            recs = 0
+            insns = 0
+            comp = 0
+            vc[nslots - 1, C_CONTROL] += 1
+            host_change(pool, gs, roots, maxm, active, dom, remap, pmap, vc, pv, op[i], gfn[i])
+            if last_s >= 0:  # a reset view has a new root
+                view, pq, root = current_view(vst, roots, last_s, altp2m)
+            room = has_room(pool, gs, elog, headroom)
+            continue
         s = lut[vcpu[i]]
         ins = insn[i] if has_insn else row
         if s != last_s:
-            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp)
+            flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, fi, pc)
             recs = 0
             insns = 0
             comp = 0
@@ -959,6 +1487,9 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
             view, pq, root = current_view(vst, roots, s, altp2m)
             pend = vst[s, S_PENDING]
             cur_ins = vst[s, S_INSN]
+            fi = vst[s, S_FIRST]
+            fi = -(i + 1) if fi == CONT else fi
+            pc = vst[s, S_PCOUNT]
             new_insn = cur_ins != ins or not vst[s, S_STARTED]
             vst[s, S_STARTED] = 1
         else:
@@ -966,7 +1497,7 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
         # ``pend`` is tested first: it is rarely set, while ``new_insn`` follows the data and
         # as the first test it mispredicted often enough to cost a third of the fast path.
         if pend and new_insn:
-            flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp)
+            flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, fi, pc)
             recs = 0
             insns = 0
             comp = 0
@@ -975,6 +1506,24 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
             view, pq, root = current_view(vst, roots, s, altp2m)
         insns += new_insn
         cur_ins = ins
+        # A new instruction starts here. Masks, not branches: new_insn follows the data, and a
+        # branch on it mispredicts often (see pend above).
+        keep = np.int64(new_insn) - 1  # 0 on a new instruction, else all ones
+        pc &= keep
+        fi = (fi & keep) | (i & ~keep)
+        if has_op and op[i]:
+            # a guest VMFUNC or CR3 write of this vCPU's instruction takes effect (also in an
+            # emulated instruction); never a restart
+            flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, fi, pc)
+            recs = 0
+            insns = 0
+            comp = 0
+            vc[s, C_CONTROL] += 1
+            control(vst, vc, pv, dom, cr3r, vis, pseg, s, op[i], arg[i])
+            view, pq, root = current_view(vst, roots, s, altp2m)
+            pend = vst[s, S_PENDING]
+            pc = vst[s, S_PCOUNT]
+            continue
         recs += 1
         if pend and vst[s, S_EMUL]:
             vc[s, C_REC_EMUL] += 1
@@ -982,31 +1531,38 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, start_row, begin
         g = gfn[i]
         kb = KIND_BIT[access[i]]
         # Fast path: a valid leaf of the current view that permits the access.
-        done, e, lv = completes(pmap, pool, root, pq, g, kb, exec_sp)
+        done, e, lv = completes(pmap, pool, root, pq, g, kb, exec_sp, bpmfn)
         if done:
             comp += 1
+            pc += 1
             continue
-        flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp)
+        flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, fi, pc)
         recs = 0
         insns = 0
         comp = 0
-        st = access_slow(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
-                         rules, granges, s, g, KIND_OF_BIT[kb], row, e, lv,
-                         has_ip, ip[i] if has_ip else np.int64(0), pmap)
+        st = execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
+                     rules, granges, ibuf, pmap, bt, aux, has_ip, has_op, lut, start_row,
+                     s, -1, i, e, lv, True)
         if st != ST_DONE:
-            return st, i + 1
+            if st == ST_CRASH or st == ST_LIVELOCK or st == ST_UNMATCHED or st == ST_LONG_INSN:
+                return st, i + 1
+            return st, i  # room: the next call resumes this row's execution (GS_RESUME)
         view, pq, root = current_view(vst, roots, s, altp2m)
         pend = vst[s, S_PENDING]
+        pc = vst[s, S_PCOUNT]
         room = has_room(pool, gs, elog, headroom)
-    flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp)
-    return ST_DONE, n
+    flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, fi, pc)
+    return spill_open(vst, ibuf, gs, bt, has_ip, has_op, lut, start_row, n), n
 
 
 @njit(cache=True, nogil=True)
-def track_tsc(tsc, vcpu, lut, seen, first, last, n):
-    """First and last ``tsc`` (uint64 (m,)) per vCPU slot over rows ``0..n`` of a batch;
-    ``seen`` (int64 (m,)) marks slots that have a first value."""
+def track_tsc(tsc, vcpu, lut, seen, first, last, n, op, has_op):
+    """First and last ``tsc`` (uint64 (m,)) per vCPU slot over rows ``0..n`` of a batch
+    (host drops and maps, op 3 and 4, have no vCPU); ``seen`` (int64 (m,)) marks slots that
+    have a first value."""
     for i in range(n):
+        if has_op and op[i] >= 3:
+            continue
         s = lut[vcpu[i]]
         if not seen[s]:
             seen[s] = 1
@@ -1028,7 +1584,7 @@ def rehash(old, new, ip_table, gs):
     (int64, rows a power of two): the per-ip table if ``ip_table``, else the per-gfn one.
     ``gs`` (int64 (N_GS,)) is scratch: insertion counts land in it."""
     for i in range(old.shape[0]):
-        if ip_table and (old[i, I_EXITS] or old[i, I_VE]):
+        if ip_table and (old[i, I_EXITS] or old[i, I_VE] or old[i, I_INT3]):
             j = ip_slot(new, gs, old[i, I_IP])
         elif not ip_table and old[i, 0]:
             j = gfn_slot(new, gs, old[i, 0])

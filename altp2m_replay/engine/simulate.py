@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from altp2m_replay import budget
 from altp2m_replay.engine import _kernels as K
-from altp2m_replay.errors import PolicyError, ReplayRuntimeError
+from altp2m_replay.errors import PolicyError, ReplayRuntimeError, TraceError
 from altp2m_replay.policy import (
     ACCESS_CODES,
     KIND_CODES,
@@ -29,6 +30,7 @@ from altp2m_replay.policy import (
     intersect_ranges,
     iter_gfn_chunks,
     merge_ranges,
+    needs_insn_stats,
     range_count,
     resolve_all,
 )
@@ -37,6 +39,9 @@ from altp2m_replay.policy import (
 MAX_EXPLICIT_GFNS = 1 << 24
 # Event-log entries between drains into the per-gfn / per-ip tables (tests shrink it).
 LOG_ROWS = K.LOG_ROWS
+# Most rows of the per-ip table (24 bytes each): past it, the ips with the fewest events fold
+# into one "other" count (SimResult.ip_other).
+IP_ROWS = 1 << 20
 # Most bytes of the fast-path cache (one per p2m and gfn); gfns past it are walked every time.
 PMAP_BYTES = 1 << 27
 
@@ -44,31 +49,60 @@ PMAP_BYTES = 1 << 27
 COUNTERS = (
     "records", "instructions", "ept_exits", "lazy_copies", "lazy_copies_4k", "lazy_copies_2m",
     "lazy_copies_1g", "lazy_copy_pages", "access_violations", "mem_access_events",
-    "singlestep_events", "async_events", "vm_events", "ve_delivered", "ve_blocked",
-    "ve_emulations", "mtf_exits", "switches_vm_event", "switches_fast_ss", "switches_vmfunc",
-    "view_switches", "emulations", "records_emulated", "access_changes", "superpage_splits",
-    "shatters", "mmio_accesses", "crashed", "crash_record", "setup_splits", "setup_skipped",
+    "singlestep_events", "async_events", "breakpoint_events", "cr3_events", "vm_events",
+    "ve_delivered", "ve_blocked", "ve_emulations", "mtf_exits", "switches_vm_event",
+    "switches_fast_ss", "switches_vmfunc", "view_switches", "emulations", "records_emulated",
+    "access_changes", "superpage_splits", "shatters", "mmio_accesses", "restarts", "int3_exits",
+    "control_records", "cr3_writes", "cr3_exits", "guest_vmfuncs", "vmfunc_exits", "host_drops",
+    "host_maps", "view_resets", "ept_syncs", "ept_sync_ipis", "crashed", "crash_record",
+    "livelocked", "livelock_record", "setup_splits", "setup_skipped",
 )
+# Outcomes of the whole run, repeated in every vCPU row (SPEC §7).
+RUN_COUNTERS = ("crashed", "crash_record", "livelocked", "livelock_record")
 VIEW_COUNTERS = (
-    "records_completed", "ept_exits", "lazy_copies", "lazy_copy_pages", "access_violations",
-    "ve_delivered", "switches_in", "pages_mapped", "leaves_4k", "leaves_2m", "leaves_1g",
+    "records_completed", "ept_exits", "int3_exits", "lazy_copies", "lazy_copy_pages",
+    "access_violations", "ve_delivered", "switches_in", "resets", "pages_mapped", "leaves_4k",
+    "leaves_2m", "leaves_1g",
 )
-GFN_COUNTERS = ("ept_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
-TIMELINE_COUNTERS = ("ept_exits", "vm_events", "ve_delivered", "lazy_copies", "view_switches")
-# Kernel counter columns (C_* in _kernels): SPEC order less the sums and the run-level values.
-KERNEL_COUNTERS = tuple(c for c in COUNTERS if c not in (
-    "vm_events", "view_switches", "crashed", "crash_record", "setup_splits", "setup_skipped"))
+GFN_COUNTERS = ("ept_exits", "int3_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
+TIMELINE_COUNTERS = ("ept_exits", "int3_exits", "vm_events", "ve_delivered", "lazy_copies", "view_switches")
+# Kernel counter columns, in C_* order (_kernels).
+KERNEL_COUNTERS = (
+    "records", "instructions", "ept_exits", "lazy_copies", "lazy_copies_4k", "lazy_copies_2m",
+    "lazy_copies_1g", "lazy_copy_pages", "access_violations", "mem_access_events",
+    "singlestep_events", "async_events", "ve_delivered", "ve_blocked", "ve_emulations",
+    "mtf_exits", "switches_vm_event", "switches_fast_ss", "switches_vmfunc", "emulations",
+    "records_emulated", "access_changes", "superpage_splits", "shatters", "mmio_accesses",
+    "restarts", "ept_syncs", "breakpoint_events", "cr3_events", "int3_exits", "control_records",
+    "cr3_writes", "cr3_exits", "guest_vmfuncs", "vmfunc_exits", "host_drops", "host_maps",
+    "view_resets",
+)
 assert len(KERNEL_COUNTERS) == K.N_COUNTERS and KERNEL_COUNTERS[K.C_MMIO] == "mmio_accesses"
+assert KERNEL_COUNTERS[K.C_RESTARTS] == "restarts" and KERNEL_COUNTERS[K.C_VIEW_RESETS] == "view_resets"
+assert set(KERNEL_COUNTERS) | {"vm_events", "view_switches", "ept_sync_ipis", *RUN_COUNTERS,
+                               "setup_splits", "setup_skipped"} == set(COUNTERS)
+# Kernel per-view columns (V_*) and per-gfn columns (G_*, after the key) by name.
+_VIEW_KERNEL = {"records_completed": K.V_COMPLETED, "ept_exits": K.V_EXITS, "int3_exits": K.V_INT3,
+                "lazy_copies": K.V_LAZY, "lazy_copy_pages": K.V_LAZY_PAGES,
+                "access_violations": K.V_VIOLATIONS, "ve_delivered": K.V_VE,
+                "switches_in": K.V_SWITCHES_IN, "resets": K.V_RESETS}
+_GFN_KERNEL = {"ept_exits": K.G_EXITS, "int3_exits": K.G_INT3, "viol_r": K.G_VIOL_R,
+               "viol_w": K.G_VIOL_R + 1, "viol_x": K.G_VIOL_R + 2, "ve_delivered": K.G_VE,
+               "lazy_copies": K.G_LAZY}
 
 _KIDX = {name: i for i, name in enumerate(KERNEL_COUNTERS)}
 _NODES_PER_P2M = 520  # most nodes one access can allocate in one p2m (1 GiB split: 513, + path)
 
 
 
-def derive(row: dict) -> dict:
-    """Add the sums SPEC §7 defines (vm_events, view_switches) to a dict of kernel counters."""
-    row["vm_events"] = row["mem_access_events"] + row["singlestep_events"] + row["async_events"]
+def derive(row: dict, nvcpus: int = 1, domain_syncs=0) -> dict:
+    """Add what SPEC §7 derives (vm_events, view_switches, ept_sync_ipis) to a dict of kernel
+    counters. Each EPT sync of a vCPU's step interrupts the other ``nvcpus - 1`` vCPUs; the
+    ``domain_syncs`` among ``ept_syncs`` (host drops and maps) interrupt all of them."""
+    row["vm_events"] = (row["mem_access_events"] + row["singlestep_events"] + row["async_events"]
+                        + row["breakpoint_events"] + row["cr3_events"])
     row["view_switches"] = row["switches_vm_event"] + row["switches_fast_ss"] + row["switches_vmfunc"]
+    row["ept_sync_ipis"] = (row["ept_syncs"] - domain_syncs) * max(nvcpus - 1, 0) + domain_syncs * nvcpus
     return row
 
 
@@ -109,7 +143,7 @@ class SimResult:
     """Counters of one trace x policy cell (SPEC §7), as plain dicts and arrays.
 
     Per-gfn counters are arrays (``gfn_keys`` int64 (n, 2) of view, gfn sorted; ``gfn_values``
-    int64 (n, 6) in GFN_COUNTERS order); ``gfns`` offers them as a dict.
+    int64 (n, 7) in GFN_COUNTERS order); ``gfns`` offers them as a dict.
     """
 
     total: dict[str, int]
@@ -118,12 +152,14 @@ class SimResult:
     gfn_keys: np.ndarray
     gfn_values: np.ndarray
     ip_keys: np.ndarray      # uint64 (m,) instruction pointers with an exit or #VE, sorted
-    ip_values: np.ndarray    # int64 (m, 2): ept_exits, ve_delivered
+    ip_values: np.ndarray    # int64 (m, 3): ept_exits, ve_delivered, int3_exits
     timeline: dict[str, np.ndarray]
     population: dict[int, np.ndarray]   # view -> int64 (windows,) pages mapped at each window end
     window: int
     warnings: list[str] = field(default_factory=list)
     guest_cycles: dict[int, int] = field(default_factory=dict)
+    # ept_exits, ve_delivered of ips without a row of their own (per-ip table at IP_ROWS)
+    ip_other: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def gfns(self) -> dict[tuple[int, int], dict[str, int]]:
@@ -147,6 +183,7 @@ class Replayer:
         self.total_rows = int(total_rows)
         self.window = int(window or max(1, math.ceil(self.total_rows / 256)))
         self.n_windows = max(1, math.ceil(self.total_rows / self.window))
+        budget.check_cell(policy, facts, self.total_rows, self.window, (self.ram, sels))
 
         self.vcpu_list = [int(v) for v in vcpus]
         self.lut = np.zeros(4096, dtype=np.int64)
@@ -190,18 +227,41 @@ class Replayer:
         self.dom[K.D_HOST_ACCESS] = ACCESS_CODES[d.host_access]
         self.dom[K.D_WINDOW] = self.window
         self.dom[K.D_HEADROOM] = self.headroom
+        cr3 = policy.on_cr3
+        self.dom[K.D_CR3_ON] = cr3 is not None
+        self.dom[K.D_CR3_SYNC] = cr3 is not None and cr3.sync
+        self.dom[K.D_CR3_ONCHANGE] = cr3 is None or cr3.onchangeonly
+        bp = policy.on_breakpoint
+        self.dom[K.D_BP_ACTION] = -1 if bp is None else (0 if bp.action == "step" else 1)
+        self.dom[K.D_BP_TO] = bp.to if bp is not None else 0
+        self.dom[K.D_BP_FAST] = bp is not None and bp.fast
+        # [[on_cr3.switch]] rules as (value, matches any, view) rows: a rule per value
+        rows = []
+        for values, other, to in sels.cr3_rules:
+            rows += [[int(np.uint64(v).astype(np.int64)), 0, to] for v in values]
+            if other:
+                rows.append([0, 1, to])
+        self.cr3r = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+        self.breakpoints = sels.breakpoints
+        self.bpkey = np.zeros(0, dtype=np.int64)  # filled by write_breakpoints
+        self.bpmfn = np.zeros(0, dtype=np.int64)
 
         self.vst = np.zeros((nslots, K.N_VCPU_STATE), dtype=np.int64)
-        self.vc = np.zeros((nslots, K.N_COUNTERS), dtype=np.int64)
+        # the rows of each vCPU's current instruction, for restarts (SPEC §5)
+        self.ibuf = np.zeros((nslots, K.MAX_INSN_ROWS, K.B_WIDTH), dtype=np.int64)
+        self.pseg = np.zeros((nslots, 513, 2), dtype=np.int64)
+        # one counter row per vCPU slot, and a last one for domain-wide events (op 3 and 4)
+        self.vc = np.zeros((nslots + 1, K.N_COUNTERS), dtype=np.int64)
         self.pv = np.zeros((max(1, n_p2m - 1), K.N_VIEW_COUNTERS), dtype=np.int64)
         self.htab = np.zeros((1 << 10, K.H_WIDTH), dtype=np.int64)
         self.itab = np.zeros((1 << 10, K.I_WIDTH), dtype=np.int64)
+        self.ip_other = np.zeros(3, dtype=np.int64)  # ept_exits, ve_delivered, int3_exits of compacted ips
         self.elog = np.zeros((max(LOG_ROWS, K.LOG_SLACK + 1), 3), dtype=np.int64)
         # fast-path cache over the gfns the trace can touch, within PMAP_BYTES (pages of it
         # that no access reaches are never touched, so cost no memory)
         self.pmap = np.zeros((n_p2m, max(1, min(facts.max_gfn + 1, PMAP_BYTES // n_p2m))), dtype=np.uint8)
         # per window: every counter, then each view's cumulative lazy-copy pages
-        self.snaps = np.zeros((self.n_windows + 1, K.N_COUNTERS + self.pv.shape[0]), dtype=np.int64)
+        self.snaps = np.zeros((self.n_windows + 1, K.N_COUNTERS + self.pv.shape[0] + 1), dtype=np.int64)
         self.rules, self.granges = rule_table(policy, sels.ranges)
         self.guest_seen = np.zeros(nslots, dtype=np.int64)
         self.guest_first = np.zeros(nslots, dtype=np.uint64)
@@ -225,7 +285,12 @@ class Replayer:
     # ------------------------------------------------------------------ set-up
     def _grow_pool(self) -> None:
         used = int(self.gs[K.GS_NFREE])
-        new = np.zeros((max(2 * self.pool.shape[0], used + 2 * self.headroom), 512), dtype=np.int64)
+        least = used + 2 * self.headroom
+        # double, or less when the budget has less room; the copy holds both pools a while
+        rows = max(least, min(2 * self.pool.shape[0], budget.room() // budget.NODE_BYTES))
+        budget.ensure(rows * budget.NODE_BYTES,
+                      f"policy {self.policy.name!r}: the p2m tables ({rows:,} nodes of 4 KiB)")
+        new = np.zeros((rows, 512), dtype=np.int64)
         new[:used] = self.pool[:used]
         self.pool = new
 
@@ -265,6 +330,8 @@ class Replayer:
                     notify |= set(op.vcpus)
             elif op.op == "change_gfn":
                 self._setup_change_gfn(op, ranges)
+            elif op.op == "write_breakpoints":
+                self._write_breakpoints(op)
             elif op.op == "add_ram":
                 sel = ranges[id(op.gfns)]
                 self._check_size(op, sel)
@@ -286,11 +353,25 @@ class Replayer:
                 pview = 0 if op.view == 0 else self._p2m(op.view)
                 for chunk in iter_gfn_chunks(inside):
                     self._setup_status(op, self._setup_call(self._gfns_op, code, pview, chunk, arg)[0])
+        # guest VMFUNC targets: view 0 and the declared views visible at the end of setup
+        self.vis = np.zeros(max(self.view_ids) + 1, dtype=np.int64)
+        for view in self.view_ids:
+            self.vis[view] = int(visible[view])
         if p.domain.altp2m:
             self.vst[:, K.S_VIEW] = start_view
         for v, slot in zip(self.vcpu_list, range(len(self.vcpu_list)), strict=True):
             if p.domain.altp2m and (notify is None or v in notify):
                 self.vst[slot, K.S_VE_EN] = 1
+
+    def _write_breakpoints(self, op) -> None:
+        """SPEC §4: an INT3 at each breakpoint address in the frame the view maps there."""
+        addrs = np.ascontiguousarray(self.breakpoints, dtype=np.int64)
+        keys = np.full(len(addrs), -1, dtype=np.int64)
+        pview = self._p2m(op.view)
+        self._setup_call(lambda start: K.setup_breakpoints(self.pool, self.gs, self.roots, self.maxm, self.dflt,
+                                                           self.dom, pview, addrs, keys, start))
+        self.bpkey = np.unique(np.concatenate([self.bpkey, keys[keys >= 0]]))
+        self.bpmfn = np.unique(self.bpkey >> 12)
 
     def _check_size(self, op, sel: np.ndarray) -> None:
         if range_count(sel) > MAX_EXPLICIT_GFNS:
@@ -337,9 +418,12 @@ class Replayer:
             raise PolicyError(f"{self.policy.source}: {op.where}: gfn {g:#x} has no entry in the view nor host RAM (Xen returns -ESRCH)")
 
     # ------------------------------------------------------------------ replay
-    def feed(self, gfn, access, vcpu=None, insn=None, tsc=None, start_row: int = 0, ip=None) -> None:
+    def feed(self, gfn, access, vcpu=None, insn=None, tsc=None, start_row: int = 0, ip=None,
+             op=None, arg=None, gpa=None) -> None:
         """Replay one batch. gfn uint64 (n,), access uint8 (n,), vcpu uint16 (n,) or None,
-        insn, tsc and ip uint64 (n,) or None; rows start at global ``start_row``."""
+        insn, tsc and ip uint64 (n,) or None, op uint8 and arg uint64 (n,) or None (control
+        rows), gpa uint64 (n,) or None (byte addresses for breakpoints; else ip's page
+        offset); rows start at global ``start_row``."""
         if self.done:
             return
         n = len(gfn)
@@ -351,46 +435,81 @@ class Replayer:
         has_ip = ip is not None
         ip_arr = np.ascontiguousarray(ip, dtype=np.uint64).view(np.int64) if has_ip else gfn
         self.has_ip = self.has_ip or has_ip
+        has_op = op is not None
+        op_arr = np.ascontiguousarray(op, dtype=np.uint8) if has_op else access
+        arg_arr = np.ascontiguousarray(arg, dtype=np.uint64).view(np.int64) if has_op else gfn
+        if len(self.bpkey) and gpa is not None:
+            boff = (np.asarray(gpa, dtype=np.uint64) & np.uint64(4095)).astype(np.int64)
+        elif len(self.bpkey) and has_ip:
+            boff = ip_arr & 4095
+        elif len(self.bpkey):
+            boff = np.full(n, -1, dtype=np.int64)
+        else:
+            boff = gfn  # never read without breakpoints
         i = 0
         while True:
             st, i = K.replay_batch(gfn, access, vcpu, insn_arr, has_insn, ip_arr, has_ip,
+                                   op_arr, arg_arr, has_op, boff,
                                    start_row, i, self.pool, self.gs, self.roots, self.maxm,
                                    self.active, self.dflt, self.dom, self.vst, self.vc, self.pv,
                                    self.elog, self.htab, self.itab,
-                                   self.rules, self.granges, self.lut, self.snaps, self.pmap)
+                                   self.rules, self.granges, self.lut, self.snaps, self.pmap,
+                                   self.ibuf, self.remap, self.bpmfn, self.bpkey, self.cr3r,
+                                   self.vis, self.pseg)
             if st == K.ST_NEED_NODES:
                 self._grow_pool()
             elif st in (K.ST_NEED_HASH, K.ST_NEED_IPHASH):
                 self._grow_tables()
-            elif st == K.ST_CRASH:
+            elif st in (K.ST_CRASH, K.ST_LIVELOCK):
                 self.done = True
                 break
             elif st == K.ST_UNMATCHED:
                 row = int(self.gs[K.GS_ERR_ROW])
                 raise ReplayRuntimeError(
-                    f"row {row}: violation in view {self.policy.view_name(self._err_view(row, vcpu, start_row))!r} "
-                    f"(gfn {int(gfn[row - start_row]):#x}) matches no [[on_violation]] rule of policy {self.policy.name!r}")
-            elif st == K.ST_RETRIES:
+                    f"row {row}: violation in view {self.policy.view_name(int(self.gs[K.GS_ERR_VIEW]))!r} "
+                    f"(gfn {int(self.gs[K.GS_ERR_GFN]):#x}) matches no [[on_violation]] rule of policy {self.policy.name!r}")
+            elif st == K.ST_LONG_INSN:
                 row = int(self.gs[K.GS_ERR_ROW])
-                raise ReplayRuntimeError(
-                    f"row {row}: access to gfn {int(gfn[row - start_row]):#x} retried more than "
-                    f"{K.MAX_RETRIES} times under policy {self.policy.name!r} (responses send it back where it faulted)")
+                raise TraceError(f"row {row}: instruction has more than {K.MAX_INSN_ROWS} rows "
+                                 "(insn ids must change per instruction)")
             else:
                 break
         if tsc is not None:
             K.track_tsc(np.ascontiguousarray(tsc, dtype=np.uint64), vcpu, self.lut,
-                        self.guest_seen, self.guest_first, self.guest_last, i)
+                        self.guest_seen, self.guest_first, self.guest_last, i, op_arr, has_op)
 
     def _grow_tables(self) -> None:
-        """Grow the per-gfn and per-ip tables until draining the event log fits in them."""
+        """Grow the per-gfn and per-ip tables until draining the event log fits in them; a
+        per-ip table at IP_ROWS is compacted instead (``_compact_ips``)."""
         while (st := K.drain_status(self.gs, self.htab, self.itab)) != K.ST_DONE:
+            table = self.htab if st == K.ST_NEED_HASH else self.itab
+            # (compacting frees a quarter of the rows: enough unless the log alone is bigger)
+            if st != K.ST_NEED_HASH and table.shape[0] >= IP_ROWS and 4 * int(self.gs[K.GS_LOGN]) < table.shape[0]:
+                self._compact_ips()
+                continue
+            what = "per-gfn" if st == K.ST_NEED_HASH else "per-ip"
+            budget.ensure(2 * table.nbytes, f"policy {self.policy.name!r}: the {what} table "
+                                            f"({2 * table.shape[0]:,} rows)")
             if st == K.ST_NEED_HASH:
                 self.htab = _grown(self.htab, False)
             else:
                 self.itab = _grown(self.itab, True)
 
-    def _err_view(self, row, vcpu, start_row) -> int:
-        return int(self.vst[self.lut[vcpu[row - start_row]], K.S_VIEW]) if self.policy.domain.altp2m else 0
+    def _compact_ips(self) -> None:
+        """Keep the half of the per-ip table's rows with the most events (ties: lower ip) and
+        add the rest to ``ip_other``: totals stay exact, the table stays at IP_ROWS rows."""
+        t = self.itab
+        used = np.flatnonzero(t[:, K.I_EXITS] | t[:, K.I_VE] | t[:, K.I_INT3])
+        room = (3 * t.shape[0]) // 4 - int(self.gs[K.GS_LOGN]) - 1
+        keep = max(0, min(t.shape[0] // 2, room))
+        events = t[used, K.I_EXITS] + t[used, K.I_VE] + t[used, K.I_INT3]
+        order = np.lexsort((t[used, K.I_IP].view(np.uint64), -events))
+        gone = used[order[keep:]]
+        self.ip_other += t[gone][:, [K.I_EXITS, K.I_VE, K.I_INT3]].sum(axis=0)
+        new = np.frombuffer(mmap.mmap(-1, t.nbytes), dtype=np.int64).reshape(t.shape)
+        K.rehash(np.ascontiguousarray(t[used[order[:keep]]]), new, True, np.zeros(K.N_GS, dtype=np.int64))
+        self.itab = new
+        self.gs[K.GS_ICOUNT] = keep
 
     def finish(self, vcpus=None) -> SimResult:
         """End open instructions (unless crashed) and collect every table.
@@ -413,32 +532,35 @@ class Replayer:
     def _collect(self, reported: list[tuple[int, int]]) -> SimResult:
         """``reported``: (counter slot, vCPU number) of the vCPUs the tables name."""
         crashed = int(self.gs[K.GS_CRASHED])
-        crash_row = int(self.gs[K.GS_CRASH_ROW]) if crashed else -1
+        livelocked = int(self.gs[K.GS_LIVELOCKED])
+        run = {"crashed": crashed, "crash_record": int(self.gs[K.GS_CRASH_ROW]) if crashed else -1,
+               "livelocked": livelocked,
+               "livelock_record": int(self.gs[K.GS_LIVELOCK_ROW]) if livelocked else -1}
+        nvcpus = len(reported)
         vcpus = {}
         for slot, v in reported:
             row = {name: int(self.vc[slot, i]) for i, name in enumerate(KERNEL_COUNTERS)}
-            row.update(crashed=crashed, crash_record=crash_row, setup_splits=0, setup_skipped=0)
-            derive(row)
+            row.update(run, setup_splits=0, setup_skipped=0)
+            derive(row, nvcpus)
             vcpus[v] = {k: row[k] for k in COUNTERS}
         tot = {name: int(self.vc[:, i].sum()) for i, name in enumerate(KERNEL_COUNTERS)}
-        tot.update(crashed=crashed, crash_record=crash_row,
-                   setup_splits=int(self.gs[K.GS_SETUP_SPLITS]),
+        tot.update(run, setup_splits=int(self.gs[K.GS_SETUP_SPLITS]),
                    setup_skipped=int(self.gs[K.GS_SETUP_SKIPPED]))
-        derive(tot)
+        derive(tot, nvcpus, int(self.vc[-1, K.C_EPT_SYNCS]))
         total = {k: tot[k] for k in COUNTERS}
 
         views = {}
         for view in self.view_ids:
             p = self._p2m(view)
             pages, l4k, l2m, l1g = K.tree_stats(self.pool, self.roots[p])
-            row = {name: int(self.pv[view, i]) for i, name in enumerate(VIEW_COUNTERS[:7])}
+            row = {name: int(self.pv[view, col]) for name, col in _VIEW_KERNEL.items()}
             row.update(pages_mapped=int(pages), leaves_4k=int(l4k), leaves_2m=int(l2m), leaves_1g=int(l1g))
-            views[view] = row
+            views[view] = {k: row[k] for k in VIEW_COUNTERS}
 
         used = np.flatnonzero(self.htab[:, 0])
         keys = self.htab[used, 0] - 1
-        vals = self.htab[used, K.G_EXITS:K.G_EXITS + K.N_GFN_COUNTERS]
-        keep = (vals[:, K.G_EXITS - 1] > 0) | (vals[:, K.G_VE - 1] > 0)
+        vals = self.htab[used][:, [_GFN_KERNEL[c] for c in GFN_COUNTERS]]
+        keep = (self.htab[used, K.G_EXITS] > 0) | (self.htab[used, K.G_VE] > 0) | (self.htab[used, K.G_INT3] > 0)
         views_, gfns_ = keys[keep] >> 36, keys[keep] & ((1 << 36) - 1)
         order = np.lexsort((gfns_, views_))
         gfn_keys = np.stack([views_[order], gfns_[order]], axis=1)
@@ -450,7 +572,7 @@ class Replayer:
             "window": np.arange(self.n_windows, dtype=np.int64),
             "first_record": np.arange(self.n_windows, dtype=np.int64) * self.window,
         }
-        timeline.update(derive(tl))
+        timeline.update(derive(tl, nvcpus, np.diff(self.snaps[:, -1])))
         # pages mapped per view at the end of each window: after setup, plus lazy copies so far
         # (exact from xen 4.17 on, where a lazy copy never covers pages the view maps already)
         population = {view: self.setup_pages[view] + self.snaps[1:, K.N_COUNTERS + view]
@@ -459,13 +581,14 @@ class Replayer:
         for slot, v in reported:
             seen = self.guest_seen[slot]
             guest[v] = int(self.guest_last[slot]) - int(self.guest_first[slot]) if seen else 0
-        used_ip = np.flatnonzero(self.itab[:, K.I_EXITS] | self.itab[:, K.I_VE])
+        used_ip = np.flatnonzero(self.itab[:, K.I_EXITS] | self.itab[:, K.I_VE] | self.itab[:, K.I_INT3])
         ips = self.itab[used_ip, K.I_IP].view(np.uint64)
         iorder = np.argsort(ips)  # ips are unique: any sort gives one order
         rows = used_ip[iorder]  # one gather per column: 2-D fancy indexing took 60 ms here
-        ip_values = np.stack([self.itab[rows, K.I_EXITS], self.itab[rows, K.I_VE]], axis=1)
+        ip_values = np.stack([self.itab[rows, K.I_EXITS], self.itab[rows, K.I_VE], self.itab[rows, K.I_INT3]], axis=1)
         return SimResult(total, vcpus, views, gfn_keys, gfn_values, ips[iorder], ip_values,
-                         timeline, population, self.window, self.warnings, guest)
+                         timeline, population, self.window, self.warnings, guest,
+                         ip_other=(int(self.ip_other[0]), int(self.ip_other[1]), int(self.ip_other[2])))
 
 
 def _grown(table: np.ndarray, ip_table: bool) -> np.ndarray:
@@ -519,30 +642,39 @@ def setup_warnings(policy: Policy) -> list[str]:
 
 
 def simulate_arrays(policy: Policy, arrays: dict[str, np.ndarray], *, meta_ram=None,
-                    gfn_sets=None, batch_rows: int | None = None, window: int | None = None) -> SimResult:
-    """Replay an in-memory trace (dict of arrays: gfn, access, optional vcpu, insn, tsc, ip).
+                    gfn_sets=None, symbols=None, processes=None, batch_rows: int | None = None,
+                    window: int | None = None) -> SimResult:
+    """Replay an in-memory trace (dict of arrays: gfn or gpa, access, optional vcpu, insn,
+    tsc, ip, op, arg) with optional metadata ``symbols`` / ``processes`` (SPEC §2).
 
-    The arrays are trusted to follow SPEC §2 beyond the two checks below (use
+    The arrays are trusted to follow SPEC §2 beyond the checks below (use
     ``traces.validate`` on files).
     """
-    gfn = np.asarray(arrays["gfn"], dtype=np.uint64)
+    gpa = arrays.get("gpa")
+    gfn = np.asarray(arrays["gfn"] if gpa is None else np.asarray(gpa, dtype=np.uint64) >> np.uint64(12),
+                     dtype=np.uint64)
     n = len(gfn)
     access = np.asarray(arrays["access"])
-    if n and (access.min() < 1 or access.max() > 7):
-        raise ValueError("access values must be 1..7 (SPEC §2)")
+    op = arrays.get("op")
+    ctl = np.zeros(n, dtype=bool) if op is None else np.asarray(op) != 0
+    if n and ((access[~ctl] < 1).any() or (access[~ctl] > 7).any() or (access[ctl] != 0).any()):
+        raise ValueError("access values must be 1..7 on access rows and 0 on control rows (SPEC §2)")
     if n and gfn.max() >= 1 << 36:
         raise ValueError("gfn values must be below 2^36 (SPEC §2)")
     vcpu = arrays.get("vcpu")
     vcpu = np.zeros(n, dtype=np.uint16) if vcpu is None else np.asarray(vcpu, dtype=np.uint16)
-    facts = facts_from_arrays(arrays, meta_ram=meta_ram, gfn_sets=gfn_sets)
-    rep = Replayer(policy, facts, np.unique(vcpu), n, window=window)
+    facts = facts_from_arrays(dict(arrays, gfn=gfn), meta_ram=meta_ram, gfn_sets=gfn_sets,
+                              symbols=symbols, processes=processes,
+                              insn_stats=needs_insn_stats(policy))
+    domain_rows = np.zeros(n, dtype=bool) if op is None else np.asarray(op) >= 3
+    rep = Replayer(policy, facts, np.unique(vcpu[~domain_rows]), n, window=window)
     step = batch_rows or max(n, 1)
     for a in range(0, n, step):
         b = min(n, a + step)
-        insn, tsc, ip = (arrays.get(k) for k in ("insn", "tsc", "ip"))
-        rep.feed(gfn[a:b], access[a:b], vcpu[a:b],
-                 None if insn is None else insn[a:b], None if tsc is None else tsc[a:b], start_row=a,
-                 ip=None if ip is None else ip[a:b])
+        part = {k: (None if arrays.get(k) is None else np.asarray(arrays[k])[a:b])
+                for k in ("insn", "tsc", "ip", "op", "arg", "gpa")}
+        rep.feed(gfn[a:b], access[a:b], vcpu[a:b], part["insn"], part["tsc"], start_row=a,
+                 ip=part["ip"], op=part["op"], arg=part["arg"], gpa=part["gpa"])
         if rep.done:
             break
     return rep.finish()

@@ -63,7 +63,19 @@ def read_table(d: Path, name: str, required: Sequence[str], *, optional: bool = 
     if missing:
         raise OutputError(f"{path}: missing column(s) {', '.join(missing)}; "
                           f"expected the {name} table that `replay` writes")
+    _refuse_infinite(df, path)
     return df
+
+
+def _refuse_infinite(df: pl.DataFrame, path: Path) -> None:
+    """No report or gate can rank an infinite number (replay refuses costs that overflow)."""
+    for col, dtype in df.schema.items():
+        if dtype.is_float():
+            bad = df[col].is_infinite().fill_null(False)
+            if bad.any():
+                row = int(bad.arg_max())
+                raise OutputError(f'{path}: row {row}, column "{col}": expected a finite number, '
+                                  f"found {df[col][row]}")
 
 
 def read_manifest(d: Path) -> dict:
@@ -75,6 +87,8 @@ def read_manifest(d: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OutputError(f"{path}: not readable JSON ({exc})") from None
+    except RecursionError:
+        raise OutputError(f"{path}: not readable JSON (arrays or objects nested too deeply)") from None
     if not isinstance(data, dict):
         raise OutputError(f"{path}: expected a JSON object, found {type(data).__name__}")
     # the report trusts these shapes below, so a hand-edited manifest fails here, by name

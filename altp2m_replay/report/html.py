@@ -11,10 +11,7 @@ Identical inputs give identical bytes: nothing is timestamped, and every list is
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import jinja2
@@ -24,6 +21,7 @@ from markupsafe import Markup
 from altp2m_replay import __version__
 from altp2m_replay.costs import COSTS, PROFILES, effective_costs
 from altp2m_replay.errors import OutputError
+from altp2m_replay.outdir import FolderLock, atomic_write_bytes, check_output_set, finish_switch
 from altp2m_replay.report import charts
 from altp2m_replay.report.data import (
     BY_GFN_REQUIRED,
@@ -430,14 +428,18 @@ def _ip_hotspots(by_ip: pl.DataFrame | None, summary: pl.DataFrame, trace: str, 
         if sub.height == 0:
             continue
         exits = int(sub["ept_exits"].sum())
+        # a null ip is the "other" row of a bounded per-ip table: shown last, never ranked
+        other = sub.filter(pl.col("ip").is_null())
+        sub = sub.filter(pl.col("ip").is_not_null())
         top = sub.sort(["ept_exits", "ve_delivered", "ip"],
                        descending=[True, True, False]).head(TOP_IPS)
         rows = top.select("ip", "ept_exits", "ve_delivered").to_dicts()
+        rows += other.select("ip", "ept_exits", "ve_delivered").to_dicts()
         peak = max((r["ept_exits"] for r in rows), default=0) or 1
         for r in rows:
             r["bar"] = f"{100 * r['ept_exits'] / peak:.1f}"
             r["share"] = _percent(r["ept_exits"], exits)
-        top_exits = sum(r["ept_exits"] for r in rows)
+        top_exits = sum(r["ept_exits"] for r in rows if r["ip"] is not None)
         out.append({"policy": p, "colour": pcolour[p], "rows": rows, "ips": sub.height,
                     "exits": exits, "ve": int(sub["ve_delivered"].sum()),
                     "top_share": _percent(top_exits, exits) if exits else None})
@@ -462,6 +464,8 @@ def _traces_meta(manifest: dict, summary: pl.DataFrame, traces) -> list[dict]:
 def build_context(out_dir) -> dict:
     """Everything the template needs, read from ``out_dir``; ordered and formatted-ready."""
     d = results_dir(out_dir)
+    manifest = read_manifest(d)
+    check_output_set(d, manifest)  # tables and manifest of one run, or an error
     summary = read_table(d, "summary", SUMMARY_REQUIRED)
     if summary.height == 0:
         raise OutputError(f"{d / 'summary.parquet'}: holds no rows")
@@ -470,7 +474,6 @@ def build_context(out_dir) -> dict:
     timeline = read_table(d, "timeline", TIMELINE_REQUIRED, optional=True)
     by_ip = read_table(d, "by_ip", BY_IP_REQUIRED, optional=True)
     population = read_table(d, "population", POPULATION_REQUIRED, optional=True)
-    manifest = read_manifest(d)
 
     traces = _ordered(summary["trace"].unique().to_list(),
                       [i.get("trace") for i in manifest.get("inputs", [])])
@@ -541,26 +544,16 @@ def render_html(out_dir) -> str:
 
 
 def write_report(out_dir) -> Path:
-    """Render and write ``out_dir/report.html`` atomically; return its path."""
-    page = render_html(out_dir)
-    path = Path(out_dir) / "report.html"
-    _write_atomically(path, page.encode("utf-8"))
+    """Render and write ``out_dir/report.html`` atomically; return its path.
+
+    Holds the folder's lock (no replay may be writing into it) and first finishes a switch
+    to a new set of files that a killed replay left half done (see ``outdir``).
+    """
+    if not Path(out_dir).is_dir():
+        results_dir(out_dir)  # says what is wrong with it
+    with FolderLock(Path(out_dir)):
+        finish_switch(Path(out_dir))
+        page = render_html(out_dir)
+        path = Path(out_dir) / "report.html"
+        atomic_write_bytes(path, page.encode("utf-8"))
     return path
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, then ``os.replace``: readers never see half a page."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp makes 0600 files; a report is meant to be shared, so give it the mode a
-        # plain open() would (0666 less the umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
