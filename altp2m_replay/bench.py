@@ -23,7 +23,7 @@ from numba import njit
 
 from altp2m_replay import generate, traces
 from altp2m_replay.engine import Replayer
-from altp2m_replay.policy import builtin_names, load_policy, needs_page_counts
+from altp2m_replay.policy import builtin_names, load_policy, needs_insn_stats, needs_page_counts
 
 
 @njit(cache=True)
@@ -133,7 +133,7 @@ def _side_by_side(path: Path, threads: int, rounds: int) -> tuple:
 
     pols = [load_policy(n) for n in builtin_names()]
     t = time.perf_counter()
-    prepared = replay_facts(path, any(needs_page_counts(p) for p in pols))
+    prepared = replay_facts(path, any(needs_page_counts(p) for p in pols), any(needs_insn_stats(p) for p in pols))
     facts_s = time.perf_counter() - t
     seq, par, cpu, idle = [], [], {1: [], threads: []}, {1: [], threads: []}
     cores = os.cpu_count() or 1

@@ -12,6 +12,7 @@ from altp2m_replay.policy import (
     KIND_CODES,
     Policy,
     load_policy,
+    needs_insn_stats,
     needs_page_counts,
 )
 
@@ -81,7 +82,7 @@ def check_policy(ref: str, trace_path: str | None = None) -> CheckReport:
     else:
         from altp2m_replay.run import trace_facts, trace_name
 
-        stats, facts = trace_facts(Path(trace_path), needs_page_counts(p))
+        stats, facts = trace_facts(Path(trace_path), needs_page_counts(p), needs_insn_stats(p))
         rep = Replayer(p, facts, stats.vcpus, stats.rows)
         report.warnings += rep.warnings
         res = rep.finish()

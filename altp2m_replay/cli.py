@@ -128,6 +128,8 @@ def trace_generate(workload, rows, seed, vcpus, output):
       scan    memcpy-like sequential walk through two large buffers
       random  uniform random gfns and access kinds over 4 GiB
       jit     kernel mix plus code written then executed (W then X)
+      sandbox kernel mix with control rows: CR3 writes, guest VMFUNCs, a balloon
+              phase (host drops, then maps); symbols and processes metadata
     """
     from altp2m_replay import generate
 

@@ -4,7 +4,9 @@ fixed-size chunks so memory stays bounded for any length.
 Every workload is a stream of instructions: one fetch row (access 4) followed by 0-2 data
 rows with the same ``insn``. vCPUs take turns in short runs of instructions; each vCPU has
 its own instruction counter and its own clock (``tsc``, non-decreasing per vCPU). Columns:
-gfn, access, vcpu, insn, ip (of the instruction, on every row), tsc.
+gfn, access, vcpu, insn, ip (of the instruction, on every row), tsc; ``sandbox`` adds op and
+arg: some fetch + data instructions become a fetch + a CR3 write or VMFUNC row (op 2 / 1),
+and host drop / map rows (op 3 / 4, vcpu, insn, ip and tsc 0) sit between instructions.
 
 Guest layout (4 GiB of RAM, gfns 0..0xFFFFF; the 1 GiB boundary is gfn 0x40000):
 kernel text 0x1000-0x1BFF, page tables in two ranges, per-vCPU kernel stacks, a 256 MiB
@@ -30,6 +32,10 @@ WORKLOADS: dict[str, str] = {
               "of random kind (r, w, rw)",
     "jit": "kernel mix plus a JIT: code written into a 4 MiB pool and executed soon after "
            "(write then execute; pages rewritten when the pool wraps)",
+    "sandbox": "kernel mix of a DRAKVUF-style sandbox guest with control rows: processes "
+               "switched by CR3 writes on every vCPU, calls to named kernel functions and "
+               "system-call entry points (symbols metadata), an in-guest agent switching "
+               "views with VMFUNC, and a balloon phase (host drops, later host maps)",
 }
 
 CHUNK_ROWS = 1 << 20  # generation unit; independent of the file's row-group size
@@ -45,6 +51,7 @@ KERNEL_DATA = ((0x3C000, 0x43FFF), (0x88000, 0x8FFFF))  # first range crosses 1 
 SCAN_SRC = (0x3FF00, 0x3FF00 + 0x8000 - 1)  # starts just below 1 GiB
 SCAN_DST = (0x90000, 0x97FFF)
 JIT_POOL = (0xC0000, 0xC03FF)
+BALLOON = (0x98000, 0x981FF)  # sandbox: page-cache pages the balloon driver gives back
 
 KTEXT_VA = 0xFFFFFFFF81000000
 JIT_VA = 0xFFFFFFFFC0000000
@@ -200,29 +207,89 @@ def _runs(sk: _Skeleton, rng, p_jump: float) -> tuple[np.ndarray, np.ndarray]:
 def _gfn_sets(workload: str, vcpus: int) -> dict[str, list[list[int]]]:
     """Named gfn ranges of the generated guest (trace metadata ``gfn_sets``)."""
     sets = {"page_tables": [list(r) for r in PAGE_TABLES], "kernel_code": [list(KERNEL_CODE)]}
-    if workload in ("kernel", "jit"):
+    if workload in ("kernel", "jit", "sandbox"):
         sets["kernel_stacks"] = [[STACKS[0], STACKS[0] + 4 * vcpus - 1]]
         sets["kernel_data"] = [list(r) for r in KERNEL_DATA]
     if workload == "scan":
         sets["scan_buffers"] = [list(SCAN_SRC), list(SCAN_DST)]
     if workload == "jit":
         sets["jit"] = [list(JIT_POOL)]
+    if workload == "sandbox":
+        sets["balloon"] = [list(BALLOON)]
     return sets
+
+
+# sandbox: kernel functions the trace calls (its ``symbols``): system-call entry points and
+# what they run into, the context switch, and the in-guest agent that switches views.
+SYSCALLS = ("read", "write", "openat", "close", "newfstat", "mmap", "munmap", "brk", "futex", "poll",
+            "epoll_wait", "ioctl", "nanosleep", "clone", "execve", "exit_group", "sendto", "recvfrom",
+            "getpid", "rt_sigaction")
+KERNEL_FUNCS = ("entry_SYSCALL_64", "do_syscall_64", "ksys_read", "ksys_write", "vfs_read", "vfs_write",
+                "do_sys_openat2", "do_filp_open", "__schedule", "switch_mm_irqs_off", "__switch_to_asm",
+                "asm_exc_page_fault", "do_user_addr_fault", "handle_mm_fault", "kmem_cache_alloc", "kfree",
+                "__kmalloc", "_raw_spin_lock", "mutex_lock", "agent_switch_view")
+PROCESSES = ("systemd", "sshd", "bash", "python3", "nginx", "postgres")
+MOV_CR3_AT = ("switch_mm_irqs_off", 0x5C)  # (function, offset) of the CR3 write
+VMFUNC_AT = ("agent_switch_view", 0x10)  # ... of the agent's VMFUNC
+P_CONTROL = 0.01  # share of fetch + 1 data row instructions that become CR3 writes / VMFUNCs
+P_CR3 = 0.75  # of those, CR3 writes; the rest VMFUNCs
+
+
+def _symbols() -> dict[str, int]:
+    """Name -> ip of every sandbox function: 16-byte aligned entries spread over kernel text."""
+    names = [f"__x64_sys_{c}" for c in SYSCALLS] + list(KERNEL_FUNCS)
+    return {name: KTEXT_VA + (0x80 + 37 * j) * 4096 + (j * 0x2D0) % 0xF00 for j, name in enumerate(names)}
+
+
+def _processes() -> dict[str, int]:
+    """Name -> CR3 (the page-directory page, in the page-table range) of every sandbox process."""
+    return {name: (PAGE_TABLES[0][0] + 0x10 * i) << 12 for i, name in enumerate(PROCESSES)}
+
+
+class _Sandbox:
+    """Sandbox state: call targets, and the balloon schedule over the whole trace of ``n``
+    rows: page k of BALLOON is dropped (op 3) at a row in [0.3 n, 0.4 n) and mapped again
+    (op 4) at a row in [0.65 n, 0.75 n); data rows touch balloon pages only before the first
+    drop and after the last map (in rows without control rows: ``base_done``)."""
+
+    def __init__(self, n: int):
+        sym = _symbols()
+        names = list(sym)
+        self.va = np.array(list(sym.values()), np.uint64)
+        self.gfn = np.uint64(KERNEL_CODE[0]) + (self.va - np.uint64(KTEXT_VA)) // np.uint64(4096)
+        w = np.array([3.0 if n_.startswith("__x64_sys_") else 1.0 for n_ in names])
+        w[names.index("entry_SYSCALL_64")] = w[names.index("do_syscall_64")] = 8.0
+        self.weights = w / w.sum()
+        self.sites = {key: (sym[f] + off, KERNEL_CODE[0] + (sym[f] + off - KTEXT_VA) // 4096)
+                      for key, (f, off) in (("cr3", MOV_CR3_AT), ("vmfunc", VMFUNC_AT))}
+        self.cr3 = np.array(list(_processes().values()), np.uint64)
+        pages = min(BALLOON[1] - BALLOON[0] + 1, n // 400)
+        k = np.arange(pages, dtype=np.int64)
+        spread = k * (n // 10) // max(pages, 1)
+        self.pos = np.concatenate([n * 3 // 10 + spread, n * 13 // 20 + spread])  # final rows
+        self.pos_op = np.repeat(np.array([3, 4], np.uint8), pages)
+        self.pos_gfn = np.tile(np.uint64(BALLOON[0]) + k.astype(np.uint64), 2)
+        self.pages = pages
+        self.quiet = (n * 3 // 10, n * 13 // 20 + n // 10)  # no balloon-page accesses in here
+        self.done = 0  # rows emitted
+        self.base_done = 0  # rows emitted that are not op 3/4 rows
 
 
 class _Generator:
     """Builds chunks (dicts of numpy arrays) for one workload."""
 
-    def __init__(self, workload: str, seed: int, vcpus: int):
+    def __init__(self, workload: str, seed: int, vcpus: int, n: int = 0):
         self.workload = workload
         self.rng = np.random.default_rng(seed)
         self.stream = _Stream(self.rng, vcpus)
         self.vcpus = vcpus
         rng = self.rng
-        if workload in ("kernel", "jit"):
+        if workload in ("kernel", "jit", "sandbox"):
             self.code = _Zipf(_span(KERNEL_CODE), 1.2, rng, block=4)
             self.data = _Zipf(np.concatenate([_span(r) for r in KERNEL_DATA]), 1.0, rng, block=16)
             self.pt = np.concatenate([_span(r) for r in PAGE_TABLES])
+        if workload == "sandbox":
+            self.sandbox = _Sandbox(n)
 
     def chunk(self, rows: int) -> dict[str, np.ndarray]:
         return getattr(self, "_" + self.workload)(rows)
@@ -244,8 +311,9 @@ class _Generator:
             "tsc": sk.tsc.astype(np.uint64)[sk.row_insn],
         }
 
-    def _code(self, sk, p_jump: float, jit: bool):
-        """Code gfn and ip per instruction with page locality and sequential ips."""
+    def _code(self, sk, p_jump: float, jit: bool, runs: bool = False):
+        """Code gfn and ip per instruction with page locality and sequential ips (and with
+        ``runs``, _runs's jump mask and run heads)."""
         rng, m = self.rng, sk.m
         jump, src = _runs(sk, rng, p_jump)
         n_jump = int(jump.sum())
@@ -266,12 +334,16 @@ class _Generator:
         # Straight-line code: 4 bytes per instruction after the jump, wrapping in the page.
         step = (np.arange(m) - src).astype(np.uint64) * _U64(4)
         ip = va_base[src] + (start_off[src] + step) % _U64(4096)
-        return target[src], ip
+        return (target[src], ip, jump, src) if runs else (target[src], ip)
 
     def _kernel(self, rows: int, jit: bool = False) -> dict[str, np.ndarray]:
+        return self._assemble(*self._kernel_rows(rows, jit))
+
+    def _kernel_rows(self, rows: int, jit: bool = False, code=None):
+        """The kernel mix as _assemble's arguments; ``code`` replaces :meth:`_code`."""
         rng = self.rng
         sk = self.stream.skeleton(rows, (0.45, 0.45, 0.10))
-        code_gfn, ip = self._code(sk, 0.12, jit)
+        code_gfn, ip = (code or self._code)(sk, 0.12, jit)
         d = len(sk.data_rows)
         data_insn = sk.row_insn[sk.data_rows]
         dv = sk.vcpu[data_insn].astype(np.uint64)  # vCPU of each data row
@@ -296,10 +368,70 @@ class _Generator:
             js = (u >= 0.31) & (u < 0.39)
             gfn[js] = _U64(JIT_POOL[0]) + (emit[js] % (JIT_POOL[1] - JIT_POOL[0] + 1)).astype(np.uint64)
             access[js] = 2
-        return self._assemble(sk, rows, code_gfn, ip, gfn, access)
+        return sk, rows, code_gfn, ip, gfn, access
 
     def _jit(self, rows: int) -> dict[str, np.ndarray]:
         return self._kernel(rows, jit=True)
+
+    def _sandbox_code(self, sk, p_jump: float, jit: bool):
+        """_code, with some jumps being calls: their run starts at a function entry."""
+        rng, sb = self.rng, self.sandbox
+        code_gfn, ip, jump, src = self._code(sk, p_jump, jit, runs=True)
+        call = jump & (rng.random(sk.m) < 0.35)
+        which = np.full(sk.m, -1, np.int64)
+        which[call] = rng.choice(len(sb.va), int(call.sum()), p=sb.weights)
+        w = which[src]
+        hit = w >= 0
+        va = sb.va[w[hit]]
+        step = (np.arange(sk.m) - src)[hit].astype(np.uint64) * _U64(4)
+        page_off = va & _U64(0xFFF)
+        ip[hit] = va - page_off + (page_off + step) % _U64(4096)
+        code_gfn[hit] = sb.gfn[w[hit]]
+        return code_gfn, ip
+
+    def _sandbox(self, rows: int) -> dict[str, np.ndarray]:
+        rng, sb = self.rng, self.sandbox
+        lo, hi = np.searchsorted(sb.pos, [sb.done, sb.done + rows])
+        base = rows - int(hi - lo)  # rows that are not op 3/4 rows
+        if base:
+            sk, _, code_gfn, ip, gfn, access = self._kernel_rows(base, code=self._sandbox_code)
+            if sb.pages:  # page-cache use of the balloon pages while the guest owns them
+                a = sb.base_done + sk.data_rows
+                cache = ((a < sb.quiet[0]) | (a >= sb.quiet[1])) & (rng.random(len(a)) < 0.03)
+                gfn[cache] = _U64(BALLOON[0]) + rng.integers(0, sb.pages, int(cache.sum())).astype(np.uint64)
+                access[cache] = _pick(rng, np.array([1, 2], np.uint8), (0.6, 0.4), int(cache.sum()))
+            chunk = self._assemble(sk, base, code_gfn, ip, gfn, access)
+            chunk["op"] = np.zeros(base, np.uint8)
+            chunk["arg"] = np.zeros(base, np.uint64)
+            # CR3 writes and VMFUNCs: the data row of a fetch + 1 data row instruction becomes
+            # the control row, and the instruction moves to its site
+            pick = np.flatnonzero(sk.sizes == 2)
+            pick = pick[rng.random(len(pick)) < P_CONTROL]
+            cr3 = rng.random(len(pick)) < P_CR3
+            args = np.where(cr3, sb.cr3[rng.integers(0, len(sb.cr3), len(pick))],
+                            rng.choice(3, len(pick), p=(0.5, 0.3, 0.2)).astype(np.uint64))
+            ctl = sk.first[pick] + 1
+            chunk["op"][ctl] = np.where(cr3, 2, 1)
+            chunk["arg"][ctl] = args
+            chunk["access"][ctl] = 0
+            chunk["gfn"][ctl] = 0
+            for key, mask in (("cr3", cr3), ("vmfunc", ~cr3)):
+                site_ip, site_gfn = sb.sites[key]
+                chunk["ip"][ctl[mask]] = chunk["ip"][ctl[mask] - 1] = site_ip
+                chunk["gfn"][ctl[mask] - 1] = site_gfn
+        else:
+            chunk = {c: np.zeros(0, dt) for c, dt in (("gfn", np.uint64), ("access", np.uint8),
+                                                      ("vcpu", np.uint16), ("insn", np.uint64),
+                                                      ("ip", np.uint64), ("tsc", np.uint64),
+                                                      ("op", np.uint8), ("arg", np.uint64))}
+        # host drops and maps at their rows; their vcpu, insn, ip and tsc are ignored (0)
+        pos = sb.pos[lo:hi] - sb.done
+        at = pos - np.arange(len(pos))
+        extra = {"gfn": sb.pos_gfn[lo:hi], "op": sb.pos_op[lo:hi]}
+        chunk = {c: np.insert(v, at, extra.get(c, 0)) for c, v in chunk.items()}
+        sb.done += rows
+        sb.base_done += base
+        return chunk
 
     def _scan(self, rows: int) -> dict[str, np.ndarray]:
         sk = self.stream.skeleton(rows, (0.25, 0.75))
@@ -348,11 +480,11 @@ def _check(workload: str, n: int, vcpus: int, seed: int = 0) -> None:
 
 def iter_chunks(workload: str, n: int, seed: int = 0, vcpus: int = 1, chunk_rows: int | None = None):
     """Yield the trace as dicts of numpy arrays (gfn uint64, access uint8, vcpu uint16,
-    insn/ip/tsc uint64) of ``chunk_rows`` rows (default CHUNK_ROWS; the last may be shorter).
+    insn/ip/tsc uint64; sandbox: op uint8, arg uint64) of ``chunk_rows`` rows (default CHUNK_ROWS; the last may be shorter).
     The rows depend on the chunk size, so keep the default for reproducible traces."""
     _check(workload, n, vcpus, seed)
     chunk_rows = chunk_rows or CHUNK_ROWS
-    gen = _Generator(workload, seed, vcpus)
+    gen = _Generator(workload, seed, vcpus, n)
     done = 0
     while done < n:
         rows = min(chunk_rows, n - done)
@@ -375,7 +507,7 @@ def metadata(workload: str, seed: int, vcpus: int) -> dict:
         "vcpus": vcpus,
         "ram": [[0, RAM_PAGES - 1]],
         "gfn_sets": _gfn_sets(workload, vcpus),
-    }
+    } | ({"symbols": _symbols(), "processes": _processes()} if workload == "sandbox" else {})
 
 
 def generate(workload: str, n: int, seed: int = 0, vcpus: int = 1, output=None,

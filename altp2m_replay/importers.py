@@ -15,7 +15,9 @@ Decisions the SPEC leaves open (also in traces/README.md):
   load's instruction (read-modify-write, push/pop of memory, one ``movs`` iteration); every
   other row starts a new instruction, so a loop that re-runs one memory instruction gives
   one instruction per execution. Plugin summary lines at the end are skipped.
-* csv: header required; unknown columns are ignored; numbers are decimal or 0x-hex.
+* csv: header required; unknown columns are ignored; numbers are decimal or 0x-hex; with an
+  ``op`` column, control rows (op 1-4) take access 0, and ``ram`` ends at the highest gfn of
+  access and op 3/4 rows.
 * qemu-capture: the binary records of the project's TCG plugin (capture/FORMAT.md), raw or
   zstd-compressed (decompressed by the ``zstd`` program as it is read). Rows get ``gpa``,
   ``access``, ``vcpu``, ``insn`` (per vCPU, one per instruction record) and ``ip``; a fetch
@@ -330,7 +332,7 @@ _CSV_LIMITS = {
     "gpa": (GPA_LIMIT - 1, "a guest-physical address below 2^48"),
     "gfn": (GFN_LIMIT - 1, "a gfn below 2^36"),
     "vcpu": (VCPU_LIMIT - 1, "a vCPU number in 0..4095"),
-    "op": (255, "an op code in 0..255"),
+    "op": (4, "an op in 0..4 (0 = access, 1-4 = control rows)"),
 }
 
 
@@ -402,6 +404,7 @@ def _csv(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
     rows = 0
     max_gfn = 0
     addr = "gpa" if "gpa" in header else "gfn"
+    has_op = "op" in header
     for fields in reader:
         if not fields or (len(fields) == 1 and not fields[0].strip()):
             continue
@@ -413,7 +416,7 @@ def _csv(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
         for c, i in idx:
             s = fields[i].strip()
             if c == "access":
-                v = _parse_access(s)
+                v = 0 if has_op and s == "0" else _parse_access(s)  # 0: control rows, checked below
                 if v is None:
                     raise ImportFormatError(f'{label}: line {lineno}: column "access": expected 1..7 or '
                                             f"letters r, w, x (e.g. rw), found {s!r}")
@@ -427,8 +430,16 @@ def _csv(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
                 if v > hi:
                     raise ImportFormatError(f'{label}: line {lineno}: column "{c}": expected {what}, found {s}')
             b[c].append(v)
+        op = b["op"][-1] if has_op else 0
+        if op and b["access"][-1]:
+            s = fields[header.index("access")].strip()
+            raise ImportFormatError(f'{label}: line {lineno}: column "access": expected 0 on a control row '
+                                    f"(op {op}), found {s!r}")
+        if not op and not b["access"][-1]:
+            raise ImportFormatError(f'{label}: line {lineno}: column "access": expected 1..7 or letters r, w, x '
+                                    f"on an access row (op 0), found '0'")
         g = b[addr][-1] >> (12 if addr == "gpa" else 0)
-        if g > max_gfn:
+        if g > max_gfn and op not in (1, 2):  # the address of op 1/2 rows is ignored (SPEC §2)
             max_gfn = g
         rows += 1
         out.maybe_flush()

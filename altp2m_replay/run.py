@@ -56,7 +56,13 @@ from altp2m_replay.outdir import (
     write_checked,
     write_table,
 )
-from altp2m_replay.policy import Policy, TraceFacts, load_policy, needs_page_counts
+from altp2m_replay.policy import (
+    Policy,
+    TraceFacts,
+    load_policy,
+    needs_insn_stats,
+    needs_page_counts,
+)
 from altp2m_replay.prefetch import side_by_side
 from altp2m_replay.results import TABLES, cell_tables
 
@@ -147,19 +153,25 @@ class CellOutput:
     costs: dict[str, float]
 
 
-def trace_facts(path: Path, page_counts: bool) -> tuple[traces.TraceStats, TraceFacts]:
-    """Validate one trace (full streaming pass) and gather what selector resolution needs."""
+def trace_facts(path: Path, page_counts: bool,
+                insn_stats: bool = False) -> tuple[traces.TraceStats, TraceFacts]:
+    """Validate one trace (full streaming pass) and gather what selector resolution needs
+    (``insn_stats``: also instruction starts by byte address and each ip's first one)."""
     tr = traces.open_trace(path)
-    stats = traces.validate(tr, page_counts=page_counts)
+    stats = traces.validate(tr, page_counts=page_counts, insn_stats=insn_stats)
     return stats, _facts(tr, stats)
 
 
 def _facts(tr: traces.Trace, stats: traces.TraceStats) -> TraceFacts:
     return TraceFacts(max_gfn=stats.max_gfn, meta_ram=tr.meta.ram,
-                      gfn_sets=dict(tr.meta.gfn_sets or {}), page_counts=stats.page_counts)
+                      gfn_sets=dict(tr.meta.gfn_sets or {}), page_counts=stats.page_counts,
+                      symbols=dict(tr.meta.symbols), processes=dict(tr.meta.processes),
+                      byte_addresses=tr.byte_addresses, insn_starts=stats.insn_starts,
+                      ip_first=stats.ip_first)
 
 
-def replay_facts(path: Path, page_counts: bool) -> tuple[traces.TraceStats, TraceFacts, bool]:
+def replay_facts(path: Path, page_counts: bool,
+                 insn_stats: bool = False) -> tuple[traces.TraceStats, TraceFacts, bool]:
     """What replay_trace needs before its first batch, and whether values are checked yet.
 
     Without page counts, when Parquet statistics prove the gfn range, only metadata is read
@@ -168,12 +180,13 @@ def replay_facts(path: Path, page_counts: bool) -> tuple[traces.TraceStats, Trac
     is read once instead of twice (figures in docs/performance.md). Otherwise:
     trace_facts's full validation pass (True).
     """
-    if not page_counts:
+    if not page_counts and not insn_stats:
         tr = traces.open_trace(path)
         stats = traces.quick_stats(tr)
         if stats is not None:
             return stats, _facts(tr, stats), False
-    return (*trace_facts(path, page_counts), True)
+    stats, facts = trace_facts(path, page_counts, insn_stats)
+    return stats, facts, True
 
 
 def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profile: str | None,
@@ -193,17 +206,21 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     """
     path = Path(path)
     if prepared is None:
-        prepared = replay_facts(path, any(needs_page_counts(p) for p in policies))
+        prepared = replay_facts(path, any(needs_page_counts(p) for p in policies),
+                                any(needs_insn_stats(p) for p in policies))
     stats, facts, checked = prepared
     tr = traces.open_trace(path)
     validator = None if checked else traces.Validator(tr)
     t0 = time.perf_counter()
-    columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc", "ip") if c in tr.columns]
+    columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc", "ip", "op", "arg") if c in tr.columns]
+    if any(p.breakpoints is not None for p in policies) and "gpa" in tr.columns:
+        columns.append("gpa")  # byte addresses of fetches, for breakpoints
     seen = rerun = None
 
     def feed(i: int, b: traces.Batch) -> bool:
         r = reps[i]
-        r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start, ip=b.ip)
+        r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start, ip=b.ip, op=b.op, arg=b.arg,
+               gpa=b.gpa)
         return r.done  # the guest crashed: nothing more to replay
 
     def settle() -> bool:
@@ -244,8 +261,8 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
 
 
 def _validate_unit(args):
-    path, page_counts = args
-    return replay_facts(path, page_counts)
+    path, page_counts, insn_stats = args
+    return replay_facts(path, page_counts, insn_stats)
 
 
 def _replay_unit(args):
@@ -746,7 +763,8 @@ def _replay_cells(folder: OutputFolder, paths, policies, opened, keys, stored, *
     ex = _executor(jobs, len(paths) * len(policies), scheduler)
     finished = False
     try:
-        prepared = ex.keep(_validate_unit, [(p, need_counts) for p in paths])
+        need_stats = any(needs_insn_stats(p) for p in policies)
+        prepared = ex.keep(_validate_unit, [(p, need_counts, need_stats) for p in paths])
         if not scheduler:  # Dask keeps the facts on the cluster; its workers have their own budget
             prepared = budget.check_run(paths, policies, prepared, window)  # before any cell runs
         # Which cells still need computing (all of them unless resuming).

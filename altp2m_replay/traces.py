@@ -44,6 +44,9 @@ GPA_LIMIT = 1 << 48  # reach of a 4-level EPT
 GFN_LIMIT = 1 << 36
 VCPU_LIMIT = 4096
 ACCESS_NAMES = {1: "r", 2: "w", 3: "rw", 4: "x", 5: "rx", 6: "wx", 7: "rwx"}
+#: control rows (SPEC §2): op -> what ``trace info`` calls their count
+OP_NAMES = {1: "guest vmfuncs", 2: "cr3 writes", 3: "host drops", 4: "host maps"}
+INSN_ROW_LIMIT = 1024  # rows of one instruction
 
 # Inclusive value bounds per column and how to say them in an error message.
 _BOUNDS: dict[str, tuple[int, int, str]] = {
@@ -51,7 +54,8 @@ _BOUNDS: dict[str, tuple[int, int, str]] = {
     "gfn": (0, GFN_LIMIT - 1, "a gfn below 2^36"),
     "access": (1, 7, "an access mask in 1..7 (1 = read, 2 = write, 4 = execute)"),
     "vcpu": (0, VCPU_LIMIT - 1, "a vCPU number in 0..4095"),
-    "op": (0, 0, "0 (control rows (op != 0) are not supported yet)"),
+    "op": (0, 4, "an op in 0..4 (0 = access; control rows: 1 = guest VMFUNC, 2 = CR3 write, "
+                 "3 = host drop, 4 = host map)"),
 }
 _U64_BOUNDS = (0, (1 << 64) - 1, "a non-negative integer below 2^64")
 
@@ -59,7 +63,7 @@ _U64_BOUNDS = (0, (1 << 64) - 1, "a non-negative integer below 2^64")
 # dictionary that overflows; everything else gets a dictionary (few distinct values).
 _DELTA_COLUMNS = ("insn", "tsc", "ip")
 COMPRESSION = ("lz4", None)  # decodes ~1.7x faster than zstd; files ~25 % bigger
-_BATCH_FIELDS = ("gfn", "access", "vcpu", "insn", "tsc", "ip", "gla")
+_BATCH_FIELDS = ("gfn", "access", "vcpu", "insn", "tsc", "ip", "gla", "op", "arg", "gpa")
 _MAX_GROUP_READ = 4 * DEFAULT_ROW_GROUP  # bigger row groups are read in slices
 
 
@@ -73,6 +77,33 @@ class TraceMeta:
     vcpus: int | None = None
     ram: list[tuple[int, int]] | None = None
     gfn_sets: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    #: function name -> virtual address (breakpoint selectors)
+    symbols: dict[str, int] = field(default_factory=dict)
+    #: process name -> CR3 value (CR3 rules)
+    processes: dict[str, int] = field(default_factory=dict)
+
+
+def _named_u64(value, key: str, what: str) -> dict[str, int]:
+    """Check a {"NAME": integer} object of metadata; raise ValueError naming ``key``."""
+    if not isinstance(value, dict):
+        raise ValueError(f'"{key}" must be an object of NAME: {what}, found {_short_json(value)}')
+    out = {}
+    for name, v in value.items():
+        if not isinstance(name, str):
+            raise ValueError(f'"{key}" names must be strings, found {_short_json(name)}')
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 64:
+            raise ValueError(f'"{key}.{name}" must be {what}, an integer in 0..2^64-1, '
+                             f"found {_short_json(v)}")
+        out[name] = v
+    return out
+
+
+def _short_json(value) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _ranges(value, where: str) -> list[tuple[int, int]]:
@@ -117,7 +148,10 @@ def parse_meta(obj) -> TraceMeta:
     if not isinstance(sets, dict):
         raise ValueError('"gfn_sets" must be an object of NAME: [[first, last], ...]')
     gfn_sets = {str(k): _ranges(v, f'"gfn_sets.{k}"') for k, v in sets.items()}
-    return TraceMeta(format=fmt, source=source, vcpus=vcpus, ram=ram, gfn_sets=gfn_sets)
+    symbols = _named_u64(obj.get("symbols", {}), "symbols", "a virtual address")
+    processes = _named_u64(obj.get("processes", {}), "processes", "a CR3 value")
+    return TraceMeta(format=fmt, source=source, vcpus=vcpus, ram=ram, gfn_sets=gfn_sets,
+                     symbols=symbols, processes=processes)
 
 
 def _read_meta(path, kv: dict | None) -> TraceMeta:
@@ -141,7 +175,9 @@ class Batch:
 
     ``start`` is the global index of the first row. ``gfn`` uint64 (``gpa >> 12`` when the
     file stores gpa), ``access`` uint8, ``vcpu`` uint16 (zeros when the file has no vcpu
-    column), ``insn``/``tsc``/``ip``/``gla`` uint64 or None when absent from the file.
+    column), ``insn``/``tsc``/``ip``/``gla`` uint64, ``op`` uint8 and ``arg`` uint64, each None
+    when absent from the file (an absent ``op`` means every row is an access, op 0); ``gpa``
+    uint64, the file's full addresses (byte addresses, SPEC §2), None when it stores gfn.
     Columns not requested from :meth:`Trace.batches` are None.
     """
 
@@ -153,6 +189,9 @@ class Batch:
     tsc: np.ndarray | None = None
     ip: np.ndarray | None = None
     gla: np.ndarray | None = None
+    op: np.ndarray | None = None
+    arg: np.ndarray | None = None
+    gpa: np.ndarray | None = None
 
     def __len__(self) -> int:
         for name in _BATCH_FIELDS:
@@ -179,6 +218,8 @@ class Trace:
         self.address_column: str = "gpa" if "gpa" in self.columns else "gfn"
         self.meta: TraceMeta = meta
         self.size: int = path.stat().st_size
+        #: whether instructions have byte addresses (SPEC §2): a gpa column, or gfn and ip
+        self.byte_addresses: bool = "gpa" in self.columns or "ip" in self.columns
 
     def __repr__(self) -> str:
         return f"Trace({str(self.path)!r}, rows={self.rows}, columns={sorted(self.columns)})"
@@ -334,9 +375,15 @@ def open_trace(path) -> Trace:
 class TraceStats:
     """Result of :func:`validate`.
 
-    ``vcpus`` sorted unique uint16; ``access_counts`` int64 shape (8,) rows per access value;
+    ``vcpus`` sorted unique uint16 (of rows of op 0-2); ``access_counts`` int64 shape (8,) rows
+    per access value (control rows are access 0); ``op_counts`` int64 shape (5,) rows per op;
+    ``max_gfn``/``min_gfn`` over access rows and op 3/4 rows (0 when there are none);
     ``page_counts`` (only with ``page_counts=True``) maps "read"/"written"/"executed"/"touched"
-    to (sorted uint64 gfns, int64 row counts).
+    to (sorted uint64 gfns, int64 row counts) over access rows. With ``insn_stats=True``:
+    ``insn_starts`` = (sorted uint64 byte addresses, int64 instructions starting there) and
+    ``ip_first`` = (sorted uint64 ips, uint64 byte address of the first instruction whose first
+    row is a fetch with that ip); both empty when the trace has no byte addresses (and
+    ``ip_first`` when it has no ip column).
     """
 
     rows: int
@@ -346,6 +393,14 @@ class TraceStats:
     distinct_gfns: int | None = None
     page_counts: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
     min_gfn: int = 0
+    op_counts: np.ndarray = field(default_factory=lambda: np.zeros(5, dtype=np.int64))
+    insn_starts: tuple[np.ndarray, np.ndarray] | None = None
+    ip_first: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def control_records(self) -> int:
+        """Rows of op 1-4."""
+        return int(self.op_counts[1:].sum())
 
 
 class _CountMerger:
@@ -389,6 +444,29 @@ class _CountMerger:
         return self.keys, self.counts
 
 
+class _FirstMerger(_CountMerger):
+    """Keeps, per key, the value fed with its first occurrence (batches fed in order);
+    memory ~ distinct keys. ``result()`` gives (sorted uint64 keys, uint64 values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = np.empty(0, np.uint64)  # the values
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        self._pending.append((keys, values))
+        self._pending_len += len(keys)
+        if self._pending_len > max(1 << 22, 2 * len(self.keys)):
+            self._merge()
+
+    def _merge(self) -> None:
+        if self._pending:
+            keys = np.concatenate([self.keys] + [k for k, _ in self._pending])
+            values = np.concatenate([self.counts] + [v for _, v in self._pending])
+            self._pending, self._pending_len = [], 0
+            self.keys, first = np.unique(keys, return_index=True)  # first occurrences
+            self.counts = values[first]
+
+
 def _first_true(mask: np.ndarray) -> int | None:
     if len(mask) == 0:
         return None
@@ -415,10 +493,11 @@ class _FirstError:
         self.label, self.start, self.limit = label, start, n
         self.message: str | None = None
 
-    def found(self, i: int, col: str, text: str) -> None:
+    def found(self, i: int, col: str | None, text: str) -> None:
         if i < self.limit:
             self.limit = i
-            self.message = f'{self.label}: row {self.start + i}, column "{col}": {text}'
+            where = "" if col is None else f', column "{col}"'
+            self.message = f"{self.label}: row {self.start + i}{where}: {text}"
 
 
 def _proven_clean(col: str, stat) -> tuple[int, int] | None:
@@ -441,8 +520,9 @@ _ALWAYS_READ = ("gpa", "gfn", "access", "vcpu", "tsc", "insn", "ip")
 _NO_VCPU = np.zeros(1, dtype=np.uint16)  # stands in for a missing vcpu column (_tsc_order)
 
 
-def validate(trace_or_path, page_counts: bool = False) -> TraceStats:
-    """Check every value of a trace in one streaming pass (SPEC §2); return its TraceStats.
+def validate(trace_or_path, page_counts: bool = False, insn_stats: bool = False) -> TraceStats:
+    """Check every value of a trace in one streaming pass (SPEC §2); return its TraceStats
+    (with ``insn_stats``, also what breakpoint selectors need: see TraceStats).
 
     Raises TraceError naming the file, the 0-based row of the first offending row, the
     column, what was expected and what was found. Chunks of the optional columns ``insn``,
@@ -451,7 +531,7 @@ def validate(trace_or_path, page_counts: bool = False) -> TraceStats:
     """
     tr = open_trace(trace_or_path)
     label = str(trace_or_path.path if isinstance(trace_or_path, Trace) else trace_or_path)
-    v = Validator(tr, page_counts=page_counts, label=label)
+    v = Validator(tr, page_counts=page_counts, label=label, insn_stats=insn_stats)
     for start, raw in tr._raw(v.order, None, plan=v.plan):
         v.check(start, raw)
     return v.result()
@@ -470,8 +550,9 @@ def quick_stats(trace_or_path) -> TraceStats | None:
     For a replay that checks every value on the batches it decodes (``Validator``), which
     then learns the exact vCPU set: ``vcpus`` here is every number between the smallest and
     largest vcpu the statistics prove, and ``access_counts`` stay zero. None when statistics
-    do not prove the address range, or a vcpu value is null or out of range; validate()
-    then reports what is wrong.
+    do not prove the address range, or that every op is 0 (control rows leave rows out of
+    max_gfn and the vCPU set), or a vcpu value is null or out of range; validate() then
+    reports what is wrong.
     """
     tr = open_trace(trace_or_path)
     if tr.rows == 0:
@@ -484,6 +565,8 @@ def quick_stats(trace_or_path) -> TraceStats | None:
             proven = _proven_clean(tr.address_column, stats.get(tr.address_column))
             if proven is None:
                 return None
+            if "op" in tr.columns and (_proven_clean("op", stats.get("op")) or (0, 1))[1] != 0:
+                return None  # control rows: max_gfn and the vCPU set leave some rows out
             lo.append(proven[0])
             hi.append(proven[1])
             vcpu_stats.append(_proven_clean("vcpu", stats.get("vcpu")))
@@ -513,7 +596,8 @@ class Validator:
     batches a replay decodes anyway, before handing them out. Batches must come in order.
     """
 
-    def __init__(self, tr: Trace, page_counts: bool = False, label: str | None = None):
+    def __init__(self, tr: Trace, page_counts: bool = False, label: str | None = None,
+                 insn_stats: bool = False):
         #: how messages name the file (the path as the user gave it)
         self.label = str(tr.path) if label is None else label
         if tr.rows == 0:
@@ -532,13 +616,25 @@ class Validator:
         self.mergers = ({k: _CountMerger(self.label) for k in ("read", "written", "executed", "touched")}
                         if page_counts else None)
         self.shift = 12 if self.addr == "gpa" else 0
+        # control rows and instructions: op decides what access may be; insn the 1024-row limit
+        self.has_op = "op" in tr.columns
+        self.access_bound = (0, 7, "an access mask in 0..7") if self.has_op else _BOUNDS["access"]
+        self.op_counts = np.zeros(5, dtype=np.int64)
+        self.run_insn = np.zeros(VCPU_LIMIT, dtype=np.uint64)  # per vCPU: current insn id,
+        self.run_len = np.zeros(VCPU_LIMIT, dtype=np.int64)  # its rows so far (0: none yet)
+        self.insn_stats = insn_stats
+        self.byte_addresses = tr.byte_addresses
+        self.starts = _CountMerger() if insn_stats else None
+        self.ip_first = _FirstMerger() if insn_stats else None
+        self.always = set(_ALWAYS_READ) | {"op", "insn"} | ({"ip"} if insn_stats else set())
 
     def plan(self, pf, g) -> list[str]:
-        """File columns row group ``g`` must be read for: _ALWAYS_READ, and the others unless
-        their statistics prove them clean (no nulls, in bounds)."""
+        """File columns row group ``g`` must be read for: _ALWAYS_READ, op, insn (and ip for
+        insn_stats), and the others unless their statistics prove them clean (no nulls, in
+        bounds)."""
         stats = _group_stats(pf, g)
         return [col for col in self.order
-                if col in _ALWAYS_READ or _proven_clean(col, stats.get(col)) is None]
+                if col in self.always or _proven_clean(col, stats.get(col)) is None]
 
     def check(self, start: int, raw: dict[str, pa.Array]) -> None:
         """Check the rows from global row ``start`` ({file column: arrow array}); raises
@@ -555,47 +651,90 @@ class Validator:
         values = {}
         for col in cols:
             arr = raw[col].slice(0, first.limit).to_numpy(zero_copy_only=False)
-            lo, hi, text = _BOUNDS.get(col, _U64_BOUNDS)
+            lo, hi, text = self.access_bound if col == "access" else _BOUNDS.get(col, _U64_BOUNDS)
             mask = _bound_mask(arr[: first.limit], lo, hi)
             i = None if mask is None else _first_true(mask)
             if i is not None:
                 first.found(i, col, f"expected {text}, found {arr[i]}")
             values[col] = arr
-        vcpu = None
+        vcpu = op = starts = None
         if first.limit:
             k = first.limit
             if "vcpu" in values:
-                vcpu = values["vcpu"][:k].astype(np.uint16, copy=False)
-            if "tsc" in values:
+                vcpu = np.ascontiguousarray(values["vcpu"][:k], dtype=np.uint16)
+            if self.has_op:
+                op = np.ascontiguousarray(values["op"][:k], dtype=np.uint8)
+                acc = values["access"][:k]
+                # an access row (op 0) needs access 1..7, a control row access 0
+                i = _first_true((op == 0) == (acc == 0))
+                if i is not None:
+                    text = ("expected an access mask in 1..7 on an access row (op 0), found 0" if op[i] == 0
+                            else f"expected 0 on a control row (op {op[i]}), found {acc[i]}")
+                    first.found(i, "access", text)
+            has_vcpu = vcpu is not None
+            if "tsc" in values and first.limit:
+                k = first.limit
                 tsc = np.ascontiguousarray(values["tsc"][:k], dtype=np.uint64)
-                has_vcpu = vcpu is not None
-                i = _tsc_order(tsc, np.ascontiguousarray(vcpu) if has_vcpu else _NO_VCPU, has_vcpu,
-                               start, self.last_tsc, self.last_row)
+                i = _tsc_order(tsc, vcpu if has_vcpu else _NO_VCPU, has_vcpu, op, start, self.last_tsc,
+                               self.last_row)
                 if i >= 0:
                     v = int(vcpu[i]) if has_vcpu else 0
                     first.found(i, "tsc", f"expected non-decreasing tsc per vCPU (vCPU {v} was at "
                                           f"{int(self.last_tsc[v])} in row {int(self.last_row[v])}), "
                                           f"found {int(tsc[i])}")
+            if first.limit:
+                k = first.limit
+                insn = np.ascontiguousarray(values["insn"][:k], dtype=np.uint64) if "insn" in values else None
+                if self.insn_stats:
+                    starts = np.zeros(k, dtype=np.bool_)
+                access = np.ascontiguousarray(values["access"][:k], dtype=np.uint8)
+                before = (self.run_insn.copy(), self.run_len.copy()) if insn is not None else None
+                longest = _scan_rows(access, vcpu, op, insn, starts, self.access_counts, self.op_counts,
+                                     self.vcpu_seen, self.run_insn, self.run_len)
+                if longest > INSN_ROW_LIMIT:
+                    i = _insn_overflow(vcpu, op, insn, *before)
+                    v = int(vcpu[i]) if has_vcpu else 0
+                    first.found(i, None, f"instruction has more than {INSN_ROW_LIMIT} rows (insn ids must "
+                                         f"change per instruction): vCPU {v}, insn {int(insn[i])}")
         if first.message is not None:
             raise TraceError(first.message)
 
         access = np.ascontiguousarray(values["access"], dtype=np.uint8)
-        if vcpu is None:
-            self.vcpu_seen[0] = True
-        _count_rows(access, _NO_VCPU if vcpu is None else np.ascontiguousarray(vcpu), vcpu is not None,
-                    self.access_counts, self.vcpu_seen)
         if self.addr in values:
             gfn = values[self.addr].astype(np.uint64, copy=False) >> np.uint64(self.shift)
-            self.gfn_lo.append(int(gfn.min()))
-            self.gfn_hi.append(int(gfn.max()))
-            if self.mergers is not None:
-                uniq, inv = np.unique(gfn, return_inverse=True)
+            g_all, g_acc, a_acc = gfn, gfn, access
+            if op is not None and op.any():
+                # max_gfn: access rows and op 3/4 rows; page counts: access rows
+                g_all = gfn[(op == 0) | (op >= 3)]
+                g_acc, a_acc = gfn[op == 0], access[op == 0]
+            if len(g_all):
+                self.gfn_lo.append(int(g_all.min()))
+                self.gfn_hi.append(int(g_all.max()))
+            if self.mergers is not None and len(g_acc):
+                uniq, inv = np.unique(g_acc, return_inverse=True)
                 m = len(uniq)
                 self.mergers["touched"].add(uniq, np.bincount(inv, minlength=m))
                 for key, bit in (("read", 1), ("written", 2), ("executed", 4)):
-                    sel = (access & bit) != 0
+                    sel = (a_acc & bit) != 0
                     self.mergers[key].add(uniq, np.bincount(inv[sel], minlength=m))
+            if self.insn_stats and self.byte_addresses:
+                self._insn_stats(values, starts, access, gfn)
         self.rows += n
+
+    def _insn_stats(self, values, starts, access, gfn) -> None:
+        """Add the byte addresses of the instructions that start in this batch with a fetch."""
+        # a fetch has access bit 4, so it is an access row (control rows are access 0)
+        idx = np.flatnonzero(starts & ((access & 4) != 0))
+        ip = values["ip"][idx].astype(np.uint64, copy=False) if "ip" in values else None
+        if self.addr == "gpa":
+            addr = values["gpa"][idx].astype(np.uint64, copy=False)
+        else:
+            addr = (gfn[idx] << np.uint64(12)) | (ip & np.uint64(0xFFF))
+        uniq, counts = np.unique(addr, return_counts=True)
+        self.starts.add(uniq, counts)
+        if ip is not None:
+            uniq, first = np.unique(ip, return_index=True)
+            self.ip_first.add(uniq, addr[first])
 
     def result(self) -> TraceStats:
         """TraceStats of every row checked so far (the whole trace once it has been fed)."""
@@ -604,38 +743,110 @@ class Validator:
         if self.mergers is not None:
             counts = {k: m.result() for k, m in self.mergers.items()}
             distinct = len(counts["touched"][0])
+        insn_starts = ip_first = None
+        if self.insn_stats:
+            insn_starts = self.starts.result()
+            ip_first = self.ip_first.result()
         return TraceStats(
             rows=self.rows,
             vcpus=np.flatnonzero(self.vcpu_seen).astype(np.uint16),
-            max_gfn=max(self.gfn_hi),
+            max_gfn=max(self.gfn_hi, default=0),
             access_counts=self.access_counts,
             distinct_gfns=distinct,
             page_counts=counts,
-            min_gfn=min(self.gfn_lo),
+            min_gfn=min(self.gfn_lo, default=0),
+            op_counts=self.op_counts,
+            insn_starts=insn_starts,
+            ip_first=ip_first,
         )
 
 
 @njit(cache=True, nogil=True)
-def _count_rows(access, vcpu, has_vcpu, access_counts, vcpu_seen):
-    """Add rows per access value to ``access_counts`` (int64 (8,)) and mark ``vcpu_seen``
-    (bool (VCPU_LIMIT,)); values are in range already. access uint8 (n,), vcpu uint16 (n,)
-    (ignored unless ``has_vcpu``). np.bincount widened both columns to int64 first and took
-    80 ms per 20 M rows."""
+def _scan_rows(access, vcpu, op, insn, starts, access_counts, op_counts, vcpu_seen, run_insn, run_len):
+    """Count rows and follow instructions (SPEC §2); values are in range already.
+
+    Adds rows per access value to ``access_counts`` (int64 (8,)) and per op to ``op_counts``
+    (int64 (5,)), marks ``vcpu_seen`` (bool (VCPU_LIMIT,)) for rows of op 0-2. access uint8
+    (n,); vcpu uint16 (n,), op uint8 (n,), insn uint64 (n,) or None when the trace lacks the
+    column (vCPU 0, op 0, each row its own instruction: Numba compiles the None branches
+    away, which keeps the common path as fast as counting alone). ``run_insn`` uint64 /
+    ``run_len`` int64 (VCPU_LIMIT,) carry each vCPU's current instruction id and its rows so
+    far across batches; op 3/4 rows belong to no instruction. ``starts`` (bool (n,) or None)
+    is set on every row that starts an instruction. Returns the most rows any instruction
+    reached (the caller finds the row past INSN_ROW_LIMIT with :func:`_insn_overflow`: an exit
+    from this loop made it 3x slower).
+    """
+    cur = -1  # the vCPU whose instruction state is in cur_insn / cur_len (registers)
+    cur_insn = np.uint64(0)
+    cur_len = 0
+    longest = 0
     for i in range(len(access)):
         access_counts[access[i]] += 1
-        if has_vcpu:
-            vcpu_seen[vcpu[i]] = True
+        if op is not None:
+            o = op[i]
+            op_counts[o] += 1
+            if o >= 3:
+                continue
+        v = 0
+        if vcpu is not None:
+            v = np.int64(vcpu[i])
+        if v != cur:
+            vcpu_seen[v] = True
+            if cur >= 0:
+                run_insn[cur], run_len[cur] = cur_insn, cur_len
+            cur, cur_insn, cur_len = v, run_insn[v], run_len[v]
+        if insn is not None:
+            x = insn[i]
+            # branch-free: a new instruction every second row or so defeats branch prediction
+            same = np.int64((cur_len > 0) & (x == cur_insn))
+            cur_len = cur_len * same + 1
+            cur_insn = x
+            longest = max(longest, cur_len)
+            if starts is not None:
+                starts[i] = same == 0
+        else:
+            longest = 1
+            if starts is not None:
+                starts[i] = True
+    if cur >= 0:
+        run_insn[cur], run_len[cur] = cur_insn, cur_len
+    if op is None:
+        op_counts[0] += len(access)
+    return longest
 
 
 @njit(cache=True, nogil=True)
-def _tsc_order(tsc, vcpu, has_vcpu, start, last_tsc, last_row):
+def _insn_overflow(vcpu, op, insn, run_insn, run_len):
+    """Index of the first row past INSN_ROW_LIMIT rows of its instruction, or -1; arrays as
+    in :func:`_scan_rows`, ``run_insn``/``run_len`` as they were before the batch (changed)."""
+    for i in range(len(insn)):
+        if op is not None and op[i] >= 3:
+            continue
+        v = 0
+        if vcpu is not None:
+            v = np.int64(vcpu[i])
+        if run_len[v] > 0 and insn[i] == run_insn[v]:
+            run_len[v] += 1
+            if run_len[v] > INSN_ROW_LIMIT:
+                return i
+        else:
+            run_insn[v] = insn[i]
+            run_len[v] = 1
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def _tsc_order(tsc, vcpu, has_vcpu, op, start, last_tsc, last_row):
     """Index of the first row whose tsc is below the previous tsc of its vCPU, or -1.
 
-    ``tsc`` uint64 (n,), ``vcpu`` uint16 (n,) (vCPU 0 for every row unless ``has_vcpu``);
+    ``tsc`` uint64 (n,), ``vcpu`` uint16 (n,) (vCPU 0 for every row unless ``has_vcpu``),
+    ``op`` uint8 (n,) or None (all op 0; rows of op 3/4 have no tsc rule);
     ``last_tsc`` uint64 / ``last_row`` int64 (VCPU_LIMIT,) carry each vCPU's previous tsc and
     global row (-1: none yet) across batches and are updated up to the offending row.
     """
     for i in range(len(tsc)):
+        if op is not None and op[i] >= 3:
+            continue
         v = vcpu[i] if has_vcpu else 0
         if last_row[v] >= 0 and tsc[i] < last_tsc[v]:
             return i
@@ -684,11 +895,15 @@ def info_text(path) -> str:
     ]
     rows += [(f"  {key}", f"{len(st.page_counts[key][0]):,} gfns") for key in ("read", "written", "executed")]
     rows.append(("access mix", ""))
+    accesses = max(1, int(st.op_counts[0]))  # percentages of access rows
     for value in (1, 2, 3, 4, 5, 6, 7):
         c = int(st.access_counts[value])
         if c:
-            rows.append((f"  {ACCESS_NAMES[value]} ({value})", f"{c:>14,}  {100.0 * c / st.rows:5.1f} %"))
-    has_meta = m.source or m.ram or m.gfn_sets or m.vcpus
+            rows.append((f"  {ACCESS_NAMES[value]} ({value})", f"{c:>14,}  {100.0 * c / accesses:5.1f} %"))
+    if "op" in tr.columns:
+        rows.append(("control records", f"{st.control_records:,}"))
+        rows += [(f"  {name} ({op})", f"{int(st.op_counts[op]):>14,}") for op, name in OP_NAMES.items()]
+    has_meta = m.source or m.ram or m.gfn_sets or m.vcpus or m.symbols or m.processes
     rows.append(("metadata", "" if has_meta else "none"))
     if m.source:
         rows.append(("  source", m.source))
@@ -699,6 +914,10 @@ def info_text(path) -> str:
     for name, ranges in m.gfn_sets.items():
         rows.append((f"  set {name}", f"{_pages(ranges):,} pages in {len(ranges):,} "
                                       f"range{'s' if len(ranges) != 1 else ''} ({_fmt_ranges(ranges, 3)})"))
+    if m.symbols:
+        rows.append(("  symbols", f"{len(m.symbols):,} names"))
+    if m.processes:
+        rows.append(("  processes", f"{len(m.processes):,} names"))
     # names and text come from the file: show control characters escaped, never act on them
     rows = [(escape(k), escape(v)) for k, v in rows]
     width = max(len(k) for k, _ in rows) + 2

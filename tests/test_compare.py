@@ -166,6 +166,29 @@ def test_metric_option(base, variant):
     assert "cycles_total" not in r.stdout  # only the metrics asked for
 
 
+REVISION_2_COUNTERS = ("int3_exits", "livelocked", "restarts", "breakpoint_events", "cr3_events",
+                       "cr3_exits", "vmfunc_exits", "view_resets", "ept_sync_ipis",
+                       "livelock_record", "cycles_int3_exit", "cycles_view_reset")
+
+
+def test_revision_2_counters_are_metrics(base, variant):
+    args = [a for m in REVISION_2_COUNTERS for a in ("--metric", m)]
+    r, code = gate(base, base, *args, "--format", "json")
+    assert code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["metrics"] == list(REVISION_2_COUNTERS)
+    statuses = {m: c["metrics"][m]["status"] for c in doc["cells"] for m in REVISION_2_COUNTERS}
+    assert set(statuses.values()) == {"equal"}
+    # a policy that starts to livelock, to hit breakpoints or to restart more fails the gate
+    restarts = total(base, "xen-access-altp2m-write", "restarts")
+    assert restarts > 0
+    for metric, value in (("livelocked", 1), ("int3_exits", 7), ("restarts", restarts * 2)):
+        new = variant(lambda df, m=metric, v=value: setv(df, cell("xen-access-altp2m-write"), m, v))
+        r, code = gate(base, new, "--metric", metric, "--max-increase", 10)
+        assert code == 1, (metric, r.output)
+        assert metric in r.stdout and "xen-access-altp2m-write" in r.stdout
+
+
 # ----------------------------------------------------------------------------- formats
 def test_text_is_an_aligned_table(base):
     r, _ = gate(base, base)

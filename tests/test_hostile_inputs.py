@@ -316,6 +316,14 @@ def test_report_and_compare_refuse_infinite_numbers_in_tables(tmp_path):
     summary = pl.read_parquet(tmp_path / "a" / "summary.parquet")
     summary.with_columns(pl.lit(float("inf")).alias("cycles_total")).write_parquet(
         tmp_path / "a" / "summary.parquet")
+    # re-sign the edited table in the manifest, so the folder still passes as one run's set
+    # and the check on values is the one that answers
+    import hashlib
+    import json
+
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    manifest["files"]["summary.parquet"] = hashlib.sha256((tmp_path / "a" / "summary.parquet").read_bytes()).hexdigest()
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
     for args in (("report", "a"), ("compare", "a", "a")):
         line = one_error(tmp_path, *args)
         assert 'summary.parquet: row 0, column "cycles_total": expected a finite number, found inf' in line

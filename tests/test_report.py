@@ -19,7 +19,7 @@ from altp2m_replay.cli import main
 from altp2m_replay.report import render_html, write_report
 
 POLICIES = ("none", "baseline", "xen-access-altp2m-write")
-HEADINGS = ("Setup warnings and crashes", "Policy comparison", "Timeline", "Lazy population",
+HEADINGS = ("Setup warnings, crashes and livelocks", "Policy comparison", "Timeline", "Lazy population",
             "Per-vCPU", "Hotspots", "Run")
 
 
@@ -81,7 +81,7 @@ def test_page_shows_sections_and_readable_numbers(out_dir):
     summary = pl.read_parquet(out_dir / "summary.parquet")
     total = summary.filter((pl.col("policy") == "xen-access-altp2m-write") & (pl.col("vcpu") == -1))
     assert f"{round(total['cycles_total'][0]):,}" in page
-    assert "No crashes and no setup warnings" in page
+    assert "No crashes, no livelocks and no setup warnings" in page
 
 
 def test_crashes_and_warnings_are_shown_before_the_results(copy_dir):

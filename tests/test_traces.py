@@ -115,7 +115,8 @@ def test_batches_default_is_row_groups_and_batch_rows(tmp_path):
         assert [b.start for b in got] == list(np.cumsum([0] + [len(b) for b in got[:-1]]))
         np.testing.assert_array_equal(np.concatenate([b.gfn for b in got]), small(1000)["gfn"])
     with pytest.raises(ValueError):
-        list(tr.batches(columns=("gpa",)))
+        list(tr.batches(columns=("gva",)))
+    assert all(b.gpa is None for b in tr.batches(columns=("gfn", "gpa")))  # a gfn trace
 
 
 def test_trace_writer_row_groups_exact(tmp_path):
@@ -367,7 +368,7 @@ _BAD = {
     "access": [0, 8, 255],
     "gfn": [1 << 36, (1 << 64) - 1],
     "vcpu": [4096, 65535],
-    "op": [1, 7],
+    "op": [5, 7],  # 1..4 are control rows (tests/test_control_rows.py)
 }
 
 
@@ -438,8 +439,8 @@ CASES = {
               ["empty trace (0 rows)"]),
     "op": (lambda d: raw_parquet(d / "t.parquet", {"gfn": pa.array([0, 1], pa.uint64()),
                                                    "access": pa.array([1, 1], pa.uint8()),
-                                                   "op": pa.array([0, 2], pa.uint8())}),
-           ['row 1, column "op"', "control rows (op != 0) are not supported yet", "found 2"]),
+                                                   "op": pa.array([0, 5], pa.uint8())}),
+           ['row 1, column "op"', "an op in 0..4", "found 5"]),
     "tsc": (lambda d: raw_parquet(d / "t.parquet", {"gfn": pa.array([0, 1, 2, 3], pa.uint64()),
                                                     "access": pa.array([1, 1, 1, 1], pa.uint8()),
                                                     "vcpu": pa.array([0, 1, 0, 1], pa.uint16()),

@@ -30,9 +30,11 @@ from altp2m_replay.report.data import (
     POPULATION_REQUIRED,
     SUMMARY_REQUIRED,
     TIMELINE_REQUIRED,
+    Symbols,
     read_manifest,
     read_table,
     results_dir,
+    trace_symbols,
 )
 
 REFERENCE_POLICIES = ("none", "baseline")
@@ -42,12 +44,26 @@ PAGE = 4096  # bytes per 4 KiB page: population is counted in pages
 WIDE = 1180  # px of a full-width chart: the card's inner width at the page's max width
 PANEL = 580  # px of a chart in a two-column grid
 MAX_POINTS = 512  # timeline points per line; more windows are merged so the SVG stays small
+# (column, title); a panel per column the timeline table has (older folders lack some)
 TIMELINE_METRICS = (
     ("ept_exits", "EPT exits"),
+    ("int3_exits", "INT3 exits (breakpoint hits)"),
     ("vm_events", "vm_events"),
     ("ve_delivered", "#VE delivered"),
     ("lazy_copies", "Lazy copies"),
+    ("cycles_total", "Cycles"),
 )
+# Revision 2 counters of the comparison table, shown when the summary has them
+EXTRA_COUNTERS = (
+    ("int3_exits", "INT3 exits"),
+    ("breakpoint_events", "breakpoint events"),
+    ("cr3_events", "CR3 events"),
+    ("restarts", "restarts"),
+)
+# per-view Revision 2 counters, shown when some view of the trace has a non-zero value
+VIEW_EXTRA = (("int3_exits", "INT3 exits"), ("resets", "resets"))
+LIVELOCK_TEXT = ("the policy restarts an instruction forever (more than 64 restarts), "
+                 "so the guest would hang")
 POLICY_COLOURS = ("#2563eb", "#ea580c", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04",
                   "#db2777", "#65a30d", "#4f46e5", "#0d9488", "#b45309")
 REFERENCE_COLOURS = {"none": "#9ca3af", "baseline": "#4b5563"}
@@ -56,9 +72,13 @@ CATEGORY_COLOURS = {
     "monitor_callback": "#ff9d9a", "vm_event_async": "#f28e2b", "mtf_exit": "#ffbe7d",
     "view_switch": "#59a14f", "vmfunc": "#8cd17d", "ve_delivery": "#b6992d",
     "ve_agent": "#f1ce63", "emulation": "#499894", "access_change": "#86bcb6",
-    "superpage_split": "#b07aa1", "mmio": "#9d7660",
+    "superpage_split": "#b07aa1", "mmio": "#9d7660", "int3_exit": "#d37295",
+    "cr3_exit": "#fabfd2", "vmfunc_exit": "#79706e", "view_reset": "#bab0ac",
+    "ept_sync_ipi": "#17becf",
 }
-EXTRA_CATEGORY_COLOURS = ("#d37295", "#fabfd2", "#79706e", "#bab0ac")
+# for cost keys the table above does not know yet: used in order, skipping taken colours
+EXTRA_CATEGORY_COLOURS = ("#1f77b4", "#bcbd22", "#8c564b", "#e377c2", "#7f7f7f", "#aec7e8",
+                          "#98df8a", "#c5b0d5")
 # views of one policy, by their position among that policy's views (view 0 first)
 VIEW_COLOURS = ("#475569", "#2563eb", "#ea580c", "#16a34a", "#9333ea", "#dc2626", "#0891b2",
                 "#ca8a04", "#db2777", "#65a30d")
@@ -74,6 +94,11 @@ def fmt_int(v) -> str:
 
 def fmt_signed(v) -> str:
     return "—" if v is None else ("+" if v > 0 else "") + f"{round(v):,}"
+
+
+def fmt_signed_compact(v) -> str:
+    """+6463599000 -> '+6.46G': the Δ column, whose exact value is in its tooltip."""
+    return "—" if v is None else ("+" if v > 0 else "") + charts.compact(v)
 
 
 def fmt_us(v) -> str:
@@ -143,10 +168,11 @@ def _cost_categories(columns) -> list[str]:
 
 
 def _category_colours(keys: list[str]) -> dict[str, str]:
-    extra = [k for k in keys if k not in CATEGORY_COLOURS]
+    """A colour per cost key: the fixed one when known, else the next spare colour."""
     out = {k: CATEGORY_COLOURS[k] for k in keys if k in CATEGORY_COLOURS}
-    out.update({k: EXTRA_CATEGORY_COLOURS[i % len(EXTRA_CATEGORY_COLOURS)]
-                for i, k in enumerate(extra)})
+    spare = [c for c in EXTRA_CATEGORY_COLOURS if c not in out.values()]
+    for i, k in enumerate(k for k in keys if k not in out):
+        out[k] = spare[i % len(spare)]
     return out
 
 
@@ -182,10 +208,17 @@ def _cost_sets(manifest: dict) -> list[dict]:
 
 
 def _alerts(summary: pl.DataFrame, manifest: dict, traces, policies) -> dict:
-    crashes = (summary.filter((pl.col("vcpu") == -1) & (pl.col("crashed") != 0))
-               .select("trace", "policy", "crash_record", "records").to_dicts())
     rank = {(t, p): (i, j) for i, t in enumerate(traces) for j, p in enumerate(policies)}
-    crashes.sort(key=lambda r: rank[(r["trace"], r["policy"])])
+
+    def stopped(flag: str, record: str) -> list[dict]:
+        if flag not in summary.columns:  # livelocks: folders written before Revision 2
+            return []
+        rows = (summary.filter((pl.col("vcpu") == -1) & (pl.col(flag) != 0))
+                .select("trace", "policy", pl.col(record).alias("record"), "records").to_dicts())
+        return sorted(rows, key=lambda r: rank[(r["trace"], r["policy"])])
+
+    crashes = stopped("crashed", "crash_record")
+    livelocks = stopped("livelocked", "livelock_record")
     warnings = []
     for cell in manifest.get("cells", []):
         for w in cell["warnings"]:
@@ -193,7 +226,8 @@ def _alerts(summary: pl.DataFrame, manifest: dict, traces, policies) -> dict:
                              "text": str(w)})
     warnings.sort(key=lambda r: (rank.get((r["trace"], r["policy"]), (1 << 30, 0)),
                                  str(r["trace"]), str(r["policy"]), r["text"]))
-    return {"crashes": crashes, "warnings": warnings}
+    return {"crashes": crashes, "livelocks": livelocks, "warnings": warnings,
+            "livelock_text": LIVELOCK_TEXT}
 
 
 def _comparison(summary: pl.DataFrame, trace: str, policies, pcolour, categories, ccolour) -> dict:
@@ -208,12 +242,22 @@ def _comparison(summary: pl.DataFrame, trace: str, policies, pcolour, categories
         rows.append({**r, "colour": pcolour[p], "reference": p in REFERENCE_POLICIES,
                      "vs_ref": None if ref is None or p == ref else r["cycles_total"] - ref_cycles})
     used = [k for k in categories if any((by_policy[p].get(f"cycles_{k}") or 0) > 0 for p in names)]
+    # every category of the cost model, spent or not, with what it is charged per
+    table = [{"key": k, "colour": ccolour[k], "per": COSTS[k][1] if k in COSTS else (),
+              "vals": [by_policy[p].get(f"cycles_{k}") for p in names],
+              "spent": k in used} for k in categories]
     series = [(k.replace("_", " "), ccolour[k]) for k in used]
     bars = [charts.BarRow(p, [by_policy[p].get(f"cycles_{k}") or 0.0 for k in used],
                           f"{charts.compact(by_policy[p]['cycles_total'])} cycles")
             for p in names]
     return {
-        "rows": rows, "ref": ref,
+        "rows": rows, "ref": ref, "policies": names,
+        # a column of zeros for every policy is named under the table instead of drawn
+        "extra": [(c, label) for c, label in EXTRA_COUNTERS if c in summary.columns
+                  and any(by_policy[p][c] for p in names)],
+        "extra_zero": [label for c, label in EXTRA_COUNTERS if c in summary.columns
+                       and not any(by_policy[p][c] for p in names)],
+        "categories": table,
         "legend": [(k.replace("_", " "), ccolour[k]) for k in used],
         "bars": Markup(charts.stacked_bars(bars, series, width=WIDE,
                                            aria=f"cycles by category, {trace}")),
@@ -245,7 +289,8 @@ def _timeline(timeline: pl.DataFrame | None, summary: pl.DataFrame, trace: str, 
     names = [p for p in policies if p in set(tl["policy"].to_list())]
     # the lazy curve counts pages when a per-window page count exists, else copies
     lazy_col = "lazy_copy_pages" if "lazy_copy_pages" in tl.columns else "lazy_copies"
-    counters = sorted({m for m, _ in TIMELINE_METRICS} | {lazy_col})
+    metrics = [(m, title) for m, title in TIMELINE_METRICS if m in tl.columns]
+    counters = sorted({m for m, _ in metrics} | {lazy_col})
     records = {r["policy"]: r["records"] for r in summary.filter(
         (pl.col("trace") == trace) & (pl.col("vcpu") == -1)).to_dicts()}
     per_policy, window_rows, merge = {}, None, 1
@@ -256,7 +301,7 @@ def _timeline(timeline: pl.DataFrame | None, summary: pl.DataFrame, trace: str, 
         df, merge = _merge_windows(df, counters)
         per_policy[p] = df
     panels = []
-    for metric, title in TIMELINE_METRICS:
+    for metric, title in metrics:
         lines = [charts.Line(p, pcolour[p], per_policy[p]["first_record"].to_list(),
                              per_policy[p][metric].to_list(), dashed=p in REFERENCE_POLICIES)
                  for p in names]
@@ -373,11 +418,9 @@ def _hotspots(by_gfn: pl.DataFrame | None, by_view: pl.DataFrame | None, trace: 
     if by_gfn is None:
         return []
     df = by_gfn.filter(pl.col("trace") == trace)
-    names = {}
-    if by_view is not None:
-        names = {(r["policy"], r["view"]): r["view_name"]
-                 for r in by_view.filter(pl.col("trace") == trace)
-                 .select("policy", "view", "view_name").to_dicts()}
+    names = _view_names(by_view, trace)
+    if "int3_exits" in df.columns:  # gfns with INT3 exits only are ranked in _breakpoints
+        df = df.filter((pl.col("ept_exits") > 0) | (pl.col("ve_delivered") > 0))
     out = []
     for p in policies:
         sub = df.filter(pl.col("policy") == p)
@@ -387,9 +430,7 @@ def _hotspots(by_gfn: pl.DataFrame | None, by_view: pl.DataFrame | None, trace: 
         rows = top.to_dicts()
         peak = max((r["ept_exits"] for r in rows), default=0) or 1
         for r in rows:
-            name = names.get((p, r["view"]))
-            named = name and name != str(r["view"])
-            r["view_label"] = f"{r['view']} · {name}" if named else str(r["view"])
+            r["view_label"] = _gfn_view_label(names, p, r["view"])
             r["bar"] = f"{100 * r['ept_exits'] / peak:.1f}"
         out.append({"policy": p, "colour": pcolour[p], "rows": rows, "gfns": sub.height,
                     "exits": int(sub["ept_exits"].sum())})
@@ -398,6 +439,109 @@ def _hotspots(by_gfn: pl.DataFrame | None, by_view: pl.DataFrame | None, trace: 
         for i, h in enumerate(out):
             h["open"] = i == busiest
     return out
+
+
+def _view_names(by_view: pl.DataFrame | None, trace: str) -> dict:
+    if by_view is None:
+        return {}
+    return {(r["policy"], r["view"]): r["view_name"]
+            for r in by_view.filter(pl.col("trace") == trace)
+            .select("policy", "view", "view_name").to_dicts()}
+
+
+def _gfn_view_label(names: dict, policy: str, view: int) -> str:
+    """'1 · idx'; just '0' when the policy did not name the view."""
+    name = names.get((policy, view))
+    named = name and name != str(view)
+    return f"{view} · {name}" if named else str(view)
+
+
+def _breakpoints(by_gfn: pl.DataFrame | None, by_ip: pl.DataFrame | None,
+                 by_view: pl.DataFrame | None, trace: str, policies, pcolour) -> list[dict]:
+    """Per policy with INT3 exits: the top guest frames and breakpoint addresses (ips).
+
+    Empty when no policy hit a breakpoint on ``trace`` or the folder predates the
+    ``int3_exits`` columns. Rows get their symbol names later (``_name_ips``).
+    """
+    gfns = by_gfn if by_gfn is not None and "int3_exits" in by_gfn.columns else None
+    ips = by_ip if by_ip is not None and "int3_exits" in by_ip.columns else None
+    if gfns is None and ips is None:
+        return []
+    names = _view_names(by_view, trace)
+    out = []
+    for p in policies:
+        entry = {"policy": p, "colour": pcolour[p], "gfn_rows": [], "ip_rows": [], "hits": 0}
+        if gfns is not None:
+            sub = gfns.filter((pl.col("trace") == trace) & (pl.col("policy") == p)
+                              & (pl.col("int3_exits") > 0))
+            entry["hits"] = int(sub["int3_exits"].sum())
+            entry["gfns"] = sub.height
+            rows = sub.sort(["int3_exits", "view", "gfn"], descending=[True, False, False]) \
+                .head(TOP_GFNS).select("view", "gfn", "int3_exits", "ept_exits").to_dicts()
+            peak = max((r["int3_exits"] for r in rows), default=0) or 1
+            for r in rows:
+                r["view_label"] = _gfn_view_label(names, p, r["view"])
+                r["bar"] = f"{100 * r['int3_exits'] / peak:.1f}"
+            entry["gfn_rows"] = rows
+        if ips is not None:
+            sub = ips.filter((pl.col("trace") == trace) & (pl.col("policy") == p)
+                             & (pl.col("int3_exits") > 0))
+            hits = int(sub["int3_exits"].sum())
+            entry["hits"] = max(entry["hits"], hits)
+            named = sub.filter(pl.col("ip").is_not_null())
+            entry["ips"] = named.height
+            rows = named.sort(["int3_exits", "ip"], descending=[True, False]).head(TOP_IPS) \
+                .select("ip", "int3_exits").to_dicts()
+            rows += sub.filter(pl.col("ip").is_null()).select("ip", "int3_exits").to_dicts()
+            peak = max((r["int3_exits"] for r in rows), default=0) or 1
+            for r in rows:
+                r["bar"] = f"{100 * r['int3_exits'] / peak:.1f}"
+                r["share"] = _percent(r["int3_exits"], hits)
+            entry["ip_rows"] = rows
+        if entry["hits"]:
+            out.append(entry)
+    if out:
+        busiest = max(range(len(out)), key=lambda i: (out[i]["hits"], -i))
+        for i, h in enumerate(out):
+            h["open"] = i == busiest
+    return out
+
+
+SYMBOL_CHARS = 120  # a name longer than this is cut (metadata is not ours to trust)
+SYMBOL_ALIASES = 8  # names listed in the tooltip of an address that has more
+
+
+def _symbol_label(names: list[str] | None) -> tuple[str, str]:
+    """(shown, full) for the names of one ip: aliases share an address."""
+    if not names:
+        return "", ""
+
+    def cut(n: str) -> str:
+        return n if len(n) <= SYMBOL_CHARS else n[:SYMBOL_CHARS - 1] + "…"
+
+    shown = cut(names[0]) if len(names) == 1 else f"{cut(names[0])} (+{len(names) - 1} aliases)"
+    full = ", ".join(cut(n) for n in names[:SYMBOL_ALIASES])
+    if len(names) > SYMBOL_ALIASES:
+        full += f", … ({len(names)} names)"
+    return shown, full
+
+
+def _name_ips(manifest: dict, trace: str, ip_hot: dict, bps: list[dict]) -> dict:
+    """Give the shown ip rows their symbol names from the trace's ``symbols`` metadata."""
+    rows = [r for h in ip_hot["policies"] for r in h["rows"]] + \
+        [r for b in bps for r in b["ip_rows"]]
+    wanted = {int(r["ip"]) for r in rows if r["ip"] is not None}
+    for r in rows:
+        r["symbol"], r["symbol_full"] = "", ""
+    if not wanted:
+        return {"state": "none", "path": None, "named": 0}
+    entry = next((i for i in manifest.get("inputs", []) if i.get("trace") == trace), None)
+    sym: Symbols = trace_symbols(entry, wanted)
+    for r in rows:
+        if r["ip"] is not None:
+            r["symbol"], r["symbol_full"] = _symbol_label(sym.names.get(int(r["ip"])))
+    return {"state": sym.state, "path": sym.path,
+            "named": sum(1 for ip in wanted if ip in sym.names)}
 
 
 def _percent(part: int, whole: int) -> str:
@@ -416,6 +560,8 @@ def _ip_hotspots(by_ip: pl.DataFrame | None, summary: pl.DataFrame, trace: str, 
     if by_ip is None:
         return {"state": "absent", "policies": []}
     df = by_ip.filter(pl.col("trace") == trace)
+    if "int3_exits" in df.columns:  # ips with INT3 exits only are ranked in _breakpoints
+        df = df.filter((pl.col("ept_exits") > 0) | (pl.col("ve_delivered") > 0))
     if df.height == 0:
         totals = summary.filter((pl.col("trace") == trace) & (pl.col("vcpu") == -1))
         events = int(totals["ept_exits"].sum() + totals["ve_delivered"].sum())
@@ -490,15 +636,21 @@ def build_context(out_dir) -> dict:
 
     per_trace = []
     for t in traces:
+        ip_hot = _ip_hotspots(by_ip, summary, t, policies, pcolour)
+        bps = _breakpoints(by_gfn, by_ip, by_view, t, policies, pcolour)
         per_trace.append({
             "name": t,
             "comparison": _comparison(summary, t, policies, pcolour, categories, ccolour),
             "timeline": _timeline(timeline, summary, t, policies, pcolour),
             "population": _population(population, summary, t, policies, pcolour),
-            "views": _views(by_view, t, policies, pcolour),
+            "views": (views := _views(by_view, t, policies, pcolour)),
+            "view_extra": [(c, label) for c, label in VIEW_EXTRA
+                           if any(v.get(c) for v in views)],
             "vcpus": _vcpus(summary, t, policies, pcolour),
             "hotspots": _hotspots(by_gfn, by_view, t, policies, pcolour),
-            "ip_hotspots": _ip_hotspots(by_ip, summary, t, policies, pcolour),
+            "ip_hotspots": ip_hot,
+            "breakpoints": bps,
+            "symbols": _name_ips(manifest, t, ip_hot, bps),
         })
     return {
         "manifest": manifest,
@@ -521,6 +673,8 @@ def build_context(out_dir) -> dict:
         "top_ips": TOP_IPS,
         "has_by_view": by_view is not None,
         "has_by_gfn": by_gfn is not None,
+        "vcpu_int3": "int3_exits" in summary.columns,
+        "gfn_int3": by_gfn is not None and "int3_exits" in by_gfn.columns,
         "has_timeline": timeline is not None,
         "has_population": any(t["population"] for t in per_trace),
     }
@@ -534,7 +688,7 @@ _ENV = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
     keep_trailing_newline=True,
 )
-_ENV.filters.update(num=fmt_int, signed=fmt_signed, us=fmt_us, ratio=fmt_ratio, flt=fmt_float,
+_ENV.filters.update(num=fmt_int, signed=fmt_signed, signed_compact=fmt_signed_compact, us=fmt_us, ratio=fmt_ratio, flt=fmt_float,
                     size=fmt_bytes, pages=fmt_pages, gfn=fmt_gfn, compact=charts.compact)
 
 
