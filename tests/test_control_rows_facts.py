@@ -172,9 +172,10 @@ def test_run_facts_carry_metadata_and_stats(tmp_path):
     # without the flag: no stats, metadata still there
     _, facts = run.trace_facts(p, False)
     assert facts.insn_starts is None and facts.ip_first is None and facts.symbols == meta["symbols"]
-    # replay_facts with insn_stats takes the full pass, and refuses the control rows for now
-    with pytest.raises(traces.TraceError, match="row 3: control rows"):
-        run.replay_facts(p, False, insn_stats=True)
+    # replay_facts with insn_stats takes the full pass (values checked), control rows and all
+    stats, facts, checked = run.replay_facts(p, False, insn_stats=True)
+    assert checked and stats.control_records > 0
+    assert facts.insn_starts[0].tolist() == STARTS[0]
 
 
 def test_replay_facts_with_insn_stats_on_a_trace_without_control_rows(tmp_path):

@@ -437,6 +437,8 @@ class Replayer:
         self.has_ip = self.has_ip or has_ip
         has_op = op is not None
         op_arr = np.ascontiguousarray(op, dtype=np.uint8) if has_op else access
+        if has_op and arg is None:
+            arg = np.zeros(n, dtype=np.uint64)  # SPEC §2: arg defaults to 0
         arg_arr = np.ascontiguousarray(arg, dtype=np.uint64).view(np.int64) if has_op else gfn
         if len(self.bpkey) and gpa is not None:
             boff = (np.asarray(gpa, dtype=np.uint64) & np.uint64(4095)).astype(np.int64)
