@@ -7,7 +7,7 @@ POLICIES := none baseline memaccess-write xen-access-altp2m-write xen-access-alt
             split-rx split-rx-mtf codemon-flip drakvuf-syscalls smartvmi-breakpoints-emulate
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-fast lint bench clean
+.PHONY: help run test test-fast lint bench clean guest
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
@@ -25,7 +25,7 @@ test: $(STAMP) ## Run the test suite
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP) ## Edit-test loop: no browser, real processes or QEMU, few Hypothesis examples
-	HYPOTHESIS_MAX_EXAMPLES=20 $(PY) -m pytest -q -x -k "not chromium and not dask and not processes and not capture and not ctrl_c and not killed"
+	HYPOTHESIS_MAX_EXAMPLES=20 $(PY) -m pytest -q -x -k "not chromium and not dask and not processes and not capture_e2e and not real_guest and not ctrl_c and not killed"
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check altp2m_replay tests
@@ -33,6 +33,9 @@ lint: $(STAMP) ## ruff
 bench: $(STAMP) ## Throughput of SPEC §13 (bench command), then the pytest-benchmark suites
 	$(PY) -m altp2m_replay bench
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=mean,stddev,rounds
+
+guest: $(STAMP) ## Build the capture plugin and the guest for trace capture (qemu-system-x86, gcc, zstd)
+	$(PY) -m altp2m_replay.capture
 
 clean: ## Remove the virtual environment, caches and generated reports
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache reports/samples

@@ -138,7 +138,7 @@ def trace_generate(workload, rows, seed, vcpus, output):
 
 
 @trace.command("import")
-@click.argument("fmt", metavar="FORMAT", type=click.Choice(["lackey", "qemu-mem", "csv"]))
+@click.argument("fmt", metavar="FORMAT", type=click.Choice(["lackey", "qemu-mem", "csv", "qemu-capture"]))
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 @click.option("--base-gfn", type=_GFN, default="0x1000", show_default=True,
@@ -149,6 +149,36 @@ def trace_import(fmt, input_path, output, base_gfn):
 
     rows = importers.import_trace(fmt, input_path, output, base_gfn=base_gfn)
     click.echo(f"wrote {output}: {rows:,} rows")
+
+
+@trace.command("capture")
+@click.argument("workload")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
+@click.option("--vcpus", type=int, default=2, show_default=True, help="Guest vCPUs (1..64).")
+@click.option("--memory", type=int, default=256, show_default=True, help="Guest RAM in MiB (64..3072).")
+@click.option("--rows", type=click.IntRange(min=1), default=None,
+              help="Stop recording at the first instruction boundary after this many rows.")
+@click.option("--keep-raw", type=click.Path(dir_okay=False), default=None,
+              help="Also keep the plugin's zstd record stream in this file.")
+def trace_capture(workload, output, vcpus, memory, rows, keep_raw):
+    """Record WORKLOAD in a Linux guest under QEMU TCG into a trace (see `make guest`).
+
+    \b
+    WORKLOAD is one of:
+      shell   shell loops: fork/exec of busybox applets, pipes
+      files   sha256sum, gzip and sort over a few MiB in tmpfs
+      idle    short sleeps: timers and the idle loop
+    """
+    from altp2m_replay import capture
+    from altp2m_replay.progress import Progress
+
+    progress = Progress.for_terminal()
+    if progress is not None:
+        progress.label = "import"
+    res = capture.capture(workload, output, vcpus=vcpus, memory=memory, rows=rows,
+                          echo=lambda m: click.echo(m, err=True), progress=progress,
+                          keep_raw=keep_raw)
+    click.echo(capture.summary_text(res))
 
 
 # --------------------------------------------------------------------------- replay

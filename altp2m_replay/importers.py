@@ -18,22 +18,32 @@ Decisions the SPEC leaves open (also in traces/README.md):
 * csv: header required; unknown columns are ignored; numbers are decimal or 0x-hex; with an
   ``op`` column, control rows (op 1-4) take access 0, and ``ram`` ends at the highest gfn of
   access and op 3/4 rows.
+* qemu-capture: the binary records of the project's TCG plugin (capture/FORMAT.md), raw or
+  zstd-compressed (decompressed by the ``zstd`` program as it is read). Rows get ``gpa``,
+  ``access``, ``vcpu``, ``insn`` (per vCPU, one per instruction record) and ``ip``; a fetch
+  that crosses a page is two rows of one instruction, a data access that crosses a page
+  two rows. ``gfn_sets`` gets ``user_code`` (pages fetched with a user-half ``ip``) and
+  ``kernel_code_executed``; ``trace capture`` adds what it learns from the guest.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import shutil
+import subprocess
 import zlib
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from altp2m_replay.errors import ImportFormatError, did_you_mean
 from altp2m_replay.traces import GFN_LIMIT, GPA_LIMIT, VCPU_LIMIT, TraceWriter, _first_line
 
-FORMATS = ("lackey", "qemu-mem", "csv")
+FORMATS = ("lackey", "qemu-mem", "csv", "qemu-capture")
 FLUSH_ROWS = 1 << 20  # rows buffered before a chunk goes to the writer
 MAX_LINE = 1 << 20  # characters in one input line
 MAX_ACCESS_BYTES = 1 << 20  # one access spans at most 256 pages (lackey SIZE, qemu access_size)
@@ -142,6 +152,8 @@ def import_trace(fmt: str, input_path, output, base_gfn: int = 0x1000) -> int:
         raise ImportFormatError(f"{label}: no such file" if not src.exists() else f"{label}: not a file")
     if not 0 <= base_gfn < GFN_LIMIT:
         raise ImportFormatError(f"--base-gfn must be in 0..2^36-1, found {base_gfn}")
+    if fmt == "qemu-capture":
+        return import_qemu_capture(src, output)
     meta = {"format": 1, "source": f"import {fmt} {src.name}", "vcpus": 1}
     parse = {"lackey": _lackey, "qemu-mem": _qemu_mem, "csv": _csv}[fmt]
     with TraceWriter(output, meta=meta) as writer:
@@ -435,3 +447,257 @@ def _csv(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
     writer.meta["ram"] = [[0, max_gfn]]
     writer.meta.pop("vcpus")  # unknown: the CSV's vcpu column says what it says
     return rows
+
+
+# --------------------------------------------------------------------------- qemu-capture
+CAPTURE_MAGIC = b"A2MCAPT1"
+CAPTURE_VERSION = 1
+CAPTURE_HEADER_WORDS = 4  # magic, version, vCPUs, row limit
+REC_FETCH, REC_FETCH_TAIL, REC_READ, REC_WRITE, REC_INSN, REC_END = 1, 2, 3, 4, 5, 14
+END_WORDS = 6  # the END word, then records, unresolved fetches / data / fetch tails, reason
+END_REASONS = {1: "stop marker", 2: "row limit", 3: "QEMU exit"}
+USER_TOP = 1 << 47  # ip below: user half of the x86-64 address space
+_CHUNK_WORDS = 1 << 20
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode_capture(words, gpa, acc, vcp, insn, ip, cur_insn, cur_ip, user_pages, kern_pages,
+                    sym_addr, sym_hit):
+    """Decode whole records of ``words`` into rows. Returns (words used, rows, records,
+    status, detail): status 0 = needs more words, 1 = END record at the words used,
+    2 = unknown record type (detail: the type), 3 = an access before any instruction of
+    its vCPU (detail: the vCPU)."""
+    n = words.shape[0]
+    i = 0
+    r = 0
+    recs = 0
+    nsym = sym_addr.shape[0]
+    while i < n:
+        w = words[i]
+        t = w >> np.uint64(60)
+        v = (w >> np.uint64(48)) & np.uint64(0xFFF)
+        a = w & np.uint64(0xFFFFFFFFFFFF)
+        if t == REC_FETCH or t == REC_INSN:
+            if i + 1 >= n:
+                return i, r, recs, 0, 0
+            cur_insn[v] += 1
+            cur_ip[v] = words[i + 1]
+            if t == REC_FETCH:
+                gpa[r] = a
+                acc[r] = 4
+                vcp[r] = v
+                insn[r] = cur_insn[v]
+                ip[r] = cur_ip[v]
+                r += 1
+                g = a >> np.uint64(12)
+                if g < user_pages.shape[0]:
+                    if cur_ip[v] < USER_TOP:
+                        user_pages[g] = 1
+                    else:
+                        kern_pages[g] = 1
+                if nsym and sym_addr[0] <= cur_ip[v] <= sym_addr[nsym - 1]:
+                    k = np.searchsorted(sym_addr, cur_ip[v])
+                    if sym_addr[k] == cur_ip[v]:
+                        sym_hit[k] = 1
+            i += 2
+        elif t == REC_FETCH_TAIL or t == REC_READ or t == REC_WRITE:
+            if cur_insn[v] < 0:
+                return i, r, recs, 3, v
+            gpa[r] = a
+            acc[r] = 4 if t == REC_FETCH_TAIL else (1 if t == REC_READ else 2)
+            vcp[r] = v
+            insn[r] = cur_insn[v]
+            ip[r] = cur_ip[v]
+            r += 1
+            if t == REC_FETCH_TAIL:
+                g = a >> np.uint64(12)
+                if g < user_pages.shape[0]:
+                    if cur_ip[v] < USER_TOP:
+                        user_pages[g] = 1
+                    else:
+                        kern_pages[g] = 1
+            i += 1
+        elif t == REC_END:
+            return i, r, recs, 1, 0
+        else:
+            return i, r, recs, 2, t
+        recs += 1
+    return i, r, recs, 0, 0
+
+
+class _CaptureStream:
+    """The bytes of a capture file: read directly, or through ``zstd -dc`` when compressed."""
+
+    def __init__(self, path: Path, label: str):
+        self.label = label
+        self.proc = None
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head == _ZSTD_MAGIC:
+            if shutil.which("zstd") is None:
+                raise ImportFormatError(f"{label}: the file is zstd-compressed and the zstd program "
+                                        f"is not installed (apt-get install zstd)")
+            self.proc = subprocess.Popen(["zstd", "-dcq", "--", str(path)], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE)
+            self.fh = self.proc.stdout
+        else:
+            self.fh = open(path, "rb")  # noqa: SIM115 - closed in close()
+
+    def read(self, n: int) -> bytes:
+        parts, got = [], 0
+        while got < n:
+            b = self.fh.read(n - got)
+            if not b:
+                break
+            parts.append(b)
+            got += len(b)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Close; a failed decompression becomes an error naming the file."""
+        self.fh.close()
+        if self.proc is not None:
+            err = self.proc.stderr.read().decode(errors="replace").strip()
+            self.proc.stderr.close()
+            if self.proc.wait() != 0:
+                raise ImportFormatError(f"{self.label}: zstd cannot decompress it: "
+                                        f"{err.splitlines()[-1] if err else 'exit code ' + str(self.proc.returncode)}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.fh.close()
+
+
+def _capture_header(stream: _CaptureStream, label: str) -> int:
+    head = stream.read(8 * CAPTURE_HEADER_WORDS)
+    if len(head) < 8 * CAPTURE_HEADER_WORDS or head[:8] != CAPTURE_MAGIC:
+        found = "an empty file" if not head else repr(head[:8])
+        raise ImportFormatError(f"{label}: byte 0: expected a qemu-capture header starting "
+                                f"{CAPTURE_MAGIC.decode()!r} (32 bytes), found {found}")
+    version, vcpus = np.frombuffer(head[8:24], dtype="<u8")
+    if version != CAPTURE_VERSION:
+        raise ImportFormatError(f"{label}: byte 8: expected format version {CAPTURE_VERSION}, "
+                                f"found {int(version)}")
+    if not 1 <= vcpus <= VCPU_LIMIT:
+        raise ImportFormatError(f"{label}: byte 16: expected a vCPU count in 1..4096, found {int(vcpus)}")
+    return int(vcpus)
+
+
+def _page_set(mask: np.ndarray) -> list[list[int]]:
+    g = np.flatnonzero(mask)
+    if not len(g):
+        return []
+    breaks = np.flatnonzero(np.diff(g) != 1)
+    starts = np.concatenate(([g[0]], g[breaks + 1]))
+    ends = np.concatenate((g[breaks], [g[-1]]))
+    return [[int(a), int(b)] for a, b in zip(starts, ends, strict=True)]
+
+
+def import_qemu_capture(input_path, output, symbols: dict[str, int] | None = None,
+                        meta: dict | None = None, ram_pages: int = 1 << 20,
+                        progress=None) -> int:
+    """Convert a qemu-capture record stream (raw or zstd) to a trace at ``output``; return
+    the number of rows. ``symbols`` (name -> virtual address) are kept in the metadata when
+    the trace executes their address; ``meta`` entries are added to the metadata (its
+    ``gfn_sets`` merged); page sets cover gfns below ``ram_pages``."""
+    src = Path(input_path)
+    label = str(input_path)
+    if not src.is_file():
+        raise ImportFormatError(f"{label}: no such file" if not src.exists() else f"{label}: not a file")
+    names = sorted(symbols or {}, key=lambda k: (symbols[k], k))
+    sym_addr = np.array([symbols[k] for k in names], dtype=np.uint64)
+    sym_hit = np.zeros(len(names), dtype=np.uint8)
+    user_pages = np.zeros(ram_pages, dtype=np.uint8)
+    kern_pages = np.zeros(ram_pages, dtype=np.uint8)
+    cur_insn = np.full(VCPU_LIMIT, -1, dtype=np.int64)
+    cur_ip = np.zeros(VCPU_LIMIT, dtype=np.uint64)
+    kinds = {"gpa": np.uint64, "access": np.uint8, "vcpu": np.uint16, "insn": np.int64, "ip": np.uint64}
+    stream = _CaptureStream(src, label)
+    rows = records = 0
+    offset = 8 * CAPTURE_HEADER_WORDS  # byte offset of the next undecoded record
+    end = None
+    writing = None
+    pool = ThreadPoolExecutor(1)
+    try:
+        header_vcpus = _capture_header(stream, label)
+        info = {"format": 1, "source": f"import qemu-capture {src.name}", "vcpus": header_vcpus}
+        with TraceWriter(output, meta=info) as writer:
+            pending = b""
+            while end is None:
+                data = pending + stream.read(8 * _CHUNK_WORDS - len(pending))
+                eof = len(data) < 8 * _CHUNK_WORDS
+                whole = len(data) // 8 * 8
+                words = np.frombuffer(data[:whole], dtype="<u8")
+                # fresh arrays per chunk: the writer thread may still hold the previous ones
+                bufs = {c: np.empty(len(words), k) for c, k in kinds.items()}
+                used, r, recs, status, detail = _decode_capture(
+                    words, bufs["gpa"], bufs["access"], bufs["vcpu"], bufs["insn"], bufs["ip"],
+                    cur_insn, cur_ip, user_pages, kern_pages, sym_addr, sym_hit)
+                if r:
+                    chunk = {c: b[:r] for c, b in bufs.items()}
+                    chunk["insn"] = chunk["insn"].view(np.uint64)
+                    if writing is not None:
+                        writing.result()  # one chunk in flight: Parquet encodes while we decode
+                    writing = pool.submit(writer.write, chunk)
+                    if progress is not None:
+                        progress.advance(r)
+                rows += r
+                records += recs
+                where = f"{label}: byte {offset + 8 * used} (record {records + 1})"
+                offset += 8 * used
+                if status in (2, 3):
+                    _drain(writing)
+                if status == 2:
+                    raise ImportFormatError(f"{where}: expected a record type 1-5 or 14, found {detail}")
+                if status == 3:
+                    raise ImportFormatError(f"{where}: expected an instruction record of vCPU {detail} "
+                                            f"before its first access record, found an access record")
+                if status == 1:
+                    tail = data[8 * used:] + stream.read(8 * END_WORDS)
+                    if len(tail) < 8 * END_WORDS:
+                        raise ImportFormatError(f"{where}: the end record is cut short: expected "
+                                                f"{8 * END_WORDS} bytes, found {len(tail)}")
+                    end = np.frombuffer(tail[:8 * END_WORDS], dtype="<u8")
+                    if len(tail) > 8 * END_WORDS or stream.read(1):
+                        raise ImportFormatError(f"{label}: byte {offset + 8 * END_WORDS}: expected the "
+                                                f"end of the stream after the end record, found more bytes")
+                    break
+                pending = data[8 * used:]
+                if eof:
+                    _drain(writing)
+                    raise ImportFormatError(f"{where}: the stream is truncated: expected "
+                                            f"{'the rest of a record' if pending else 'another record or the end record (type 14)'}"
+                                            f", found the end of the file")
+            _drain(writing)
+            stream.close()
+            if int(end[1]) != rows:
+                raise ImportFormatError(f"{where}: the end record counts {int(end[1])} access records, "
+                                        f"found {rows}")
+            if rows == 0:
+                raise ImportFormatError(f"{label}: no memory accesses found, expected at least one")
+            sets = {"user_code": _page_set(user_pages), "kernel_code_executed": _page_set(kern_pages)}
+            extra = dict(meta or {})
+            sets.update(extra.pop("gfn_sets", {}))
+            writer.meta.update(extra)
+            writer.meta["gfn_sets"] = sets
+            writer.meta["capture"] = {
+                "end": END_REASONS.get(int(end[5]), f"code {int(end[5])}"),
+                "unresolved_fetches": int(end[2]), "unresolved_data": int(end[3]),
+                "unresolved_fetch_tails": int(end[4])}
+            if names:
+                writer.meta["symbols"] = {names[k]: int(sym_addr[k]) for k in np.flatnonzero(sym_hit)}
+    except BaseException:
+        stream.kill()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    return rows
+
+
+def _drain(future) -> None:
+    """Wait for a chunk being written (its error, if any, is raised here)."""
+    if future is not None:
+        future.result()

@@ -304,7 +304,8 @@ def test_samples_are_valid():
         st_ = validate(f)
         tr = open_trace(f)
         assert tr.meta.source and st_.rows == tr.rows
-        if tr.meta.ram:
+        if tr.meta.ram and not tr.meta.source.startswith("qemu-capture:"):
+            # (real captures also touch MMIO outside RAM: tests/test_capture_import.py)
             inside = any(a <= st_.min_gfn and st_.max_gfn <= b for a, b in tr.meta.ram)
             assert inside, f
 
