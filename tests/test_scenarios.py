@@ -37,23 +37,10 @@ from altp2m_replay.errors import PolicyError, ReplayRuntimeError
 from altp2m_replay.policy import parse_policy
 
 # --------------------------------------------------------------------------- counters (§7)
-TOTAL_COUNTERS = (
-    "records", "instructions", "ept_exits", "lazy_copies", "lazy_copies_4k", "lazy_copies_2m",
-    "lazy_copies_1g", "lazy_copy_pages", "access_violations", "mem_access_events",
-    "singlestep_events", "async_events", "breakpoint_events", "cr3_events", "vm_events",
-    "ve_delivered", "ve_blocked", "ve_emulations", "mtf_exits", "switches_vm_event",
-    "switches_fast_ss", "switches_vmfunc", "view_switches", "emulations", "records_emulated",
-    "access_changes", "superpage_splits", "shatters", "mmio_accesses", "restarts", "int3_exits",
-    "control_records", "cr3_writes", "cr3_exits", "guest_vmfuncs", "vmfunc_exits", "host_drops",
-    "host_maps", "view_resets", "ept_syncs", "ept_sync_ipis", "crashed", "crash_record",
-    "livelocked", "livelock_record", "setup_splits", "setup_skipped",
-)
-VIEW_COUNTERS = (
-    "records_completed", "ept_exits", "int3_exits", "lazy_copies", "lazy_copy_pages",
-    "access_violations", "ve_delivered", "switches_in", "resets", "pages_mapped", "leaves_4k",
-    "leaves_2m", "leaves_1g",
-)
-GFN_COUNTERS = ("ept_exits", "int3_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
+try:  # the SPEC §7 names, spelled once for the tests (tests/reference.py)
+    from tests.reference import GFN_COUNTERS, TOTAL_COUNTERS, VIEW_COUNTERS
+except ImportError:
+    from reference import GFN_COUNTERS, TOTAL_COUNTERS, VIEW_COUNTERS
 SETUP_ONLY = ("setup_splits", "setup_skipped")
 
 GIB_PAGES = 1 << 18
@@ -101,13 +88,9 @@ def _reference_engine():
 ENGINES = ["numba", "numba-batch2", "reference"]
 
 
-@pytest.fixture(params=ENGINES)
-def sim(request):
-    """``sim(policy_body, rows, **kwargs) -> Result`` for one engine.
-
-    ``numba-batch2`` is the Numba engine fed two rows per batch: counters must not depend
-    on the batch size (SPEC §7), instruction ends and emulated rows included.
-    """
+def _runner(request, trace_maker):
+    """``run(policy_body, rows, **kwargs) -> Result`` for the engine ``request.param`` names,
+    with traces from ``trace_maker(*rows)``."""
     if request.param == "reference":
         engine = _reference_engine()
         extra = {}
@@ -117,9 +100,19 @@ def sim(request):
         extra = {"batch_rows": 2} if request.param == "numba-batch2" else {}
 
     def run(policy_body: str, rows, **kwargs) -> Result:
-        return _adapt(engine(make_policy(policy_body), make_trace(*rows), **kwargs, **extra))
+        return _adapt(engine(make_policy(policy_body), trace_maker(*rows), **kwargs, **extra))
 
     return run
+
+
+@pytest.fixture(params=ENGINES)
+def sim(request):
+    """``sim(policy_body, rows, **kwargs) -> Result`` for one engine.
+
+    ``numba-batch2`` is the Numba engine fed two rows per batch: counters must not depend
+    on the batch size (SPEC §7), instruction ends and emulated rows included.
+    """
+    return _runner(request, make_trace)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -3419,18 +3412,7 @@ def make_trace2(*rows: str) -> dict[str, np.ndarray]:
 @pytest.fixture(params=ENGINES)
 def sim2(request):
     """As ``sim``, with make_trace2 rows."""
-    if request.param == "reference":
-        engine = _reference_engine()
-        extra = {}
-    else:
-        from altp2m_replay.engine import simulate_arrays as engine
-
-        extra = {"batch_rows": 2} if request.param == "numba-batch2" else {}
-
-    def run(policy_body: str, rows, **kwargs) -> Result:
-        return _adapt(engine(make_policy(policy_body), make_trace2(*rows), **kwargs, **extra))
-
-    return run
+    return _runner(request, make_trace2)
 
 
 SHADOW_BP = RAM_1K + """
