@@ -628,7 +628,7 @@ def _parse_breakpoints(raw, key: str = "at") -> tuple[AddressSelector, ...] | No
         key, value = next(iter(item.items()))
         if key == "ip":
             vals = value if isinstance(value, list) else [value]
-            out.append(AddressSelector(ips=tuple(_address(v, w + " ip") if not isinstance(v, int) else _ip(v, w) for v in vals)))
+            out.append(AddressSelector(ips=tuple(_ip(v, w + " ip") for v in vals)))
         elif key == "symbol":
             vals = value if isinstance(value, list) else [value]
             if not vals or any(not isinstance(v, str) or not v for v in vals):
@@ -639,9 +639,15 @@ def _parse_breakpoints(raw, key: str = "at") -> tuple[AddressSelector, ...] | No
     return tuple(out)
 
 
-def _ip(v: int, where: str) -> int:
-    if not 0 <= v < 1 << 64:
-        raise _fail(where, f"ip must be in uint64 range, found {v!r}")
+def _ip(v, where: str) -> int:
+    """A virtual address (ip or CR3 value): an integer or a hex / decimal string, in uint64."""
+    if isinstance(v, str):
+        try:
+            v = int(v, 16) if v.lower().startswith("0x") else int(v)
+        except ValueError:
+            raise _fail(where, f"expected an integer or hex string, found {v!r}") from None
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 64:
+        raise _fail(where, f"expected a value in uint64 range, found {v!r}")
     return v
 
 
@@ -704,18 +710,11 @@ def _parse_on_cr3(raw, names: dict[str, int], domain: Domain) -> OnCr3 | None:
             elif isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64:
                 values.append(v)
             elif isinstance(v, str) and v.lower().startswith("0x"):
-                values.append(_ip(_address_any(v, w), w))
+                values.append(_ip(v, w))
             else:
                 raise _fail(w, f'"cr3" must be an integer, "process:NAME", "other" or a list of them, found {v!r}')
         rules.append(Cr3Rule(w, tuple(values), tuple(procs), other, _view_ref(t["to"], names, w + " to")))
     return OnCr3(sync, _bool(raw, "onchangeonly", True, where), tuple(rules))
-
-
-def _address_any(v: str, where: str) -> int:
-    try:
-        return int(v, 16)
-    except ValueError:
-        raise _fail(where, f"expected a hex number, found {v!r}") from None
 
 
 def _check_semantics(p: Policy) -> None:

@@ -723,3 +723,65 @@ def test_view0_set_suppress_ve_warns(tmp_path):
         '''))
     warnings = warnings_of(result)
     assert len(warnings) == 1 and "setup[0]" in warnings[0] and "set_suppress_ve" in warnings[0]
+
+
+# --------------------------------------------------------------------------- Revision 2 sections (§4, §6.4, §6.5)
+BP_POLICY = """
+name = "bp"
+[[view]]
+name = "x"
+[breakpoints]
+at = [0x5010, {{ ip = ["0xffffffff81000010"] }}]
+[[setup]]
+op = "change_gfn"
+view = "x"
+old = 5
+new = 600
+[[setup]]
+op = "write_breakpoints"
+view = "{writer}"
+[on_breakpoint]
+action = "step"
+to = {to}
+"""
+
+
+@pytest.mark.parametrize(("body", "needles"), [
+    ('name = "p"\n[breakpoints]\nat = 1\nwhere = 2\n[on_breakpoint]\naction = "emulate"\n',
+     ['[breakpoints]: unknown key "where"']),
+    ('name = "p"\n[breakpoints]\nat = 1\n', ["needs [on_breakpoint]"]),
+    ('name = "p"\n[on_breakpoint]\naction = "emulate"\n', ["no [breakpoints] to answer"]),
+    ('name = "p"\n[breakpoints]\nat = 1\n[on_breakpoint]\naction = "stepp"\n', ['"step" or "emulate"', "did you mean"]),
+    ('name = "p"\n[domain]\nmonitor = false\n[breakpoints]\nat = 1\n[on_breakpoint]\naction = "emulate"\n',
+     ["monitor = false"]),
+    ('name = "p"\n[breakpoints]\nat = [{ ip = ["zz"] }]\n[on_breakpoint]\naction = "emulate"\n', ["'zz'"]),
+    ('name = "p"\n[on_cr3]\nsync = false\n[[on_cr3.switch]]\ncr3 = 1\nto = 0\n', ["needs sync = true"]),
+    ('name = "p"\n[on_cr3]\n[[on_cr3.switch]]\ncr3 = "proc:bash"\nto = 0\n', ['"process:NAME"']),
+])
+def test_revision2_sections_refuse_what_they_must(tmp_path, body, needles):
+    check_error(["policy", "check", write_policy(tmp_path, body)], *needles)
+
+
+def test_breakpoint_step_into_a_view_showing_the_int3_is_refused(tmp_path, kernel_trace):
+    # The INT3 at 0x5010 is written into x's frame for gfn 5, which x remapped to 600's frame.
+    # Stepping into view 0 (which shows the original frame 5) is the working form; stepping
+    # into x itself would trap at every restart (SPEC §6.4). The generated trace has ip, so
+    # its instructions have byte addresses.
+    ok = write_policy(tmp_path, BP_POLICY.format(writer="x", to=0), "ok.toml")
+    check_ok(ok, "--trace", kernel_trace)
+    bad = write_policy(tmp_path, BP_POLICY.format(writer="x", to='"x"'), "bad.toml")
+    check_error(["policy", "check", bad, "--trace", kernel_trace], "[on_breakpoint]", "trap again")
+    # written into view 0's own frame (no remap there): every view without a remap shows it
+    bad0 = write_policy(tmp_path, BP_POLICY.format(writer="0", to=0).replace('view = "0"', "view = 0"),
+                        "bad0.toml")
+    check_error(["policy", "check", bad0, "--trace", kernel_trace], "trap again")
+
+
+def test_breakpoints_need_a_trace_with_byte_addresses(tmp_path):
+    import polars as pl
+
+    trace = tmp_path / "plain.parquet"  # gfn and access only: no gpa, no ip
+    pl.DataFrame({"gfn": [5, 6], "access": [4, 1]}).cast(
+        {"gfn": pl.UInt64, "access": pl.UInt8}).write_parquet(trace)
+    policy = write_policy(tmp_path, BP_POLICY.format(writer="x", to=0))
+    check_error(["policy", "check", policy, "--trace", trace], "byte addresses")
