@@ -210,7 +210,6 @@ ST_NEED_NODES = 1
 ST_NEED_HASH = 2
 ST_CRASH = 3
 ST_UNMATCHED = 4
-ST_RETRIES = 5
 ST_NO_ENTRY = 6   # setup: change_gfn / set_suppress_ve found no effective entry
 ST_NOT_RAM = 7    # setup: change_gfn old is not host RAM
 ST_NEED_IPHASH = 8
@@ -1052,14 +1051,14 @@ def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, i
     room for its tree writes and its log entry; without it the place is saved (S_EXEC_J,
     S_EXEC_K, GS_RESUME) and the driver calls again after growing.
     """
-    gfn, access, vcpu, ip, op, arg, boff = bt
+    _, _, vcpu, _, op, _, _ = bt  # the rows themselves come through insn_row
     bpmfn, bpkey, cr3r, vis, pseg = aux
     nsp, first = first_rows(vst, s)
     if j < 0:
         # the instruction's rows: the spilled ones, then the slot's rows from ``first`` to k
         n = nsp
         for t in range(first, k + 1):
-            n += lut[vcpu[t]] == s and not (has_op and op[t] >= 3)
+            n += slot_row(lut, vcpu, op, has_op, s, t)
         if n > MAX_INSN_ROWS:
             gs[GS_ERR_ROW] = start_row + k
             return ST_LONG_INSN
@@ -1081,23 +1080,8 @@ def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, i
             vst[s, S_EXEC_K] = k
             gs[GS_RESUME] = s + 1
             return st
-        if j < nsp:
-            key = ibuf[s, j, B_KEY]
-            kb = key & 7
-            g = key >> 3
-            row = ibuf[s, j, B_ROW]
-            ipv = ibuf[s, j, B_IP]
-            argv = ibuf[s, j, B_ARG]
-            boffv = ibuf[s, j, B_BOFF]
-        else:
-            while lut[vcpu[k]] != s or (has_op and op[k] >= 3):
-                k += 1
-            kb = KIND_BIT[access[k]] if not (has_op and op[k]) else 0
-            g = gfn[k] if kb else np.int64(op[k])
-            row = start_row + k
-            ipv = ip[k] if has_ip else np.int64(0)
-            argv = arg[k] if has_op else np.int64(0)
-            boffv = boff[k] if len(bpkey) else np.int64(-1)
+        kb, g, row, ipv, argv, boffv, k = insn_row(ibuf, bt, has_ip, has_op, len(bpkey) > 0, lut,
+                                                   start_row, s, j, nsp, k)
         if kb == 0:
             # a control row of the instruction: it takes effect again on every pass
             control(vst, vc, pv, dom, cr3r, vis, pseg, s, g, argv)
@@ -1147,16 +1131,11 @@ def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, i
             vc[s, C_REC_EMUL] += 1
             kk = k + 1 if j >= nsp else first
             for t in range(j + 1, last + 1):
-                if t < nsp:
-                    o = (ibuf[s, t, B_KEY] >> 3) if (ibuf[s, t, B_KEY] & 7) == 0 else 0
-                    argt = ibuf[s, t, B_ARG]
-                else:
-                    while lut[vcpu[kk]] != s or (has_op and op[kk] >= 3):
-                        kk += 1
-                    o = op[kk] if has_op else 0
-                    argt = arg[kk] if has_op else np.int64(0)
+                kbt, o, _, _, argt, _, kk = insn_row(ibuf, bt, has_ip, has_op, False, lut,
+                                                     start_row, s, t, nsp, kk)
+                if t >= nsp:
                     kk += 1
-                if o:
+                if kbt == 0:
                     control(vst, vc, pv, dom, cr3r, vis, pseg, s, o, argt)
                 else:
                     vc[s, C_REC_EMUL] += 1
@@ -1167,6 +1146,32 @@ def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, i
             return ST_CRASH
         else:
             return ST_UNMATCHED
+
+
+@njit(cache=True, inline="always")
+def slot_row(lut, vcpu, op, has_op, s, k):
+    """Whether batch row ``k`` belongs to vCPU slot ``s`` (host drops and maps, op 3 and 4,
+    belong to no vCPU)."""
+    return lut[vcpu[k]] == s and not (has_op and op[k] >= 3)
+
+
+@njit(cache=True, inline="always")
+def insn_row(ibuf, bt, has_ip, has_op, has_bp, lut, start_row, s, j, nsp, k):
+    """Row ``j`` of slot ``s``'s instruction: ibuf[s, j] while j < ``nsp`` (spilled), else the
+    slot's next row at batch index ``k`` or later. Returns (kind bit, 0 for a control row;
+    gfn, or a control row's op; global row; ip; arg; byte offset, -1 unless ``has_bp``;
+    batch index of the row, or ``k`` for a spilled one)."""
+    if j < nsp:
+        key = ibuf[s, j, B_KEY]
+        return (key & 7, key >> 3, ibuf[s, j, B_ROW], ibuf[s, j, B_IP], ibuf[s, j, B_ARG],
+                ibuf[s, j, B_BOFF], k)
+    gfn, access, vcpu, ip, op, arg, boff = bt
+    while not slot_row(lut, vcpu, op, has_op, s, k):
+        k += 1
+    ctl = has_op and op[k] != 0
+    return (np.int64(0) if ctl else KIND_BIT[access[k]], np.int64(op[k]) if ctl else gfn[k],
+            np.int64(start_row + k), ip[k] if has_ip else np.int64(0),
+            arg[k] if has_op else np.int64(0), boff[k] if has_bp else np.int64(-1), k)
 
 
 @njit(cache=True, inline="always")
