@@ -848,12 +848,10 @@ def resolve_breakpoints(p: Policy, facts: TraceFacts, warnings: list[str]) -> np
     out: list[int] = []
     ip_first = facts.ip_first or (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
 
-    def by_ip(ip: int, what: str) -> None:
+    def first_address(ip: int) -> int | None:
+        """The byte address of the first instruction fetched at ``ip``, None if never."""
         i = int(np.searchsorted(ip_first[0], np.uint64(ip)))
-        if i < len(ip_first[0]) and int(ip_first[0][i]) == ip:
-            out.append(int(ip_first[1][i]))
-        else:
-            warnings.append(f"[breakpoints]: {what} {ip:#x} is never executed by the trace; skipped")
+        return int(ip_first[1][i]) if i < len(ip_first[0]) and int(ip_first[0][i]) == ip else None
 
     selectors = p.breakpoints or ()
     if p.breakpoints_fallback is not None and not facts.symbols:
@@ -862,18 +860,20 @@ def resolve_breakpoints(p: Policy, facts: TraceFacts, warnings: list[str]) -> np
     for sel in selectors:
         out.extend(sel.addresses)
         for ip in sel.ips:
-            by_ip(ip, "ip")
+            if (a := first_address(ip)) is None:
+                warnings.append(f"[breakpoints]: ip {ip:#x} is never executed by the trace; skipped")
+            else:
+                out.append(a)
         for pattern in sel.symbols:
             names = sorted(n for n in facts.symbols if fnmatch.fnmatchcase(n, pattern))
             if not names:
                 warnings.append(f"[breakpoints]: symbol {pattern!r} matches nothing in the trace's symbols")
             unexecuted = 0
             for n in names:
-                i = int(np.searchsorted(ip_first[0], np.uint64(facts.symbols[n] % (1 << 64))))
-                if i < len(ip_first[0]) and int(ip_first[0][i]) == facts.symbols[n] % (1 << 64):
-                    out.append(int(ip_first[1][i]))
-                else:
+                if (a := first_address(facts.symbols[n] % (1 << 64))) is None:
                     unexecuted += 1
+                else:
+                    out.append(a)
             if unexecuted:
                 warnings.append(f"[breakpoints]: {unexecuted} of the {len(names)} symbols matching "
                                 f"{pattern!r} are never executed by the trace; skipped")

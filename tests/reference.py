@@ -31,7 +31,6 @@ TOTAL_COUNTERS = (
     "host_maps", "view_resets", "ept_syncs", "ept_sync_ipis", "crashed", "crash_record",
     "livelocked", "livelock_record", "setup_splits", "setup_skipped",
 )
-RUN_LEVEL = ("crashed", "crash_record", "livelocked", "livelock_record")
 VIEW_COUNTERS = (
     "records_completed", "ept_exits", "int3_exits", "lazy_copies", "lazy_copy_pages",
     "access_violations", "ve_delivered", "switches_in", "resets", "pages_mapped", "leaves_4k",
