@@ -7,7 +7,7 @@ POLICIES := none baseline memaccess-write xen-access-altp2m-write xen-access-alt
             split-rx split-rx-mtf codemon-flip drakvuf-syscalls smartvmi-breakpoints-emulate
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-fast lint bench clean guest
+.PHONY: help run test test-fast lint format bench clean guest
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
@@ -27,8 +27,13 @@ test: $(STAMP) ## Run the test suite
 test-fast: $(STAMP) ## Edit-test loop: no browser, real processes or QEMU, few Hypothesis examples
 	HYPOTHESIS_MAX_EXAMPLES=20 $(PY) -m pytest -q -x -k "not chromium and not dask and not processes and not capture_e2e and not real_guest and not ctrl_c and not killed"
 
-lint: $(STAMP) ## ruff
-	$(VENV)/bin/ruff check altp2m_replay tests
+lint: $(STAMP) ## ruff: formatting and lint rules (pyproject.toml), as CI and pre-commit check them
+	$(VENV)/bin/ruff format --check altp2m_replay tests benchmarks
+	$(VENV)/bin/ruff check altp2m_replay tests benchmarks
+
+format: $(STAMP) ## Apply ruff's formatting and safe fixes
+	$(VENV)/bin/ruff format altp2m_replay tests benchmarks
+	$(VENV)/bin/ruff check --fix altp2m_replay tests benchmarks
 
 bench: $(STAMP) ## Throughput of SPEC §13 (bench command), then the pytest-benchmark suites
 	$(PY) -m altp2m_replay bench

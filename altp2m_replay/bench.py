@@ -45,9 +45,16 @@ def _best(fn, rounds: int) -> tuple[float, float]:
     return min(times), times[0]
 
 
-def run_bench(rows: int = 20_000_000, vcpus: int = 4, policy: str = "xen-access-altp2m-write",
-              workload: str = "kernel", seed: int = 7, echo=print, rounds: int = 3,
-              threads: int | None = None) -> dict:
+def run_bench(
+    rows: int = 20_000_000,
+    vcpus: int = 4,
+    policy: str = "xen-access-altp2m-write",
+    workload: str = "kernel",
+    seed: int = 7,
+    echo=print,
+    rounds: int = 3,
+    threads: int | None = None,
+) -> dict:
     """Generate the trace, measure the rates, return them in a dict.
 
     ``threads``: workers of the side-by-side figure (default: the number of cores; 0 skips
@@ -68,10 +75,19 @@ def run_bench(rows: int = 20_000_000, vcpus: int = 4, policy: str = "xen-access-
         # warm-up: compile (or load from cache) every kernel on a small slice
         warm = Replayer(p, facts, stats.vcpus, stats.rows)
         b0 = batches[0]
-        warm.feed(b0.gfn[:1000], b0.access[:1000], b0.vcpu[:1000], b0.insn[:1000], None, start_row=0,
-                  ip=b0.ip[:1000])
+        warm.feed(
+            b0.gfn[:1000],
+            b0.access[:1000],
+            b0.vcpu[:1000],
+            b0.insn[:1000],
+            None,
+            start_row=0,
+            ip=b0.ip[:1000],
+        )
         warm.finish()
-        _bare_scan(b0.gfn[:10].view(np.int64), b0.access[:10], b0.vcpu[:10], b0.insn[:10].view(np.int64))
+        _bare_scan(
+            b0.gfn[:10].view(np.int64), b0.access[:10], b0.vcpu[:10], b0.insn[:10].view(np.int64)
+        )
 
         def scan():
             for b in batches:
@@ -94,12 +110,19 @@ def run_bench(rows: int = 20_000_000, vcpus: int = 4, policy: str = "xen-access-
         if threads is None:
             threads = os.cpu_count() or 1
         if threads:
-            echo(f"replaying {len(builtin_names())} built-in policies one after the other and "
-                 f"side by side in {threads} threads, {rounds} times each ...")
-            facts_s, seq_s, par_s, seq_cpu, par_cpu, seq_idle, par_idle = _side_by_side(path, threads, rounds)
+            echo(
+                f"replaying {len(builtin_names())} built-in policies one after the other and "
+                f"side by side in {threads} threads, {rounds} times each ..."
+            )
+            facts_s, seq_s, par_s, seq_cpu, par_cpu, seq_idle, par_idle = _side_by_side(
+                path, threads, rounds
+            )
 
     out = {
-        "rows": rows, "vcpus": vcpus, "policy": policy, "workload": workload,
+        "rows": rows,
+        "vcpus": vcpus,
+        "policy": policy,
+        "workload": workload,
         "ept_exits": res.total["ept_exits"],
         "bare_scan_rows_per_s": rows / scan_s,
         "kernel_rows_per_s": rows / kernel_s,
@@ -110,11 +133,19 @@ def run_bench(rows: int = 20_000_000, vcpus: int = 4, policy: str = "xen-access-
     out["kernel_vs_scan"] = out["kernel_rows_per_s"] / out["bare_scan_rows_per_s"]
     out["end_to_end_vs_kernel"] = out["end_to_end_rows_per_s"] / out["kernel_rows_per_s"]
     if threads:
-        out.update(policies=len(builtin_names()), threads=threads, facts_s=facts_s, sequential_s=min(seq_s),
-                   sequential_cpu_s=seq_cpu, side_by_side_cpu_s=par_cpu,
-                   sequential_idle_s=seq_idle, side_by_side_idle_s=par_idle,
-                   side_by_side_s=min(par_s), sequential_range_s=(min(seq_s), max(seq_s)),
-                   side_by_side_range_s=(min(par_s), max(par_s)))
+        out.update(
+            policies=len(builtin_names()),
+            threads=threads,
+            facts_s=facts_s,
+            sequential_s=min(seq_s),
+            sequential_cpu_s=seq_cpu,
+            side_by_side_cpu_s=par_cpu,
+            sequential_idle_s=seq_idle,
+            side_by_side_idle_s=par_idle,
+            side_by_side_s=min(par_s),
+            sequential_range_s=(min(seq_s), max(seq_s)),
+            side_by_side_range_s=(min(par_s), max(par_s)),
+        )
         out["side_by_side_vs_sequential"] = out["side_by_side_s"] / out["sequential_s"]
         out["idle_cores_ratio"] = par_idle / seq_idle
     return out
@@ -133,7 +164,9 @@ def _side_by_side(path: Path, threads: int, rounds: int) -> tuple:
 
     pols = [load_policy(n) for n in builtin_names()]
     t = time.perf_counter()
-    prepared = replay_facts(path, any(needs_page_counts(p) for p in pols), any(needs_insn_stats(p) for p in pols))
+    prepared = replay_facts(
+        path, any(needs_page_counts(p) for p in pols), any(needs_insn_stats(p) for p in pols)
+    )
     facts_s = time.perf_counter() - t
     seq, par, cpu, idle = [], [], {1: [], threads: []}, {1: [], threads: []}
     cores = os.cpu_count() or 1
@@ -151,27 +184,49 @@ def _side_by_side(path: Path, threads: int, rounds: int) -> tuple:
 
 
 def format_bench(r: dict) -> str:
-    return "\n".join([
-        f"trace: {r['rows']:,} rows of {r['workload']} on {r['vcpus']} vCPUs, policy {r['policy']} "
-        f"({r['ept_exits']:,} EPT exits)",
-        f"bare scan    {r['bare_scan_rows_per_s'] / 1e6:10.1f} M rows/s",
-        f"kernel       {r['kernel_rows_per_s'] / 1e6:10.1f} M rows/s  ({r['kernel_vs_scan']:.1%} of the bare scan;"
-        " SPEC §13 bar: 75 M rows/s)",
-        f"  first pass {r['kernel_first_pass_rows_per_s'] / 1e6:10.1f} M rows/s  (first touch of the per-gfn and per-ip tables)",
-        f"end-to-end   {r['end_to_end_rows_per_s'] / 1e6:10.1f} M rows/s  ({r['end_to_end_vs_kernel']:.1%} of the kernel;"
-        " bar: 60 %)",
-    ] + ([] if not r.get("threads") else [
-        f"{r['policies']} built-in policies, decode + replay + tables, one decode each way "
-        f"(trace facts gathered once before: {r['facts_s']:.2f} s, in neither):",
-        f"  one after the other      {r['sequential_s']:7.2f} s  "
-        f"({r['rows'] * r['policies'] / r['sequential_s'] / 1e6:,.1f} M cell-rows/s; "
-        f"passes {r['sequential_range_s'][0]:.2f}-{r['sequential_range_s'][1]:.2f} s; CPU {r['sequential_cpu_s']:.2f} s)",
-        f"  side by side, {r['threads']} threads {r['side_by_side_s']:7.2f} s  "
-        f"({r['side_by_side_vs_sequential']:.2f} of one after the other; bar: at most 0.60 on 2 cores; "
-        f"passes {r['side_by_side_range_s'][0]:.2f}-{r['side_by_side_range_s'][1]:.2f} s; CPU {r['side_by_side_cpu_s']:.2f} s)",
-        f"  on otherwise idle cores, from CPU times (busiest thread, or all CPU / cores): "
-        f"{r['sequential_idle_s']:.2f} s vs {r['side_by_side_idle_s']:.2f} s = {r['idle_cores_ratio']:.2f} "
-        "(an estimate for when the machine is shared)",
-    ]) + [
-        f"(best of {r['rounds']} passes each)",
-    ])
+    return "\n".join(
+        [
+            (
+                f"trace: {r['rows']:,} rows of {r['workload']} on {r['vcpus']} vCPUs, policy {r['policy']} "
+                f"({r['ept_exits']:,} EPT exits)"
+            ),
+            f"bare scan    {r['bare_scan_rows_per_s'] / 1e6:10.1f} M rows/s",
+            (
+                f"kernel       {r['kernel_rows_per_s'] / 1e6:10.1f} M rows/s  ({r['kernel_vs_scan']:.1%} of the bare scan;"
+                " SPEC §13 bar: 75 M rows/s)"
+            ),
+            f"  first pass {r['kernel_first_pass_rows_per_s'] / 1e6:10.1f} M rows/s  (first touch of the per-gfn and per-ip tables)",
+            (
+                f"end-to-end   {r['end_to_end_rows_per_s'] / 1e6:10.1f} M rows/s  ({r['end_to_end_vs_kernel']:.1%} of the kernel;"
+                " bar: 60 %)"
+            ),
+        ]
+        + (
+            []
+            if not r.get("threads")
+            else [
+                (
+                    f"{r['policies']} built-in policies, decode + replay + tables, one decode each way "
+                    f"(trace facts gathered once before: {r['facts_s']:.2f} s, in neither):"
+                ),
+                (
+                    f"  one after the other      {r['sequential_s']:7.2f} s  "
+                    f"({r['rows'] * r['policies'] / r['sequential_s'] / 1e6:,.1f} M cell-rows/s; "
+                    f"passes {r['sequential_range_s'][0]:.2f}-{r['sequential_range_s'][1]:.2f} s; CPU {r['sequential_cpu_s']:.2f} s)"
+                ),
+                (
+                    f"  side by side, {r['threads']} threads {r['side_by_side_s']:7.2f} s  "
+                    f"({r['side_by_side_vs_sequential']:.2f} of one after the other; bar: at most 0.60 on 2 cores; "
+                    f"passes {r['side_by_side_range_s'][0]:.2f}-{r['side_by_side_range_s'][1]:.2f} s; CPU {r['side_by_side_cpu_s']:.2f} s)"
+                ),
+                (
+                    f"  on otherwise idle cores, from CPU times (busiest thread, or all CPU / cores): "
+                    f"{r['sequential_idle_s']:.2f} s vs {r['side_by_side_idle_s']:.2f} s = {r['idle_cores_ratio']:.2f} "
+                    "(an estimate for when the machine is shared)"
+                ),
+            ]
+        )
+        + [
+            f"(best of {r['rounds']} passes each)",
+        ]
+    )

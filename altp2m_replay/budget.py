@@ -24,8 +24,8 @@ import numpy as np
 from altp2m_replay.errors import MemoryBudgetError, ReplayError
 
 ENV = "ALTP2M_REPLAY_MAX_MEMORY"
-NODE_BYTES = 512 * 8          # one p2m table: 512 int64 entries
-GROWTH = 2                    # a growing pool holds the old copy and the new one at once
+NODE_BYTES = 512 * 8  # one p2m table: 512 int64 entries
+GROWTH = 2  # a growing pool holds the old copy and the new one at once
 TRUSTED_STATS_BYTES = 64 << 20  # a host p2m sized from Parquet statistics past this: check first
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -35,7 +35,9 @@ def parse_size(text: str, where: str = "--max-memory") -> int:
     """``8G``, ``512M``, ``1.5GiB``, ``1073741824`` -> bytes (binary units)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))
     if m is None:
-        raise ReplayError(f"{where}: expected a size such as 8G, 512M or 1073741824, found {text!r}")
+        raise ReplayError(
+            f"{where}: expected a size such as 8G, 512M or 1073741824, found {text!r}"
+        )
     n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if n < 1 << 20:
         raise ReplayError(f"{where}: {text} is below 1 MiB; a replay needs more than that")
@@ -92,7 +94,8 @@ def ensure(extra: int, what: str) -> None:
     if extra > room():
         raise MemoryBudgetError(
             f"{what} needs {fmt(extra)} more, which takes the process past --max-memory "
-            f"{fmt(limit())} ({fmt(rss())} in use); raise --max-memory or shrink what asks for it")
+            f"{fmt(limit())} ({fmt(rss())} in use); raise --max-memory or shrink what asks for it"
+        )
 
 
 # --------------------------------------------------------------------------- p2m sizes
@@ -152,7 +155,7 @@ def write_4k_nodes(gfns: np.ndarray) -> int:
 # --------------------------------------------------------------------------- estimates
 @dataclass
 class Need:
-    what: str      # who asks, for the error message
+    what: str  # who asks, for the error message
     nbytes: int
 
 
@@ -161,8 +164,10 @@ def _ram_source(policy, facts, ram: np.ndarray) -> str:
         return f"{policy.source}: [domain] ram"
     if facts.meta_ram:
         return 'the trace metadata "ram"'
-    return (f"the trace's highest gfn {facts.max_gfn:#x} (no RAM metadata, so RAM is taken as "
-            f"{int(ram[0, 0]):#x}-{int(ram[-1, 1]):#x})")
+    return (
+        f"the trace's highest gfn {facts.max_gfn:#x} (no RAM metadata, so RAM is taken as "
+        f"{int(ram[0, 0]):#x}-{int(ram[-1, 1]):#x})"
+    )
 
 
 def estimate(policy, facts, rows: int, window: int | None = None, resolved=None) -> list[Need]:
@@ -177,8 +182,13 @@ def estimate(policy, facts, rows: int, window: int | None = None, resolved=None)
     ram, sels = resolved or resolve_all(policy, facts)
     leaves, nodes = host_need(ram, d.host_order)
     pages = range_count(ram)
-    needs = [Need(f"{_ram_source(policy, facts, ram)} ({pages:,} gfns of host RAM at page order "
-                  f"<= {d.host_order})", leaves * 32 + nodes * NODE_BYTES * GROWTH)]
+    needs = [
+        Need(
+            f"{_ram_source(policy, facts, ram)} ({pages:,} gfns of host RAM at page order "
+            f"<= {d.host_order})",
+            leaves * 32 + nodes * NODE_BYTES * GROWTH,
+        )
+    ]
     ram_now = ram
     for op in policy.setup:
         if op.gfns is None:
@@ -216,7 +226,8 @@ def check(needs: list[Need], label: str) -> None:
             raise MemoryBudgetError(
                 f"{label}needs about {fmt(whole)} before its first row, past --max-memory "
                 f"{fmt(limit())} ({fmt(rss())} in use): {n.what} asks for {fmt(n.nbytes)}; "
-                "raise --max-memory or shrink what asks for it")
+                "raise --max-memory or shrink what asks for it"
+            )
 
 
 def check_cell(policy, facts, rows: int, window: int | None, resolved=None) -> None:
@@ -233,6 +244,7 @@ def check_run(paths, policies, prepared: list, window: int | None) -> list:
     the run allocate for values the file does not hold.
     """
     from altp2m_replay import traces
+
     out = list(prepared)
     for i, (path, (stats, facts, checked)) in enumerate(zip(paths, out, strict=True)):
         per_policy = [estimate(p, facts, stats.rows, window) for p in policies]
@@ -244,6 +256,8 @@ def check_run(paths, policies, prepared: list, window: int | None) -> list:
             facts = dataclasses.replace(facts, max_gfn=stats.max_gfn, page_counts=stats.page_counts)
             out[i] = (stats, facts, True)
             per_policy = [estimate(p, facts, stats.rows, window) for p in policies]
-        check([n for needs in per_policy for n in needs],
-              f"{path}: replaying it under {len(policies)} polic{'y' if len(policies) == 1 else 'ies'} ")
+        check(
+            [n for needs in per_policy for n in needs],
+            f"{path}: replaying it under {len(policies)} polic{'y' if len(policies) == 1 else 'ies'} ",
+        )
     return out

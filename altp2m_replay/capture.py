@@ -11,6 +11,7 @@ metadata from the guest (its memory map, page-table pages, clocksource) and the 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import io
@@ -41,11 +42,15 @@ MARK_START, MARK_STOP = 0x41324D53, 0x41324D45  # displacements of the plugin's 
 MAX_MEMORY_MIB = 3072  # one low RAM block: the pc machine puts RAM above 3.5 GiB at 4 GiB
 TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "gcc": "gcc", "zstd": "zstd"}
 GUEST_TOOLS = {"apt-get": "apt", "dpkg-deb": "dpkg"}
-NOT_RECORDED = ("CR3 writes (op 2 control rows) and tsc: QEMU 7.2's plugin API has no register "
-                "reads (9.0 added them); hardware page-walk accesses, interrupt delivery, DMA, "
-                "port I/O")
-KERNEL_ARGS = ("console=ttyS0 quiet nokaslr clocksource=tsc tsc=reliable panic=-1 "
-               "oops=panic random.trust_cpu=on")
+NOT_RECORDED = (
+    "CR3 writes (op 2 control rows) and tsc: QEMU 7.2's plugin API has no register "
+    "reads (9.0 added them); hardware page-walk accesses, interrupt delivery, DMA, "
+    "port I/O"
+)
+KERNEL_ARGS = (
+    "console=ttyS0 quiet nokaslr clocksource=tsc tsc=reliable panic=-1 "
+    "oops=panic random.trust_cpu=on"
+)
 
 
 class CaptureError(ReplayError):
@@ -54,7 +59,9 @@ class CaptureError(ReplayError):
 
 def workloads() -> list[str]:
     """Names of the guest workloads (capture/guest/workloads/NAME.sh; _NAME.sh are helpers)."""
-    return sorted(p.stem for p in (GUEST_SRC / "workloads").glob("*.sh") if not p.stem.startswith("_"))
+    return sorted(
+        p.stem for p in (GUEST_SRC / "workloads").glob("*.sh") if not p.stem.startswith("_")
+    )
 
 
 def require_tools(tools: dict[str, str]) -> None:
@@ -63,16 +70,19 @@ def require_tools(tools: dict[str, str]) -> None:
     if missing:
         progs = ", ".join(t for t, _ in missing)
         pkgs = " ".join(dict.fromkeys(pkg for _, pkg in missing))
-        raise CaptureError(f"{progs} not found: trace capture needs it; install with "
-                           f"`apt-get install {pkgs}`")
+        raise CaptureError(
+            f"{progs} not found: trace capture needs it; install with `apt-get install {pkgs}`"
+        )
 
 
 def _run(cmd: list[str], what: str, cwd=None) -> str:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise CaptureError(f"{what} failed ({' '.join(cmd[:3])} ...): "
-                           f"{lines[-1] if lines else f'exit code {proc.returncode}'}")
+        raise CaptureError(
+            f"{what} failed ({' '.join(cmd[:3])} ...): "
+            f"{lines[-1] if lines else f'exit code {proc.returncode}'}"
+        )
     return proc.stdout
 
 
@@ -81,8 +91,10 @@ def qemu_version() -> tuple[int, int, str]:
     out = _run(["qemu-system-x86_64", "--version"], "qemu-system-x86_64 --version")
     m = re.search(r"version (\d+)\.(\d+)(\S*)", out)
     if not m:
-        raise CaptureError(f"qemu-system-x86_64 --version: expected \"version X.Y\", found "
-                           f"{out.splitlines()[0] if out else 'nothing'!r}")
+        raise CaptureError(
+            f'qemu-system-x86_64 --version: expected "version X.Y", found '
+            f"{out.splitlines()[0] if out else 'nothing'!r}"
+        )
     return int(m.group(1)), int(m.group(2)), f"{m.group(1)}.{m.group(2)}{m.group(3)}"
 
 
@@ -91,9 +103,11 @@ def build_plugin(build: Path = BUILD_DIR) -> Path:
     require_tools({"qemu-system-x86_64": "qemu-system-x86", "gcc": "gcc"})
     major, minor, full = qemu_version()
     if (major, minor) not in SUPPORTED_QEMU:
-        raise CaptureError(f"QEMU {full} is not supported: the capture plugin is written for "
-                           f"QEMU 7.2 (plugin API version 1, Debian 12); QEMU 9.0 and later "
-                           f"changed the API (register reads, insn data) and need a port")
+        raise CaptureError(
+            f"QEMU {full} is not supported: the capture plugin is written for "
+            f"QEMU 7.2 (plugin API version 1, Debian 12); QEMU 9.0 and later "
+            f"changed the API (register reads, insn data) and need a port"
+        )
     build.mkdir(parents=True, exist_ok=True)
     so = build / "altp2m_capture.so"
     stamp = build / "altp2m_capture.stamp"
@@ -101,9 +115,23 @@ def build_plugin(build: Path = BUILD_DIR) -> Path:
     if so.exists() and stamp.exists() and stamp.read_text() == key:
         return so
     tmp = build / f".altp2m_capture.{os.getpid()}.so"
-    _run(["gcc", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Werror",
-          f"-DCAP_QEMU_MAJOR={major}", f"-DCAP_QEMU_MINOR={minor}", "-o", str(tmp),
-          str(PLUGIN_SRC)], "building the capture plugin")
+    _run(
+        [
+            "gcc",
+            "-O2",
+            "-shared",
+            "-fPIC",
+            "-fvisibility=hidden",
+            "-Wall",
+            "-Werror",
+            f"-DCAP_QEMU_MAJOR={major}",
+            f"-DCAP_QEMU_MINOR={minor}",
+            "-o",
+            str(tmp),
+            str(PLUGIN_SRC),
+        ],
+        "building the capture plugin",
+    )
     os.replace(tmp, so)
     stamp.write_text(key)
     return so
@@ -112,16 +140,30 @@ def build_plugin(build: Path = BUILD_DIR) -> Path:
 # --------------------------------------------------------------------------- guest
 def marker_elf(displacement: int) -> bytes:
     """A minimal static x86-64 ELF executable: the 8-byte marker NOP, then exit(0)."""
-    code = (bytes([0x0F, 0x1F, 0x84, 0x00]) + struct.pack("<I", displacement)
-            + bytes([0xB8, 0x3C, 0, 0, 0,  # mov eax, 60 (exit)
-                     0x31, 0xFF,           # xor edi, edi
-                     0x0F, 0x05]))         # syscall
+    code = (
+        bytes([0x0F, 0x1F, 0x84, 0x00])
+        + struct.pack("<I", displacement)
+        + bytes(
+            [
+                0xB8,
+                0x3C,
+                0,
+                0,
+                0,  # mov eax, 60 (exit)
+                0x31,
+                0xFF,  # xor edi, edi
+                0x0F,
+                0x05,
+            ]
+        )
+    )  # syscall
     base, ehsize, phsize = 0x400000, 64, 56
     entry = base + ehsize + phsize
     size = ehsize + phsize + len(code)
     ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
-    ehdr = ident + struct.pack("<HHIQQQIHHHHHH", 2, 0x3E, 1, entry, ehsize, 0, 0, ehsize,
-                               phsize, 1, 0, 0, 0)
+    ehdr = ident + struct.pack(
+        "<HHIQQQIHHHHHH", 2, 0x3E, 1, entry, ehsize, 0, 0, ehsize, phsize, 1, 0, 0, 0
+    )
     phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)
     return ehdr + phdr + code
 
@@ -172,8 +214,11 @@ def _deb_member(deb: Path, pattern: str) -> tuple[str, bytes]:
 def _download(package: str, into: Path) -> Path:
     for old in into.glob(f"{package}_*.deb"):
         old.unlink()
-    _run(["apt-get", "download", package], f"apt-get download {package} "
-         f"(run apt-get update first if the package is unknown)", cwd=into)
+    _run(
+        ["apt-get", "download", package],
+        f"apt-get download {package} (run apt-get update first if the package is unknown)",
+        cwd=into,
+    )
     debs = sorted(into.glob(f"{package}_*.deb"))
     if not debs:
         raise CaptureError(f"apt-get download {package}: no .deb appeared in {into}")
@@ -205,23 +250,31 @@ def build_guest(build: Path = BUILD_DIR, echo=None) -> Guest:
             bdeb = _download("busybox-static", Path(tmp))
             _, vmlinuz = _deb_member(kdeb, r"boot/vmlinuz-.*")
             _, busybox = _deb_member(bdeb, r"bin/busybox")
-            versions = {d.name: _run(["dpkg-deb", "-f", str(d), "Package", "Version"], "dpkg-deb -f")
-                        for d in (kdeb, bdeb)}
+            versions = {
+                d.name: _run(["dpkg-deb", "-f", str(d), "Package", "Version"], "dpkg-deb -f")
+                for d in (kdeb, bdeb)
+            }
         kernel.write_bytes(vmlinuz)
         sysmap.unlink(missing_ok=True)
         (build / "busybox").write_bytes(busybox)
-        info = {k: " ".join(line.split(": ", 1)[1] for line in v.splitlines())
-                for k, v in zip(("kernel", "busybox"), versions.values(), strict=True)}
+        info = {
+            k: " ".join(line.split(": ", 1)[1] for line in v.splitlines())
+            for k, v in zip(("kernel", "busybox"), versions.values(), strict=True)
+        }
         info_path.write_text(json.dumps(info))
     entries = [(d, 0o040755, b"") for d in ("bin", "dev", "proc", "sys", "tmp", "workloads")]
-    entries += [("dev/console", 0o020600, b"5:1"),
-                ("bin/busybox", 0o100755, (build / "busybox").read_bytes()),
-                ("bin/sh", 0o120777, b"busybox"),
-                ("bin/a2m-start", 0o100755, marker_elf(MARK_START)),
-                ("bin/a2m-stop", 0o100755, marker_elf(MARK_STOP)),
-                ("init", 0o100755, (GUEST_SRC / "init").read_bytes())]
-    entries += [(f"workloads/{p.name}", 0o100644, p.read_bytes())
-                for p in sorted((GUEST_SRC / "workloads").glob("*.sh"))]
+    entries += [
+        ("dev/console", 0o020600, b"5:1"),
+        ("bin/busybox", 0o100755, (build / "busybox").read_bytes()),
+        ("bin/sh", 0o120777, b"busybox"),
+        ("bin/a2m-start", 0o100755, marker_elf(MARK_START)),
+        ("bin/a2m-stop", 0o100755, marker_elf(MARK_STOP)),
+        ("init", 0o100755, (GUEST_SRC / "init").read_bytes()),
+    ]
+    entries += [
+        (f"workloads/{p.name}", 0o100644, p.read_bytes())
+        for p in sorted((GUEST_SRC / "workloads").glob("*.sh"))
+    ]
     blob = gzip.compress(cpio_newc(entries), compresslevel=6, mtime=0)
     if not initrd.exists() or initrd.read_bytes() != blob:
         tmp = initrd.with_suffix(".tmp")
@@ -243,11 +296,15 @@ def _write_system_map(guest: Guest, echo=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         console = Path(tmp) / "console.txt"
         rc, _ = _run_qemu(qemu_command(guest, "_kallsyms", 1, 256, None, console), 600)
-        lines = [ln.split(" ", 2)[2] for ln in console.read_text(errors="replace").splitlines()
-                 if ln.startswith("A2M sym ")]
+        lines = [
+            ln.split(" ", 2)[2]
+            for ln in console.read_text(errors="replace").splitlines()
+            if ln.startswith("A2M sym ")
+        ]
     if rc != 0 or not lines:
-        raise CaptureError(f"reading the guest kernel's symbols failed (QEMU exit code {rc}, "
-                           f"{len(lines)} symbols)")
+        raise CaptureError(
+            f"reading the guest kernel's symbols failed (QEMU exit code {rc}, {len(lines)} symbols)"
+        )
     tmp = guest.system_map.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, guest.system_map)
@@ -342,14 +399,40 @@ class CaptureResult:
     end: str
 
 
-def qemu_command(guest: Guest, workload: str, vcpus: int, memory: int, plugin: str | None,
-                 console: Path, scale: int = 100) -> list[str]:
-    cmd = ["qemu-system-x86_64", "-accel", "tcg,thread=single", "-smp", str(vcpus),
-           "-m", f"{memory}M", "-object", f"memory-backend-memfd,id=ram0,size={memory}M",
-           "-machine", "pc,memory-backend=ram0", "-nodefaults", "-display", "none",
-           "-no-reboot", "-serial", f"file:{console}",
-           "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
-           "-append", f"{KERNEL_ARGS} a2m.workload={workload} a2m.scale={scale}"]
+def qemu_command(
+    guest: Guest,
+    workload: str,
+    vcpus: int,
+    memory: int,
+    plugin: str | None,
+    console: Path,
+    scale: int = 100,
+) -> list[str]:
+    cmd = [
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg,thread=single",
+        "-smp",
+        str(vcpus),
+        "-m",
+        f"{memory}M",
+        "-object",
+        f"memory-backend-memfd,id=ram0,size={memory}M",
+        "-machine",
+        "pc,memory-backend=ram0",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        f"file:{console}",
+        "-kernel",
+        str(guest.kernel),
+        "-initrd",
+        str(guest.initrd),
+        "-append",
+        f"{KERNEL_ARGS} a2m.workload={workload} a2m.scale={scale}",
+    ]
     if plugin:
         cmd += ["-plugin", plugin]
     return cmd
@@ -359,20 +442,29 @@ def _check_args(workload: str, vcpus: int, memory: int) -> None:
     if workload not in workloads():
         from altp2m_replay.errors import did_you_mean
 
-        raise CaptureError(f'unknown workload "{workload}"{did_you_mean(workload, workloads())}; '
-                           f"expected one of {', '.join(workloads())}")
+        raise CaptureError(
+            f'unknown workload "{workload}"{did_you_mean(workload, workloads())}; '
+            f"expected one of {', '.join(workloads())}"
+        )
     if not 1 <= vcpus <= 64:
         raise CaptureError(f"--vcpus must be in 1..64, found {vcpus}")
     if not 64 <= memory <= MAX_MEMORY_MIB:
         raise CaptureError(f"--memory must be in 64..{MAX_MEMORY_MIB} MiB, found {memory}")
 
 
-def _run_qemu(cmd: list[str], timeout: float, on_line=None, pass_fds=(),
-              tick=None) -> tuple[int, list[str]]:
+def _run_qemu(
+    cmd: list[str], timeout: float, on_line=None, pass_fds=(), tick=None
+) -> tuple[int, list[str]]:
     """Run QEMU, collecting its stderr lines (the plugin's messages); kill it at the timeout.
     ``tick()`` is called about twice a second while it runs."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, pass_fds=pass_fds)
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        pass_fds=pass_fds,
+    )
     lines: list[str] = []
 
     def pump():
@@ -402,8 +494,10 @@ def _run_qemu(cmd: list[str], timeout: float, on_line=None, pass_fds=(),
             proc.kill()
             proc.wait()
         t.join(5)
-        raise CaptureError(f"the guest did not power off within {timeout:.0f} s (QEMU stopped); "
-                           f"last messages: {' | '.join(lines[-3:]) or 'none'}") from None
+        raise CaptureError(
+            f"the guest did not power off within {timeout:.0f} s (QEMU stopped); "
+            f"last messages: {' | '.join(lines[-3:]) or 'none'}"
+        ) from None
     except BaseException:
         proc.kill()
         proc.wait()
@@ -412,9 +506,18 @@ def _run_qemu(cmd: list[str], timeout: float, on_line=None, pass_fds=(),
     return rc, lines
 
 
-def capture(workload: str, output, vcpus: int = 2, memory: int = 256, rows: int | None = None,
-            timeout: float = 1800, echo=None, progress=None, keep_raw=None,
-            scale: int = 100) -> CaptureResult:
+def capture(
+    workload: str,
+    output,
+    vcpus: int = 2,
+    memory: int = 256,
+    rows: int | None = None,
+    timeout: float = 1800,
+    echo=None,
+    progress=None,
+    keep_raw=None,
+    scale: int = 100,
+) -> CaptureResult:
     """Boot the guest under QEMU with the plugin, run ``workload`` between the markers, and
     import the window into a trace at ``output`` (written atomically); ``keep_raw`` keeps
     the zstd record stream there (for `trace import qemu-capture`); ``scale`` sizes the
@@ -429,18 +532,20 @@ def capture(workload: str, output, vcpus: int = 2, memory: int = 256, rows: int 
     output = Path(output)
     if echo:
         echo(f"capture: QEMU {qemu_full} cannot record {NOT_RECORDED}")
-    with tempfile.TemporaryDirectory(prefix=".capture-", dir=output.parent if output.parent.is_dir() else None) as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix=".capture-", dir=output.parent if output.parent.is_dir() else None
+    ) as tmp:
         raw, console = Path(tmp) / "stream.zst", Path(tmp) / "console.txt"
         # The plugin writes into a pipe whose write end QEMU inherits; zstd compresses on the
         # other core, so the raw stream never reaches the disk.
         rfd, wfd = os.pipe()
-        try:  # a 1 MiB pipe (the default ceiling for users): fewer switches to zstd, ~25 % faster
+        # a 1 MiB pipe (the default ceiling for users): fewer switches to zstd, ~25 % faster
+        with contextlib.suppress(OSError):
             fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, 1 << 20)
-        except OSError:
-            pass
         with open(raw, "wb") as raw_fh:
-            zstd = subprocess.Popen(["zstd", "-q", "-1", "-T1", "-c"], stdin=rfd, stdout=raw_fh,
-                                    stderr=subprocess.PIPE)
+            zstd = subprocess.Popen(
+                ["zstd", "-q", "-1", "-T1", "-c"], stdin=rfd, stdout=raw_fh, stderr=subprocess.PIPE
+            )
         os.close(rfd)
         arg = f"{plugin},out=/dev/fd/{wfd}" + (f",rows={rows}" if rows else "")
         times: dict[str, float] = {}
@@ -461,47 +566,75 @@ def capture(workload: str, output, vcpus: int = 2, memory: int = 256, rows: int 
         def tick() -> None:  # the progress line while QEMU runs (terminal only)
             if progress is None:
                 return
-            state = ("recording" if "open" in times and "close" not in times
-                     else "recorded" if "close" in times else "booting")
-            progress.stream.write(f"\rcapture {workload}: {state}, {time.perf_counter() - t_start:.0f} s, "
-                                  f"{raw.stat().st_size / 1e6:,.1f} MB of zstd records   ")
+            state = (
+                "recording"
+                if "open" in times and "close" not in times
+                else "recorded"
+                if "close" in times
+                else "booting"
+            )
+            progress.stream.write(
+                f"\rcapture {workload}: {state}, {time.perf_counter() - t_start:.0f} s, "
+                f"{raw.stat().st_size / 1e6:,.1f} MB of zstd records   "
+            )
             progress.stream.flush()
 
         try:
-            rc, lines = _run_qemu(qemu_command(guest, workload, vcpus, memory, arg, console, scale),
-                                  timeout, on_line, pass_fds=(wfd,), tick=tick)
+            rc, lines = _run_qemu(
+                qemu_command(guest, workload, vcpus, memory, arg, console, scale),
+                timeout,
+                on_line,
+                pass_fds=(wfd,),
+                tick=tick,
+            )
             if progress is not None:
                 progress.stream.write("\n")
         finally:
             os.close(wfd)
             zerr = zstd.communicate()[1].decode(errors="replace").strip()
         report = parse_console(console.read_text(errors="replace") if console.exists() else "")
-        plugin_errors = [ln for ln in lines if ln.startswith("altp2m-capture:")
-                         and "window" not in ln]
+        plugin_errors = [
+            ln for ln in lines if ln.startswith("altp2m-capture:") and "window" not in ln
+        ]
         if rc != 0 or "close" not in times:
-            why = (report.error or " | ".join(plugin_errors + [ln for ln in lines if ln][-2:])
-                   or f"QEMU exit code {rc}")
+            why = (
+                report.error
+                or " | ".join(plugin_errors + [ln for ln in lines if ln][-2:])
+                or f"QEMU exit code {rc}"
+            )
             raise CaptureError(f"capture of {workload} failed: {why}")
         if zstd.returncode != 0:
             raise CaptureError(f"zstd failed while compressing the stream: {zerr}")
         symbols, text = read_system_map(guest.system_map)
         gfn_sets = {}
         if text:
-            gfn_sets["kernel_code"] = [[(text[0] - KERNEL_TEXT_BASE) >> 12,
-                                        (text[1] - 1 - KERNEL_TEXT_BASE) >> 12]]
+            gfn_sets["kernel_code"] = [
+                [(text[0] - KERNEL_TEXT_BASE) >> 12, (text[1] - 1 - KERNEL_TEXT_BASE) >> 12]
+            ]
         if report.page_tables:
             from altp2m_replay.importers import _merge_ranges
 
             gfn_sets["page_tables"] = _merge_ranges([list(r) for r in report.page_tables])
-        source = (f"qemu-capture: QEMU {qemu_full} TCG (thread=single), {vcpus} vCPUs, "
-                  f"{memory} MiB; kernel {report.kernel or guest.kernel_package} "
-                  f"({guest.kernel_package}), {guest.busybox_package}; workload {workload}; "
-                  f"clocksource {report.clocksource or 'unknown'}; nokaslr")
-        meta = {"source": source, "vcpus": vcpus, "gfn_sets": gfn_sets,
-                "processes": {},  # CR3 values need QEMU >= 9.0 register reads
-                "not_recorded": NOT_RECORDED,
-                "guest": {"clocksource": report.clocksource, "kernel": report.kernel,
-                          "workload": workload, "memory_mib": memory, "row_limit": rows}}
+        source = (
+            f"qemu-capture: QEMU {qemu_full} TCG (thread=single), {vcpus} vCPUs, "
+            f"{memory} MiB; kernel {report.kernel or guest.kernel_package} "
+            f"({guest.kernel_package}), {guest.busybox_package}; workload {workload}; "
+            f"clocksource {report.clocksource or 'unknown'}; nokaslr"
+        )
+        meta = {
+            "source": source,
+            "vcpus": vcpus,
+            "gfn_sets": gfn_sets,
+            "processes": {},  # CR3 values need QEMU >= 9.0 register reads
+            "not_recorded": NOT_RECORDED,
+            "guest": {
+                "clocksource": report.clocksource,
+                "kernel": report.kernel,
+                "workload": workload,
+                "memory_mib": memory,
+                "row_limit": rows,
+            },
+        }
         ram = ram_ranges(report.memmap)
         if ram:
             meta["ram"] = ram
@@ -510,8 +643,14 @@ def capture(workload: str, output, vcpus: int = 2, memory: int = 256, rows: int 
         if progress is not None:
             progress.start(recorded[0])
         t0 = time.perf_counter()
-        n = import_qemu_capture(raw, output, symbols=symbols, meta=meta,
-                                ram_pages=(memory << 8) + (1 << 18), progress=progress)
+        n = import_qemu_capture(
+            raw,
+            output,
+            symbols=symbols,
+            meta=meta,
+            ram_pages=(memory << 8) + (1 << 18),
+            progress=progress,
+        )
         if progress is not None:
             progress.done()
         import_s = time.perf_counter() - t0
@@ -519,33 +658,42 @@ def capture(workload: str, output, vcpus: int = 2, memory: int = 256, rows: int 
             shutil.move(raw, keep_raw)
             raw = Path(keep_raw)
         win = report.window
-        return CaptureResult(rows=n, output=output, raw_bytes=raw.stat().st_size,
-                             window_seconds=times["close"] - times["open"],
-                             guest_window_seconds=(win[1] - win[0]) if win else None,
-                             import_seconds=import_s, clocksource=report.clocksource,
-                             end="row limit" if rows and n >= rows else "stop marker")
+        return CaptureResult(
+            rows=n,
+            output=output,
+            raw_bytes=raw.stat().st_size,
+            window_seconds=times["close"] - times["open"],
+            guest_window_seconds=(win[1] - win[0]) if win else None,
+            import_seconds=import_s,
+            clocksource=report.clocksource,
+            end="row limit" if rows and n >= rows else "stop marker",
+        )
 
 
 def summary_text(res: CaptureResult) -> str:
     """The line `trace capture` prints."""
     guest = f", guest clock {res.guest_window_seconds:.2f} s" if res.guest_window_seconds else ""
-    return (f"wrote {res.output}: {res.rows:,} rows ({res.end}); recorded in "
-            f"{res.window_seconds:.2f} s ({res.rows / max(res.window_seconds, 1e-9) / 1e6:.1f} M rows/s"
-            f"{guest}), {res.raw_bytes / 1e6:.1f} MB of zstd records, imported in "
-            f"{res.import_seconds:.2f} s ({res.rows / max(res.import_seconds, 1e-9) / 1e6:.1f} M rows/s); "
-            f"clocksource {res.clocksource or 'unknown'}")
+    return (
+        f"wrote {res.output}: {res.rows:,} rows ({res.end}); recorded in "
+        f"{res.window_seconds:.2f} s ({res.rows / max(res.window_seconds, 1e-9) / 1e6:.1f} M rows/s"
+        f"{guest}), {res.raw_bytes / 1e6:.1f} MB of zstd records, imported in "
+        f"{res.import_seconds:.2f} s ({res.rows / max(res.import_seconds, 1e-9) / 1e6:.1f} M rows/s); "
+        f"clocksource {res.clocksource or 'unknown'}"
+    )
 
 
-def plain_run(workload: str, vcpus: int = 2, memory: int = 256, timeout: float = 1800,
-              scale: int = 100) -> GuestReport:
+def plain_run(
+    workload: str, vcpus: int = 2, memory: int = 256, timeout: float = 1800, scale: int = 100
+) -> GuestReport:
     """Run the workload without the plugin (for the slowdown figure): the guest's report."""
     _check_args(workload, vcpus, memory)
     require_tools({"qemu-system-x86_64": "qemu-system-x86"})
     guest = build_guest()
     with tempfile.TemporaryDirectory() as tmp:
         console = Path(tmp) / "console.txt"
-        rc, lines = _run_qemu(qemu_command(guest, workload, vcpus, memory, None, console, scale),
-                              timeout)
+        rc, _lines = _run_qemu(
+            qemu_command(guest, workload, vcpus, memory, None, console, scale), timeout
+        )
         report = parse_console(console.read_text(errors="replace"))
     if rc != 0 or not report.done:
         raise CaptureError(f"plain run of {workload} failed: QEMU exit code {rc}")

@@ -53,13 +53,20 @@ def coverage_gaps(p: Policy) -> tuple[list[str], list[str]]:
             sync = [a for a in accesses if a != "n2rwx" and not (a == "rx2rw" and kind == "w")]
             if all(_PERMITS[a] >> bit & 1 for a in sync):
                 continue
-            matching = [r for r in p.rules if (r.view is None or r.view == view)
-                        and (r.kinds is None or kind in r.kinds)]
+            matching = [
+                r
+                for r in p.rules
+                if (r.view is None or r.view == view) and (r.kinds is None or kind in r.kinds)
+            ]
             label = f"a {kind!r} violation in view {p.view_name(view)!r}"
             if not matching:
-                errors.append(f"{label} matches no [[on_violation]] rule (add one, or a final catch-all)")
+                errors.append(
+                    f"{label} matches no [[on_violation]] rule (add one, or a final catch-all)"
+                )
             elif all(r.gfns is not None for r in matching):
-                warnings.append(f"{label} is only covered for some gfns; a violation elsewhere stops the replay")
+                warnings.append(
+                    f"{label} is only covered for some gfns; a violation elsewhere stops the replay"
+                )
     return errors, warnings
 
 
@@ -72,11 +79,15 @@ def check_policy(ref: str, trace_path: str | None = None) -> CheckReport:
     if errors:
         raise PolicyError(f"{p.source}: {errors[0]}")
     report = CheckReport(p, warnings)
-    lines = [f"{p.name}: ok ({p.source})",
-             "  views: 0 (view 0)" + "".join(f", {v.index} ({v.name}, {v.default_access})" for v in p.views)
-             if p.domain.altp2m else "  altp2m off: vCPUs walk the host p2m",
-             f"  setup ops: {len(p.setup)}, rules: {len(p.rules)}, #VE agent: "
-             + (p.on_ve.action if p.on_ve else "none")]
+    lines = [
+        f"{p.name}: ok ({p.source})",
+        "  views: 0 (view 0)"
+        + "".join(f", {v.index} ({v.name}, {v.default_access})" for v in p.views)
+        if p.domain.altp2m
+        else "  altp2m off: vCPUs walk the host p2m",
+        f"  setup ops: {len(p.setup)}, rules: {len(p.rules)}, #VE agent: "
+        + (p.on_ve.action if p.on_ve else "none"),
+    ]
     if trace_path is None:
         report.warnings += setup_warnings(p)
     else:
@@ -86,9 +97,13 @@ def check_policy(ref: str, trace_path: str | None = None) -> CheckReport:
         rep = Replayer(p, facts, stats.vcpus, stats.rows)
         report.warnings += rep.warnings
         res = rep.finish()
-        lines.append(f"  setup on {trace_name(Path(trace_path))}: RAM {int((rep.ram[:, 1] - rep.ram[:, 0] + 1).sum()):,} pages, "
-                     f"setup_splits {res.total['setup_splits']:,}, setup_skipped {res.total['setup_skipped']:,}")
+        lines.append(
+            f"  setup on {trace_name(Path(trace_path))}: RAM {int((rep.ram[:, 1] - rep.ram[:, 0] + 1).sum()):,} pages, "
+            f"setup_splits {res.total['setup_splits']:,}, setup_skipped {res.total['setup_skipped']:,}"
+        )
         for view, row in res.views.items():
-            lines.append(f"    view {view} ({p.view_name(view)}): {row['pages_mapped']:,} pages mapped after setup")
+            lines.append(
+                f"    view {view} ({p.view_name(view)}): {row['pages_mapped']:,} pages mapped after setup"
+            )
     report.summary = "\n".join(lines)
     return report

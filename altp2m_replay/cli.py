@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import ClassVar
 
 import click
 
@@ -32,7 +33,11 @@ class _Group(click.Group):
         except (OSError, MemoryError) as exc:
             # a path that is not a folder, no permission, a full disk, not enough memory
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
+            reason = (
+                exc.strerror
+                if isinstance(exc, OSError) and exc.strerror
+                else (str(exc) or type(exc).__name__)
+            )
             _fail(f"{where}{reason}", 2)
         except RecursionError:  # readers catch it and name the file; this is the backstop
             _fail("input nested too deeply to read", 2)
@@ -41,7 +46,7 @@ class _Group(click.Group):
 class _Root(_Group):
     """The top-level group: also makes Click's usage errors one ``Error:`` line (SPEC §12)."""
 
-    invoked_args: list[str] = []
+    invoked_args: ClassVar[list[str]] = []
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = list(sys.argv[1:] if args is None else args)
@@ -138,11 +143,18 @@ def trace_generate(workload, rows, seed, vcpus, output):
 
 
 @trace.command("import")
-@click.argument("fmt", metavar="FORMAT", type=click.Choice(["lackey", "qemu-mem", "csv", "qemu-capture"]))
+@click.argument(
+    "fmt", metavar="FORMAT", type=click.Choice(["lackey", "qemu-mem", "csv", "qemu-capture"])
+)
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
-@click.option("--base-gfn", type=_GFN, default="0x1000", show_default=True,
-              help="First gfn of the first-touch page allocator (decimal or 0x hex).")
+@click.option(
+    "--base-gfn",
+    type=_GFN,
+    default="0x1000",
+    show_default=True,
+    help="First gfn of the first-touch page allocator (decimal or 0x hex).",
+)
 def trace_import(fmt, input_path, output, base_gfn):
     """Convert INPUT in FORMAT into a trace Parquet file."""
     from altp2m_replay import importers
@@ -155,11 +167,21 @@ def trace_import(fmt, input_path, output, base_gfn):
 @click.argument("workload")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 @click.option("--vcpus", type=int, default=2, show_default=True, help="Guest vCPUs (1..64).")
-@click.option("--memory", type=int, default=256, show_default=True, help="Guest RAM in MiB (64..3072).")
-@click.option("--rows", type=click.IntRange(min=1), default=None,
-              help="Stop recording at the first instruction boundary after this many rows.")
-@click.option("--keep-raw", type=click.Path(dir_okay=False), default=None,
-              help="Also keep the plugin's zstd record stream in this file.")
+@click.option(
+    "--memory", type=int, default=256, show_default=True, help="Guest RAM in MiB (64..3072)."
+)
+@click.option(
+    "--rows",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop recording at the first instruction boundary after this many rows.",
+)
+@click.option(
+    "--keep-raw",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also keep the plugin's zstd record stream in this file.",
+)
 def trace_capture(workload, output, vcpus, memory, rows, keep_raw):
     """Record WORKLOAD in a Linux guest under QEMU TCG into a trace (see `make guest`).
 
@@ -175,39 +197,93 @@ def trace_capture(workload, output, vcpus, memory, rows, keep_raw):
     progress = Progress.for_terminal()
     if progress is not None:
         progress.label = "import"
-    res = capture.capture(workload, output, vcpus=vcpus, memory=memory, rows=rows,
-                          echo=lambda m: click.echo(m, err=True), progress=progress,
-                          keep_raw=keep_raw)
+    res = capture.capture(
+        workload,
+        output,
+        vcpus=vcpus,
+        memory=memory,
+        rows=rows,
+        echo=lambda m: click.echo(m, err=True),
+        progress=progress,
+        keep_raw=keep_raw,
+    )
     click.echo(capture.summary_text(res))
 
 
 # --------------------------------------------------------------------------- replay
 @main.command()
 @click.argument("traces", nargs=-1, required=True, metavar="TRACE_OR_DIR...")
-@click.option("-p", "--policy", "policies", multiple=True, required=True,
-              help="Policy file or built-in name (repeatable).")
-@click.option("-o", "--output", "out_dir", default="reports/latest", show_default=True,
-              type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--cost", "costs", multiple=True, metavar="KEY=VALUE", help="Override one cost (repeatable).")
+@click.option(
+    "-p",
+    "--policy",
+    "policies",
+    multiple=True,
+    required=True,
+    help="Policy file or built-in name (repeatable).",
+)
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    default="reports/latest",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output folder.",
+)
+@click.option(
+    "--cost", "costs", multiple=True, metavar="KEY=VALUE", help="Override one cost (repeatable)."
+)
 @click.option("--profile", default=None, help="Cost profile: xen-dom0 (default) or polling-agent.")
-@click.option("--window", type=click.IntRange(min=1), default=None,
-              help="Timeline window in rows (default: rows / 256).")
-@click.option("--jobs", type=click.IntRange(min=1), default=None,
-              help="Local processes, each replaying whole traces (default: number of cores, "
-                   "at most one per trace). More jobs than traces also splits each trace's "
-                   "policies over processes, each decoding the trace.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Threads per process replaying a trace's policies side by side on one "
-                   "decode (default: number of cores / processes in use). Cores used: about "
-                   "jobs x threads.")
-@click.option("--scheduler", default=None, metavar="ADDRESS",
-              help="Run cells on an existing Dask cluster (tcp://HOST:PORT).")
+@click.option(
+    "--window",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Timeline window in rows (default: rows / 256).",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Local processes, each replaying whole traces (default: number of cores, "
+    "at most one per trace). More jobs than traces also splits each trace's "
+    "policies over processes, each decoding the trace.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads per process replaying a trace's policies side by side on one "
+    "decode (default: number of cores / processes in use). Cores used: about "
+    "jobs x threads.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="Run cells on an existing Dask cluster (tcp://HOST:PORT).",
+)
 @click.option("--resume", is_flag=True, help="Skip cells already finished in the output folder.")
 @click.option("--no-html", is_flag=True, help="Skip report.html.")
-@click.option("--max-memory", default=None, metavar="SIZE",
-              help="Memory budget of each process, such as 8G or 512M (default: half the RAM).")
-def replay(traces, policies, out_dir, costs, profile, window, jobs, threads, scheduler, resume,
-           no_html, max_memory):
+@click.option(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    help="Memory budget of each process, such as 8G or 512M (default: half the RAM).",
+)
+def replay(
+    traces,
+    policies,
+    out_dir,
+    costs,
+    profile,
+    window,
+    jobs,
+    threads,
+    scheduler,
+    resume,
+    no_html,
+    max_memory,
+):
     """Replay every TRACE (file, or folder of .parquet) under every POLICY.
 
     Each trace is decoded once for all its policies. Traces run in --jobs processes; within
@@ -222,16 +298,29 @@ def replay(traces, policies, out_dir, costs, profile, window, jobs, threads, sch
         budget.set_limit(budget.parse_size(max_memory))
 
     overrides = cost_mod.parse_cost_options(costs)
-    manifest = run.replay(traces, policies, out_dir, cost_overrides=overrides, profile=profile,
-                          window=window, jobs=jobs, threads=threads, scheduler=scheduler, resume=resume,
-                          html=not no_html, progress=Progress.for_terminal(),
-                          warn=lambda m: click.echo(f"warning: {m}", err=True),
-                          note=lambda m: click.echo(f"note: {m}", err=True),
-                          command="altp2m-replay " + " ".join(_Root.invoked_args))
+    manifest = run.replay(
+        traces,
+        policies,
+        out_dir,
+        cost_overrides=overrides,
+        profile=profile,
+        window=window,
+        jobs=jobs,
+        threads=threads,
+        scheduler=scheduler,
+        resume=resume,
+        html=not no_html,
+        progress=Progress.for_terminal(),
+        warn=lambda m: click.echo(f"warning: {m}", err=True),
+        note=lambda m: click.echo(f"note: {m}", err=True),
+        command="altp2m-replay " + " ".join(_Root.invoked_args),
+    )
     cells = manifest["cells"]
     rate = manifest["timings"]["records_per_second"]
-    click.echo(f"{len(cells)} cells, {sum(c['records'] for c in cells):,} records "
-               f"in {manifest['timings']['seconds']:.2f} s ({rate or 0:,} records/s) -> {out_dir}")
+    click.echo(
+        f"{len(cells)} cells, {sum(c['records'] for c in cells):,} records "
+        f"in {manifest['timings']['seconds']:.2f} s ({rate or 0:,} records/s) -> {out_dir}"
+    )
     for c in cells:
         for w in c["warnings"]:
             click.echo(f"warning: {c['trace']} x {c['policy']}: {w}", err=True)
@@ -243,17 +332,37 @@ def replay(traces, policies, out_dir, costs, profile, window, jobs, threads, sch
 @click.option("--vcpus", type=click.IntRange(1, 4096), default=4, show_default=True)
 @click.option("-p", "--policy", default="xen-access-altp2m-write", show_default=True)
 @click.option("--workload", default="kernel", show_default=True)
-@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Passes per figure; the best is reported.")
-@click.option("--threads", type=click.IntRange(min=0), default=None,
-              help="Threads of the side-by-side figure (default: number of cores; 0 skips it).")
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Passes per figure; the best is reported.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Threads of the side-by-side figure (default: number of cores; 0 skips it).",
+)
 def bench(rows, vcpus, policy, workload, rounds, threads):
     """Replay throughput (SPEC §13): bare scan, kernel and end-to-end rows/s, and every
     built-in policy side by side versus one after the other."""
     from altp2m_replay.bench import format_bench, run_bench
 
-    click.echo(format_bench(run_bench(rows, vcpus, policy, workload, rounds=rounds, threads=threads,
-                                      echo=lambda m: click.echo(m, err=True))))
+    click.echo(
+        format_bench(
+            run_bench(
+                rows,
+                vcpus,
+                policy,
+                workload,
+                rounds=rounds,
+                threads=threads,
+                echo=lambda m: click.echo(m, err=True),
+            )
+        )
+    )
 
 
 # --------------------------------------------------------------------------- policy
@@ -284,8 +393,13 @@ def policy_show(name):
 
 @policy.command("check")
 @click.argument("ref", metavar="FILE_OR_NAME")
-@click.option("--trace", "trace_path", type=click.Path(dir_okay=False), default=None,
-              help="Resolve trace-dependent gfn selectors and run setup against this trace.")
+@click.option(
+    "--trace",
+    "trace_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Resolve trace-dependent gfn selectors and run setup against this trace.",
+)
 def policy_check(ref, trace_path):
     """Check a policy; with --trace also run its setup on that trace's RAM."""
     from altp2m_replay import checks
@@ -309,13 +423,29 @@ def report_cmd(out_dir):
 @main.command("compare")
 @click.argument("base_dir", type=click.Path())
 @click.argument("new_dir", type=click.Path())
-@click.option("--metric", "metrics", multiple=True, metavar="NAME",
-              help="Numeric summary column to gate on (repeatable; default: cycles_total, "
-                   "ept_exits, vm_events).")
-@click.option("--max-increase", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              metavar="PCT", help="Allowed growth in percent before the gate fails.")
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text",
-              show_default=True)
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    metavar="NAME",
+    help="Numeric summary column to gate on (repeatable; default: cycles_total, "
+    "ept_exits, vm_events).",
+)
+@click.option(
+    "--max-increase",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    metavar="PCT",
+    help="Allowed growth in percent before the gate fails.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "markdown", "json"]),
+    default="text",
+    show_default=True,
+)
 def compare_cmd(base_dir, new_dir, metrics, max_increase, fmt):
     """CI gate: compare two replay outputs; exit 1 when a metric grew past the threshold."""
     from altp2m_replay.compare import compare
@@ -324,6 +454,8 @@ def compare_cmd(base_dir, new_dir, metrics, max_increase, fmt):
     text, failed = compare(base_dir, new_dir, metrics, max_increase, fmt)
     click.echo(text)
     if failed:
-        raise GateFailed(f"{new_dir}: a metric grew more than {max_increase:g}% over {base_dir}, "
-                         f"has no usable value (null, NaN, infinite), or a cell of {base_dir} "
-                         f"is missing (see above)")
+        raise GateFailed(
+            f"{new_dir}: a metric grew more than {max_increase:g}% over {base_dir}, "
+            f"has no usable value (null, NaN, infinite), or a cell of {base_dir} "
+            f"is missing (see above)"
+        )

@@ -86,8 +86,10 @@ def _load(path) -> tuple[Path, pl.DataFrame]:
     dup = df.group_by(list(KEY)).len().filter(pl.col("len") > 1).sort(list(KEY))
     if dup.height:
         t, p, v = dup.row(0)[:3]
-        raise OutputError(f"{d / 'summary.parquet'}: cell trace={t!r} policy={p!r} vcpu={v} "
-                          f"appears {dup.row(0)[3]} times; expected one row per cell")
+        raise OutputError(
+            f"{d / 'summary.parquet'}: cell trace={t!r} policy={p!r} vcpu={v} "
+            f"appears {dup.row(0)[3]} times; expected one row per cell"
+        )
     return d, df
 
 
@@ -95,16 +97,19 @@ def _numeric(df: pl.DataFrame) -> list[str]:
     return [c for c, t in df.schema.items() if t.is_numeric() and c not in KEY]
 
 
-def _check_metrics(metrics, base: pl.DataFrame, new: pl.DataFrame, base_path, new_path
-                   ) -> list[str]:
+def _check_metrics(
+    metrics, base: pl.DataFrame, new: pl.DataFrame, base_path, new_path
+) -> list[str]:
     metrics = list(dict.fromkeys(metrics or DEFAULT_METRICS))
     for df, path in ((base, base_path), (new, new_path)):
         numeric = _numeric(df)
         for m in metrics:
             if m not in numeric:
                 what = "not a numeric column" if m in df.columns else "no such column"
-                raise OutputError(f'--metric "{m}": {what} in {path / "summary.parquet"}'
-                                  f"{did_you_mean(m, numeric)}")
+                raise OutputError(
+                    f'--metric "{m}": {what} in {path / "summary.parquet"}'
+                    f"{did_you_mean(m, numeric)}"
+                )
     return metrics
 
 
@@ -141,8 +146,11 @@ def judge(metric: str, base, new, max_increase: float) -> Change:
 
 def compare_dirs(base_dir, new_dir, metrics=(), max_increase: float = 0.0) -> Comparison:
     """Match the two summaries by (trace, policy, vcpu) and judge every metric."""
-    if not isinstance(max_increase, (int, float)) or not max_increase >= 0 \
-            or math.isinf(max_increase):
+    if (
+        not isinstance(max_increase, (int, float))
+        or not max_increase >= 0
+        or math.isinf(max_increase)
+    ):
         raise OutputError(f"--max-increase: expected a percentage >= 0, found {max_increase!r}")
     base_path, base = _load(base_dir)
     new_path, new = _load(new_dir)
@@ -156,14 +164,21 @@ def compare_dirs(base_dir, new_dir, metrics=(), max_increase: float = 0.0) -> Co
 
     common = sorted(b.keys() & n.keys(), key=order)
     if not common:
-        raise OutputError(f"{base_dir} and {new_dir} share no (trace, policy, vcpu) cell; "
-                          f"nothing to compare")
-    out = Comparison(str(base_dir), str(new_dir), metrics, float(max_increase),
-                     missing=sorted(b.keys() - n.keys(), key=order),
-                     added=sorted(n.keys() - b.keys(), key=order))
+        raise OutputError(
+            f"{base_dir} and {new_dir} share no (trace, policy, vcpu) cell; nothing to compare"
+        )
+    out = Comparison(
+        str(base_dir),
+        str(new_dir),
+        metrics,
+        float(max_increase),
+        missing=sorted(b.keys() - n.keys(), key=order),
+        added=sorted(n.keys() - b.keys(), key=order),
+    )
     for k in common:
-        changes = [judge(m, bv, nv, max_increase)
-                   for m, bv, nv in zip(metrics, b[k], n[k], strict=True)]
+        changes = [
+            judge(m, bv, nv, max_increase) for m, bv, nv in zip(metrics, b[k], n[k], strict=True)
+        ]
         out.cells.append(Cell(k[0], k[1], k[2], changes))
     return out
 
@@ -206,14 +221,18 @@ def _verdict(c: Comparison) -> str:
     if c.failed:
         parts = []
         if counts["grew"]:
-            parts.append(f"{counts['grew']} value{'s' if counts['grew'] != 1 else ''} "
-                         f"grew past {pct}")
+            parts.append(
+                f"{counts['grew']} value{'s' if counts['grew'] != 1 else ''} grew past {pct}"
+            )
         if counts["invalid"]:
-            parts.append(f"{counts['invalid']} value{'s' if counts['invalid'] != 1 else ''} "
-                         f"null, NaN or infinite in new")
+            parts.append(
+                f"{counts['invalid']} value{'s' if counts['invalid'] != 1 else ''} "
+                f"null, NaN or infinite in new"
+            )
         if c.missing:
-            parts.append(f"{len(c.missing)} cell{'s' if len(c.missing) != 1 else ''} "
-                         f"missing from new")
+            parts.append(
+                f"{len(c.missing)} cell{'s' if len(c.missing) != 1 else ''} missing from new"
+            )
         return f"FAIL: {'; '.join(parts)} ({n})"
     seen = [f"{counts[s]} {s}" for s in ("improved", "equal", "increased", "n/a") if counts[s]]
     return f"PASS: no metric grew past {pct} ({n}: {', '.join(seen)})"
@@ -224,8 +243,19 @@ def _rows(c: Comparison) -> list[list[str]]:
     for cell in c.cells:
         for ch in cell.changes:
             change = "" if ch.change is None else _signed(ch.change)
-            rows.append([cell.trace, cell.policy, _vcpu(cell.vcpu), ch.metric, _num(ch.base),
-                         _num(ch.new), change, _pct(ch), ch.status])
+            rows.append(
+                [
+                    cell.trace,
+                    cell.policy,
+                    _vcpu(cell.vcpu),
+                    ch.metric,
+                    _num(ch.base),
+                    _num(ch.new),
+                    change,
+                    _pct(ch),
+                    ch.status,
+                ]
+            )
     return rows
 
 
@@ -239,11 +269,17 @@ def format_text(c: Comparison) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
 
     def line(cells):
-        return "  ".join(x.rjust(w) if i in right else x.ljust(w)
-                         for i, (x, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+        return "  ".join(
+            x.rjust(w) if i in right else x.ljust(w)
+            for i, (x, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
 
-    out = [f"compare {c.base_dir} -> {c.new_dir} (threshold +{c.max_increase:g}%)", "",
-           line(head), line(["-" * w for w in widths])]
+    out = [
+        f"compare {c.base_dir} -> {c.new_dir} (threshold +{c.max_increase:g}%)",
+        "",
+        line(head),
+        line(["-" * w for w in widths]),
+    ]
     out += [line(r) for r in rows]
     if c.missing:
         out += ["", "missing from new (fails the gate):"]
@@ -261,20 +297,30 @@ def _md(s) -> str:
 
 def format_markdown(c: Comparison) -> str:
     mark = "❌" if c.failed else "✅"
-    out = [f"### {mark} altp2m-replay compare: {'fail' if c.failed else 'pass'}", "",
-           f"{mark} **{_md(_verdict(c))}**", "",
-           f"Base `{_md(c.base_dir)}` → new `{_md(c.new_dir)}`, threshold +{c.max_increase:g}%.",
-           "", "| trace | policy | vCPU | metric | base | new | change | change % | status |",
-           "|---|---|---:|---|---:|---:|---:|---:|---|"]
+    out = [
+        f"### {mark} altp2m-replay compare: {'fail' if c.failed else 'pass'}",
+        "",
+        f"{mark} **{_md(_verdict(c))}**",
+        "",
+        f"Base `{_md(c.base_dir)}` → new `{_md(c.new_dir)}`, threshold +{c.max_increase:g}%.",
+        "",
+        "| trace | policy | vCPU | metric | base | new | change | change % | status |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|",
+    ]
     for r in _rows(c):
         status = f"❌ {r[8]}" if r[8] in FAILING else r[8]
-        out.append("| " + " | ".join(_md(x) for x in r[:8] + [status]) + " |")
+        out.append("| " + " | ".join(_md(x) for x in [*r[:8], status]) + " |")
     if c.missing:
-        out += ["", "**Missing from new (fails the gate):** "
-                + ", ".join(f"`{_md(_cell_name(k))}`" for k in c.missing)]
+        out += [
+            "",
+            "**Missing from new (fails the gate):** "
+            + ", ".join(f"`{_md(_cell_name(k))}`" for k in c.missing),
+        ]
     if c.added:
-        out += ["", "**New cells (not gated):** "
-                + ", ".join(f"`{_md(_cell_name(k))}`" for k in c.added)]
+        out += [
+            "",
+            "**New cells (not gated):** " + ", ".join(f"`{_md(_cell_name(k))}`" for k in c.added),
+        ]
     return "\n".join(out)
 
 
@@ -295,13 +341,24 @@ def format_json(c: Comparison) -> str:
         "metrics": c.metrics,
         "max_increase": c.max_increase,
         "counts": c.counts(),
-        "cells": [{**key((cell.trace, cell.policy, cell.vcpu)), "failed": cell.failed,
-                   "metrics": {ch.metric: {"base": _json(ch.base), "new": _json(ch.new),
-                                           "change": ch.change,
-                                           "change_pct": ch.change_pct, "status": ch.status,
-                                           "grew": ch.status == "grew"}
-                               for ch in cell.changes}}
-                  for cell in c.cells],
+        "cells": [
+            {
+                **key((cell.trace, cell.policy, cell.vcpu)),
+                "failed": cell.failed,
+                "metrics": {
+                    ch.metric: {
+                        "base": _json(ch.base),
+                        "new": _json(ch.new),
+                        "change": ch.change,
+                        "change_pct": ch.change_pct,
+                        "status": ch.status,
+                        "grew": ch.status == "grew",
+                    }
+                    for ch in cell.changes
+                },
+            }
+            for cell in c.cells
+        ],
         "missing_cells": [key(k) for k in c.missing],
         "new_cells": [key(k) for k in c.added],
     }
@@ -311,11 +368,14 @@ def format_json(c: Comparison) -> str:
 FORMATTERS = {"text": format_text, "markdown": format_markdown, "json": format_json}
 
 
-def compare(base_dir, new_dir, metrics=(), max_increase: float = 0.0, fmt: str = "text"
-            ) -> tuple[str, bool]:
+def compare(
+    base_dir, new_dir, metrics=(), max_increase: float = 0.0, fmt: str = "text"
+) -> tuple[str, bool]:
     """Compare two replay outputs; return the report in ``fmt`` and whether the gate failed."""
     if fmt not in FORMATTERS:
-        raise OutputError(f'--format: unknown format "{fmt}"{did_you_mean(fmt, FORMATTERS)}; '
-                          f"expected one of {', '.join(FORMATS)}")
+        raise OutputError(
+            f'--format: unknown format "{fmt}"{did_you_mean(fmt, FORMATTERS)}; '
+            f"expected one of {', '.join(FORMATS)}"
+        )
     result = compare_dirs(base_dir, new_dir, metrics, max_increase)
     return FORMATTERS[fmt](result), result.failed

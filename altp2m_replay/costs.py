@@ -10,8 +10,14 @@ from altp2m_replay.errors import PolicyError, did_you_mean, shown
 COSTS: dict[str, tuple[float, tuple[str, ...]]] = {
     "ept_exit": (5000, ("ept_exits",)),
     "lazy_copy": (500, ("lazy_copies",)),
-    "vm_event_sync": (90000, ("mem_access_events", "singlestep_events", "breakpoint_events", "cr3_events")),
-    "monitor_callback": (30000, ("mem_access_events", "singlestep_events", "breakpoint_events", "cr3_events")),
+    "vm_event_sync": (
+        90000,
+        ("mem_access_events", "singlestep_events", "breakpoint_events", "cr3_events"),
+    ),
+    "monitor_callback": (
+        30000,
+        ("mem_access_events", "singlestep_events", "breakpoint_events", "cr3_events"),
+    ),
     "int3_exit": (5000, ("int3_exits",)),
     "cr3_exit": (3000, ("cr3_exits",)),
     "vmfunc_exit": (5000, ("vmfunc_exits",)),
@@ -48,13 +54,17 @@ def check_cost_table(table: Mapping, where: str) -> None:
             raise PolicyError(f'{where}: unknown cost key "{key}"{did_you_mean(key, allowed)}')
         if key == "profile":
             if not isinstance(value, str) or value not in PROFILES:
-                raise PolicyError(f'{where}: unknown profile {shown(value)}{did_you_mean(value, PROFILES)}')
+                raise PolicyError(
+                    f"{where}: unknown profile {shown(value)}{did_you_mean(value, PROFILES)}"
+                )
             continue
         lo, hi = (MIN_GHZ, MAX_GHZ) if key == "cpu_ghz" else (0, MAX_COST)
         # compared before any float(): an integer too large for a float stays an int here
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
             what = f'"{key}"' if key == "cpu_ghz" else f'cost "{key}"'
-            raise PolicyError(f"{where}: {what} must be a number in {lo:g}..{hi:g}, found {shown(value)}")
+            raise PolicyError(
+                f"{where}: {what} must be a number in {lo:g}..{hi:g}, found {shown(value)}"
+            )
 
 
 def parse_cost_options(items) -> dict[str, float]:
@@ -72,8 +82,9 @@ def parse_cost_options(items) -> dict[str, float]:
     return out
 
 
-def effective_costs(policy_costs: Mapping, profile: str | None = None,
-                    overrides: Mapping | None = None) -> dict[str, float]:
+def effective_costs(
+    policy_costs: Mapping, profile: str | None = None, overrides: Mapping | None = None
+) -> dict[str, float]:
     """Defaults, then the profile, then the policy's ``[costs]``, then ``--cost`` values.
 
     The profile is ``--profile`` if given, else the policy's ``profile`` key, else

@@ -25,17 +25,17 @@ from altp2m_replay.traces import DEFAULT_ROW_GROUP, VCPU_LIMIT, TraceWriter
 
 WORKLOADS: dict[str, str] = {
     "kernel": "kernel-like mix: Zipf-hot code pages executed, Zipf data reads/writes over "
-              "64Ki pages, per-vCPU stacks, occasional page-table writes",
+    "64Ki pages, per-vCPU stacks, occasional page-table writes",
     "scan": "memcpy-like sequential walk: read one 128 MiB buffer, write another, from a "
-            "tight loop that straddles two code pages",
+    "tight loop that straddles two code pages",
     "random": "uniform random gfns over all 4 GiB: fetch from any page, 0-2 data accesses "
-              "of random kind (r, w, rw)",
+    "of random kind (r, w, rw)",
     "jit": "kernel mix plus a JIT: code written into a 4 MiB pool and executed soon after "
-           "(write then execute; pages rewritten when the pool wraps)",
+    "(write then execute; pages rewritten when the pool wraps)",
     "sandbox": "kernel mix of a DRAKVUF-style sandbox guest with control rows: processes "
-               "switched by CR3 writes on every vCPU, calls to named kernel functions and "
-               "system-call entry points (symbols metadata), an in-guest agent switching "
-               "views with VMFUNC, and a balloon phase (host drops, later host maps)",
+    "switched by CR3 writes on every vCPU, calls to named kernel functions and "
+    "system-call entry points (symbols metadata), an in-guest agent switching "
+    "views with VMFUNC, and a balloon phase (host drops, later host maps)",
 }
 
 CHUNK_ROWS = 1 << 20  # generation unit; independent of the file's row-group size
@@ -114,7 +114,7 @@ def _pick(rng, values, probs, size) -> np.ndarray:
 class _Skeleton:
     """One chunk of the instruction stream: per-instruction and per-row bookkeeping."""
 
-    __slots__ = ("m", "sizes", "vcpu", "insn", "tsc", "first", "data_rows", "index", "row_insn")
+    __slots__ = ("data_rows", "first", "index", "insn", "m", "row_insn", "sizes", "tsc", "vcpu")
 
 
 class _Stream:
@@ -134,7 +134,9 @@ class _Stream:
         mean = 1.0 + sum(j * p for j, p in enumerate(data_probs))
         parts, total = [], 0
         while total < rows:
-            extra = _pick(rng, np.arange(len(data_probs)), data_probs, int((rows - total) / mean * 1.02) + 16)
+            extra = _pick(
+                rng, np.arange(len(data_probs)), data_probs, int((rows - total) / mean * 1.02) + 16
+            )
             parts.append(extra + 1)
             total += int(parts[-1].sum())
         sizes = np.concatenate(parts)
@@ -221,13 +223,50 @@ def _gfn_sets(workload: str, vcpus: int) -> dict[str, list[list[int]]]:
 
 # sandbox: kernel functions the trace calls (its ``symbols``): system-call entry points and
 # what they run into, the context switch, and the in-guest agent that switches views.
-SYSCALLS = ("read", "write", "openat", "close", "newfstat", "mmap", "munmap", "brk", "futex", "poll",
-            "epoll_wait", "ioctl", "nanosleep", "clone", "execve", "exit_group", "sendto", "recvfrom",
-            "getpid", "rt_sigaction")
-KERNEL_FUNCS = ("entry_SYSCALL_64", "do_syscall_64", "ksys_read", "ksys_write", "vfs_read", "vfs_write",
-                "do_sys_openat2", "do_filp_open", "__schedule", "switch_mm_irqs_off", "__switch_to_asm",
-                "asm_exc_page_fault", "do_user_addr_fault", "handle_mm_fault", "kmem_cache_alloc", "kfree",
-                "__kmalloc", "_raw_spin_lock", "mutex_lock", "agent_switch_view")
+SYSCALLS = (
+    "read",
+    "write",
+    "openat",
+    "close",
+    "newfstat",
+    "mmap",
+    "munmap",
+    "brk",
+    "futex",
+    "poll",
+    "epoll_wait",
+    "ioctl",
+    "nanosleep",
+    "clone",
+    "execve",
+    "exit_group",
+    "sendto",
+    "recvfrom",
+    "getpid",
+    "rt_sigaction",
+)
+KERNEL_FUNCS = (
+    "entry_SYSCALL_64",
+    "do_syscall_64",
+    "ksys_read",
+    "ksys_write",
+    "vfs_read",
+    "vfs_write",
+    "do_sys_openat2",
+    "do_filp_open",
+    "__schedule",
+    "switch_mm_irqs_off",
+    "__switch_to_asm",
+    "asm_exc_page_fault",
+    "do_user_addr_fault",
+    "handle_mm_fault",
+    "kmem_cache_alloc",
+    "kfree",
+    "__kmalloc",
+    "_raw_spin_lock",
+    "mutex_lock",
+    "agent_switch_view",
+)
 PROCESSES = ("systemd", "sshd", "bash", "python3", "nginx", "postgres")
 MOV_CR3_AT = ("switch_mm_irqs_off", 0x5C)  # (function, offset) of the CR3 write
 VMFUNC_AT = ("agent_switch_view", 0x10)  # ... of the agent's VMFUNC
@@ -238,7 +277,10 @@ P_CR3 = 0.75  # of those, CR3 writes; the rest VMFUNCs
 def _symbols() -> dict[str, int]:
     """Name -> ip of every sandbox function: 16-byte aligned entries spread over kernel text."""
     names = [f"__x64_sys_{c}" for c in SYSCALLS] + list(KERNEL_FUNCS)
-    return {name: KTEXT_VA + (0x80 + 37 * j) * 4096 + (j * 0x2D0) % 0xF00 for j, name in enumerate(names)}
+    return {
+        name: KTEXT_VA + (0x80 + 37 * j) * 4096 + (j * 0x2D0) % 0xF00
+        for j, name in enumerate(names)
+    }
 
 
 def _processes() -> dict[str, int]:
@@ -260,8 +302,10 @@ class _Sandbox:
         w = np.array([3.0 if n_.startswith("__x64_sys_") else 1.0 for n_ in names])
         w[names.index("entry_SYSCALL_64")] = w[names.index("do_syscall_64")] = 8.0
         self.weights = w / w.sum()
-        self.sites = {key: (sym[f] + off, KERNEL_CODE[0] + (sym[f] + off - KTEXT_VA) // 4096)
-                      for key, (f, off) in (("cr3", MOV_CR3_AT), ("vmfunc", VMFUNC_AT))}
+        self.sites = {
+            key: (sym[f] + off, KERNEL_CODE[0] + (sym[f] + off - KTEXT_VA) // 4096)
+            for key, (f, off) in (("cr3", MOV_CR3_AT), ("vmfunc", VMFUNC_AT))
+        }
         self.cr3 = np.array(list(_processes().values()), np.uint64)
         pages = min(BALLOON[1] - BALLOON[0] + 1, n // 400)
         k = np.arange(pages, dtype=np.int64)
@@ -366,7 +410,9 @@ class _Generator:
             # Stores of freshly generated code into the current emit page.
             emit = sk.index[data_insn] // JIT_PERIOD
             js = (u >= 0.31) & (u < 0.39)
-            gfn[js] = _U64(JIT_POOL[0]) + (emit[js] % (JIT_POOL[1] - JIT_POOL[0] + 1)).astype(np.uint64)
+            gfn[js] = _U64(JIT_POOL[0]) + (emit[js] % (JIT_POOL[1] - JIT_POOL[0] + 1)).astype(
+                np.uint64
+            )
             access[js] = 2
         return sk, rows, code_gfn, ip, gfn, access
 
@@ -398,7 +444,9 @@ class _Generator:
             if sb.pages:  # page-cache use of the balloon pages while the guest owns them
                 a = sb.base_done + sk.data_rows
                 cache = ((a < sb.quiet[0]) | (a >= sb.quiet[1])) & (rng.random(len(a)) < 0.03)
-                gfn[cache] = _U64(BALLOON[0]) + rng.integers(0, sb.pages, int(cache.sum())).astype(np.uint64)
+                gfn[cache] = _U64(BALLOON[0]) + rng.integers(0, sb.pages, int(cache.sum())).astype(
+                    np.uint64
+                )
                 access[cache] = _pick(rng, np.array([1, 2], np.uint8), (0.6, 0.4), int(cache.sum()))
             chunk = self._assemble(sk, base, code_gfn, ip, gfn, access)
             chunk["op"] = np.zeros(base, np.uint8)
@@ -408,8 +456,11 @@ class _Generator:
             pick = np.flatnonzero(sk.sizes == 2)
             pick = pick[rng.random(len(pick)) < P_CONTROL]
             cr3 = rng.random(len(pick)) < P_CR3
-            args = np.where(cr3, sb.cr3[rng.integers(0, len(sb.cr3), len(pick))],
-                            rng.choice(3, len(pick), p=(0.5, 0.3, 0.2)).astype(np.uint64))
+            args = np.where(
+                cr3,
+                sb.cr3[rng.integers(0, len(sb.cr3), len(pick))],
+                rng.choice(3, len(pick), p=(0.5, 0.3, 0.2)).astype(np.uint64),
+            )
             ctl = sk.first[pick] + 1
             chunk["op"][ctl] = np.where(cr3, 2, 1)
             chunk["arg"][ctl] = args
@@ -420,10 +471,19 @@ class _Generator:
                 chunk["ip"][ctl[mask]] = chunk["ip"][ctl[mask] - 1] = site_ip
                 chunk["gfn"][ctl[mask] - 1] = site_gfn
         else:
-            chunk = {c: np.zeros(0, dt) for c, dt in (("gfn", np.uint64), ("access", np.uint8),
-                                                      ("vcpu", np.uint16), ("insn", np.uint64),
-                                                      ("ip", np.uint64), ("tsc", np.uint64),
-                                                      ("op", np.uint8), ("arg", np.uint64))}
+            chunk = {
+                c: np.zeros(0, dt)
+                for c, dt in (
+                    ("gfn", np.uint64),
+                    ("access", np.uint8),
+                    ("vcpu", np.uint16),
+                    ("insn", np.uint64),
+                    ("ip", np.uint64),
+                    ("tsc", np.uint64),
+                    ("op", np.uint8),
+                    ("arg", np.uint64),
+                )
+            }
         # host drops and maps at their rows; their vcpu, insn, ip and tsc are ignored (0)
         pos = sb.pos[lo:hi] - sb.done
         at = pos - np.arange(len(pos))
@@ -456,7 +516,11 @@ class _Generator:
         rng = self.rng
         sk = self.stream.skeleton(rows, (0.40, 0.45, 0.15))
         code_gfn = rng.integers(0, RAM_PAGES, sk.m).astype(np.uint64)
-        ip = _U64(DIRECT_MAP_VA) + code_gfn * _U64(4096) + rng.integers(0, 4096, sk.m).astype(np.uint64)
+        ip = (
+            _U64(DIRECT_MAP_VA)
+            + code_gfn * _U64(4096)
+            + rng.integers(0, 4096, sk.m).astype(np.uint64)
+        )
         d = len(sk.data_rows)
         gfn = rng.integers(0, RAM_PAGES, d).astype(np.uint64)
         access = rng.integers(1, 4, d).astype(np.uint8)
@@ -470,15 +534,19 @@ def _check(workload: str, n: int, vcpus: int, seed: int = 0) -> None:
     if not isinstance(seed, int) or seed < 0:  # numpy seeds only non-negative integers
         raise TraceError(f"--seed must be a non-negative integer, found {seed}")
     if workload not in WORKLOADS:
-        raise TraceError(f'unknown workload "{workload}"{did_you_mean(workload, WORKLOADS)}; '
-                         f"expected one of {', '.join(WORKLOADS)}")
+        raise TraceError(
+            f'unknown workload "{workload}"{did_you_mean(workload, WORKLOADS)}; '
+            f"expected one of {', '.join(WORKLOADS)}"
+        )
     if n < 1:
         raise TraceError(f"-n must be at least 1, found {n}")
     if not 1 <= vcpus <= VCPU_LIMIT:
         raise TraceError(f"--vcpus must be in 1..{VCPU_LIMIT}, found {vcpus}")
 
 
-def iter_chunks(workload: str, n: int, seed: int = 0, vcpus: int = 1, chunk_rows: int | None = None):
+def iter_chunks(
+    workload: str, n: int, seed: int = 0, vcpus: int = 1, chunk_rows: int | None = None
+):
     """Yield the trace as dicts of numpy arrays (gfn uint64, access uint8, vcpu uint16,
     insn/ip/tsc uint64; sandbox: op uint8, arg uint64) of ``chunk_rows`` rows (default CHUNK_ROWS; the last may be shorter).
     The rows depend on the chunk size, so keep the default for reproducible traces."""
@@ -510,8 +578,14 @@ def metadata(workload: str, seed: int, vcpus: int) -> dict:
     } | ({"symbols": _symbols(), "processes": _processes()} if workload == "sandbox" else {})
 
 
-def generate(workload: str, n: int, seed: int = 0, vcpus: int = 1, output=None,
-             row_group_size: int = DEFAULT_ROW_GROUP) -> Path:
+def generate(
+    workload: str,
+    n: int,
+    seed: int = 0,
+    vcpus: int = 1,
+    output=None,
+    row_group_size: int = DEFAULT_ROW_GROUP,
+) -> Path:
     """Write ``n`` rows of ``workload`` to ``output`` (atomically); same seed, same bytes."""
     if output is None:
         raise TypeError("generate() needs output=PATH")

@@ -47,8 +47,18 @@ FORMATS = ("lackey", "qemu-mem", "csv", "qemu-capture")
 FLUSH_ROWS = 1 << 20  # rows buffered before a chunk goes to the writer
 MAX_LINE = 1 << 20  # characters in one input line
 MAX_ACCESS_BYTES = 1 << 20  # one access spans at most 256 pages (lackey SIZE, qemu access_size)
-_TYPECODE = {"gpa": "Q", "gfn": "Q", "access": "B", "vcpu": "H", "insn": "Q", "gla": "Q",
-             "ip": "Q", "tsc": "Q", "op": "B", "arg": "Q"}
+_TYPECODE = {
+    "gpa": "Q",
+    "gfn": "Q",
+    "access": "B",
+    "vcpu": "H",
+    "insn": "Q",
+    "gla": "Q",
+    "ip": "Q",
+    "tsc": "Q",
+    "op": "B",
+    "arg": "Q",
+}
 _DTYPE = {"Q": np.uint64, "B": np.uint8, "H": np.uint16}
 _U64_MAX = (1 << 64) - 1
 
@@ -64,8 +74,14 @@ class _Rows:
 
     def flush(self) -> None:
         if len(self.bufs[self.columns[0]]):
-            self.writer.write({c: np.frombuffer(b, dtype=_DTYPE[b.typecode]) if len(b) else
-                               np.empty(0, _DTYPE[b.typecode]) for c, b in self.bufs.items()})
+            self.writer.write(
+                {
+                    c: np.frombuffer(b, dtype=_DTYPE[b.typecode])
+                    if len(b)
+                    else np.empty(0, _DTYPE[b.typecode])
+                    for c, b in self.bufs.items()
+                }
+            )
             self.bufs = {c: array(_TYPECODE[c]) for c in self.columns}
 
     def maybe_flush(self) -> None:
@@ -86,8 +102,10 @@ class _FirstTouch:
         if g is None:
             g = self.base + len(self.pages)
             if g >= GFN_LIMIT:
-                raise ImportFormatError(f"{self.label}: line {lineno}: more virtual pages than "
-                                        f"gfns below 2^36 starting at --base-gfn {self.base:#x}")
+                raise ImportFormatError(
+                    f"{self.label}: line {lineno}: more virtual pages than "
+                    f"gfns below 2^36 starting at --base-gfn {self.base:#x}"
+                )
             self.pages[vpage] = g
         return g
 
@@ -144,12 +162,16 @@ def import_trace(fmt: str, input_path, output, base_gfn: int = 0x1000) -> int:
     """Convert ``input_path`` in ``fmt`` (lackey, qemu-mem, csv) to a trace at ``output``;
     return the number of rows written."""
     if fmt not in FORMATS:
-        raise ImportFormatError(f'unknown import format "{fmt}"{did_you_mean(fmt, FORMATS)}; '
-                                f"expected one of {', '.join(FORMATS)}")
+        raise ImportFormatError(
+            f'unknown import format "{fmt}"{did_you_mean(fmt, FORMATS)}; '
+            f"expected one of {', '.join(FORMATS)}"
+        )
     src = Path(input_path)
     label = str(input_path)
     if not src.is_file():
-        raise ImportFormatError(f"{label}: no such file" if not src.exists() else f"{label}: not a file")
+        raise ImportFormatError(
+            f"{label}: no such file" if not src.exists() else f"{label}: not a file"
+        )
     if not 0 <= base_gfn < GFN_LIMIT:
         raise ImportFormatError(f"--base-gfn must be in 0..2^36-1, found {base_gfn}")
     if fmt == "qemu-capture":
@@ -194,11 +216,17 @@ def _lackey(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
             addr_s, size_s = rest.strip().split(",")
             addr, size = int(addr_s, 16), int(size_s, 10)
         except ValueError:
-            raise ImportFormatError(f"{label}: line {lineno}: {_LACKEY_HELP} with ADDR in hex "
-                                    f"and SIZE in decimal, found {_show(line)}") from None
-        if not (0 <= addr <= _U64_MAX and 0 <= size <= MAX_ACCESS_BYTES) or addr + max(size, 1) - 1 > _U64_MAX:
-            raise ImportFormatError(f"{label}: line {lineno}: address or size out of range, "
-                                    f"found {_show(line)}")
+            raise ImportFormatError(
+                f"{label}: line {lineno}: {_LACKEY_HELP} with ADDR in hex "
+                f"and SIZE in decimal, found {_show(line)}"
+            ) from None
+        if (
+            not (0 <= addr <= _U64_MAX and 0 <= size <= MAX_ACCESS_BYTES)
+            or addr + max(size, 1) - 1 > _U64_MAX
+        ):
+            raise ImportFormatError(
+                f"{label}: line {lineno}: address or size out of range, found {_show(line)}"
+            )
         if access == 4:
             insn += 1
             ip = addr
@@ -247,8 +275,10 @@ def _qemu_mem(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
             continue
         if not header_seen:
             if text.replace(" ", "") != _QEMU_HEADER:
-                raise ImportFormatError(f'{label}: line {lineno}: expected the header "{_QEMU_HEADER}", '
-                                        f"found {_show(line)}")
+                raise ImportFormatError(
+                    f'{label}: line {lineno}: expected the header "{_QEMU_HEADER}", '
+                    f"found {_show(line)}"
+                )
             header_seen = True
             continue
         if text == _QEMU_HEADER or text.startswith(_QEMU_SUMMARY):
@@ -257,8 +287,10 @@ def _qemu_mem(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
             break  # region summary printed at exit: no more accesses follow
         fields = text.split(",")
         if len(fields) < 7:
-            raise ImportFormatError(f"{label}: line {lineno}: expected 7 comma-separated fields "
-                                    f"({_QEMU_HEADER}), found {len(fields)}: {_show(line)}")
+            raise ImportFormatError(
+                f"{label}: line {lineno}: expected 7 comma-separated fields "
+                f"({_QEMU_HEADER}), found {len(fields)}: {_show(line)}"
+            )
         # The symbol may itself contain commas (C++): count the fixed fields from both ends.
         insn_s = fields[0]
         vaddr_s, hw_s, size_s, kind_s = fields[-5:-1]
@@ -269,16 +301,24 @@ def _qemu_mem(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
         bits = _qemu_int(size_s, 10, "access_size", where)
         kind = kind_s.strip()
         if kind not in ("load", "store"):
-            raise ImportFormatError(f'{label}: line {lineno}: access_type must be "load" or "store", '
-                                    f"found {kind!r}")
+            raise ImportFormatError(
+                f'{label}: line {lineno}: access_type must be "load" or "store", found {kind!r}'
+            )
         if bits <= 0 or bits % 8 or bits > 8 * MAX_ACCESS_BYTES:
-            raise ImportFormatError(f"{where}: column access_size: expected a positive number of bits "
-                                    f"divisible by 8, at most {8 * MAX_ACCESS_BYTES:,}, found {bits}")
-        for name, value, top in (("insn_vaddr", ip, _U64_MAX), ("mem_vaddr", vaddr, _U64_MAX),
-                                 ("mem_hwaddr", hw, GPA_LIMIT - 1)):
+            raise ImportFormatError(
+                f"{where}: column access_size: expected a positive number of bits "
+                f"divisible by 8, at most {8 * MAX_ACCESS_BYTES:,}, found {bits}"
+            )
+        for name, value, top in (
+            ("insn_vaddr", ip, _U64_MAX),
+            ("mem_vaddr", vaddr, _U64_MAX),
+            ("mem_hwaddr", hw, GPA_LIMIT - 1),
+        ):
             if value > top:
-                raise ImportFormatError(f"{where}: column {name}: expected an address below "
-                                        f"2^{top.bit_length()}, found {value:#x}")
+                raise ImportFormatError(
+                    f"{where}: column {name}: expected an address below "
+                    f"2^{top.bit_length()}, found {value:#x}"
+                )
         access = 2 if kind == "store" else 1
         if not (access == 2 and prev_kind == 1 and ip == prev_ip):
             insn += 1
@@ -307,7 +347,9 @@ def _qemu_mem(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
             rows += 1
         out.maybe_flush()
     if not header_seen:
-        raise ImportFormatError(f'{label}: line 1: expected the header "{_QEMU_HEADER}", found an empty file')
+        raise ImportFormatError(
+            f'{label}: line 1: expected the header "{_QEMU_HEADER}", found an empty file'
+        )
     out.flush()
     ram = alloc.ram() + ([[0, max_hw_gfn]] if max_hw_gfn >= 0 else [])
     writer.meta["ram"] = _merge_ranges(ram)
@@ -318,13 +360,14 @@ def _qemu_int(text: str, base: int, column: str, where: str) -> int:
     """A non-negative integer field of the qemu-mem CSV, or an error naming its column."""
     s = text.strip()
     try:
-        if s[:1] in "+-" or s[:2].lower() == "0x" and base == 10:
+        if s[:1] in "+-" or (s[:2].lower() == "0x" and base == 10):
             raise ValueError
         return int(s, base)
     except ValueError:
         kind = "hex" if base == 16 else "decimal"
-        raise ImportFormatError(f"{where}: column {column}: expected a {kind} {column}, "
-                                f"found {s[:40]!r}") from None
+        raise ImportFormatError(
+            f"{where}: column {column}: expected a {kind} {column}, found {s[:40]!r}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- csv
@@ -384,19 +427,27 @@ def _csv(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
             header = [f.strip().lower() for f in fields]
             break
     if header is None:
-        raise ImportFormatError(f"{label}: line 1: expected a header naming the columns "
-                                f"(gpa or gfn, access, ...), found an empty file")
+        raise ImportFormatError(
+            f"{label}: line 1: expected a header naming the columns "
+            f"(gpa or gfn, access, ...), found an empty file"
+        )
     hl = reader.line_num
     dup = {c for c in header if header.count(c) > 1 and c}
     if dup:
-        raise ImportFormatError(f'{label}: line {hl}: column "{sorted(dup)[0]}" appears twice in the header')
+        raise ImportFormatError(
+            f'{label}: line {hl}: column "{sorted(dup)[0]}" appears twice in the header'
+        )
     if ("gpa" in header) == ("gfn" in header):
         found = "both" if "gpa" in header else "neither"
-        raise ImportFormatError(f'{label}: line {hl}: expected exactly one of the columns "gpa" and "gfn", '
-                                f"found {found}")
+        raise ImportFormatError(
+            f'{label}: line {hl}: expected exactly one of the columns "gpa" and "gfn", '
+            f"found {found}"
+        )
     if "access" not in header:
-        raise ImportFormatError(f'{label}: line {hl}: expected an "access" column in the header, '
-                                f"found {', '.join(header)}")
+        raise ImportFormatError(
+            f'{label}: line {hl}: expected an "access" column in the header, '
+            f"found {', '.join(header)}"
+        )
     cols = [c for c in _TYPECODE if c in header]
     idx = [(c, header.index(c)) for c in cols]
     out = _Rows(writer, cols)
@@ -410,34 +461,46 @@ def _csv(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
             continue
         lineno = reader.line_num
         if len(fields) != width:
-            raise ImportFormatError(f"{label}: line {lineno}: expected {width} fields as in the header, "
-                                    f"found {len(fields)}")
+            raise ImportFormatError(
+                f"{label}: line {lineno}: expected {width} fields as in the header, "
+                f"found {len(fields)}"
+            )
         b = out.bufs
         for c, i in idx:
             s = fields[i].strip()
             if c == "access":
                 v = 0 if has_op and s == "0" else _parse_access(s)  # 0: control rows, checked below
                 if v is None:
-                    raise ImportFormatError(f'{label}: line {lineno}: column "access": expected 1..7 or '
-                                            f"letters r, w, x (e.g. rw), found {s!r}")
+                    raise ImportFormatError(
+                        f'{label}: line {lineno}: column "access": expected 1..7 or '
+                        f"letters r, w, x (e.g. rw), found {s!r}"
+                    )
             else:
                 try:
                     v = _parse_uint(s)
                 except ValueError:
-                    raise ImportFormatError(f'{label}: line {lineno}: column "{c}": expected a non-negative '
-                                            f"integer (decimal or 0x-hex), found {s!r}") from None
+                    raise ImportFormatError(
+                        f'{label}: line {lineno}: column "{c}": expected a non-negative '
+                        f"integer (decimal or 0x-hex), found {s!r}"
+                    ) from None
                 hi, what = _CSV_LIMITS.get(c, (_U64_MAX, "a value below 2^64"))
                 if v > hi:
-                    raise ImportFormatError(f'{label}: line {lineno}: column "{c}": expected {what}, found {s}')
+                    raise ImportFormatError(
+                        f'{label}: line {lineno}: column "{c}": expected {what}, found {s}'
+                    )
             b[c].append(v)
         op = b["op"][-1] if has_op else 0
         if op and b["access"][-1]:
             s = fields[header.index("access")].strip()
-            raise ImportFormatError(f'{label}: line {lineno}: column "access": expected 0 on a control row '
-                                    f"(op {op}), found {s!r}")
+            raise ImportFormatError(
+                f'{label}: line {lineno}: column "access": expected 0 on a control row '
+                f"(op {op}), found {s!r}"
+            )
         if not op and not b["access"][-1]:
-            raise ImportFormatError(f'{label}: line {lineno}: column "access": expected 1..7 or letters r, w, x '
-                                    f"on an access row (op 0), found '0'")
+            raise ImportFormatError(
+                f'{label}: line {lineno}: column "access": expected 1..7 or letters r, w, x '
+                f"on an access row (op 0), found '0'"
+            )
         g = b[addr][-1] >> (12 if addr == "gpa" else 0)
         if g > max_gfn and op not in (1, 2):  # the address of op 1/2 rows is ignored (SPEC §2)
             max_gfn = g
@@ -462,8 +525,9 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 @numba.njit(cache=True, nogil=True)
-def _decode_capture(words, gpa, acc, vcp, insn, ip, cur_insn, cur_ip, user_pages, kern_pages,
-                    sym_addr, sym_hit):
+def _decode_capture(
+    words, gpa, acc, vcp, insn, ip, cur_insn, cur_ip, user_pages, kern_pages, sym_addr, sym_hit
+):
     """Decode whole records of ``words`` into rows. Returns (words used, rows, records,
     status, detail): status 0 = needs more words, 1 = END record at the words used,
     2 = unknown record type (detail: the type), 3 = an access before any instruction of
@@ -478,7 +542,7 @@ def _decode_capture(words, gpa, acc, vcp, insn, ip, cur_insn, cur_ip, user_pages
         t = w >> np.uint64(60)
         v = (w >> np.uint64(48)) & np.uint64(0xFFF)
         a = w & np.uint64(0xFFFFFFFFFFFF)
-        if t == REC_FETCH or t == REC_INSN:
+        if t in (REC_FETCH, REC_INSN):
             if i + 1 >= n:
                 return i, r, recs, 0, 0
             cur_insn[v] += 1
@@ -501,7 +565,7 @@ def _decode_capture(words, gpa, acc, vcp, insn, ip, cur_insn, cur_ip, user_pages
                     if sym_addr[k] == cur_ip[v]:
                         sym_hit[k] = 1
             i += 2
-        elif t == REC_FETCH_TAIL or t == REC_READ or t == REC_WRITE:
+        elif t in (REC_FETCH_TAIL, REC_READ, REC_WRITE):
             if cur_insn[v] < 0:
                 return i, r, recs, 3, v
             gpa[r] = a
@@ -536,10 +600,13 @@ class _CaptureStream:
             head = fh.read(4)
         if head == _ZSTD_MAGIC:
             if shutil.which("zstd") is None:
-                raise ImportFormatError(f"{label}: the file is zstd-compressed and the zstd program "
-                                        f"is not installed (apt-get install zstd)")
-            self.proc = subprocess.Popen(["zstd", "-dcq", "--", str(path)], stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE)
+                raise ImportFormatError(
+                    f"{label}: the file is zstd-compressed and the zstd program "
+                    f"is not installed (apt-get install zstd)"
+                )
+            self.proc = subprocess.Popen(
+                ["zstd", "-dcq", "--", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
             self.fh = self.proc.stdout
         else:
             self.fh = open(path, "rb")  # noqa: SIM115 - closed in close()
@@ -561,8 +628,10 @@ class _CaptureStream:
             err = self.proc.stderr.read().decode(errors="replace").strip()
             self.proc.stderr.close()
             if self.proc.wait() != 0:
-                raise ImportFormatError(f"{self.label}: zstd cannot decompress it: "
-                                        f"{err.splitlines()[-1] if err else 'exit code ' + str(self.proc.returncode)}")
+                raise ImportFormatError(
+                    f"{self.label}: zstd cannot decompress it: "
+                    f"{err.splitlines()[-1] if err else 'exit code ' + str(self.proc.returncode)}"
+                )
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -575,14 +644,19 @@ def _capture_header(stream: _CaptureStream, label: str) -> int:
     head = stream.read(8 * CAPTURE_HEADER_WORDS)
     if len(head) < 8 * CAPTURE_HEADER_WORDS or head[:8] != CAPTURE_MAGIC:
         found = "an empty file" if not head else repr(head[:8])
-        raise ImportFormatError(f"{label}: byte 0: expected a qemu-capture header starting "
-                                f"{CAPTURE_MAGIC.decode()!r} (32 bytes), found {found}")
+        raise ImportFormatError(
+            f"{label}: byte 0: expected a qemu-capture header starting "
+            f"{CAPTURE_MAGIC.decode()!r} (32 bytes), found {found}"
+        )
     version, vcpus = np.frombuffer(head[8:24], dtype="<u8")
     if version != CAPTURE_VERSION:
-        raise ImportFormatError(f"{label}: byte 8: expected format version {CAPTURE_VERSION}, "
-                                f"found {int(version)}")
+        raise ImportFormatError(
+            f"{label}: byte 8: expected format version {CAPTURE_VERSION}, found {int(version)}"
+        )
     if not 1 <= vcpus <= VCPU_LIMIT:
-        raise ImportFormatError(f"{label}: byte 16: expected a vCPU count in 1..4096, found {int(vcpus)}")
+        raise ImportFormatError(
+            f"{label}: byte 16: expected a vCPU count in 1..4096, found {int(vcpus)}"
+        )
     return int(vcpus)
 
 
@@ -596,9 +670,14 @@ def _page_set(mask: np.ndarray) -> list[list[int]]:
     return [[int(a), int(b)] for a, b in zip(starts, ends, strict=True)]
 
 
-def import_qemu_capture(input_path, output, symbols: dict[str, int] | None = None,
-                        meta: dict | None = None, ram_pages: int = 1 << 20,
-                        progress=None) -> int:
+def import_qemu_capture(
+    input_path,
+    output,
+    symbols: dict[str, int] | None = None,
+    meta: dict | None = None,
+    ram_pages: int = 1 << 20,
+    progress=None,
+) -> int:
     """Convert a qemu-capture record stream (raw or zstd) to a trace at ``output``; return
     the number of rows. ``symbols`` (name -> virtual address) are kept in the metadata when
     the trace executes their address; ``meta`` entries are added to the metadata (its
@@ -606,7 +685,9 @@ def import_qemu_capture(input_path, output, symbols: dict[str, int] | None = Non
     src = Path(input_path)
     label = str(input_path)
     if not src.is_file():
-        raise ImportFormatError(f"{label}: no such file" if not src.exists() else f"{label}: not a file")
+        raise ImportFormatError(
+            f"{label}: no such file" if not src.exists() else f"{label}: not a file"
+        )
     names = sorted(symbols or {}, key=lambda k: (symbols[k], k))
     sym_addr = np.array([symbols[k] for k in names], dtype=np.uint64)
     sym_hit = np.zeros(len(names), dtype=np.uint8)
@@ -614,7 +695,13 @@ def import_qemu_capture(input_path, output, symbols: dict[str, int] | None = Non
     kern_pages = np.zeros(ram_pages, dtype=np.uint8)
     cur_insn = np.full(VCPU_LIMIT, -1, dtype=np.int64)
     cur_ip = np.zeros(VCPU_LIMIT, dtype=np.uint64)
-    kinds = {"gpa": np.uint64, "access": np.uint8, "vcpu": np.uint16, "insn": np.int64, "ip": np.uint64}
+    kinds = {
+        "gpa": np.uint64,
+        "access": np.uint8,
+        "vcpu": np.uint16,
+        "insn": np.int64,
+        "ip": np.uint64,
+    }
     stream = _CaptureStream(src, label)
     rows = records = 0
     offset = 8 * CAPTURE_HEADER_WORDS  # byte offset of the next undecoded record
@@ -634,8 +721,19 @@ def import_qemu_capture(input_path, output, symbols: dict[str, int] | None = Non
                 # fresh arrays per chunk: the writer thread may still hold the previous ones
                 bufs = {c: np.empty(len(words), k) for c, k in kinds.items()}
                 used, r, recs, status, detail = _decode_capture(
-                    words, bufs["gpa"], bufs["access"], bufs["vcpu"], bufs["insn"], bufs["ip"],
-                    cur_insn, cur_ip, user_pages, kern_pages, sym_addr, sym_hit)
+                    words,
+                    bufs["gpa"],
+                    bufs["access"],
+                    bufs["vcpu"],
+                    bufs["insn"],
+                    bufs["ip"],
+                    cur_insn,
+                    cur_ip,
+                    user_pages,
+                    kern_pages,
+                    sym_addr,
+                    sym_hit,
+                )
                 if r:
                     chunk = {c: b[:r] for c, b in bufs.items()}
                     chunk["insn"] = chunk["insn"].view(np.uint64)
@@ -651,44 +749,62 @@ def import_qemu_capture(input_path, output, symbols: dict[str, int] | None = Non
                 if status in (2, 3):
                     _drain(writing)
                 if status == 2:
-                    raise ImportFormatError(f"{where}: expected a record type 1-5 or 14, found {detail}")
+                    raise ImportFormatError(
+                        f"{where}: expected a record type 1-5 or 14, found {detail}"
+                    )
                 if status == 3:
-                    raise ImportFormatError(f"{where}: expected an instruction record of vCPU {detail} "
-                                            f"before its first access record, found an access record")
+                    raise ImportFormatError(
+                        f"{where}: expected an instruction record of vCPU {detail} "
+                        f"before its first access record, found an access record"
+                    )
                 if status == 1:
-                    tail = data[8 * used:] + stream.read(8 * END_WORDS)
+                    tail = data[8 * used :] + stream.read(8 * END_WORDS)
                     if len(tail) < 8 * END_WORDS:
-                        raise ImportFormatError(f"{where}: the end record is cut short: expected "
-                                                f"{8 * END_WORDS} bytes, found {len(tail)}")
-                    end = np.frombuffer(tail[:8 * END_WORDS], dtype="<u8")
+                        raise ImportFormatError(
+                            f"{where}: the end record is cut short: expected "
+                            f"{8 * END_WORDS} bytes, found {len(tail)}"
+                        )
+                    end = np.frombuffer(tail[: 8 * END_WORDS], dtype="<u8")
                     if len(tail) > 8 * END_WORDS or stream.read(1):
-                        raise ImportFormatError(f"{label}: byte {offset + 8 * END_WORDS}: expected the "
-                                                f"end of the stream after the end record, found more bytes")
+                        raise ImportFormatError(
+                            f"{label}: byte {offset + 8 * END_WORDS}: expected the "
+                            f"end of the stream after the end record, found more bytes"
+                        )
                     break
-                pending = data[8 * used:]
+                pending = data[8 * used :]
                 if eof:
                     _drain(writing)
-                    raise ImportFormatError(f"{where}: the stream is truncated: expected "
-                                            f"{'the rest of a record' if pending else 'another record or the end record (type 14)'}"
-                                            f", found the end of the file")
+                    raise ImportFormatError(
+                        f"{where}: the stream is truncated: expected "
+                        f"{'the rest of a record' if pending else 'another record or the end record (type 14)'}"
+                        f", found the end of the file"
+                    )
             _drain(writing)
             stream.close()
             if int(end[1]) != rows:
-                raise ImportFormatError(f"{where}: the end record counts {int(end[1])} access records, "
-                                        f"found {rows}")
+                raise ImportFormatError(
+                    f"{where}: the end record counts {int(end[1])} access records, found {rows}"
+                )
             if rows == 0:
                 raise ImportFormatError(f"{label}: no memory accesses found, expected at least one")
-            sets = {"user_code": _page_set(user_pages), "kernel_code_executed": _page_set(kern_pages)}
+            sets = {
+                "user_code": _page_set(user_pages),
+                "kernel_code_executed": _page_set(kern_pages),
+            }
             extra = dict(meta or {})
             sets.update(extra.pop("gfn_sets", {}))
             writer.meta.update(extra)
             writer.meta["gfn_sets"] = sets
             writer.meta["capture"] = {
                 "end": END_REASONS.get(int(end[5]), f"code {int(end[5])}"),
-                "unresolved_fetches": int(end[2]), "unresolved_data": int(end[3]),
-                "unresolved_fetch_tails": int(end[4])}
+                "unresolved_fetches": int(end[2]),
+                "unresolved_data": int(end[3]),
+                "unresolved_fetch_tails": int(end[4]),
+            }
             if names:
-                writer.meta["symbols"] = {names[k]: int(sym_addr[k]) for k in np.flatnonzero(sym_hit)}
+                writer.meta["symbols"] = {
+                    names[k]: int(sym_addr[k]) for k in np.flatnonzero(sym_hit)
+                }
     except BaseException:
         stream.kill()
         raise

@@ -113,8 +113,10 @@ class FolderLock:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 who = f" (pid {holder})" if holder else ""
-                raise OutputError(f"{self.path.parent}: another run is writing into this folder"
-                                  f"{who}; wait for it to finish or choose another folder") from None
+                raise OutputError(
+                    f"{self.path.parent}: another run is writing into this folder"
+                    f"{who}; wait for it to finish or choose another folder"
+                ) from None
             # The previous holder may have removed the file between our open and our lock:
             # then we hold a lock on a file nobody else will open. Open it again.
             try:
@@ -238,8 +240,10 @@ def check_output_set(folder: Path, manifest: dict) -> None:
     folder = Path(folder)
     mpath = folder / "manifest.json"
     if (folder / SWITCH).exists():
-        raise OutputError(f"{folder}: a replay was stopped while replacing its files; "
-                          f"`altp2m-replay report {folder}` finishes the switch to the new set")
+        raise OutputError(
+            f"{folder}: a replay was stopped while replacing its files; "
+            f"`altp2m-replay report {folder}` finishes the switch to the new set"
+        )
     files = manifest.get("files")
     if files is None:
         return
@@ -247,19 +251,25 @@ def check_output_set(folder: Path, manifest: dict) -> None:
         raise OutputError(f'{mpath}: "files" must map file names to SHA-256 digests')
     unknown = sorted(set(files) - set(TABLE_FILES))
     if unknown:
-        raise OutputError(f'{mpath}: "files" names {unknown[0]!r}; expected only {", ".join(TABLE_FILES)}')
+        raise OutputError(
+            f'{mpath}: "files" names {unknown[0]!r}; expected only {", ".join(TABLE_FILES)}'
+        )
     for name in TABLE_FILES:
         path = folder / name
         if name not in files:
             if path.exists():
-                raise OutputError(f"{path}: not one of the files {mpath} lists; the folder mixes "
-                                  f"files of two runs (replay into it again)")
+                raise OutputError(
+                    f"{path}: not one of the files {mpath} lists; the folder mixes "
+                    f"files of two runs (replay into it again)"
+                )
             continue
         if not path.is_file():
             raise OutputError(f"{path}: missing; {mpath} lists it as part of its run")
         if sha256(path) != files[name]:
-            raise OutputError(f"{path}: not the file {mpath} was written with (SHA-256 differs); "
-                              f"the folder mixes files of two runs (replay into it again)")
+            raise OutputError(
+                f"{path}: not the file {mpath} was written with (SHA-256 differs); "
+                f"the folder mixes files of two runs (replay into it again)"
+            )
 
 
 # ----------------------------------------------------------------------------- one run's folder

@@ -25,7 +25,16 @@ from altp2m_replay.errors import PolicyError, did_you_mean, shown
 
 # p2m_access_t values, in Xen's order (xen/include/xen/mem_access.h).
 ACCESS_CODES = {
-    "n": 0, "r": 1, "w": 2, "rw": 3, "x": 4, "rx": 5, "wx": 6, "rwx": 7, "rx2rw": 8, "n2rwx": 9,
+    "n": 0,
+    "r": 1,
+    "w": 2,
+    "rw": 3,
+    "x": 4,
+    "rx": 5,
+    "wx": 6,
+    "rwx": 7,
+    "rx2rw": 8,
+    "n2rwx": 9,
 }
 ACCESS_NAMES = {v: k for k, v in ACCESS_CODES.items()}
 KIND_CODES = {"r": 0, "w": 1, "x": 2}
@@ -33,21 +42,45 @@ KIND_CODES = {"r": 0, "w": 1, "x": 2}
 RESPONSE_CODES = {"step": 0, "emulate": 1, "switch": 2, "set-access": 3}
 VE_CODES = {"vmfunc-step": 0, "vmfunc-switch": 1, "emulate": 2}
 SETUP_OPS = (
-    "set_mem_access", "change_gfn", "set_suppress_ve", "set_visibility", "add_ram",
-    "switch_p2m", "enable_notify",
+    "set_mem_access",
+    "change_gfn",
+    "set_suppress_ve",
+    "set_visibility",
+    "add_ram",
+    "switch_p2m",
+    "enable_notify",
 )
 GFN_LIMIT = 1 << 36
 
-TOP_KEYS = ("name", "description", "domain", "view", "breakpoints", "setup", "on_violation",
-            "on_ve", "on_breakpoint", "on_cr3", "costs")
+TOP_KEYS = (
+    "name",
+    "description",
+    "domain",
+    "view",
+    "breakpoints",
+    "setup",
+    "on_violation",
+    "on_ve",
+    "on_breakpoint",
+    "on_cr3",
+    "costs",
+)
 BREAKPOINT_KEYS = ("at", "fallback")
 ON_BREAKPOINT_KEYS = ("action", "to", "fast")
 ON_CR3_KEYS = ("sync", "onchangeonly", "switch")
 CR3_SWITCH_KEYS = ("cr3", "to")
 ADDRESS_SETS = ("executed_ips",)
 DOMAIN_KEYS = (
-    "altp2m", "nr_altp2m", "origin", "host_order", "host_access", "exec_sp", "monitor",
-    "access_required", "xen", "ram",
+    "altp2m",
+    "nr_altp2m",
+    "origin",
+    "host_order",
+    "host_access",
+    "exec_sp",
+    "monitor",
+    "access_required",
+    "xen",
+    "ram",
 )
 ORIGINS = ("create", "restore")
 # Legacy VGA hole of every HVM guest (emulated MMIO), left out of the fallback RAM (SPEC §3).
@@ -107,14 +140,14 @@ class Selector:
 @dataclass(frozen=True)
 class SetupOp:
     op: str
-    where: str                     # "setup[3]" for messages
+    where: str  # "setup[3]" for messages
     view: int | None = None
-    gfns: Selector | None = None   # set_mem_access, set_suppress_ve, add_ram; `old` of change_gfn
-    new: Selector | None = None    # change_gfn target; None means "invalid"
+    gfns: Selector | None = None  # set_mem_access, set_suppress_ve, add_ram; `old` of change_gfn
+    new: Selector | None = None  # change_gfn target; None means "invalid"
     access: str | None = None
     suppress: bool | None = None
     visible: bool | None = None
-    vcpus: tuple[int, ...] | None = None   # None means "all"
+    vcpus: tuple[int, ...] | None = None  # None means "all"
 
 
 @dataclass(frozen=True)
@@ -148,7 +181,7 @@ class AddressSelector:
 
 @dataclass(frozen=True)
 class OnBreakpoint:
-    action: str            # "step" or "emulate"
+    action: str  # "step" or "emulate"
     to: int = 0
     fast: bool = False
 
@@ -156,9 +189,9 @@ class OnBreakpoint:
 @dataclass(frozen=True)
 class Cr3Rule:
     where: str
-    values: tuple[int, ...]       # CR3 values
-    processes: tuple[str, ...]    # "process:NAME" names, resolved against the trace
-    other: bool                   # "other": any value
+    values: tuple[int, ...]  # CR3 values
+    processes: tuple[str, ...]  # "process:NAME" names, resolved against the trace
+    other: bool  # "other": any value
     to: int
 
 
@@ -175,7 +208,7 @@ class Policy:
     description: str
     source: str
     domain: Domain
-    views: tuple[View, ...]          # declared views (view 0 is implicit)
+    views: tuple[View, ...]  # declared views (view 0 is implicit)
     setup: tuple[SetupOp, ...]
     rules: tuple[Rule, ...]
     on_ve: OnVE | None
@@ -214,7 +247,9 @@ def _gfn(value, where: str) -> int:
         try:
             g = int(value, 0)
         except ValueError:
-            raise _fail(where, f'expected a gfn (integer or hex string like "0x1f000"), found "{value}"') from None
+            raise _fail(
+                where, f'expected a gfn (integer or hex string like "0x1f000"), found "{value}"'
+            ) from None
     else:
         raise _fail(where, f"expected a gfn (integer or hex string), found {value!r}")
     if not 0 <= g < GFN_LIMIT:
@@ -235,14 +270,25 @@ def parse_selector(value, where: str) -> Selector:
             if len(value) != 1:
                 raise _fail(where, "above_ram cannot be combined with set/top")
             pair = value["above_ram"]
-            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in pair) and pair[0] <= pair[1]):
-                raise _fail(where, f"above_ram must be [first_offset, last_offset] with 0 <= first <= last, found {pair!r}")
+            if not (
+                isinstance(pair, list)
+                and len(pair) == 2
+                and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in pair)
+                and pair[0] <= pair[1]
+            ):
+                raise _fail(
+                    where,
+                    f"above_ram must be [first_offset, last_offset] with 0 <= first <= last, found {pair!r}",
+                )
             return Selector(above_ram=(pair[0], pair[1]), text=text)
         if "set" not in value:
             raise _fail(where, 'a selector table needs "set"')
         name = value["set"]
         if not isinstance(name, str) or not (name in SELECTOR_SETS or name.startswith("meta:")):
-            raise _fail(where, f'set must be one of {", ".join(SELECTOR_SETS)} or "meta:NAME", found {name!r}{did_you_mean(name, SELECTOR_SETS)}')
+            raise _fail(
+                where,
+                f'set must be one of {", ".join(SELECTOR_SETS)} or "meta:NAME", found {name!r}{did_you_mean(name, SELECTOR_SETS)}',
+            )
         top = value.get("top")
         if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < 1):
             raise _fail(where, f"top must be a positive integer, found {top!r}")
@@ -278,7 +324,10 @@ def _access(value, where: str, allow_special: bool = True) -> str:
     if not isinstance(value, str) or value not in ACCESS_CODES:
         raise _fail(where, f"unknown access {value!r}{did_you_mean(value, ACCESS_CODES)}")
     if value in ("w", "wx"):
-        raise _fail(where, f'access "{value}" is write-without-read: an EPT misconfiguration that crashes the domain (Xen refuses it)')
+        raise _fail(
+            where,
+            f'access "{value}" is write-without-read: an EPT misconfiguration that crashes the domain (Xen refuses it)',
+        )
     if not allow_special and value in ("rx2rw", "n2rwx"):
         raise _fail(where, f'access "{value}" is not allowed here')
     return value
@@ -317,8 +366,11 @@ def _parse_domain(t: dict) -> Domain:
         raise _fail(where, f'"nr_altp2m" must be in 1..{max_views} for xen {xen_s}, found {nr!r}')
     origin = t.get("origin", "create")
     if origin not in ORIGINS:
-        raise _fail(where, f'"origin" must be "create" or "restore", found {origin!r}'
-                           f'{did_you_mean(origin, ORIGINS) if isinstance(origin, str) else ""}')
+        raise _fail(
+            where,
+            f'"origin" must be "create" or "restore", found {origin!r}'
+            f"{did_you_mean(origin, ORIGINS) if isinstance(origin, str) else ''}",
+        )
     host_order = t.get("host_order", default_host_order(origin, xen))
     if type(host_order) is not int or host_order not in (0, 9, 18):
         raise _fail(where, f'"host_order" must be 0, 9 or 18, found {host_order!r}')
@@ -363,7 +415,7 @@ def _view_ref(value, names: dict[str, int], where: str) -> int:
             return 0
         if value in names:
             return names[value]
-        raise _fail(where, f'unknown view "{value}"{did_you_mean(value, list(names) + ["host"])}')
+        raise _fail(where, f'unknown view "{value}"{did_you_mean(value, [*list(names), "host"])}')
     raise _fail(where, f"expected a view name or index, found {value!r}")
 
 
@@ -372,20 +424,29 @@ MAX_POLICY_BYTES = 16 << 20
 MAX_KEY_PARTS = 100
 _PART = r"""(?:[A-Za-z0-9_-]+|"[^"\n]*"|'[^'\n]*')"""
 # where a key or a table name starts: a line's start (after "[" or "[["), or in an inline table
-_LONG_KEY = re.compile(r"(?:^|[{,])[ \t]*\[{0,2}[ \t]*" + _PART
-                       + r"(?:[ \t]*\.[ \t]*" + _PART + f"){{{MAX_KEY_PARTS}}}", re.MULTILINE)
+_LONG_KEY = re.compile(
+    r"(?:^|[{,])[ \t]*\[{0,2}[ \t]*"
+    + _PART
+    + r"(?:[ \t]*\.[ \t]*"
+    + _PART
+    + f"){{{MAX_KEY_PARTS}}}",
+    re.MULTILINE,
+)
 
 
 def parse_policy(text: str, source: str) -> Policy:
     """Parse and check policy TOML ``text``; ``source`` names it in messages."""
     if len(text) > MAX_POLICY_BYTES:
-        raise PolicyError(f"{source}: {len(text):,} characters; policy files are limited to "
-                          f"{MAX_POLICY_BYTES:,}")
+        raise PolicyError(
+            f"{source}: {len(text):,} characters; policy files are limited to {MAX_POLICY_BYTES:,}"
+        )
     long_key = _LONG_KEY.search(text)
     if long_key is not None:
         line = text.count("\n", 0, long_key.start()) + 1
-        raise PolicyError(f"{source}: line {line}: a dotted key or table name with more than "
-                          f"{MAX_KEY_PARTS} parts")
+        raise PolicyError(
+            f"{source}: line {line}: a dotted key or table name with more than "
+            f"{MAX_KEY_PARTS} parts"
+        )
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -451,7 +512,10 @@ def _build(doc: dict, text: str, source: str) -> Policy:
             idx = next_free
             taken.add(idx)
         if idx >= domain.nr_altp2m:
-            raise _fail(where, f"view index {idx} is not below nr_altp2m = {domain.nr_altp2m}: Xen has no free slot for it")
+            raise _fail(
+                where,
+                f"view index {idx} is not below nr_altp2m = {domain.nr_altp2m}: Xen has no free slot for it",
+            )
         access = _access(v.get("default_access", domain.host_access), where + " default_access")
         views.append(View(vname, idx, access, _bool(v, "visible", True, where)))
         names[vname] = idx
@@ -466,12 +530,29 @@ def _build(doc: dict, text: str, source: str) -> Policy:
 
     check_cost_table(costs, "[costs]")
     breakpoints = _parse_breakpoints(doc.get("breakpoints"))
-    fallback = _parse_breakpoints(doc["breakpoints"], "fallback") if breakpoints and "fallback" in doc["breakpoints"] else None
+    fallback = (
+        _parse_breakpoints(doc["breakpoints"], "fallback")
+        if breakpoints and "fallback" in doc["breakpoints"]
+        else None
+    )
     on_breakpoint = _parse_on_breakpoint(doc.get("on_breakpoint"), names, domain)
     on_cr3 = _parse_on_cr3(doc.get("on_cr3"), names, domain)
-    policy = Policy(name, description, source, domain, tuple(views), setup, rules, on_ve, dict(costs), text,
-                    breakpoints=breakpoints, on_breakpoint=on_breakpoint, on_cr3=on_cr3,
-                    breakpoints_fallback=fallback)
+    policy = Policy(
+        name,
+        description,
+        source,
+        domain,
+        tuple(views),
+        setup,
+        rules,
+        on_ve,
+        dict(costs),
+        text,
+        breakpoints=breakpoints,
+        on_breakpoint=on_breakpoint,
+        on_cr3=on_cr3,
+        breakpoints_fallback=fallback,
+    )
     _check_semantics(policy)
     return policy
 
@@ -496,15 +577,33 @@ def _parse_setup(raw, names: dict[str, int], domain: Domain) -> list[SetupOp]:
             raise _fail(where, f"{op} needs altp2m; this policy sets [domain] altp2m = false")
         view = _view_ref(t["view"], names, where) if "view" in t else None
         if op == "set_mem_access":
-            ops.append(SetupOp(op, where, view=view, gfns=parse_selector(t["gfns"], where + " gfns"),
-                               access=_access(t["access"], where + " access")))
+            ops.append(
+                SetupOp(
+                    op,
+                    where,
+                    view=view,
+                    gfns=parse_selector(t["gfns"], where + " gfns"),
+                    access=_access(t["access"], where + " access"),
+                )
+            )
         elif op == "change_gfn":
             new = t["new"]
             new_sel = None if new == "invalid" else parse_selector(new, where + " new")
-            ops.append(SetupOp(op, where, view=view, gfns=parse_selector(t["old"], where + " old"), new=new_sel))
+            ops.append(
+                SetupOp(
+                    op, where, view=view, gfns=parse_selector(t["old"], where + " old"), new=new_sel
+                )
+            )
         elif op == "set_suppress_ve":
-            ops.append(SetupOp(op, where, view=view, gfns=parse_selector(t["gfns"], where + " gfns"),
-                               suppress=_bool(t, "suppress", True, where)))
+            ops.append(
+                SetupOp(
+                    op,
+                    where,
+                    view=view,
+                    gfns=parse_selector(t["gfns"], where + " gfns"),
+                    suppress=_bool(t, "suppress", True, where),
+                )
+            )
         elif op == "set_visibility":
             ops.append(SetupOp(op, where, view=view, visible=_bool(t, "visible", True, where)))
         elif op == "add_ram":
@@ -515,10 +614,15 @@ def _parse_setup(raw, names: dict[str, int], domain: Domain) -> list[SetupOp]:
             vc = t.get("vcpus", "all")
             if vc == "all":
                 vcpus = None
-            elif isinstance(vc, list) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 4096 for x in vc):
+            elif isinstance(vc, list) and all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 4096 for x in vc
+            ):
                 vcpus = tuple(sorted(set(vc)))
             else:
-                raise _fail(where, f'"vcpus" must be "all" or a list of vCPU numbers (0..4095), found {vc!r}')
+                raise _fail(
+                    where,
+                    f'"vcpus" must be "all" or a list of vCPU numbers (0..4095), found {vc!r}',
+                )
             ops.append(SetupOp(op, where, vcpus=vcpus))
     return ops
 
@@ -534,19 +638,31 @@ def _parse_rules(raw, names: dict[str, int], domain: Domain) -> list[Rule]:
         _check_keys(t, RULE_KEYS, where)
         action = t.get("action")
         if not _one_of(action, RESPONSE_CODES):
-            raise _fail(where, f"unknown action {shown(action)}{did_you_mean(action, RESPONSE_CODES)}")
+            raise _fail(
+                where, f"unknown action {shown(action)}{did_you_mean(action, RESPONSE_CODES)}"
+            )
         if not domain.altp2m and action in ("step", "switch"):
-            raise _fail(where, f'action "{action}" switches views, which needs altp2m; with altp2m = false only emulate and set-access exist')
+            raise _fail(
+                where,
+                f'action "{action}" switches views, which needs altp2m; with altp2m = false only emulate and set-access exist',
+            )
         view = _view_ref(t["view"], names, where) if "view" in t else None
         kinds = None
         if "kind" in t:
             k = t["kind"]
             ks = [k] if isinstance(k, str) else k
             if not isinstance(ks, list) or not ks or any(not _one_of(x, KIND_CODES) for x in ks):
-                raise _fail(where, f'"kind" must be "r", "w", "x" or a list of them, found {shown(k)}')
+                raise _fail(
+                    where, f'"kind" must be "r", "w", "x" or a list of them, found {shown(k)}'
+                )
             kinds = tuple(sorted(set(ks)))
         gfns = parse_selector(t["gfns"], where + " gfns") if "gfns" in t else None
-        extra = {"step": ("to", "fast"), "switch": ("to",), "set-access": ("access",), "emulate": ()}[action]
+        extra = {
+            "step": ("to", "fast"),
+            "switch": ("to",),
+            "set-access": ("access",),
+            "emulate": (),
+        }[action]
         for key in ("to", "fast", "access"):
             if key in t and key not in extra:
                 raise _fail(where, f'"{key}" does not apply to action "{action}"')
@@ -554,11 +670,16 @@ def _parse_rules(raw, names: dict[str, int], domain: Domain) -> list[Rule]:
             raise _fail(where, 'action "switch" needs "to"')
         to = _view_ref(t["to"], names, where + " to") if "to" in t else 0
         if action in ("step", "switch") and view is not None and to == view:
-            raise _fail(where, f'"to" is the view the rule filters on ({t.get("to", 0)!r}): the access would fault again in the same view')
+            raise _fail(
+                where,
+                f'"to" is the view the rule filters on ({t.get("to", 0)!r}): the access would fault again in the same view',
+            )
         fast = _bool(t, "fast", False, where)
         if fast and domain.xen < (4, 14):
             raise _fail(where, "fast single-step needs xen >= 4.14")
-        access = _access(t.get("access", "rwx"), where + " access") if action == "set-access" else "rwx"
+        access = (
+            _access(t.get("access", "rwx"), where + " access") if action == "set-access" else "rwx"
+        )
         rules.append(Rule(where, action, view, kinds, gfns, to, fast, access))
     return rules
 
@@ -590,7 +711,9 @@ def _address(value, where: str) -> int:
         try:
             value = int(value, 16) if value.lower().startswith("0x") else int(value)
         except ValueError:
-            raise _fail(where, f"expected an address (integer or hex string), found {value!r}") from None
+            raise _fail(
+                where, f"expected an address (integer or hex string), found {value!r}"
+            ) from None
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 48:
         raise _fail(where, f"expected an address below 2^48, found {value!r}")
     return value
@@ -660,15 +783,21 @@ def _parse_on_breakpoint(raw, names: dict[str, int], domain: Domain) -> OnBreakp
     _check_keys(raw, ON_BREAKPOINT_KEYS, where)
     action = raw.get("action")
     if action not in ("step", "emulate"):
-        raise _fail(where, f'action must be "step" or "emulate", found {action!r}'
-                           f'{did_you_mean(action, ("step", "emulate")) if isinstance(action, str) else ""}')
+        raise _fail(
+            where,
+            f'action must be "step" or "emulate", found {action!r}'
+            f"{did_you_mean(action, ('step', 'emulate')) if isinstance(action, str) else ''}",
+        )
     if action == "emulate":
         for key in ("to", "fast"):
             if key in raw:
                 raise _fail(where, f'"{key}" does not apply to action "emulate"')
         return OnBreakpoint(action)
     if not domain.altp2m:
-        raise _fail(where, 'action "step" switches views, which needs altp2m; with altp2m = false use "emulate"')
+        raise _fail(
+            where,
+            'action "step" switches views, which needs altp2m; with altp2m = false use "emulate"',
+        )
     fast = _bool(raw, "fast", False, where)
     if fast and domain.xen < (4, 14):
         raise _fail(where, "fast single-step needs xen >= 4.14")
@@ -689,7 +818,9 @@ def _parse_on_cr3(raw, names: dict[str, int], domain: Domain) -> OnCr3 | None:
     if not isinstance(switches, list):
         raise _fail(where, '"switch" must be an array of tables ([[on_cr3.switch]])')
     if switches and not sync:
-        raise _fail(where, "[[on_cr3.switch]] needs sync = true: an asynchronous event has no response")
+        raise _fail(
+            where, "[[on_cr3.switch]] needs sync = true: an asynchronous event has no response"
+        )
     if switches and not domain.altp2m:
         raise _fail(where, "[[on_cr3.switch]] switches views, which needs altp2m")
     for i, t in enumerate(switches):
@@ -712,8 +843,13 @@ def _parse_on_cr3(raw, names: dict[str, int], domain: Domain) -> OnCr3 | None:
             elif isinstance(v, str) and v.lower().startswith("0x"):
                 values.append(_ip(v, w))
             else:
-                raise _fail(w, f'"cr3" must be an integer, "process:NAME", "other" or a list of them, found {v!r}')
-        rules.append(Cr3Rule(w, tuple(values), tuple(procs), other, _view_ref(t["to"], names, w + " to")))
+                raise _fail(
+                    w,
+                    f'"cr3" must be an integer, "process:NAME", "other" or a list of them, found {v!r}',
+                )
+        rules.append(
+            Cr3Rule(w, tuple(values), tuple(procs), other, _view_ref(t["to"], names, w + " to"))
+        )
     return OnCr3(sync, _bool(raw, "onchangeonly", True, where), tuple(rules))
 
 
@@ -725,29 +861,50 @@ def _check_semantics(p: Policy) -> None:
         if op.op == "set_visibility":
             visible[op.view] = op.visible
         elif op.op == "switch_p2m" and not visible[op.view]:
-            raise _fail(op.where, f"switch_p2m to invisible view {p.view_name(op.view)!r}: Xen returns -EINVAL")
+            raise _fail(
+                op.where,
+                f"switch_p2m to invisible view {p.view_name(op.view)!r}: Xen returns -EINVAL",
+            )
         elif op.op == "enable_notify":
             notify_any = True
     clears_sve = any(op.op == "set_suppress_ve" and not op.suppress for op in p.setup)
     if p.on_ve is None and notify_any and clears_sve:
-        raise _fail("[on_ve]", "enable_notify and set_suppress_ve = false make violations #VEs, "
-                    "but no [on_ve] agent says what the guest does with them: add [on_ve]")
+        raise _fail(
+            "[on_ve]",
+            "enable_notify and set_suppress_ve = false make violations #VEs, "
+            "but no [on_ve] agent says what the guest does with them: add [on_ve]",
+        )
     if p.on_ve is not None:
         if not notify_any:
-            raise _fail("[on_ve]", "the #VE agent needs #VE and VMFUNC: add a setup op enable_notify for its vCPUs")
+            raise _fail(
+                "[on_ve]",
+                "the #VE agent needs #VE and VMFUNC: add a setup op enable_notify for its vCPUs",
+            )
         if p.on_ve.action != "emulate" and not visible.get(p.on_ve.to, False):
-            raise _fail("[on_ve]", f"VMFUNC target view {p.view_name(p.on_ve.to)!r} is invisible at the end of setup: the guest's VMFUNC would raise #UD")
+            raise _fail(
+                "[on_ve]",
+                f"VMFUNC target view {p.view_name(p.on_ve.to)!r} is invisible at the end of setup: the guest's VMFUNC would raise #UD",
+            )
     if p.breakpoints is not None:
         if not p.domain.monitor:
-            raise _fail("[breakpoints]", "breakpoint hits are events to a monitor: [domain] monitor = false has none")
+            raise _fail(
+                "[breakpoints]",
+                "breakpoint hits are events to a monitor: [domain] monitor = false has none",
+            )
         if p.on_breakpoint is None:
-            raise _fail("[breakpoints]", "needs [on_breakpoint] to say how the monitor answers a hit")
+            raise _fail(
+                "[breakpoints]", "needs [on_breakpoint] to say how the monitor answers a hit"
+            )
     elif p.on_breakpoint is not None:
         raise _fail("[on_breakpoint]", "there are no [breakpoints] to answer")
     if any(op.op == "write_breakpoints" for op in p.setup) and p.breakpoints is None:
         raise _fail("[[setup]]", "write_breakpoints needs a [breakpoints] table")
-    uses_bp_set = any(sel is not None and sel.set == "breakpoints"
-                      for sel in [op.gfns for op in p.setup] + [op.new for op in p.setup] + [r.gfns for r in p.rules])
+    uses_bp_set = any(
+        sel is not None and sel.set == "breakpoints"
+        for sel in [op.gfns for op in p.setup]
+        + [op.new for op in p.setup]
+        + [r.gfns for r in p.rules]
+    )
     if uses_bp_set and p.breakpoints is None:
         raise _fail("policy", '{ set = "breakpoints" } needs a [breakpoints] table')
     if p.on_cr3 is not None and not p.domain.monitor:
@@ -761,7 +918,9 @@ def builtin_names() -> list[str]:
 
 
 def builtin_text(name: str) -> str:
-    return (resources.files("altp2m_replay") / "policies" / f"{name}.toml").read_text(encoding="utf-8")
+    return (resources.files("altp2m_replay") / "policies" / f"{name}.toml").read_text(
+        encoding="utf-8"
+    )
 
 
 def load_policy(ref: str) -> Policy:
@@ -779,7 +938,9 @@ def load_policy(ref: str) -> Policy:
         return parse_policy(text, str(ref))
     names = builtin_names()
     if ref not in names:
-        raise PolicyError(f'no policy file or built-in policy named "{ref}"{did_you_mean(ref, names)}')
+        raise PolicyError(
+            f'no policy file or built-in policy named "{ref}"{did_you_mean(ref, names)}'
+        )
     return parse_policy(builtin_text(ref), f"builtin:{ref}")
 
 
@@ -834,13 +995,20 @@ def gfns_to_ranges(gfns: np.ndarray) -> np.ndarray:
 def needs_page_counts(p: Policy) -> bool:
     sels = [op.gfns for op in p.setup] + [op.new for op in p.setup] + [r.gfns for r in p.rules]
     # a meta: set needs no counts unless ``top`` ranks its members by them
-    return any(s is not None and s.set is not None and s.set != "breakpoints"
-               and (not s.set.startswith("meta:") or s.top is not None) for s in sels)
+    return any(
+        s is not None
+        and s.set is not None
+        and s.set != "breakpoints"
+        and (not s.set.startswith("meta:") or s.top is not None)
+        for s in sels
+    )
 
 
 def needs_insn_stats(p: Policy) -> bool:
     """Whether resolving the policy's breakpoints needs the trace's instruction statistics."""
-    return any(a.ips or a.symbols or a.set for a in (p.breakpoints or ()) + (p.breakpoints_fallback or ()))
+    return any(
+        a.ips or a.symbols or a.set for a in (p.breakpoints or ()) + (p.breakpoints_fallback or ())
+    )
 
 
 def resolve_breakpoints(p: Policy, facts: TraceFacts, warnings: list[str]) -> np.ndarray:
@@ -861,13 +1029,17 @@ def resolve_breakpoints(p: Policy, facts: TraceFacts, warnings: list[str]) -> np
         out.extend(sel.addresses)
         for ip in sel.ips:
             if (a := first_address(ip)) is None:
-                warnings.append(f"[breakpoints]: ip {ip:#x} is never executed by the trace; skipped")
+                warnings.append(
+                    f"[breakpoints]: ip {ip:#x} is never executed by the trace; skipped"
+                )
             else:
                 out.append(a)
         for pattern in sel.symbols:
             names = sorted(n for n in facts.symbols if fnmatch.fnmatchcase(n, pattern))
             if not names:
-                warnings.append(f"[breakpoints]: symbol {pattern!r} matches nothing in the trace's symbols")
+                warnings.append(
+                    f"[breakpoints]: symbol {pattern!r} matches nothing in the trace's symbols"
+                )
             unexecuted = 0
             for n in names:
                 if (a := first_address(facts.symbols[n] % (1 << 64))) is None:
@@ -875,8 +1047,10 @@ def resolve_breakpoints(p: Policy, facts: TraceFacts, warnings: list[str]) -> np
                 else:
                     out.append(a)
             if unexecuted:
-                warnings.append(f"[breakpoints]: {unexecuted} of the {len(names)} symbols matching "
-                                f"{pattern!r} are never executed by the trace; skipped")
+                warnings.append(
+                    f"[breakpoints]: {unexecuted} of the {len(names)} symbols matching "
+                    f"{pattern!r} are never executed by the trace; skipped"
+                )
         if sel.set == "executed_ips":
             addrs, counts = facts.insn_starts or (np.zeros(0, np.uint64), np.zeros(0, np.int64))
             order = np.lexsort((addrs, -np.asarray(counts, dtype=np.int64)))
@@ -911,10 +1085,13 @@ def _check_breakpoint_step(p: Policy, bps: np.ndarray, ranges: dict[int, np.ndar
                 raise PolicyError(
                     f"[on_breakpoint]: step to view {p.view_name(bp.to)!r} maps, at gfn {g:#x}, the frame "
                     f"write_breakpoints put an INT3 in: the restarted instruction would trap again at "
-                    f"every restart (step into a view that shows the original frame)")
+                    f"every restart (step into a view that shows the original frame)"
+                )
 
 
-def resolve_cr3_rules(p: Policy, facts: TraceFacts, warnings: list[str]) -> list[tuple[tuple[int, ...], bool, int]]:
+def resolve_cr3_rules(
+    p: Policy, facts: TraceFacts, warnings: list[str]
+) -> list[tuple[tuple[int, ...], bool, int]]:
     """``[[on_cr3.switch]]`` rules as (CR3 values, matches any value, view to switch to)."""
     out = []
     for r in p.on_cr3.switch if p.on_cr3 else ():
@@ -923,7 +1100,9 @@ def resolve_cr3_rules(p: Policy, facts: TraceFacts, warnings: list[str]) -> list
             if name in facts.processes:
                 values.append(int(facts.processes[name]))
             else:
-                warnings.append(f"{r.where}: the trace names no process {name!r}; \"process:{name}\" matches nothing")
+                warnings.append(
+                    f'{r.where}: the trace names no process {name!r}; "process:{name}" matches nothing'
+                )
         out.append((tuple(values), r.other, r.to))
     return out
 
@@ -954,8 +1133,14 @@ class ResolvedSelectors:
     cr3_rules: list = field(default_factory=list)
 
 
-def resolve_selector(sel: Selector, facts: TraceFacts, ram_top: int, warnings: list[str], where: str,
-                     breakpoints: np.ndarray | None = None) -> np.ndarray:
+def resolve_selector(
+    sel: Selector,
+    facts: TraceFacts,
+    ram_top: int,
+    warnings: list[str],
+    where: str,
+    breakpoints: np.ndarray | None = None,
+) -> np.ndarray:
     """Turn one selector into sorted merged ranges (int64, shape (n, 2))."""
     if sel.above_ram is not None:
         a, b = sel.above_ram
@@ -966,16 +1151,26 @@ def resolve_selector(sel: Selector, facts: TraceFacts, ram_top: int, warnings: l
     if sel.set is None:
         return merge_ranges(sel.ranges)
     if sel.set == "breakpoints":
-        return gfns_to_ranges(np.unique(breakpoints >> 12)) if breakpoints is not None else np.zeros((0, 2), np.int64)
+        return (
+            gfns_to_ranges(np.unique(breakpoints >> 12))
+            if breakpoints is not None
+            else np.zeros((0, 2), np.int64)
+        )
     if sel.set.startswith("meta:"):
         set_name = sel.set[5:]
         if set_name not in facts.gfn_sets:
-            warnings.append(f"{where}: the trace has no gfn set \"{set_name}\" in its metadata; the selector is empty")
+            warnings.append(
+                f'{where}: the trace has no gfn set "{set_name}" in its metadata; the selector is empty'
+            )
             return np.zeros((0, 2), dtype=np.int64)
         ranges = merge_ranges(facts.gfn_sets[set_name])
         if sel.top is None:
             return ranges
-        gfns, counts = facts.page_counts["touched"] if facts.page_counts else (np.zeros(0, np.uint64), np.zeros(0, np.int64))
+        gfns, counts = (
+            facts.page_counts["touched"]
+            if facts.page_counts
+            else (np.zeros(0, np.uint64), np.zeros(0, np.int64))
+        )
         g = gfns.astype(np.int64)
         inside = np.zeros(len(g), dtype=bool)
         for a, b in ranges:
@@ -984,8 +1179,10 @@ def resolve_selector(sel: Selector, facts: TraceFacts, ram_top: int, warnings: l
         short = sel.top - range_count(touched)
         if short > 0:
             # every member counts, touched or not: untouched ones rank last, lowest gfn first
-            touched = merge_ranges(list(map(tuple, touched)) +
-                                   list(map(tuple, _first_n(_subtract(ranges, g[inside]), short))))
+            touched = merge_ranges(
+                list(map(tuple, touched))
+                + list(map(tuple, _first_n(_subtract(ranges, g[inside]), short)))
+            )
         return touched
     if facts.page_counts is None:
         raise PolicyError(f"{where}: selector {sel.text} needs the trace's page counts")
@@ -1038,16 +1235,22 @@ def resolve_all(p: Policy, facts: TraceFacts) -> tuple[np.ndarray, ResolvedSelec
     out: dict[int, np.ndarray] = {}
     try:
         if p.breakpoints is not None and not facts.byte_addresses:
-            raise PolicyError("[breakpoints] need a trace whose instructions have byte addresses "
-                              "(a gpa column, or gfn and ip); this trace has neither")
+            raise PolicyError(
+                "[breakpoints] need a trace whose instructions have byte addresses "
+                "(a gpa column, or gfn and ip); this trace has neither"
+            )
         bps = resolve_breakpoints(p, facts, warnings)
         for op in p.setup:
             for sel, tag in ((op.gfns, "gfns"), (op.new, "new")):
                 if sel is not None:
-                    out[id(sel)] = resolve_selector(sel, facts, ram_top, warnings, f"{op.where} {tag}", bps)
+                    out[id(sel)] = resolve_selector(
+                        sel, facts, ram_top, warnings, f"{op.where} {tag}", bps
+                    )
         for r in p.rules:
             if r.gfns is not None:
-                out[id(r.gfns)] = resolve_selector(r.gfns, facts, ram_top, warnings, f"{r.where} gfns", bps)
+                out[id(r.gfns)] = resolve_selector(
+                    r.gfns, facts, ram_top, warnings, f"{r.where} gfns", bps
+                )
         cr3 = resolve_cr3_rules(p, facts, warnings)
         _check_breakpoint_step(p, bps, out)
     except PolicyError as exc:
@@ -1103,7 +1306,9 @@ def iter_gfn_chunks(ranges: np.ndarray, chunk: int = 1 << 20):
             yield np.arange(lo, min(int(b), lo + chunk - 1) + 1, dtype=np.int64)
 
 
-def page_counts_from_arrays(gfn: np.ndarray, access: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def page_counts_from_arrays(
+    gfn: np.ndarray, access: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Rows per gfn for the selector sets: gfn uint64 (n,), access uint8 (n,)."""
     out = {}
     for name, bit in (("read", 1), ("written", 2), ("executed", 4), ("touched", 7)):
@@ -1112,8 +1317,14 @@ def page_counts_from_arrays(gfn: np.ndarray, access: np.ndarray) -> dict[str, tu
     return out
 
 
-def facts_from_arrays(arrays: dict[str, np.ndarray], meta_ram=None, gfn_sets=None, symbols=None,
-                      processes=None, insn_stats: bool = False) -> TraceFacts:
+def facts_from_arrays(
+    arrays: dict[str, np.ndarray],
+    meta_ram=None,
+    gfn_sets=None,
+    symbols=None,
+    processes=None,
+    insn_stats: bool = False,
+) -> TraceFacts:
     """TraceFacts for an in-memory trace (``gfn`` and ``access`` arrays; optional ``op``,
     ``vcpu``, ``insn``, ``ip``, ``gpa``). ``insn_stats`` walks the rows in Python: for the
     small traces of tests and examples."""
@@ -1138,7 +1349,9 @@ def facts_from_arrays(arrays: dict[str, np.ndarray], meta_ram=None, gfn_sets=Non
     return facts
 
 
-def _insn_stats(arrays, gfn, access, op) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def _insn_stats(
+    arrays, gfn, access, op
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """(insn_starts, ip_first) of TraceFacts, one row at a time (SPEC §2 instructions)."""
     n = len(gfn)
     vcpu = arrays.get("vcpu")
@@ -1164,5 +1377,10 @@ def _insn_stats(arrays, gfn, access, op) -> tuple[tuple[np.ndarray, np.ndarray],
             first_of_ip.setdefault(int(ip[r]), addr)
     sa = sorted(starts)
     si = sorted(first_of_ip)
-    return ((np.asarray(sa, dtype=np.uint64), np.asarray([starts[a] for a in sa], dtype=np.int64)),
-            (np.asarray(si, dtype=np.uint64), np.asarray([first_of_ip[i] for i in si], dtype=np.uint64)))
+    return (
+        (np.asarray(sa, dtype=np.uint64), np.asarray([starts[a] for a in sa], dtype=np.int64)),
+        (
+            np.asarray(si, dtype=np.uint64),
+            np.asarray([first_of_ip[i] for i in si], dtype=np.uint64),
+        ),
+    )

@@ -55,11 +55,18 @@ def prefetch(it, depth: int = 2):
                 worker.join(0.05)
 
 
-def side_by_side(items: Iterable, n: int, feed: Callable[[int, Any], bool],
-                 finish: Callable[[int], Any], threads: int = 1, *, read_all: bool = False,
-                 settle: Callable[[], bool] = lambda: True,
-                 on_item: Callable[[Any], None] | None = None,
-                 cpu: dict[str, float] | None = None) -> list | None:
+def side_by_side(
+    items: Iterable,
+    n: int,
+    feed: Callable[[int, Any], bool],
+    finish: Callable[[int], Any],
+    threads: int = 1,
+    *,
+    read_all: bool = False,
+    settle: Callable[[], bool] = lambda: True,
+    on_item: Callable[[Any], None] | None = None,
+    cpu: dict[str, float] | None = None,
+) -> list | None:
     """Hand every item of ``items`` to each of ``n`` consumers in order; then finish each.
 
     ``feed(i, item)`` gives consumer i its next item and returns True when it wants no more
@@ -129,15 +136,15 @@ class _Crew:
         self.n, self.feed, self.finish, self.threads = n, feed, finish, threads
         self.cond = threading.Condition()
         self.window = threads + 2
-        self.held: dict[int, Any] = {}   # item index -> item, while a consumer still needs it
-        self.produced = 0                # items handed out so far
-        self.cursor = [0] * n            # each consumer's next item
+        self.held: dict[int, Any] = {}  # item index -> item, while a consumer still needs it
+        self.produced = 0  # items handed out so far
+        self.cursor = [0] * n  # each consumer's next item
         self.busy = [False] * n
-        self.halted = [False] * n        # takes no more items (wants none, or failed)
+        self.halted = [False] * n  # takes no more items (wants none, or failed)
         self.results: list = [None] * n
         self.finished = [False] * n
         self.errors: list[tuple[int, int, BaseException]] = []
-        self.limit: int | None = None    # earliest item with an error so far
+        self.limit: int | None = None  # earliest item with an error so far
         self.finishing = False
         self.closing = False
 
@@ -157,9 +164,9 @@ class _Crew:
     def _task(self):
         best = None
         for i in range(self.n):
-            if not self.busy[i] and self._needs_more(i) and self.cursor[i] < self.produced:
-                if best is None or self.cursor[i] < self.cursor[best]:
-                    best = i
+            ready = not self.busy[i] and self._needs_more(i) and self.cursor[i] < self.produced
+            if ready and (best is None or self.cursor[i] < self.cursor[best]):
+                best = i
         if best is not None:
             return "feed", best
         if self.finishing:
@@ -170,7 +177,8 @@ class _Crew:
 
     def _fed_all(self) -> bool:
         return not any(self.busy) and all(
-            not self._needs_more(i) or self.cursor[i] >= self.produced for i in range(self.n))
+            not self._needs_more(i) or self.cursor[i] >= self.produced for i in range(self.n)
+        )
 
     def _fail(self, k: int, i: int, exc: BaseException) -> None:
         self.errors.append((k, i, exc))
@@ -215,8 +223,10 @@ class _Crew:
 
     # -- the calling thread
     def run(self, items, read_all, settle, on_item):
-        workers = [threading.Thread(target=self._work, name=f"side-by-side-{w}", daemon=True)
-                   for w in range(min(self.threads, self.n))]
+        workers = [
+            threading.Thread(target=self._work, name=f"side-by-side-{w}", daemon=True)
+            for w in range(min(self.threads, self.n))
+        ]
         for w in workers:
             w.start()
         source = prefetch(items)
@@ -225,8 +235,9 @@ class _Crew:
             try:
                 for item in source:
                     with self.cond:
-                        self.cond.wait_for(lambda k=k: self.limit is not None
-                                           or k - self._oldest() < self.window)
+                        self.cond.wait_for(
+                            lambda k=k: self.limit is not None or k - self._oldest() < self.window
+                        )
                         if self.limit is not None:
                             break  # an earlier item failed: later ones change nothing
                         if not read_all and all(self.halted):

@@ -41,8 +41,10 @@ class Progress:
         rate = self.rows / (now - self.t0) if now > self.t0 else 0.0
         frac = self.rows / self.total if self.total else 1.0
         bar = "#" * int(30 * frac)
-        self.stream.write(f"\r{self.label} [{bar:<30}] {frac:6.1%}  {self.rows / 1e6:,.1f}/"
-                          f"{self.total / 1e6:,.1f} M rows  {rate / 1e6:,.1f} M rows/s")
+        self.stream.write(
+            f"\r{self.label} [{bar:<30}] {frac:6.1%}  {self.rows / 1e6:,.1f}/"
+            f"{self.total / 1e6:,.1f} M rows  {rate / 1e6:,.1f} M rows/s"
+        )
         self.stream.flush()
 
     def done(self) -> None:

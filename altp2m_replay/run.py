@@ -89,7 +89,8 @@ def lean_kernel_loads() -> bool:
     if getattr(cache.load_overload, "lean", False):
         return True
     if os.environ.get("ALTP2M_REPLAY_NUMBA_FULL_INIT") or not all(
-            hasattr(cache, a) for a in ("_load_overload", "_guard_against_spurious_io_errors")):
+        hasattr(cache, a) for a in ("_load_overload", "_guard_against_spurious_io_errors")
+    ):
         return False
 
     def load_overload(self, sig, target_context):
@@ -123,7 +124,9 @@ def expand_trace_args(args) -> list[Path]:
     for p in paths:
         name = trace_name(p)
         if name in seen:
-            raise TraceError(f"two traces are named {name!r} ({seen[name]} and {p}); trace names must be unique in a run")
+            raise TraceError(
+                f"two traces are named {name!r} ({seen[name]} and {p}); trace names must be unique in a run"
+            )
         seen[name] = p
     return paths
 
@@ -153,8 +156,9 @@ class CellOutput:
     costs: dict[str, float]
 
 
-def trace_facts(path: Path, page_counts: bool,
-                insn_stats: bool = False) -> tuple[traces.TraceStats, TraceFacts]:
+def trace_facts(
+    path: Path, page_counts: bool, insn_stats: bool = False
+) -> tuple[traces.TraceStats, TraceFacts]:
     """Validate one trace (full streaming pass) and gather what selector resolution needs
     (``insn_stats``: also instruction starts by byte address and each ip's first one)."""
     tr = traces.open_trace(path)
@@ -163,15 +167,22 @@ def trace_facts(path: Path, page_counts: bool,
 
 
 def _facts(tr: traces.Trace, stats: traces.TraceStats) -> TraceFacts:
-    return TraceFacts(max_gfn=stats.max_gfn, meta_ram=tr.meta.ram,
-                      gfn_sets=dict(tr.meta.gfn_sets or {}), page_counts=stats.page_counts,
-                      symbols=dict(tr.meta.symbols), processes=dict(tr.meta.processes),
-                      byte_addresses=tr.byte_addresses, insn_starts=stats.insn_starts,
-                      ip_first=stats.ip_first)
+    return TraceFacts(
+        max_gfn=stats.max_gfn,
+        meta_ram=tr.meta.ram,
+        gfn_sets=dict(tr.meta.gfn_sets or {}),
+        page_counts=stats.page_counts,
+        symbols=dict(tr.meta.symbols),
+        processes=dict(tr.meta.processes),
+        byte_addresses=tr.byte_addresses,
+        insn_starts=stats.insn_starts,
+        ip_first=stats.ip_first,
+    )
 
 
-def replay_facts(path: Path, page_counts: bool,
-                 insn_stats: bool = False) -> tuple[traces.TraceStats, TraceFacts, bool]:
+def replay_facts(
+    path: Path, page_counts: bool, insn_stats: bool = False
+) -> tuple[traces.TraceStats, TraceFacts, bool]:
     """What replay_trace needs before its first batch, and whether values are checked yet.
 
     Without page counts, when Parquet statistics prove the gfn range, only metadata is read
@@ -189,9 +200,18 @@ def replay_facts(path: Path, page_counts: bool,
     return stats, facts, True
 
 
-def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profile: str | None,
-                 window: int | None, batch_rows: int | None = None, prepared=None,
-                 progress=None, threads: int = 1, cpu: dict | None = None) -> list[CellOutput]:
+def replay_trace(
+    path: Path,
+    policies: list[Policy],
+    cost_overrides: dict,
+    profile: str | None,
+    window: int | None,
+    batch_rows: int | None = None,
+    prepared=None,
+    progress=None,
+    threads: int = 1,
+    cpu: dict | None = None,
+) -> list[CellOutput]:
     """Replay one trace under every policy with a single decode of the trace.
 
     ``prepared`` is ``replay_facts``'s result when the caller has it already;
@@ -206,21 +226,36 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     """
     path = Path(path)
     if prepared is None:
-        prepared = replay_facts(path, any(needs_page_counts(p) for p in policies),
-                                any(needs_insn_stats(p) for p in policies))
+        prepared = replay_facts(
+            path,
+            any(needs_page_counts(p) for p in policies),
+            any(needs_insn_stats(p) for p in policies),
+        )
     stats, facts, checked = prepared
     tr = traces.open_trace(path)
     validator = None if checked else traces.Validator(tr)
     t0 = time.perf_counter()
-    columns = ["gfn", "access", "vcpu"] + [c for c in ("insn", "tsc", "ip", "op", "arg") if c in tr.columns]
+    columns = ["gfn", "access", "vcpu"] + [
+        c for c in ("insn", "tsc", "ip", "op", "arg") if c in tr.columns
+    ]
     if any(p.breakpoints is not None for p in policies) and "gpa" in tr.columns:
         columns.append("gpa")  # byte addresses of fetches, for breakpoints
     seen = rerun = None
 
     def feed(i: int, b: traces.Batch) -> bool:
         r = reps[i]
-        r.feed(b.gfn, b.access, b.vcpu, b.insn, b.tsc, start_row=b.start, ip=b.ip, op=b.op, arg=b.arg,
-               gpa=b.gpa)
+        r.feed(
+            b.gfn,
+            b.access,
+            b.vcpu,
+            b.insn,
+            b.tsc,
+            start_row=b.start,
+            ip=b.ip,
+            op=b.op,
+            arg=b.arg,
+            gpa=b.gpa,
+        )
         return r.done  # the guest crashed: nothing more to replay
 
     def settle() -> bool:
@@ -245,19 +280,42 @@ def replay_trace(path: Path, policies: list[Policy], cost_overrides: dict, profi
     try:
         reps = [Replayer(p, facts, stats.vcpus, stats.rows, window=window) for p in policies]
         batches = tr.batches(batch_rows=batch_rows, columns=tuple(columns), validator=validator)
-        done = side_by_side(batches, len(reps), feed, finish, threads, read_all=validator is not None,
-                            settle=settle, on_item=None if progress is None else advance, cpu=cpu)
+        done = side_by_side(
+            batches,
+            len(reps),
+            feed,
+            finish,
+            threads,
+            read_all=validator is not None,
+            settle=settle,
+            on_item=None if progress is None else advance,
+            cpu=cpu,
+        )
     except (ReplayRuntimeError, PolicyError) as exc:
         # The engine knows the row and the policy; the user also needs the trace file.
         raise type(exc)(f"{path}: {exc}") from None
     if done is None:
         # column statistics disagreed with the values: replay again from the facts the
         # checks gathered (progress has counted these rows once already)
-        return replay_trace(path, policies, cost_overrides, profile, window, batch_rows,
-                            (rerun, _facts(tr, rerun), True), None, threads, cpu)
+        return replay_trace(
+            path,
+            policies,
+            cost_overrides,
+            profile,
+            window,
+            batch_rows,
+            (rerun, _facts(tr, rerun), True),
+            None,
+            threads,
+            cpu,
+        )
     elapsed = time.perf_counter() - t0
-    return [CellOutput(tr.name, p.name, tables, elapsed / len(reps), res.total["records"], res.warnings, costs)
-            for p, (res, costs, tables) in zip(policies, done, strict=True)]
+    return [
+        CellOutput(
+            tr.name, p.name, tables, elapsed / len(reps), res.total["records"], res.warnings, costs
+        )
+        for p, (res, costs, tables) in zip(policies, done, strict=True)
+    ]
 
 
 def _validate_unit(args):
@@ -276,8 +334,11 @@ CELL_FORMAT = 1  # cell.json layout; a stored cell of another format is computed
 def cell_key(trace_sha: str, policy: Policy, costs: dict, window) -> str:
     """What a cell's numbers depend on: trace bytes, policy text, costs, window, and the
     code (version and source: a stored cell of other code may differ in numbers or columns)."""
-    blob = json.dumps([__version__, _code_digest(), trace_sha, policy.text, policy.source,
-                       costs, window], sort_keys=True, default=str)
+    blob = json.dumps(
+        [__version__, _code_digest(), trace_sha, policy.text, policy.source, costs, window],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -302,8 +363,9 @@ def _cell_dir(out: Path, trace: str, policy: str, key: str) -> Path:
     ``run 1`` and ``run_1`` apart, and the whole name stays far below the 255-byte limit
     whatever the names' length.
     """
-    readable = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_") else "_"
-                       for ch in f"{trace}__{policy}")[:80]
+    readable = "".join(
+        ch if ch.isascii() and (ch.isalnum() or ch in "-_") else "_" for ch in f"{trace}__{policy}"
+    )[:80]
     return out / CELLS / f"{readable}-{_cell_ident(trace, policy)}-{key}"
 
 
@@ -319,10 +381,17 @@ def store_cell(out: Path, cell: CellOutput, key: str) -> tuple[Path, Path | None
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
         for name, df in cell.tables.items():
             write_table(df, tmp / f"{name}.parquet", shown=final / f"{name}.parquet")
-        meta = {"format": CELL_FORMAT, "key": key, "trace": cell.trace, "policy": cell.policy,
-                "records": cell.records, "seconds": cell.seconds, "warnings": cell.warnings,
-                "costs": cell.costs,
-                "files": {f"{name}.parquet": sha256(tmp / f"{name}.parquet") for name in TABLES}}
+        meta = {
+            "format": CELL_FORMAT,
+            "key": key,
+            "trace": cell.trace,
+            "policy": cell.policy,
+            "records": cell.records,
+            "seconds": cell.seconds,
+            "warnings": cell.warnings,
+            "costs": cell.costs,
+            "files": {f"{name}.parquet": sha256(tmp / f"{name}.parquet") for name in TABLES},
+        }
         data = json.dumps(meta, indent=1).encode()
         write_checked(tmp / "cell.json", lambda p: p.write_bytes(data), shown=final / "cell.json")
         old = None
@@ -454,11 +523,11 @@ def _worker_main(conn, parent: int) -> None:
         fn, item = task
         try:
             reply = (True, fn(item))
-        except BaseException as exc:  # noqa: BLE001 - handed to the main process
+        except BaseException as exc:
             reply = (False, exc, traceback.format_exc())
         try:
             conn.send(reply)
-        except Exception as exc:  # noqa: BLE001 - e.g. an exception that cannot be pickled
+        except Exception as exc:
             conn.send((False, RuntimeError(f"{type(exc).__name__}: {exc}"), traceback.format_exc()))
 
 
@@ -571,7 +640,9 @@ class _Dask:
         try:
             from distributed import Client
         except ImportError:
-            raise ReplayError("--scheduler needs Dask distributed: pip install 'altp2m-replay[cluster]'") from None
+            raise ReplayError(
+                "--scheduler needs Dask distributed: pip install 'altp2m-replay[cluster]'"
+            ) from None
         try:
             self.client = Client(address, timeout="10s")
         except (OSError, TimeoutError, ValueError) as exc:
@@ -626,8 +697,9 @@ def _split(items: list, parts: int) -> list[list]:
     return [items[i::parts] for i in range(parts)]
 
 
-def plan_workers(traces: int, jobs: int, explicit_jobs: bool, threads: int | None,
-                 cores: int) -> tuple[int, int]:
+def plan_workers(
+    traces: int, jobs: int, explicit_jobs: bool, threads: int | None, cores: int
+) -> tuple[int, int]:
     """(policy groups per trace, threads per group) for ``traces`` traces with work to do.
 
     Processes take whole traces, and threads share a trace's policies on one decode: by
@@ -645,9 +717,25 @@ def plan_workers(traces: int, jobs: int, explicit_jobs: bool, threads: int | Non
 
 
 # --------------------------------------------------------------------------- run
-def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=None, window=None,
-           jobs=None, scheduler=None, resume=False, html=True, command=None, batch_rows=None,
-           progress=None, warn=None, threads=None, note=None) -> dict:
+def replay(
+    trace_args,
+    policy_refs,
+    out_dir,
+    *,
+    cost_overrides=None,
+    profile=None,
+    window=None,
+    jobs=None,
+    scheduler=None,
+    resume=False,
+    html=True,
+    command=None,
+    batch_rows=None,
+    progress=None,
+    warn=None,
+    threads=None,
+    note=None,
+) -> dict:
     """Run every trace x policy and write SPEC §10's outputs into ``out_dir``.
 
     Policies and trace schemas are checked before any work, and every trace value before
@@ -670,8 +758,10 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
     for tr in opened:
         n_win = -(-tr.rows // window) if window else 256
         if n_win > MAX_WINDOWS:
-            raise OutputError(f"--window {window} gives {n_win:,} timeline windows for {tr.path} "
-                              f"({tr.rows:,} rows); use --window {-(-tr.rows // MAX_WINDOWS)} or more")
+            raise OutputError(
+                f"--window {window} gives {n_win:,} timeline windows for {tr.path} "
+                f"({tr.rows:,} rows); use --window {-(-tr.rows // MAX_WINDOWS)} or more"
+            )
     overrides = cost_overrides or {}
     for p in policies:
         effective_costs(p.costs, profile, overrides)  # a bad profile fails here, not in a worker
@@ -681,8 +771,13 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
     t0 = time.perf_counter()
     need_counts = any(needs_page_counts(p) for p in policies)
     shas = [sha256(p) for p in paths]
-    keys = {(trace_name(path), pol.name): cell_key(sha, pol, effective_costs(pol.costs, profile, overrides), window)
-            for path, sha in zip(paths, shas, strict=True) for pol in policies}
+    keys = {
+        (trace_name(path), pol.name): cell_key(
+            sha, pol, effective_costs(pol.costs, profile, overrides), window
+        )
+        for path, sha in zip(paths, shas, strict=True)
+        for pol in policies
+    }
 
     # The folder is locked for the run. Bad input or a failed write puts it back as it was;
     # an interruption or a lost worker keeps the finished cells for --resume.
@@ -691,30 +786,75 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
         try:
             clear_stale_temporaries(out)
             done, units, unit_trace, threads = _replay_cells(
-                folder, paths, policies, opened, keys, stored, overrides=overrides, profile=profile,
-                window=window, jobs=jobs, scheduler=scheduler, resume=resume, batch_rows=batch_rows,
-                need_counts=need_counts, progress=progress, warn=warn, explicit_jobs=explicit_jobs,
-                threads=threads, cores=cores, note=note)
+                folder,
+                paths,
+                policies,
+                opened,
+                keys,
+                stored,
+                overrides=overrides,
+                profile=profile,
+                window=window,
+                jobs=jobs,
+                scheduler=scheduler,
+                resume=resume,
+                batch_rows=batch_rows,
+                need_counts=need_counts,
+                progress=progress,
+                warn=warn,
+                explicit_jobs=explicit_jobs,
+                threads=threads,
+                cores=cores,
+                note=note,
+            )
             cells = [done[(trace_name(p), pol.name)] for p in paths for pol in policies]
             elapsed = time.perf_counter() - t0
             fresh = sum(len(u[1]) for u in units)
-            records = sum(opened[ti].rows * len(u[1]) for ti, u in zip(unit_trace, units, strict=True))
+            records = sum(
+                opened[ti].rows * len(u[1]) for ti, u in zip(unit_trace, units, strict=True)
+            )
             manifest = {
                 "tool": "altp2m-replay",
                 "version": __version__,
                 "command": command or " ".join(sys.argv),
-                "inputs": [{"trace": trace_name(p), "path": str(p), "bytes": p.stat().st_size,
-                            "sha256": sha, "rows": tr.rows}
-                           for p, sha, tr in zip(paths, shas, opened, strict=True)],
-                "policies": [{"name": p.name, "source": p.source, "description": p.description,
-                              "text": p.text} for p in policies],
-                "cells": [{"trace": c.trace, "policy": c.policy, "records": c.records,
-                           "seconds": round(c.seconds, 6), "costs": c.costs, "warnings": c.warnings}
-                          for c in cells],
-                "timings": {"seconds": round(elapsed, 6),
-                            "records_per_second": round(records / elapsed) if elapsed > 0 else None,
-                            "jobs": jobs, "threads": threads, "scheduler": scheduler,
-                            "resumed_cells": len(cells) - fresh},
+                "inputs": [
+                    {
+                        "trace": trace_name(p),
+                        "path": str(p),
+                        "bytes": p.stat().st_size,
+                        "sha256": sha,
+                        "rows": tr.rows,
+                    }
+                    for p, sha, tr in zip(paths, shas, opened, strict=True)
+                ],
+                "policies": [
+                    {
+                        "name": p.name,
+                        "source": p.source,
+                        "description": p.description,
+                        "text": p.text,
+                    }
+                    for p in policies
+                ],
+                "cells": [
+                    {
+                        "trace": c.trace,
+                        "policy": c.policy,
+                        "records": c.records,
+                        "seconds": round(c.seconds, 6),
+                        "costs": c.costs,
+                        "warnings": c.warnings,
+                    }
+                    for c in cells
+                ],
+                "timings": {
+                    "seconds": round(elapsed, 6),
+                    "records_per_second": round(records / elapsed) if elapsed > 0 else None,
+                    "jobs": jobs,
+                    "threads": threads,
+                    "scheduler": scheduler,
+                    "resumed_cells": len(cells) - fresh,
+                },
             }
 
             def write_set(staging: Path) -> None:
@@ -722,20 +862,28 @@ def replay(trace_args, policy_refs, out_dir, *, cost_overrides=None, profile=Non
                     try:
                         df = pl.concat([c.tables[name] for c in cells], how="vertical")
                     except pl.exceptions.PolarsError as exc:  # a stored cell edited by hand
-                        raise OutputError(f"{out / CELLS}: the {name} tables of the stored cells "
-                                          f"do not fit together ({_first_line(exc)}); run "
-                                          f"without --resume") from None
+                        raise OutputError(
+                            f"{out / CELLS}: the {name} tables of the stored cells "
+                            f"do not fit together ({_first_line(exc)}); run "
+                            f"without --resume"
+                        ) from None
                     write_table(df, staging / f"{name}.parquet", shown=out / f"{name}.parquet")
                 manifest["files"] = table_digests(staging)  # what belongs together (outdir)
                 text = (json.dumps(manifest, indent=2) + "\n").encode()
-                write_checked(staging / "manifest.json", lambda p: p.write_bytes(text),
-                              shown=out / "manifest.json")
+                write_checked(
+                    staging / "manifest.json",
+                    lambda p: p.write_bytes(text),
+                    shown=out / "manifest.json",
+                )
                 if html:
                     from altp2m_replay.report.html import render_html
 
                     page = render_html(staging).encode("utf-8")
-                    write_checked(staging / "report.html", lambda p: p.write_bytes(page),
-                                  shown=out / "report.html")
+                    write_checked(
+                        staging / "report.html",
+                        lambda p: p.write_bytes(page),
+                        shown=out / "report.html",
+                    )
 
             publish(out, write_set)
             prune_cells(out, keys)
@@ -750,13 +898,35 @@ def _kept(out: Path, stored: list[Path]) -> str:
     if not stored:
         return f"no cell had finished: {out} is as it was"
     n = len(stored)
-    return (f"{n} finished cell{'s' if n != 1 else ''} kept in {out / CELLS}: run again with "
-            f"--resume to go on from there")
+    return (
+        f"{n} finished cell{'s' if n != 1 else ''} kept in {out / CELLS}: run again with "
+        f"--resume to go on from there"
+    )
 
 
-def _replay_cells(folder: OutputFolder, paths, policies, opened, keys, stored, *, overrides,
-                  profile, window, jobs, scheduler, resume, batch_rows, need_counts, progress,
-                  warn, explicit_jobs, threads, cores, note=None):
+def _replay_cells(
+    folder: OutputFolder,
+    paths,
+    policies,
+    opened,
+    keys,
+    stored,
+    *,
+    overrides,
+    profile,
+    window,
+    jobs,
+    scheduler,
+    resume,
+    batch_rows,
+    need_counts,
+    progress,
+    warn,
+    explicit_jobs,
+    threads,
+    cores,
+    note=None,
+):
     """Check every trace, reuse stored cells (``resume``), replay the rest and store each
     finished cell at once. Returns (cells by (trace, policy), units run, each unit's trace,
     threads per unit)."""
@@ -795,8 +965,19 @@ def _replay_cells(folder: OutputFolder, paths, policies, opened, keys, stored, *
         units, unit_trace = [], []
         for ti, pols in todo.items():
             for group in _split(pols, groups_per_trace):
-                units.append((paths[ti], group, overrides, profile, window, batch_rows, prepared[ti], inline,
-                              threads))
+                units.append(
+                    (
+                        paths[ti],
+                        group,
+                        overrides,
+                        profile,
+                        window,
+                        batch_rows,
+                        prepared[ti],
+                        inline,
+                        threads,
+                    )
+                )
                 unit_trace.append(ti)
         if progress is not None:
             progress.start(sum(opened[ti].rows * len(pols) for ti, pols in todo.items()))

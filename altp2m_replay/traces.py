@@ -6,6 +6,7 @@ everything else sees numpy arrays through :class:`Batch`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -54,8 +55,14 @@ _BOUNDS: dict[str, tuple[int, int, str]] = {
     "gfn": (0, GFN_LIMIT - 1, "a gfn below 2^36"),
     "access": (1, 7, "an access mask in 1..7 (1 = read, 2 = write, 4 = execute)"),
     "vcpu": (0, VCPU_LIMIT - 1, "a vCPU number in 0..4095"),
-    "op": (0, 4, "an op in 0..4 (0 = access; control rows: 1 = guest VMFUNC, 2 = CR3 write, "
-                 "3 = host drop, 4 = host map)"),
+    "op": (
+        0,
+        4,
+        (
+            "an op in 0..4 (0 = access; control rows: 1 = guest VMFUNC, 2 = CR3 write, "
+            "3 = host drop, 4 = host map)"
+        ),
+    ),
 }
 _U64_BOUNDS = (0, (1 << 64) - 1, "a non-negative integer below 2^64")
 
@@ -92,8 +99,9 @@ def _named_u64(value, key: str, what: str) -> dict[str, int]:
         if not isinstance(name, str):
             raise ValueError(f'"{key}" names must be strings, found {_short_json(name)}')
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 64:
-            raise ValueError(f'"{key}.{name}" must be {what}, an integer in 0..2^64-1, '
-                             f"found {_short_json(v)}")
+            raise ValueError(
+                f'"{key}.{name}" must be {what}, an integer in 0..2^64-1, found {_short_json(v)}'
+            )
         out[name] = v
     return out
 
@@ -150,8 +158,15 @@ def parse_meta(obj) -> TraceMeta:
     gfn_sets = {str(k): _ranges(v, f'"gfn_sets.{k}"') for k, v in sets.items()}
     symbols = _named_u64(obj.get("symbols", {}), "symbols", "a virtual address")
     processes = _named_u64(obj.get("processes", {}), "processes", "a CR3 value")
-    return TraceMeta(format=fmt, source=source, vcpus=vcpus, ram=ram, gfn_sets=gfn_sets,
-                     symbols=symbols, processes=processes)
+    return TraceMeta(
+        format=fmt,
+        source=source,
+        vcpus=vcpus,
+        ram=ram,
+        gfn_sets=gfn_sets,
+        symbols=symbols,
+        processes=processes,
+    )
 
 
 def _read_meta(path, kv: dict | None) -> TraceMeta:
@@ -165,7 +180,9 @@ def _read_meta(path, kv: dict | None) -> TraceMeta:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise TraceError(f'{path}: metadata key "{META_KEY}": {msg}') from None
     except RecursionError:
-        raise TraceError(f'{path}: metadata key "{META_KEY}": arrays or objects nested too deeply') from None
+        raise TraceError(
+            f'{path}: metadata key "{META_KEY}": arrays or objects nested too deeply'
+        ) from None
 
 
 # --------------------------------------------------------------------------- open
@@ -207,10 +224,14 @@ class Trace:
     def __init__(self, path: Path, pf: pq.ParquetFile, meta: TraceMeta):
         md = pf.metadata
         self.path: Path = path
-        self.name: str = path.name[: -len(".parquet")] if path.name.endswith(".parquet") else path.name
+        self.name: str = (
+            path.name[: -len(".parquet")] if path.name.endswith(".parquet") else path.name
+        )
         self.rows: int = md.num_rows
         self.row_groups: int = md.num_row_groups
-        self.group_rows: tuple[int, ...] = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
+        self.group_rows: tuple[int, ...] = tuple(
+            md.row_group(i).num_rows for i in range(md.num_row_groups)
+        )
         schema = pf.schema_arrow
         self.columns: frozenset[str] = frozenset(n for n in schema.names if n in TRACE_SCHEMA)
         self.types: dict[str, pa.DataType] = {n: schema.field(n).type for n in self.columns}
@@ -232,8 +253,9 @@ class Trace:
         except (OSError, pa.ArrowException) as exc:
             raise TraceError(f"{self.path}: cannot read: {_first_line(exc)}") from None
 
-    def _raw(self, names: list[str], batch_rows: int | None,
-             plan=None) -> Iterator[tuple[int, dict[str, pa.Array]]]:
+    def _raw(
+        self, names: list[str], batch_rows: int | None, plan=None
+    ) -> Iterator[tuple[int, dict[str, pa.Array]]]:
         """Yield (global start row, {file column: arrow array}) for the given file columns.
 
         ``plan(pf, group) -> names`` may pick the columns per row group (batch_rows=None).
@@ -246,8 +268,10 @@ class Trace:
                         raise ValueError("batch_rows must be >= 1")
                     groups = [(names, pf.iter_batches(batch_size=batch_rows, columns=names))]
                 else:
-                    groups = (self._group_parts(pf, i, n, plan(pf, i) if plan else names)
-                              for i, n in enumerate(self.group_rows))
+                    groups = (
+                        self._group_parts(pf, i, n, plan(pf, i) if plan else names)
+                        for i, n in enumerate(self.group_rows)
+                    )
                 for cols, parts in groups:
                     for part in parts:
                         n = part.num_rows
@@ -256,7 +280,9 @@ class Trace:
                         yield start, {name: _combine(part.column(name)) for name in cols}
                         start += n
         except (OSError, pa.ArrowException) as exc:
-            raise TraceError(f"{self.path}: cannot read row {start} onwards: {_first_line(exc)}") from None
+            raise TraceError(
+                f"{self.path}: cannot read row {start} onwards: {_first_line(exc)}"
+            ) from None
 
     @staticmethod
     def _group_parts(pf, i: int, n: int, cols: list[str]):
@@ -279,7 +305,9 @@ class Trace:
         wanted = tuple(columns)
         unknown = set(wanted) - set(_BATCH_FIELDS)
         if unknown:
-            raise ValueError(f"unknown batch columns {sorted(unknown)}; choose from {_BATCH_FIELDS}")
+            raise ValueError(
+                f"unknown batch columns {sorted(unknown)}; choose from {_BATCH_FIELDS}"
+            )
         names = []
         for col in wanted:
             src = self.address_column if col == "gfn" else col
@@ -362,7 +390,9 @@ def open_trace(path) -> Trace:
                     continue  # unknown extra columns are allowed and ignored
                 typ = schema.field(name).type
                 if not pa.types.is_integer(typ):
-                    raise TraceError(f'{path}: column "{name}" must be {TRACE_SCHEMA[name]}, found {typ}')
+                    raise TraceError(
+                        f'{path}: column "{name}" must be {TRACE_SCHEMA[name]}, found {typ}'
+                    )
             return Trace(p, pf, meta)
     except TraceError:
         raise
@@ -574,7 +604,7 @@ def quick_stats(trace_or_path) -> TraceStats | None:
     if "vcpu" not in tr.columns:
         seen[0] = True
     elif all(v is not None for v in vcpu_stats):
-        seen[min(v[0] for v in vcpu_stats): max(v[1] for v in vcpu_stats) + 1] = True
+        seen[min(v[0] for v in vcpu_stats) : max(v[1] for v in vcpu_stats) + 1] = True
     else:
         for _, raw in tr._raw(["vcpu"], None):
             if raw["vcpu"].null_count:
@@ -584,9 +614,13 @@ def quick_stats(trace_or_path) -> TraceStats | None:
                 return None
             seen |= np.bincount(v.astype(np.intp), minlength=VCPU_LIMIT) > 0
     shift = 12 if tr.address_column == "gpa" else 0
-    return TraceStats(rows=tr.rows, vcpus=np.flatnonzero(seen).astype(np.uint16),
-                      max_gfn=max(hi) >> shift, access_counts=np.zeros(8, dtype=np.int64),
-                      min_gfn=min(lo) >> shift)
+    return TraceStats(
+        rows=tr.rows,
+        vcpus=np.flatnonzero(seen).astype(np.uint16),
+        max_gfn=max(hi) >> shift,
+        access_counts=np.zeros(8, dtype=np.int64),
+        min_gfn=min(lo) >> shift,
+    )
 
 
 class Validator:
@@ -596,8 +630,13 @@ class Validator:
     batches a replay decodes anyway, before handing them out. Batches must come in order.
     """
 
-    def __init__(self, tr: Trace, page_counts: bool = False, label: str | None = None,
-                 insn_stats: bool = False):
+    def __init__(
+        self,
+        tr: Trace,
+        page_counts: bool = False,
+        label: str | None = None,
+        insn_stats: bool = False,
+    ):
         #: how messages name the file (the path as the user gave it)
         self.label = str(tr.path) if label is None else label
         if tr.rows == 0:
@@ -613,8 +652,11 @@ class Validator:
         self.last_row = np.full(VCPU_LIMIT, -1, dtype=np.int64)
         self.gfn_lo: list[int] = []
         self.gfn_hi: list[int] = []
-        self.mergers = ({k: _CountMerger(self.label) for k in ("read", "written", "executed", "touched")}
-                        if page_counts else None)
+        self.mergers = (
+            {k: _CountMerger(self.label) for k in ("read", "written", "executed", "touched")}
+            if page_counts
+            else None
+        )
         self.shift = 12 if self.addr == "gpa" else 0
         # control rows and instructions: op decides what access may be; insn the 1024-row limit
         self.has_op = "op" in tr.columns
@@ -633,8 +675,11 @@ class Validator:
         insn_stats), and the others unless their statistics prove them clean (no nulls, in
         bounds)."""
         stats = _group_stats(pf, g)
-        return [col for col in self.order
-                if col in self.always or _proven_clean(col, stats.get(col)) is None]
+        return [
+            col
+            for col in self.order
+            if col in self.always or _proven_clean(col, stats.get(col)) is None
+        ]
 
     def check(self, start: int, raw: dict[str, pa.Array]) -> None:
         """Check the rows from global row ``start`` ({file column: arrow array}); raises
@@ -668,34 +713,66 @@ class Validator:
                 # an access row (op 0) needs access 1..7, a control row access 0
                 i = _first_true((op == 0) == (acc == 0))
                 if i is not None:
-                    text = ("expected an access mask in 1..7 on an access row (op 0), found 0" if op[i] == 0
-                            else f"expected 0 on a control row (op {op[i]}), found {acc[i]}")
+                    text = (
+                        "expected an access mask in 1..7 on an access row (op 0), found 0"
+                        if op[i] == 0
+                        else f"expected 0 on a control row (op {op[i]}), found {acc[i]}"
+                    )
                     first.found(i, "access", text)
             has_vcpu = vcpu is not None
             if "tsc" in values and first.limit:
                 k = first.limit
                 tsc = np.ascontiguousarray(values["tsc"][:k], dtype=np.uint64)
-                i = _tsc_order(tsc, vcpu if has_vcpu else _NO_VCPU, has_vcpu, op, start, self.last_tsc,
-                               self.last_row)
+                i = _tsc_order(
+                    tsc,
+                    vcpu if has_vcpu else _NO_VCPU,
+                    has_vcpu,
+                    op,
+                    start,
+                    self.last_tsc,
+                    self.last_row,
+                )
                 if i >= 0:
                     v = int(vcpu[i]) if has_vcpu else 0
-                    first.found(i, "tsc", f"expected non-decreasing tsc per vCPU (vCPU {v} was at "
-                                          f"{int(self.last_tsc[v])} in row {int(self.last_row[v])}), "
-                                          f"found {int(tsc[i])}")
+                    first.found(
+                        i,
+                        "tsc",
+                        f"expected non-decreasing tsc per vCPU (vCPU {v} was at "
+                        f"{int(self.last_tsc[v])} in row {int(self.last_row[v])}), "
+                        f"found {int(tsc[i])}",
+                    )
             if first.limit:
                 k = first.limit
-                insn = np.ascontiguousarray(values["insn"][:k], dtype=np.uint64) if "insn" in values else None
+                insn = (
+                    np.ascontiguousarray(values["insn"][:k], dtype=np.uint64)
+                    if "insn" in values
+                    else None
+                )
                 if self.insn_stats:
                     starts = np.zeros(k, dtype=np.bool_)
                 access = np.ascontiguousarray(values["access"][:k], dtype=np.uint8)
                 before = (self.run_insn.copy(), self.run_len.copy()) if insn is not None else None
-                longest = _scan_rows(access, vcpu, op, insn, starts, self.access_counts, self.op_counts,
-                                     self.vcpu_seen, self.run_insn, self.run_len)
+                longest = _scan_rows(
+                    access,
+                    vcpu,
+                    op,
+                    insn,
+                    starts,
+                    self.access_counts,
+                    self.op_counts,
+                    self.vcpu_seen,
+                    self.run_insn,
+                    self.run_len,
+                )
                 if longest > INSN_ROW_LIMIT:
                     i = _insn_overflow(vcpu, op, insn, *before)
                     v = int(vcpu[i]) if has_vcpu else 0
-                    first.found(i, None, f"instruction has more than {INSN_ROW_LIMIT} rows (insn ids must "
-                                         f"change per instruction): vCPU {v}, insn {int(insn[i])}")
+                    first.found(
+                        i,
+                        None,
+                        f"instruction has more than {INSN_ROW_LIMIT} rows (insn ids must "
+                        f"change per instruction): vCPU {v}, insn {int(insn[i])}",
+                    )
         if first.message is not None:
             raise TraceError(first.message)
 
@@ -762,7 +839,9 @@ class Validator:
 
 
 @njit(cache=True, nogil=True)
-def _scan_rows(access, vcpu, op, insn, starts, access_counts, op_counts, vcpu_seen, run_insn, run_len):
+def _scan_rows(
+    access, vcpu, op, insn, starts, access_counts, op_counts, vcpu_seen, run_insn, run_len
+):
     """Count rows and follow instructions (SPEC §2); values are in range already.
 
     Adds rows per access value to ``access_counts`` (int64 (8,)) and per op to ``op_counts``
@@ -893,16 +972,23 @@ def info_text(path) -> str:
         ("distinct gfns", f"{st.distinct_gfns:,} ({_fmt_bytes(st.distinct_gfns * 4096)})"),
         ("gfn range", f"{st.min_gfn:#x} - {st.max_gfn:#x}"),
     ]
-    rows += [(f"  {key}", f"{len(st.page_counts[key][0]):,} gfns") for key in ("read", "written", "executed")]
+    rows += [
+        (f"  {key}", f"{len(st.page_counts[key][0]):,} gfns")
+        for key in ("read", "written", "executed")
+    ]
     rows.append(("access mix", ""))
     accesses = max(1, int(st.op_counts[0]))  # percentages of access rows
     for value in (1, 2, 3, 4, 5, 6, 7):
         c = int(st.access_counts[value])
         if c:
-            rows.append((f"  {ACCESS_NAMES[value]} ({value})", f"{c:>14,}  {100.0 * c / accesses:5.1f} %"))
+            rows.append(
+                (f"  {ACCESS_NAMES[value]} ({value})", f"{c:>14,}  {100.0 * c / accesses:5.1f} %")
+            )
     if "op" in tr.columns:
         rows.append(("control records", f"{st.control_records:,}"))
-        rows += [(f"  {name} ({op})", f"{int(st.op_counts[op]):>14,}") for op, name in OP_NAMES.items()]
+        rows += [
+            (f"  {name} ({op})", f"{int(st.op_counts[op]):>14,}") for op, name in OP_NAMES.items()
+        ]
     has_meta = m.source or m.ram or m.gfn_sets or m.vcpus or m.symbols or m.processes
     rows.append(("metadata", "" if has_meta else "none"))
     if m.source:
@@ -912,8 +998,15 @@ def info_text(path) -> str:
     if m.ram:
         rows.append(("  ram", f"{_fmt_ranges(m.ram)} ({_fmt_bytes(_pages(m.ram) * 4096)})"))
     for name, ranges in m.gfn_sets.items():
-        rows.append((f"  set {name}", f"{_pages(ranges):,} pages in {len(ranges):,} "
-                                      f"range{'s' if len(ranges) != 1 else ''} ({_fmt_ranges(ranges, 3)})"))
+        rows.append(
+            (
+                f"  set {name}",
+                (
+                    f"{_pages(ranges):,} pages in {len(ranges):,} "
+                    f"range{'s' if len(ranges) != 1 else ''} ({_fmt_ranges(ranges, 3)})"
+                ),
+            )
+        )
     if m.symbols:
         rows.append(("  symbols", f"{len(m.symbols):,} names"))
     if m.processes:
@@ -934,8 +1027,12 @@ def _as_table(data, path) -> pa.Table:
         if hasattr(data, "to_arrow"):  # polars DataFrame, without importing polars here
             data = data.to_arrow()
         elif isinstance(data, dict):
-            data = pa.table({k: v if isinstance(v, pa.Array | pa.ChunkedArray) else pa.array(v)
-                             for k, v in data.items()})
+            data = pa.table(
+                {
+                    k: v if isinstance(v, pa.Array | pa.ChunkedArray) else pa.array(v)
+                    for k, v in data.items()
+                }
+            )
         else:
             raise TypeError(f"cannot write {type(data).__name__} as a trace")
     known = [c for c in TRACE_SCHEMA if c in data.column_names]
@@ -947,8 +1044,10 @@ def _as_table(data, path) -> pa.Table:
             try:
                 col = col.cast(TRACE_SCHEMA[name], safe=True)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise TraceError(f'{path}: column "{name}" cannot be stored as '
-                                 f"{TRACE_SCHEMA[name]}: {_first_line(exc)}") from None
+                raise TraceError(
+                    f'{path}: column "{name}" cannot be stored as '
+                    f"{TRACE_SCHEMA[name]}: {_first_line(exc)}"
+                ) from None
         cols.append(col)
         names.append(name)
     return pa.Table.from_arrays(cols, names=names)
@@ -1004,7 +1103,9 @@ class TraceWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise TraceError(f"{self.path}: cannot create the folder: {exc.strerror or exc}") from None
+            raise TraceError(
+                f"{self.path}: cannot create the folder: {exc.strerror or exc}"
+            ) from None
         names = self._schema.names
         self._writer = pq.ParquetWriter(
             self._tmp,
@@ -1051,7 +1152,9 @@ class TraceWriter:
             except ValueError as exc:
                 raise TraceError(f'{self.path}: metadata key "{META_KEY}": {exc}') from None
             try:
-                self._writer.add_key_value_metadata({META_KEY: json.dumps(meta, separators=(",", ":"))})
+                self._writer.add_key_value_metadata(
+                    {META_KEY: json.dumps(meta, separators=(",", ":"))}
+                )
                 self._writer.close()
                 os.replace(self._tmp, self.path)
             except OSError as exc:
@@ -1066,15 +1169,15 @@ class TraceWriter:
         """Drop everything written so far (idempotent)."""
         self._done = True
         if self._writer is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._writer.close()
-            except Exception:  # noqa: BLE001 - the temp file goes away regardless
-                pass
             self._writer = None
         self._tmp.unlink(missing_ok=True)
 
 
-def write_trace(data, path, meta: dict | None = None, row_group_size: int = DEFAULT_ROW_GROUP) -> Path:
+def write_trace(
+    data, path, meta: dict | None = None, row_group_size: int = DEFAULT_ROW_GROUP
+) -> Path:
     """Write a whole table (polars DataFrame, pyarrow Table, dict of numpy arrays) as a trace
     file with canonical column types and ``meta`` JSON, atomically."""
     with TraceWriter(path, meta=meta, row_group_size=row_group_size) as w:

@@ -47,9 +47,14 @@ def main() -> None:
     run.replay_trace(path, [pol], {}, None, None)  # load every kernel first
 
     timed("sha256 of the file (manifest, cell keys)", lambda: run.sha256(path), n)
-    timed("decode: Parquet -> numpy batches", lambda: sum(1 for _ in tr.batches(columns=COLUMNS)), n)
-    timed("decode + value checks", lambda: sum(1 for _ in tr.batches(
-        columns=COLUMNS, validator=traces.Validator(tr))), n)
+    timed(
+        "decode: Parquet -> numpy batches", lambda: sum(1 for _ in tr.batches(columns=COLUMNS)), n
+    )
+    timed(
+        "decode + value checks",
+        lambda: sum(1 for _ in tr.batches(columns=COLUMNS, validator=traces.Validator(tr))),
+        n,
+    )
     stats, facts, _ = run.replay_facts(path, False)
     batches = list(tr.batches(columns=COLUMNS))
 
@@ -66,7 +71,11 @@ def main() -> None:
     tables = timed("cell tables (polars frames)", lambda: cell_tables(tr.name, pol, res, costs), n)
     print("   rows per table:", {k: v.height for k, v in tables.items()})
     batches.clear()
-    timed("replay_trace: all of the above, overlapped", lambda: run.replay_trace(path, [pol], {}, None, None), n)
+    timed(
+        "replay_trace: all of the above, overlapped",
+        lambda: run.replay_trace(path, [pol], {}, None, None),
+        n,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
 

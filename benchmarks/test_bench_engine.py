@@ -33,10 +33,12 @@ def _kernel_run(policy, facts, stats, batches):
 
 @pytest.mark.parametrize("name", ["none", "xen-access-altp2m-write", "hvmi-ve-pagetables"])
 def test_kernel(benchmark, bench_trace, name):
-    path, facts, stats, batches = bench_trace
+    _path, facts, stats, batches = bench_trace
     policy = load_policy(name)
     _kernel_run(policy, facts, stats, batches[:1])  # compile or load from cache, not timed
-    res = benchmark.pedantic(_kernel_run, args=(policy, facts, stats, batches), rounds=3, iterations=1)
+    res = benchmark.pedantic(
+        _kernel_run, args=(policy, facts, stats, batches), rounds=3, iterations=1
+    )
     if benchmark.stats:  # None under --benchmark-disable
         benchmark.extra_info["rows_per_s"] = ROWS / benchmark.stats.stats.mean
     assert res.total["records"] == ROWS
@@ -46,7 +48,9 @@ def test_end_to_end(benchmark, bench_trace):
     path = bench_trace[0]
     policy = load_policy("xen-access-altp2m-write")
     run.replay_trace(path, [policy], {}, None, None)  # warm-up
-    cells = benchmark.pedantic(run.replay_trace, args=(path, [policy], {}, None, None), rounds=3, iterations=1)
+    cells = benchmark.pedantic(
+        run.replay_trace, args=(path, [policy], {}, None, None), rounds=3, iterations=1
+    )
     if benchmark.stats:  # None under --benchmark-disable
         benchmark.extra_info["rows_per_s"] = ROWS / benchmark.stats.stats.mean
     assert cells[0].records == ROWS

@@ -19,8 +19,19 @@ if os.environ.get("HYPOTHESIS_MAX_EXAMPLES"):
 
 
 def _generate(path: Path, rows: int, seed: int, vcpus: int) -> Path:
-    args = ["trace", "generate", "kernel", "-n", str(rows), "--seed", str(seed),
-            "--vcpus", str(vcpus), "-o", str(path)]
+    args = [
+        "trace",
+        "generate",
+        "kernel",
+        "-n",
+        str(rows),
+        "--seed",
+        str(seed),
+        "--vcpus",
+        str(vcpus),
+        "-o",
+        str(path),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     return path

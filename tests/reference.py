@@ -21,30 +21,93 @@ from altp2m_replay.errors import PolicyError, ReplayRuntimeError
 from altp2m_replay.policy import Policy, expand, facts_from_arrays, resolve_all
 
 TOTAL_COUNTERS = (
-    "records", "instructions", "ept_exits", "lazy_copies", "lazy_copies_4k", "lazy_copies_2m",
-    "lazy_copies_1g", "lazy_copy_pages", "access_violations", "mem_access_events",
-    "singlestep_events", "async_events", "breakpoint_events", "cr3_events", "vm_events",
-    "ve_delivered", "ve_blocked", "ve_emulations", "mtf_exits", "switches_vm_event",
-    "switches_fast_ss", "switches_vmfunc", "view_switches", "emulations", "records_emulated",
-    "access_changes", "superpage_splits", "shatters", "mmio_accesses", "restarts", "int3_exits",
-    "control_records", "cr3_writes", "cr3_exits", "guest_vmfuncs", "vmfunc_exits", "host_drops",
-    "host_maps", "view_resets", "ept_syncs", "ept_sync_ipis", "crashed", "crash_record",
-    "livelocked", "livelock_record", "setup_splits", "setup_skipped",
+    "records",
+    "instructions",
+    "ept_exits",
+    "lazy_copies",
+    "lazy_copies_4k",
+    "lazy_copies_2m",
+    "lazy_copies_1g",
+    "lazy_copy_pages",
+    "access_violations",
+    "mem_access_events",
+    "singlestep_events",
+    "async_events",
+    "breakpoint_events",
+    "cr3_events",
+    "vm_events",
+    "ve_delivered",
+    "ve_blocked",
+    "ve_emulations",
+    "mtf_exits",
+    "switches_vm_event",
+    "switches_fast_ss",
+    "switches_vmfunc",
+    "view_switches",
+    "emulations",
+    "records_emulated",
+    "access_changes",
+    "superpage_splits",
+    "shatters",
+    "mmio_accesses",
+    "restarts",
+    "int3_exits",
+    "control_records",
+    "cr3_writes",
+    "cr3_exits",
+    "guest_vmfuncs",
+    "vmfunc_exits",
+    "host_drops",
+    "host_maps",
+    "view_resets",
+    "ept_syncs",
+    "ept_sync_ipis",
+    "crashed",
+    "crash_record",
+    "livelocked",
+    "livelock_record",
+    "setup_splits",
+    "setup_skipped",
 )
 VIEW_COUNTERS = (
-    "records_completed", "ept_exits", "int3_exits", "lazy_copies", "lazy_copy_pages",
-    "access_violations", "ve_delivered", "switches_in", "resets", "pages_mapped", "leaves_4k",
-    "leaves_2m", "leaves_1g",
+    "records_completed",
+    "ept_exits",
+    "int3_exits",
+    "lazy_copies",
+    "lazy_copy_pages",
+    "access_violations",
+    "ve_delivered",
+    "switches_in",
+    "resets",
+    "pages_mapped",
+    "leaves_4k",
+    "leaves_2m",
+    "leaves_1g",
 )
-GFN_COUNTERS = ("ept_exits", "int3_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
+GFN_COUNTERS = (
+    "ept_exits",
+    "int3_exits",
+    "viol_r",
+    "viol_w",
+    "viol_x",
+    "ve_delivered",
+    "lazy_copies",
+)
 
-MFN_OFFSET = 1 << 24          # SPEC §3: mfn = gfn + 2^24 for RAM
-MAX_RESTARTS = 64             # SPEC §5: an instruction restarted more than this livelocks
-RAM_RW = "ram_rw"             # the only p2m type this model creates
+MFN_OFFSET = 1 << 24  # SPEC §3: mfn = gfn + 2^24 for RAM
+MAX_RESTARTS = 64  # SPEC §5: an instruction restarted more than this livelocks
+RAM_RW = "ram_rw"  # the only p2m type this model creates
 TYPE_PERMITS = {RAM_RW: "rwx"}
 # What each access value lets through (SPEC §3 table; rx2rw acts as rx, n2rwx as n).
 ACCESS_PERMITS = {
-    "n": "", "r": "r", "rw": "rw", "x": "x", "rx": "rx", "rwx": "rwx", "rx2rw": "rx", "n2rwx": "",
+    "n": "",
+    "r": "r",
+    "rw": "rw",
+    "x": "x",
+    "rx": "rx",
+    "rwx": "rwx",
+    "rx2rw": "rx",
+    "n2rwx": "",
 }
 
 # Levels as in SPEC §3: 4 is the root (gfn bits 27-35) ... 1 holds 4 KiB leaves (bits 0-8).
@@ -113,8 +176,8 @@ class P2M:
     def __init__(self, default_access: str):
         self.root: dict = {}
         self.default_access = default_access
-        self.max_mapped = 0                  # highest gfn ever covered by a valid leaf
-        self.remap_min: int | None = None    # change_gfn remap interval (kept for the record)
+        self.max_mapped = 0  # highest gfn ever covered by a valid leaf
+        self.remap_min: int | None = None  # change_gfn remap interval (kept for the record)
         self.remap_max: int | None = None
 
     def find(self, gfn: int) -> tuple[Leaf | None, int]:
@@ -226,21 +289,22 @@ class VcpuState:
     view: int
     ve_enabled: bool
     ve_busy: bool = False
-    singlestep: tuple[int, bool] | None = None   # (return view, fast) while stepping
-    ve_return: int | None = None                 # view to VMFUNC back to (vmfunc-step)
-    emulating: bool = False                      # rest of the instruction is emulated
-    insn: int | None = None                      # None until the vCPU's first row
-    rows: list = field(default_factory=list)     # (trace row, gfn, kind) of the instruction so far
-    restarts: int = 0                            # restarts of the current instruction
+    singlestep: tuple[int, bool] | None = None  # (return view, fast) while stepping
+    ve_return: int | None = None  # view to VMFUNC back to (vmfunc-step)
+    emulating: bool = False  # rest of the instruction is emulated
+    insn: int | None = None  # None until the vCPU's first row
+    rows: list = field(default_factory=list)  # (trace row, gfn, kind) of the instruction so far
+    restarts: int = 0  # restarts of the current instruction
     completed: list = field(default_factory=list)  # views of the completions of this pass
-    cr3: int | None = None                       # the last CR3 value written
+    cr3: int | None = None  # the last CR3 value written
 
 
 class Replay:
     """The domain: host p2m, views, vCPUs and counters for one policy and one trace."""
 
-    def __init__(self, policy: Policy, ram: np.ndarray, selectors: dict[int, np.ndarray],
-                 vcpus: list[int]):
+    def __init__(
+        self, policy: Policy, ram: np.ndarray, selectors: dict[int, np.ndarray], vcpus: list[int]
+    ):
         self.p = policy
         self.d = policy.domain
         self.sel = selectors
@@ -256,25 +320,29 @@ class Replay:
         self.cpu_ctr = {v: dict.fromkeys(TOTAL_COUNTERS, 0) for v in vcpus}
         self.view_ctr = {i: dict.fromkeys(VIEW_COUNTERS, 0) for i in self.views}
         self.gfn_ctr: dict[tuple[int, int], dict[str, int]] = defaultdict(
-            lambda: dict.fromkeys(GFN_COUNTERS, 0))
+            lambda: dict.fromkeys(GFN_COUNTERS, 0)
+        )
         self.setup_ctr = {"setup_splits": 0, "setup_skipped": 0}
         # host drops and maps belong to no vCPU: their counters go to the total row only
         self.domain_ctr = dict.fromkeys(TOTAL_COUNTERS, 0)
-        self.breakpoints: set[tuple[int, int]] = set()   # (mfn, offset) holding an INT3
+        self.breakpoints: set[tuple[int, int]] = set()  # (mfn, offset) holding an INT3
         self.crash_record = -1
         self.livelock_record = -1
         # Where split counts go: setup_splits during setup, the acting vCPU during replay.
         self._split_sink = (self.setup_ctr, "setup_splits")
         self.start_view = 0
-        self.notify: set[int] | None = set()   # None: every vCPU
+        self.notify: set[int] | None = set()  # None: every vCPU
 
     # ----------------------------------------------------------------- host and helpers
     def _map_ram(self, first: int, last: int) -> None:
         """Map [first, last] with the largest aligned pages of order <= host_order inside it."""
         g = first
         while g <= last:
-            order = next(o for o in (18, 9, 0)
-                         if o <= self.d.host_order and g % (1 << o) == 0 and g + (1 << o) - 1 <= last)
+            order = next(
+                o
+                for o in (18, 9, 0)
+                if o <= self.d.host_order and g % (1 << o) == 0 and g + (1 << o) - 1 <= last
+            )
             self.host.write(g, order, Leaf(g + MFN_OFFSET, RAM_RW, self.d.host_access, 1))
             g += 1 << order
 
@@ -309,8 +377,9 @@ class Replay:
                 self._sync(v, held)
             elif sink is not None and ACCESS_PERMITS[held[0].access]:
                 sink["ept_syncs"] += 1
-            leaf = Leaf(mfn_at(host_leaf, host_order, gfn), host_leaf.type, host_leaf.access,
-                        held[0].sve)
+            leaf = Leaf(
+                mfn_at(host_leaf, host_order, gfn), host_leaf.type, host_leaf.access, held[0].sve
+            )
             self._splits(view.write(gfn, 0, leaf))
 
     def _prepopulate(self, view: P2M, gfn: int) -> None:
@@ -331,7 +400,7 @@ class Replay:
     def run_setup(self) -> None:
         for op in self.p.setup:
             getattr(self, "_op_" + op.op)(op)
-        self._split_sink = None   # set per row from now on
+        self._split_sink = None  # set per row from now on
 
     def _op_set_mem_access(self, op) -> None:
         for g in self._gfns(op.gfns):
@@ -353,7 +422,9 @@ class Replay:
             # Xen writes the 4 KiB leaf from the host entry it looked up (not by reading the
             # view again: a prepopulated superpage that permits nothing is invisible, §3)
             host_leaf, order = host
-            self._splits(view.write(g, 0, Leaf(mfn_at(host_leaf, order, g), host_leaf.type, op.access, 1)))
+            self._splits(
+                view.write(g, 0, Leaf(mfn_at(host_leaf, order, g), host_leaf.type, op.access, 1))
+            )
 
     def _op_change_gfn(self, op) -> None:
         view = self.views[op.view]
@@ -377,7 +448,9 @@ class Replay:
                 self._prepopulate(view, old)
             entry = self._effective(view, new)
             if entry is None:
-                raise PolicyError(f"{op.where}: new gfn {new:#x} has no entry in the view or the host")
+                raise PolicyError(
+                    f"{op.where}: new gfn {new:#x} has no entry in the view or the host"
+                )
             mfn, typ, access = entry
             self._splits(view.write(old, 0, Leaf(mfn, typ, access, 1)))
             view.remap_min = new if view.remap_min is None else min(view.remap_min, new)
@@ -393,7 +466,7 @@ class Replay:
                     self._host_write_4k(g, sve=bit)
                 continue
             view = self.views[op.view]
-            entry = self._effective(view, g)   # no superpage prepopulate here
+            entry = self._effective(view, g)  # no superpage prepopulate here
             if entry is None:
                 raise PolicyError(f"{op.where}: gfn {g:#x} has no entry in the view or the host")
             mfn, typ, access = entry
@@ -406,7 +479,9 @@ class Replay:
     def _op_add_ram(self, op) -> None:
         for g in self._gfns(op.gfns):
             if self._host_ram(g) is None:
-                self._splits(self.host.write(g, 0, Leaf(g + MFN_OFFSET, RAM_RW, self.d.host_access, 1)))
+                self._splits(
+                    self.host.write(g, 0, Leaf(g + MFN_OFFSET, RAM_RW, self.d.host_access, 1))
+                )
                 self._propagate(g)
 
     def _op_write_breakpoints(self, op) -> None:
@@ -433,12 +508,22 @@ class Replay:
             self.notify |= set(op.vcpus)
 
     # ----------------------------------------------------------------- replay (SPEC §5-§6)
-    def run(self, gfn: np.ndarray, access: np.ndarray, vcpu: np.ndarray, insn: np.ndarray | None,
-            op: np.ndarray, arg: np.ndarray, boff: np.ndarray) -> None:
+    def run(
+        self,
+        gfn: np.ndarray,
+        access: np.ndarray,
+        vcpu: np.ndarray,
+        insn: np.ndarray | None,
+        op: np.ndarray,
+        arg: np.ndarray,
+        boff: np.ndarray,
+    ) -> None:
         """Every row in trace order; ``op``/``arg`` control rows, ``boff`` each row's byte
         offset in its page (-1 unknown)."""
-        self.cpus = {v: VcpuState(self.start_view, self.notify is None or v in self.notify)
-                     for v in self.vcpu_ids}
+        self.cpus = {
+            v: VcpuState(self.start_view, self.notify is None or v in self.notify)
+            for v in self.vcpu_ids
+        }
         for row in range(len(gfn)):
             o = int(op[row])
             if o >= 3:
@@ -459,8 +544,16 @@ class Replay:
                 st.restarts = 0
                 st.completed = []
                 c["instructions"] += 1
-            st.rows.append((row, int(gfn[row]), access_kind(int(access[row])), o, int(arg[row]),
-                            int(boff[row])))
+            st.rows.append(
+                (
+                    row,
+                    int(gfn[row]),
+                    access_kind(int(access[row])),
+                    o,
+                    int(arg[row]),
+                    int(boff[row]),
+                )
+            )
             if o:
                 c["control_records"] += 1
                 self._control(v, o, int(arg[row]))
@@ -510,11 +603,15 @@ class Replay:
             d["ept_syncs"] += 1
         if o == 4:
             sve = old[0].sve if old is not None else 1
-            self._splits(self.host.write(g, 0, Leaf(g + MFN_OFFSET, RAM_RW, self.d.host_access, sve)))
+            self._splits(
+                self.host.write(g, 0, Leaf(g + MFN_OFFSET, RAM_RW, self.d.host_access, sve))
+            )
             self._propagate(g, None, d)
             d["host_maps"] += 1
             return
-        self._splits(self.host.write(g, 0, Leaf(0, RAM_RW, "n", old[0].sve if old else 1, valid=False)))
+        self._splits(
+            self.host.write(g, 0, Leaf(0, RAM_RW, "n", old[0].sve if old else 1, valid=False))
+        )
         d["host_drops"] += 1
         if not self.d.altp2m:
             return
@@ -567,7 +664,7 @@ class Replay:
                 # this row and the rest of the instruction complete unchecked; its control rows
                 # take effect (Xen emulates VMFUNC and mov cr3)
                 c["records_emulated"] += 1
-                for r in st.rows[j + 1:]:
+                for r in st.rows[j + 1 :]:
                     if r[3]:
                         self._control(v, r[3], r[4])
                     else:
@@ -623,42 +720,49 @@ class Replay:
         if old is not None and ACCESS_PERMITS[old[0].access]:
             self.cpu_ctr[v]["ept_syncs"] += 1
 
-    def _attempt(self, row: int, v: int, g: int, kind: str, first: bool = False, boff: int = -1) -> str:
+    def _attempt(
+        self, row: int, v: int, g: int, kind: str, first: bool = False, boff: int = -1
+    ) -> str:
         """One attempt of SPEC §5 steps 1-8 for vCPU v touching gfn g (``first``: the
         instruction's first row; ``boff``: its byte offset in the page, -1 unknown)."""
         st = self.cpus[v]
         c = self.cpu_ctr[v]
         V = st.view if self.d.altp2m else 0
         p2m = self.views[V]
-        leaf, order = p2m.find(g)                                            # step 1
+        leaf, order = p2m.find(g)  # step 1
         hw_valid = leaf is not None and leaf.valid
         sp_exec_fault = hw_valid and kind == "x" and order > 0 and not self.d.exec_sp
-        if hw_valid and permits(leaf, kind) and not sp_exec_fault:           # step 2
-            if kind == "x" and first and boff >= 0 and (mfn_at(leaf, order, g), boff) in self.breakpoints:
+        if hw_valid and permits(leaf, kind) and not sp_exec_fault:  # step 2
+            if (
+                kind == "x"
+                and first
+                and boff >= 0
+                and (mfn_at(leaf, order, g), boff) in self.breakpoints
+            ):
                 return self._breakpoint(v, V, g)
             self.view_ctr[V]["records_completed"] += 1
             st.completed.append(V)
             return DONE
-        sve = leaf.sve if leaf is not None else 1                            # step 3
+        sve = leaf.sve if leaf is not None else 1  # step 3
         if st.ve_enabled and sve == 0:
             if not st.ve_busy:
                 return self._deliver_ve(v, V, g)
             c["ve_blocked"] += 1
-        c["ept_exits"] += 1                                                  # step 4
+        c["ept_exits"] += 1  # step 4
         self.view_ctr[V]["ept_exits"] += 1
         self.gfn_ctr[(V, g)]["ept_exits"] += 1
-        if p2m.valid_leaf(g) is None:   # Xen's lookup: invisible superpages are not there
+        if p2m.valid_leaf(g) is None:  # Xen's lookup: invisible superpages are not there
             host = self._host_ram(g)
-            if host is None:                                                 # step 6
+            if host is None:  # step 6
                 c["mmio_accesses"] += 1
                 return DONE
-            self._lazy_copy(v, V, g, *host)                                  # step 5
+            self._lazy_copy(v, V, g, *host)  # step 5
             return RESTART
-        if not permits(leaf, kind):                                          # step 7
+        if not permits(leaf, kind):  # step 7
             return self._access_violation(row, v, V, g, kind, leaf)
-        self._sync(v, (leaf, order))                                         # step 8
+        self._sync(v, (leaf, order))  # step 8
         p2m.rewrite_4k(g)
-        c["shatters"] += 1   # the split inside a shatter is not a superpage_split
+        c["shatters"] += 1  # the split inside a shatter is not a superpage_split
         return RESTART
 
     def _lazy_copy(self, v: int, V: int, g: int, host_leaf: Leaf, host_order: int) -> None:
@@ -732,9 +836,9 @@ class Replay:
         if st.singlestep is None:
             st.singlestep = (V, fast)
         elif not fast:
-            st.singlestep = None            # TOGGLE_SINGLESTEP: off; v stays in `to`
+            st.singlestep = None  # TOGGLE_SINGLESTEP: off; v stays in `to`
         else:
-            st.singlestep = (V, True)       # fast: on, with the new return view
+            st.singlestep = (V, True)  # fast: on, with the new return view
         self._switch(v, to, "switches_vm_event")
 
     def _rule_for(self, V: int, g: int, kind: str):
@@ -754,7 +858,8 @@ class Replay:
         if rule is None:
             raise ReplayRuntimeError(
                 f"row {row}: no on_violation rule matches the {kind} violation of gfn {g:#x} "
-                f"in view {self.p.view_name(V)} (vcpu {v})")
+                f"in view {self.p.view_name(V)} (vcpu {v})"
+            )
         if rule.action == "step":
             self._step(v, V, rule.to, rule.fast)
             return RESTART
@@ -798,14 +903,25 @@ class Replay:
 
     # ----------------------------------------------------------------- results
     def results(self) -> dict:
-        run = {"crashed": int(self.crash_record >= 0), "crash_record": self.crash_record,
-               "livelocked": int(self.livelock_record >= 0), "livelock_record": self.livelock_record}
+        run = {
+            "crashed": int(self.crash_record >= 0),
+            "crash_record": self.crash_record,
+            "livelocked": int(self.livelock_record >= 0),
+            "livelock_record": self.livelock_record,
+        }
         n = len(self.vcpu_ids)
 
         def sums(c: dict) -> dict:
-            c["vm_events"] = (c["mem_access_events"] + c["singlestep_events"] + c["async_events"]
-                              + c["breakpoint_events"] + c["cr3_events"])
-            c["view_switches"] = c["switches_vm_event"] + c["switches_fast_ss"] + c["switches_vmfunc"]
+            c["vm_events"] = (
+                c["mem_access_events"]
+                + c["singlestep_events"]
+                + c["async_events"]
+                + c["breakpoint_events"]
+                + c["cr3_events"]
+            )
+            c["view_switches"] = (
+                c["switches_vm_event"] + c["switches_fast_ss"] + c["switches_vmfunc"]
+            )
             return c
 
         vcpus = {}
@@ -816,24 +932,33 @@ class Replay:
             c.update(run)
             vcpus[v] = c
         dom = sums(dict(self.domain_ctr))
-        dom["ept_sync_ipis"] = dom["ept_syncs"] * n   # host drops and maps interrupt every vCPU
+        dom["ept_sync_ipis"] = dom["ept_syncs"] * n  # host drops and maps interrupt every vCPU
         total = dict.fromkeys(TOTAL_COUNTERS, 0)
-        for c in list(vcpus.values()) + [dom]:
+        for c in [*list(vcpus.values()), dom]:
             for key in TOTAL_COUNTERS:
                 total[key] += c[key]
         total.update(self.setup_ctr, **run)
         views = {}
         for index, p2m in sorted(self.views.items()):
             counts = p2m.leaf_counts()
-            views[index] = dict(self.view_ctr[index], pages_mapped=counts[0] + 512 * counts[9] + (1 << 18) * counts[18],
-                                leaves_4k=counts[0], leaves_2m=counts[9], leaves_1g=counts[18])
-        gfns = {key: dict(c) for key, c in sorted(self.gfn_ctr.items())
-                if c["ept_exits"] or c["ve_delivered"] or c["int3_exits"]}
+            views[index] = dict(
+                self.view_ctr[index],
+                pages_mapped=counts[0] + 512 * counts[9] + (1 << 18) * counts[18],
+                leaves_4k=counts[0],
+                leaves_2m=counts[9],
+                leaves_1g=counts[18],
+            )
+        gfns = {
+            key: dict(c)
+            for key, c in sorted(self.gfn_ctr.items())
+            if c["ept_exits"] or c["ve_delivered"] or c["int3_exits"]
+        }
         return {"total": total, "vcpus": vcpus, "views": views, "gfns": gfns}
 
 
-def reference_simulate(policy: Policy, arrays: dict, *, meta_ram=None, gfn_sets=None,
-                       symbols=None, processes=None) -> dict:
+def reference_simulate(
+    policy: Policy, arrays: dict, *, meta_ram=None, gfn_sets=None, symbols=None, processes=None
+) -> dict:
     """Replay ``arrays`` (gfn or gpa, access, optional vcpu, insn, ip, op, arg) under
     ``policy``; SPEC §7 counters.
 
@@ -841,28 +966,50 @@ def reference_simulate(policy: Policy, arrays: dict, *, meta_ram=None, gfn_sets=
     op Xen would refuse; a crash or a livelock is a result.
     """
     gpa = arrays.get("gpa")
-    gfn = (np.asarray(gpa, dtype=np.uint64) >> np.uint64(12)) if gpa is not None else np.asarray(arrays["gfn"], dtype=np.uint64)
+    gfn = (
+        (np.asarray(gpa, dtype=np.uint64) >> np.uint64(12))
+        if gpa is not None
+        else np.asarray(arrays["gfn"], dtype=np.uint64)
+    )
     n = len(gfn)
     access = np.asarray(arrays["access"], dtype=np.uint8)
-    vcpu = np.asarray(arrays["vcpu"], dtype=np.uint16) if "vcpu" in arrays else np.zeros(n, np.uint16)
+    vcpu = (
+        np.asarray(arrays["vcpu"], dtype=np.uint16) if "vcpu" in arrays else np.zeros(n, np.uint16)
+    )
     insn = np.asarray(arrays["insn"], dtype=np.uint64) if "insn" in arrays else None
-    op = np.asarray(arrays["op"], dtype=np.uint8) if arrays.get("op") is not None else np.zeros(n, np.uint8)
-    arg = np.asarray(arrays["arg"], dtype=np.uint64) if arrays.get("arg") is not None else np.zeros(n, np.uint64)
+    op = (
+        np.asarray(arrays["op"], dtype=np.uint8)
+        if arrays.get("op") is not None
+        else np.zeros(n, np.uint8)
+    )
+    arg = (
+        np.asarray(arrays["arg"], dtype=np.uint64)
+        if arrays.get("arg") is not None
+        else np.zeros(n, np.uint64)
+    )
     if gpa is not None:
         boff = [int(a) & 0xFFF for a in gpa]
     elif arrays.get("ip") is not None:
         boff = [int(i) & 0xFFF for i in arrays["ip"]]
     else:
         boff = [-1] * n
-    facts = facts_from_arrays(dict(arrays, gfn=gfn), meta_ram=meta_ram, gfn_sets=gfn_sets,
-                              symbols=symbols, processes=processes, insn_stats=policy.breakpoints is not None)
+    facts = facts_from_arrays(
+        dict(arrays, gfn=gfn),
+        meta_ram=meta_ram,
+        gfn_sets=gfn_sets,
+        symbols=symbols,
+        processes=processes,
+        insn_stats=policy.breakpoints is not None,
+    )
     ram, resolved = resolve_all(policy, facts)
     # A split 1 GiB leaf is 262,144 tuples; the cyclic GC would rescan them again and again
     # (they hold no cycles), tripling the run time.
     gc_was_on = gc.isenabled()
     gc.disable()
     try:
-        replay = Replay(policy, ram, resolved.ranges, sorted({int(vcpu[r]) for r in range(n) if op[r] < 3}))
+        replay = Replay(
+            policy, ram, resolved.ranges, sorted({int(vcpu[r]) for r in range(n) if op[r] < 3})
+        )
         replay.bp_addresses = [int(a) for a in resolved.breakpoints]
         replay.cr3_rules = [(set(values), other, to) for values, other, to in resolved.cr3_rules]
         replay.run_setup()

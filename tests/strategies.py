@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from altp2m_replay.errors import PolicyError
 from altp2m_replay.policy import Policy, parse_policy
 
-GIB = 1 << 18                      # gfns per 1 GiB
+GIB = 1 << 18  # gfns per 1 GiB
 ACCESSES = ("n", "r", "rw", "x", "rx", "rwx", "rx2rw", "n2rwx")
 XENS = ("4.16", "4.18", "4.21", "4.22")
 REGIONS = ((0, 24), (506, 518), (1020, 1028), (GIB - 3, GIB + 3))
@@ -44,7 +44,7 @@ def _value(x) -> str:
     if isinstance(x, int):
         return str(x)
     if isinstance(x, str):
-        return json.dumps(x)   # a JSON string of plain ASCII is a TOML basic string
+        return json.dumps(x)  # a JSON string of plain ASCII is a TOML basic string
     if isinstance(x, list):
         return "[" + ", ".join(_value(v) for v in x) + "]"
     if isinstance(x, dict):
@@ -103,10 +103,12 @@ def selectors(draw, pool: list[int]):
         a = draw(st.sampled_from(pool))
         return [a, a + draw(st.integers(0, 3))]
     if kind == "list":
-        items = [_one(draw, pool) if draw(st.booleans()) else [g := draw(st.sampled_from(pool)), g + 1]
-                 for _ in range(draw(st.integers(1, 3)))]
+        items = [
+            _one(draw, pool) if draw(st.booleans()) else [g := draw(st.sampled_from(pool)), g + 1]
+            for _ in range(draw(st.integers(1, 3)))
+        ]
         if len(items) == 2 and not any(isinstance(i, list) for i in items):
-            items.append(items[0])   # two bare gfns would read as a range
+            items.append(items[0])  # two bare gfns would read as a range
         return items
     if kind == "set":
         sel = {"set": draw(st.sampled_from(["executed", "written", "read", "touched"]))}
@@ -198,8 +200,11 @@ def policy_docs(draw, pool: list[int], domain: dict) -> dict:
         op = draw(st.sampled_from(ops))
         t: dict = {"op": op}
         if op == "set_mem_access":
-            t |= {"view": draw(own_ref | view_ref) if altp2m else 0, "gfns": draw(sel),
-                  "access": draw(st.sampled_from(ACCESSES))}
+            t |= {
+                "view": draw(own_ref | view_ref) if altp2m else 0,
+                "gfns": draw(sel),
+                "access": draw(st.sampled_from(ACCESSES)),
+            }
         elif op == "add_ram":
             t["gfns"] = draw(sel)
         elif op == "change_gfn":
@@ -214,7 +219,7 @@ def policy_docs(draw, pool: list[int], domain: dict) -> dict:
         else:
             t["view"] = draw(view_ref)
         setup.append(t)
-    start = draw(own_ref)   # the view vCPUs start on (when views exist and a switch is drawn)
+    start = draw(own_ref)  # the view vCPUs start on (when views exist and a switch is drawn)
     if views and not one_in(draw, 4):
         setup.append({"op": "switch_p2m", "view": start})
     if altp2m and one_in(draw, 3):
@@ -224,20 +229,34 @@ def policy_docs(draw, pool: list[int], domain: dict) -> dict:
             view, g = (draw(own_ref) if one_in(draw, 4) else start), _one(draw, ram_pool)
             pair = [{"op": "set_suppress_ve", "view": view, "gfns": g, "suppress": False}]
             if not one_in(draw, 4):
-                pair.append({"op": "set_mem_access", "view": view, "gfns": g,
-                             "access": draw(st.sampled_from(["n", "r", "rx", "x"]))})
+                pair.append(
+                    {
+                        "op": "set_mem_access",
+                        "view": view,
+                        "gfns": g,
+                        "access": draw(st.sampled_from(["n", "r", "rx", "x"])),
+                    }
+                )
             at = draw(st.integers(0, len(setup)))
             setup[at:at] = pair[::-1] if draw(st.booleans()) else pair
             if one_in(draw, 4):
                 # A later host write propagates into the view, keeping its suppress-VE bit.
-                setup.append({"op": "set_mem_access", "view": 0, "gfns": g,
-                              "access": draw(st.sampled_from(["r", "rx", "x", "rwx"]))})
+                setup.append(
+                    {
+                        "op": "set_mem_access",
+                        "view": 0,
+                        "gfns": g,
+                        "access": draw(st.sampled_from(["r", "rx", "x", "rwx"])),
+                    }
+                )
         notify: dict = {"op": "enable_notify"}
         if one_in(draw, 4):
             notify["vcpus"] = sorted(set(draw(st.lists(st.integers(0, 2), min_size=1, max_size=3))))
         setup.insert(draw(st.integers(0, len(setup))), notify)
         action = draw(st.sampled_from(["vmfunc-step", "vmfunc-switch", "emulate"]))
-        doc["on_ve"] = {"action": action} if action == "emulate" else {"action": action, "to": draw(view_ref)}
+        doc["on_ve"] = (
+            {"action": action} if action == "emulate" else {"action": action, "to": draw(view_ref)}
+        )
     doc["setup"] = setup
 
     actions = ["step", "switch", "emulate", "set-access"] if altp2m else ["emulate", "set-access"]
@@ -249,12 +268,17 @@ def policy_docs(draw, pool: list[int], domain: dict) -> dict:
         if altp2m and not one_in(draw, 4):
             r["view"] = draw(view_ref if one_in(draw, 3) else own_ref)
         if draw(st.booleans()):
-            r["kind"] = draw(st.sampled_from(["r", "w", "x"]) | st.lists(st.sampled_from("rwx"), min_size=1, max_size=3))
+            r["kind"] = draw(
+                st.sampled_from(["r", "w", "x"])
+                | st.lists(st.sampled_from("rwx"), min_size=1, max_size=3)
+            )
         if one_in(draw, 3):
             r["gfns"] = draw(sel)
         # A view filter always comes with an explicit "to": parse_policy raises KeyError on a
         # step rule filtered on view 0 that leaves "to" at its default (a bug reported upstream).
-        rules.append(r | _action(draw, draw(st.sampled_from(actions)), view_ref, need_to="view" in r))
+        rules.append(
+            r | _action(draw, draw(st.sampled_from(actions)), view_ref, need_to="view" in r)
+        )
     if views and "step" in actions and one_in(draw, 2):
         # The xen-access / DRAKVUF pattern first: violations in the start view step elsewhere.
         rules.insert(0, {"view": start} | _action(draw, "step", view_ref, need_to=True))
@@ -272,24 +296,37 @@ def policy_docs(draw, pool: list[int], domain: dict) -> dict:
     doc["on_violation"] = rules
     if altp2m and domain.get("monitor", True) and one_in(draw, 3):
         # INT3 breakpoints (SPEC §4, §6.4): at pool pages, offsets the traces fetch from
-        doc["breakpoints"] = {"at": [hex((g << 12) | draw(st.sampled_from(OFFSETS)))
-                                     for g in draw(st.lists(st.sampled_from(pool), min_size=1, max_size=3))]}
+        doc["breakpoints"] = {
+            "at": [
+                hex((g << 12) | draw(st.sampled_from(OFFSETS)))
+                for g in draw(st.lists(st.sampled_from(pool), min_size=1, max_size=3))
+            ]
+        }
         for _ in range(draw(st.integers(1, 2))):
-            setup.insert(draw(st.integers(0, len(setup))), {"op": "write_breakpoints", "view": draw(view_ref)})
+            setup.insert(
+                draw(st.integers(0, len(setup))),
+                {"op": "write_breakpoints", "view": draw(view_ref)},
+            )
         if one_in(draw, 3):
             doc["on_breakpoint"] = {"action": "emulate"}
         else:
-            doc["on_breakpoint"] = {"action": "step", "to": draw(view_ref), "fast": draw(st.booleans())}
+            doc["on_breakpoint"] = {
+                "action": "step",
+                "to": draw(view_ref),
+                "fast": draw(st.booleans()),
+            }
     if domain.get("monitor", True) and one_in(draw, 3):
         cr3: dict = {"sync": not one_in(draw, 4), "onchangeonly": not one_in(draw, 3)}
         if cr3["sync"] and altp2m:
-            cr3["switch"] = [{"cr3": draw(st.sampled_from(CR3S + ["other"])), "to": draw(view_ref)}
-                             for _ in range(draw(st.integers(0, 2)))]
+            cr3["switch"] = [
+                {"cr3": draw(st.sampled_from([*CR3S, "other"])), "to": draw(view_ref)}
+                for _ in range(draw(st.integers(0, 2)))
+            ]
         doc["on_cr3"] = cr3
     return doc
 
 
-OFFSETS = [0x10, 0x20]   # byte offsets of fetches and breakpoints in their page
+OFFSETS = [0x10, 0x20]  # byte offsets of fetches and breakpoints in their page
 CR3S = [0x1000, 0x2000, 0x3000]
 
 
@@ -302,8 +339,15 @@ def traces(draw, pool: list[int], extra=()) -> dict[str, np.ndarray]:
     n_vcpus = draw(st.integers(1, 3))
     # Draw the length first: left to itself Hypothesis keeps lists very short.
     n_rows = draw(st.integers(1, 200))
-    rows = draw(st.lists(st.tuples(gfn_choice, st.integers(1, 7), st.integers(0, n_vcpus - 1),
-                                   st.integers(1, 5)), min_size=n_rows, max_size=n_rows))
+    rows = draw(
+        st.lists(
+            st.tuples(
+                gfn_choice, st.integers(1, 7), st.integers(0, n_vcpus - 1), st.integers(1, 5)
+            ),
+            min_size=n_rows,
+            max_size=n_rows,
+        )
+    )
     arrays = {
         "gfn": np.array([r[0] for r in rows], dtype=np.uint64),
         "access": np.array([r[1] for r in rows], dtype=np.uint8),
@@ -327,13 +371,17 @@ def traces(draw, pool: list[int], extra=()) -> dict[str, np.ndarray]:
         for i in draw(st.lists(st.integers(0, n - 1), max_size=max(1, n // 8))):
             o = draw(st.integers(1, 4))
             op[i] = o
-            arg[i] = draw(st.integers(0, 3)) if o == 1 else draw(st.sampled_from(CR3S)) if o == 2 else 0
+            arg[i] = (
+                draw(st.integers(0, 3)) if o == 1 else draw(st.sampled_from(CR3S)) if o == 2 else 0
+            )
         arrays["access"] = np.where(op > 0, 0, arrays["access"]).astype(np.uint8)
         arrays["op"], arrays["arg"] = op, arg
     if one_in(draw, 2):
         # byte addresses: a gpa column, fetches at the breakpoint offsets mostly
-        offs = np.array(draw(st.lists(st.sampled_from(OFFSETS + [0x30]), min_size=len(rows), max_size=len(rows))),
-                        dtype=np.uint64)
+        offs = np.array(
+            draw(st.lists(st.sampled_from([*OFFSETS, 48]), min_size=len(rows), max_size=len(rows))),
+            dtype=np.uint64,
+        )
         arrays["gpa"] = (arrays.pop("gfn") << np.uint64(12)) | offs
     return arrays
 

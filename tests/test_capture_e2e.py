@@ -25,8 +25,22 @@ def test_capture_a_real_guest(tmp_path):
         need(tool)
     out = tmp_path / "shell.parquet"
     raw = tmp_path / "shell.zst"
-    r = CliRunner().invoke(main, ["trace", "capture", "shell", "--vcpus", "2", "--rows", str(ROWS),
-                                  "-o", str(out), "--keep-raw", str(raw)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "trace",
+            "capture",
+            "shell",
+            "--vcpus",
+            "2",
+            "--rows",
+            str(ROWS),
+            "-o",
+            str(out),
+            "--keep-raw",
+            str(raw),
+        ],
+    )
     assert r.exit_code == 0, r.output + r.stderr
     assert "(row limit)" in r.stdout
     r = CliRunner().invoke(main, ["trace", "validate", str(out)])

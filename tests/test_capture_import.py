@@ -58,14 +58,14 @@ def end(records, unresolved=(0, 0, 0), reason=1):
 # Every record kind. vCPU 0 runs kernel text (nokaslr: gpa = ip - KBASE), vCPU 1 user code.
 BODY = [
     fetch(0, 0x1000123, KBASE + 0x1000123),  # row 0: vCPU 0 instruction 0
-    read(0, 0x5008),                          # row 1: its load
-    fetch(1, 0x2FFE, 0x401FFE),               # row 2: vCPU 1 instruction 0, crosses a page ...
-    tail(1, 0x7000),                          # row 3: ... whose second page is frame 7
-    write(1, 0x9FFC),                         # row 4: a store that crosses a page ...
-    write(1, 0xA000),                         # row 5: ... two rows of the same instruction
-    insn(0, 0xFFFFFFFFFFF00000),              # no row: vCPU 0 instruction 1 (ROM)
-    read(0, 0xFEE00030),                      # row 6: its MMIO read (local APIC)
-    fetch(0, 0x1000130, KBASE + 0x1000130),   # row 7: vCPU 0 instruction 2
+    read(0, 0x5008),  # row 1: its load
+    fetch(1, 0x2FFE, 0x401FFE),  # row 2: vCPU 1 instruction 0, crosses a page ...
+    tail(1, 0x7000),  # row 3: ... whose second page is frame 7
+    write(1, 0x9FFC),  # row 4: a store that crosses a page ...
+    write(1, 0xA000),  # row 5: ... two rows of the same instruction
+    insn(0, 0xFFFFFFFFFFF00000),  # no row: vCPU 0 instruction 1 (ROM)
+    read(0, 0xFEE00030),  # row 6: its MMIO read (local APIC)
+    fetch(0, 0x1000130, KBASE + 0x1000130),  # row 7: vCPU 0 instruction 2
 ]
 ROWS = [  # (gpa, access, vcpu, insn, ip)
     (0x1000123, 4, 0, 0, KBASE + 0x1000123),
@@ -88,8 +88,11 @@ def stream(body=BODY, records=N_ROWS, **kw) -> bytes:
 
 def rows_of(path):
     t = pq.read_table(path)
-    return list(zip(*(t.column(c).to_pylist() for c in ("gpa", "access", "vcpu", "insn", "ip")),
-                    strict=True))
+    return list(
+        zip(
+            *(t.column(c).to_pylist() for c in ("gpa", "access", "vcpu", "insn", "ip")), strict=True
+        )
+    )
 
 
 def meta_of(path):
@@ -200,7 +203,9 @@ def test_count_mismatch_and_trailing_bytes(tmp_path):
 
 
 def test_bad_header(tmp_path):
-    assert "byte 0: expected a qemu-capture header" in import_error(tmp_path, b"A2MCAPT2" + stream()[8:])
+    assert "byte 0: expected a qemu-capture header" in import_error(
+        tmp_path, b"A2MCAPT2" + stream()[8:]
+    )
     (tmp_path / "bad.bin").unlink()
     assert "found an empty file" in import_error(tmp_path, b"")
     (tmp_path / "bad.bin").unlink()
@@ -235,9 +240,11 @@ def test_capture_refuses_bad_arguments(tmp_path):
     assert 'unknown workload "shel" (did you mean "shell"?)' in msg
     assert "files, idle, shell" in msg
     assert "--memory must be in 64..3072" in run_error(
-        ["trace", "capture", "idle", "--memory", "4096", "-o", out], out)
+        ["trace", "capture", "idle", "--memory", "4096", "-o", out], out
+    )
     assert "--vcpus must be in 1..64" in run_error(
-        ["trace", "capture", "idle", "--vcpus", "0", "-o", out], out)
+        ["trace", "capture", "idle", "--vcpus", "0", "-o", out], out
+    )
 
 
 def test_unsupported_qemu_fails_the_build(tmp_path, monkeypatch):
@@ -247,18 +254,38 @@ def test_unsupported_qemu_fails_the_build(tmp_path, monkeypatch):
     with pytest.raises(capture.CaptureError, match=r"QEMU 9\.0\.2 is not supported"):
         capture.build_plugin(tmp_path)
     # and the C source refuses it by itself
-    r = subprocess.run(["gcc", "-fsyntax-only", "-DCAP_QEMU_MAJOR=9", "-DCAP_QEMU_MINOR=0",
-                        str(capture.PLUGIN_SRC)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "gcc",
+            "-fsyntax-only",
+            "-DCAP_QEMU_MAJOR=9",
+            "-DCAP_QEMU_MINOR=0",
+            str(capture.PLUGIN_SRC),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "unsupported QEMU version" in r.stderr
 
 
 # --------------------------------------------------------------------------- guest pieces
 def test_console_report_and_ram_ranges():
-    text = "\n".join([
-        "[    0.1] noise", "A2M kernel 6.1.0-57-amd64", "A2M clocksource tsc", "A2M cpus 2",
-        "A2M memmap 0x0 0x9fbff System RAM", "A2M memmap 0x9fc00 0x9ffff Reserved",
-        "A2M memmap 0x100000 0xffdffff System RAM", "A2M pt before 10 12", "A2M pt after 10 12",
-        "A2M pt after 40 40", "A2M window 3.5 4.25", "A2M done"])
+    text = "\n".join(
+        [
+            "[    0.1] noise",
+            "A2M kernel 6.1.0-57-amd64",
+            "A2M clocksource tsc",
+            "A2M cpus 2",
+            "A2M memmap 0x0 0x9fbff System RAM",
+            "A2M memmap 0x9fc00 0x9ffff Reserved",
+            "A2M memmap 0x100000 0xffdffff System RAM",
+            "A2M pt before 10 12",
+            "A2M pt after 10 12",
+            "A2M pt after 40 40",
+            "A2M window 3.5 4.25",
+            "A2M done",
+        ]
+    )
     rep = capture.parse_console(text)
     assert (rep.kernel, rep.clocksource, rep.cpus, rep.done) == ("6.1.0-57-amd64", "tsc", 2, True)
     assert rep.page_tables == {(10, 12), (40, 40)}
@@ -271,14 +298,16 @@ def test_marker_program_and_initramfs():
     elf = capture.marker_elf(capture.MARK_START)
     assert elf[:4] == b"\x7fELF" and elf[4] == 2  # 64-bit
     entry = struct.unpack_from("<Q", elf, 24)[0]
-    code = elf[entry - 0x400000:]
+    code = elf[entry - 0x400000 :]
     assert code[:8] == bytes([0x0F, 0x1F, 0x84, 0x00]) + struct.pack("<I", 0x41324D53)
-    archive = capture.cpio_newc([("init", 0o100755, b"#!/bin/sh\n"), ("dev/console", 0o020600, b"5:1")])
+    archive = capture.cpio_newc(
+        [("init", 0o100755, b"#!/bin/sh\n"), ("dev/console", 0o020600, b"5:1")]
+    )
     assert archive.startswith(b"070701") and len(archive) % 4 == 0
     assert b"init\0" in archive and b"TRAILER!!!\0" in archive
     # the console node: rdevmajor 5, rdevminor 1 (fields 10 and 11 of the second header)
     second = archive.index(b"070701", 6)
-    fields = [int(archive[second + 6 + 8 * i: second + 14 + 8 * i], 16) for i in range(13)]
+    fields = [int(archive[second + 6 + 8 * i : second + 14 + 8 * i], 16) for i in range(13)]
     assert (fields[1], fields[9], fields[10]) == (0o020600, 5, 1)
 
 

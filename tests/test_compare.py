@@ -52,7 +52,9 @@ def variant(base, tmp_path):
 def resign(d: Path) -> None:
     """Record an edited summary in the manifest, as if one run had written it."""
     manifest = json.loads((d / "manifest.json").read_text())
-    manifest["files"]["summary.parquet"] = hashlib.sha256((d / "summary.parquet").read_bytes()).hexdigest()
+    manifest["files"]["summary.parquet"] = hashlib.sha256(
+        (d / "summary.parquet").read_bytes()
+    ).hexdigest()
     (d / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -61,8 +63,12 @@ def cell(policy, vcpu=-1):
 
 
 def setv(df, where, column, value):
-    return df.with_columns(pl.when(where).then(pl.lit(value, dtype=df.schema[column]))
-                           .otherwise(pl.col(column)).alias(column))
+    return df.with_columns(
+        pl.when(where)
+        .then(pl.lit(value, dtype=df.schema[column]))
+        .otherwise(pl.col(column))
+        .alias(column)
+    )
 
 
 def total(base, policy, column):
@@ -118,7 +124,7 @@ def test_threshold_edge_exactly_at_the_limit_passes(base, variant):
     # 1000 * (1 + 0.1/100) is 1000.9999999999999 in floats: the rule must be exact
     assert gate(old, at, "--max-increase", 0.1)[1] == 0
     assert gate(old, past, "--max-increase", 0.1)[1] == 1
-    r, code = gate(old, at, "--max-increase", 0.1)
+    r, _code = gate(old, at, "--max-increase", 0.1)
     assert "increased" in r.stdout and "+0.10%" in r.stdout
     # default threshold 0: any increase fails
     assert gate(old, at)[1] == 1
@@ -135,8 +141,14 @@ def test_zero_base(base, variant):
     doc = json.loads(r.stdout)
     none_total = next(c for c in doc["cells"] if c["policy"] == "none" and c["vcpu"] == -1)
     m = none_total["metrics"]["ept_exits"]
-    assert m == {"base": 0, "new": 5, "change": 5, "change_pct": None, "status": "grew",
-                 "grew": True}
+    assert m == {
+        "base": 0,
+        "new": 5,
+        "change": 5,
+        "change_pct": None,
+        "status": "grew",
+        "grew": True,
+    }
     # zero to zero is equal
     zero = none_total["metrics"]["vm_events"]
     assert zero["status"] == "equal" and zero["change_pct"] == 0.0
@@ -166,9 +178,20 @@ def test_metric_option(base, variant):
     assert "cycles_total" not in r.stdout  # only the metrics asked for
 
 
-REVISION_2_COUNTERS = ("int3_exits", "livelocked", "restarts", "breakpoint_events", "cr3_events",
-                       "cr3_exits", "vmfunc_exits", "view_resets", "ept_sync_ipis",
-                       "livelock_record", "cycles_int3_exit", "cycles_view_reset")
+REVISION_2_COUNTERS = (
+    "int3_exits",
+    "livelocked",
+    "restarts",
+    "breakpoint_events",
+    "cr3_events",
+    "cr3_exits",
+    "vmfunc_exits",
+    "view_resets",
+    "ept_sync_ipis",
+    "livelock_record",
+    "cycles_int3_exit",
+    "cycles_view_reset",
+)
 
 
 def test_revision_2_counters_are_metrics(base, variant):
@@ -194,9 +217,12 @@ def test_text_is_an_aligned_table(base):
     r, _ = gate(base, base)
     lines = r.stdout.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.startswith("trace"))
-    rows = lines[head + 2: head + 2 + 3 * len(POLICIES) * 3]
-    assert all(ln.index("cycles_total") == rows[0].index("cycles_total")
-               for ln in rows if "cycles_total" in ln)
+    rows = lines[head + 2 : head + 2 + 3 * len(POLICIES) * 3]
+    assert all(
+        ln.index("cycles_total") == rows[0].index("cycles_total")
+        for ln in rows
+        if "cycles_total" in ln
+    )
     assert set(lines[head + 1]) <= {"-", " "}
     assert len(rows) == 27 and all(ln.endswith("equal") for ln in rows)
 

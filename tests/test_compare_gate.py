@@ -24,7 +24,9 @@ def compare(*args):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, small_kernel_trace) -> Path:
     out = tmp_path_factory.mktemp("gate") / "base"
-    run.replay([small_kernel_trace], ["baseline", "xen-access-altp2m-write"], out, jobs=1, html=False)
+    run.replay(
+        [small_kernel_trace], ["baseline", "xen-access-altp2m-write"], out, jobs=1, html=False
+    )
     return out
 
 
@@ -37,11 +39,17 @@ def edited(base: Path, dst: Path, column: str, value) -> Path:
         df = df.drop(column)
     else:
         hit = (pl.col("policy") == "xen-access-altp2m-write") & (pl.col("vcpu") == -1)
-        df = df.with_columns(pl.when(hit).then(pl.lit(value, dtype=df.schema[column]))
-                             .otherwise(pl.col(column)).alias(column))
+        df = df.with_columns(
+            pl.when(hit)
+            .then(pl.lit(value, dtype=df.schema[column]))
+            .otherwise(pl.col(column))
+            .alias(column)
+        )
     df.write_parquet(dst / "summary.parquet")
     manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["files"]["summary.parquet"] = hashlib.sha256((dst / "summary.parquet").read_bytes()).hexdigest()
+    manifest["files"]["summary.parquet"] = hashlib.sha256(
+        (dst / "summary.parquet").read_bytes()
+    ).hexdigest()
     (dst / "manifest.json").write_text(json.dumps(manifest))
     return dst
 

@@ -45,8 +45,16 @@ IP_FIRST = ([0xFFFF0123, 0xFFFF0456, 0xFFFF1000], [0x100123, 0x200456, 0x201000]
 
 def columns(rows=ROWS):
     v, i, o, a, g, ip, t = (np.array(c, dtype=np.uint64) for c in zip(*rows, strict=True))
-    return {"gfn": g, "access": a.astype(np.uint8), "vcpu": v.astype(np.uint16), "insn": i, "ip": ip,
-            "tsc": t, "op": o.astype(np.uint8), "arg": np.zeros(len(rows), np.uint64)}
+    return {
+        "gfn": g,
+        "access": a.astype(np.uint8),
+        "vcpu": v.astype(np.uint16),
+        "insn": i,
+        "ip": ip,
+        "tsc": t,
+        "op": o.astype(np.uint8),
+        "arg": np.zeros(len(rows), np.uint64),
+    }
 
 
 def check(stats, starts, ip_first):
@@ -88,8 +96,11 @@ def test_gpa_is_the_byte_address(tmp_path):
     cols["gpa"] = (cols.pop("gfn") << U(12)) | U(0xAB)
     p = write_trace(cols, tmp_path / "t.parquet", row_group_size=3)
     st = validate(p, insn_stats=True)
-    check(st, ([0x1000AB, 0x2000AB, 0x2010AB, 0x6000AB], [2, 1, 1, 1]),
-          ([0xFFFF0123, 0xFFFF0456, 0xFFFF1000], [0x1000AB, 0x2000AB, 0x2010AB]))
+    check(
+        st,
+        ([0x1000AB, 0x2000AB, 0x2010AB, 0x6000AB], [2, 1, 1, 1]),
+        ([0xFFFF0123, 0xFFFF0456, 0xFFFF1000], [0x1000AB, 0x2000AB, 0x2010AB]),
+    )
     # gpa without ip: starts, and no ip table
     del cols["ip"]
     p = write_trace(cols, tmp_path / "noip.parquet")
@@ -113,8 +124,12 @@ def test_gfn_without_ip_has_no_byte_addresses(tmp_path):
 def test_without_insn_each_row_is_an_instruction(tmp_path):
     # two fetches at one address and a read: with one insn id, one instruction starts there;
     # without the column, two do
-    cols = {"gfn": np.array([1, 1, 2], np.uint64), "access": np.array([4, 4, 1], np.uint8),
-            "ip": np.array([0x10, 0x10, 0x10], np.uint64), "insn": np.array([5, 5, 5], np.uint64)}
+    cols = {
+        "gfn": np.array([1, 1, 2], np.uint64),
+        "access": np.array([4, 4, 1], np.uint8),
+        "ip": np.array([0x10, 0x10, 0x10], np.uint64),
+        "insn": np.array([5, 5, 5], np.uint64),
+    }
     st = validate(write_trace(cols, tmp_path / "a.parquet"), insn_stats=True)
     assert st.insn_starts[0].tolist() == [0x1010] and st.insn_starts[1].tolist() == [1]
     del cols["insn"]
@@ -126,11 +141,17 @@ def test_a_returning_insn_id_starts_a_new_instruction_and_ip_first_keeps_the_ear
     # vCPU 0: insn 1 at gfn 5, insn 2 at gfn 6, insn 1 again at gfn 7, all with ip 0x3210:
     # three starts; the ip's first instruction is the one at gfn 5 (0x5210), in a batch of
     # its own before the others
-    cols = {"gfn": np.array([5, 6, 7], np.uint64), "access": np.array([4, 4, 4], np.uint8),
-            "ip": np.full(3, 0x3210, np.uint64), "insn": np.array([1, 2, 1], np.uint64)}
+    cols = {
+        "gfn": np.array([5, 6, 7], np.uint64),
+        "access": np.array([4, 4, 4], np.uint8),
+        "ip": np.full(3, 0x3210, np.uint64),
+        "insn": np.array([1, 2, 1], np.uint64),
+    }
     p = write_trace(cols, tmp_path / "t.parquet", row_group_size=1)
     st = validate(p, insn_stats=True)
-    assert st.insn_starts[0].tolist() == [0x5210, 0x6210, 0x7210] and st.insn_starts[1].tolist() == [1, 1, 1]
+    assert st.insn_starts[0].tolist() == [0x5210, 0x6210, 0x7210] and st.insn_starts[
+        1
+    ].tolist() == [1, 1, 1]
     assert st.ip_first[0].tolist() == [0x3210] and st.ip_first[1].tolist() == [0x5210]
 
 
@@ -143,9 +164,13 @@ def test_instructions_straddle_many_batches_on_interleaved_vcpus(tmp_path):
     v = r % vcpus
     k = r // (vcpus * 5)  # instruction number of the row's vCPU
     first = (r // vcpus) % 5 == 0
-    cols = {"gfn": (0x1000 + k).astype(np.uint64), "access": np.where(first, 4, 1).astype(np.uint8),
-            "vcpu": v.astype(np.uint16), "insn": k.astype(np.uint64),
-            "ip": (0xFFFF0000 + 0x40 * v + (k % 3) * 0x1000).astype(np.uint64)}
+    cols = {
+        "gfn": (0x1000 + k).astype(np.uint64),
+        "access": np.where(first, 4, 1).astype(np.uint8),
+        "vcpu": v.astype(np.uint16),
+        "insn": k.astype(np.uint64),
+        "ip": (0xFFFF0000 + 0x40 * v + (k % 3) * 0x1000).astype(np.uint64),
+    }
     p = write_trace(cols, tmp_path / "t.parquet", row_group_size=7)
     tr = open_trace(p)
     v_ = traces.Validator(tr, insn_stats=True)
@@ -156,14 +181,18 @@ def test_instructions_straddle_many_batches_on_interleaved_vcpus(tmp_path):
     expect = sorted(((0x1000 + kk) << 12) | (0x40 * vv) for kk in range(per) for vv in range(vcpus))
     assert st.insn_starts[0].tolist() == expect and st.insn_starts[1].tolist() == [1] * len(expect)
     # ip 0xFFFF0000 + 0x40 v + 0x1000 j is first executed by instruction k = j on vCPU v
-    ips = sorted((0xFFFF0000 + 0x40 * vv + 0x1000 * j, vv, j) for vv in range(vcpus) for j in range(3))
+    ips = sorted(
+        (0xFFFF0000 + 0x40 * vv + 0x1000 * j, vv, j) for vv in range(vcpus) for j in range(3)
+    )
     assert st.ip_first[0].tolist() == [ip for ip, _, _ in ips]
     assert st.ip_first[1].tolist() == [((0x1000 + j) << 12) | (0x40 * vv) for _, vv, j in ips]
 
 
 def test_run_facts_carry_metadata_and_stats(tmp_path):
-    meta = {"symbols": {"__x64_sys_read": 0xFFFF0123, "vfs_read": 0xFFFF1000},
-            "processes": {"bash": 0x1A2B000}}
+    meta = {
+        "symbols": {"__x64_sys_read": 0xFFFF0123, "vfs_read": 0xFFFF1000},
+        "processes": {"bash": 0x1A2B000},
+    }
     p = write_trace(columns(), tmp_path / "t.parquet", meta=meta, row_group_size=4)
     stats, facts = run.trace_facts(p, False, insn_stats=True)
     assert facts.symbols == meta["symbols"] and facts.processes == meta["processes"]
@@ -183,7 +212,7 @@ def test_replay_facts_with_insn_stats_on_a_trace_without_control_rows(tmp_path):
     cols = columns(rows)
     del cols["op"], cols["arg"]
     p = write_trace(cols, tmp_path / "t.parquet", meta={"processes": {"init": 0x1000}})
-    stats, facts, checked = run.replay_facts(p, False, insn_stats=True)
+    _stats, facts, checked = run.replay_facts(p, False, insn_stats=True)
     assert checked and facts.processes == {"init": 0x1000}
     assert facts.insn_starts[0].tolist() == STARTS[0] and facts.insn_starts[1].tolist() == STARTS[1]
     assert facts.ip_first[0].tolist() == IP_FIRST[0] and facts.ip_first[1].tolist() == IP_FIRST[1]
@@ -200,7 +229,9 @@ def control_traces(draw):
     n = draw(st.integers(1, 80))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     op = rng.choice(np.array([0, 0, 0, 0, 1, 2, 3, 4], np.uint8), n)
-    access = np.where(op == 0, rng.choice(np.array([1, 2, 3, 4, 4, 5, 7], np.uint8), n), 0).astype(np.uint8)
+    access = np.where(op == 0, rng.choice(np.array([1, 2, 3, 4, 4, 5, 7], np.uint8), n), 0).astype(
+        np.uint8
+    )
     cols = {"access": access, "op": op, "vcpu": rng.integers(0, 3, n).astype(np.uint16)}
     if draw(st.booleans()):
         cols["gpa"] = rng.integers(0, 1 << 20, n).astype(np.uint64)
@@ -213,7 +244,9 @@ def control_traces(draw):
     return cols
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(cols=control_traces(), batch_rows=st.integers(1, 9))
 def test_streaming_stats_match_policy_row_walk(tmp_path, cols, batch_rows):
     """The streaming pass and policy.facts_from_arrays (one row at a time, in Python) agree."""

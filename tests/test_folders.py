@@ -82,7 +82,9 @@ def corpus(tmp_path_factory, small_kernel_trace) -> Path:
     """Two good traces, ``a`` and ``b``."""
     d = tmp_path_factory.mktemp("corpus")
     shutil.copyfile(small_kernel_trace, d / "a.parquet")
-    r = cli("trace", "generate", "jit", "-n", 3000, "--seed", 3, "--vcpus", 2, "-o", d / "b.parquet")
+    r = cli(
+        "trace", "generate", "jit", "-n", 3000, "--seed", 3, "--vcpus", 2, "-o", d / "b.parquet"
+    )
     assert r.exit_code == 0, r.output
     return d
 
@@ -109,8 +111,9 @@ def test_an_error_in_an_existing_folder_leaves_it_as_it_was(corpus, tmp_path, jo
     shutil.copytree(corpus, inputs)
     bad_trace(inputs / "z.parquet")
     for extra in ([], ["--resume"], ["--no-html"]):
-        one_error(cli("replay", inputs, *pargs(*POLICIES, "split-rx"), "--jobs", jobs,
-                      "-o", out, *extra))
+        one_error(
+            cli("replay", inputs, *pargs(*POLICIES, "split-rx"), "--jobs", jobs, "-o", out, *extra)
+        )
         assert snapshot(out) == before, extra
 
 
@@ -134,10 +137,12 @@ def _switch_killed_after(monkeypatch, renames: int):
     return Killed
 
 
-@pytest.mark.parametrize(("renames", "html"), [(n, False) for n in range(len(FILES) - 1)]
-                         + [(len(FILES) - 1, True)])
-def test_a_run_stopped_while_switching_never_shows_two_runs(corpus, tmp_path, monkeypatch, renames,
-                                                            html):
+@pytest.mark.parametrize(
+    ("renames", "html"), [(n, False) for n in range(len(FILES) - 1)] + [(len(FILES) - 1, True)]
+)
+def test_a_run_stopped_while_switching_never_shows_two_runs(
+    corpus, tmp_path, monkeypatch, renames, html
+):
     """Run A (HTML), then run B (another policy) stopped after each possible number of
     renames: `compare` refuses the folder; `report` finishes the switch to B's set, and A's
     report never stands beside B's tables."""
@@ -175,7 +180,9 @@ def test_the_next_replay_finishes_a_stopped_switch(corpus, tmp_path, monkeypatch
     bad_trace(inputs / "z.parquet")
     one_error(cli("replay", inputs, "-p", "baseline", "--jobs", 1, "-o", out))
     assert not (out / outdir.SWITCH).exists() and not (out / "report.html").exists()
-    assert [p["name"] for p in json.loads((out / "manifest.json").read_text())["policies"]] == ["codemon-flip"]
+    assert [p["name"] for p in json.loads((out / "manifest.json").read_text())["policies"]] == [
+        "codemon-flip"
+    ]
     ok("compare", out, out)
 
 
@@ -199,7 +206,7 @@ def test_a_table_from_another_run_is_refused(two_runs, name):
 
 
 def test_a_missing_table_is_refused(two_runs):
-    a, b = two_runs
+    a, _b = two_runs
     (a / "timeline.parquet").unlink()
     line = one_error(cli("report", a))
     assert f"{a / 'timeline.parquet'}: missing" in line
@@ -244,12 +251,23 @@ def test_a_lock_left_by_a_killed_run_does_not_block(corpus, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom altp2m_replay.outdir import FolderLock\n"
-         "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)", str(out)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\nfrom altp2m_replay.outdir import FolderLock\n"
+                "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"
+            ),
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert "another run is writing" in one_error(cli("replay", corpus, "-p", "baseline", "-o", out))
+        assert "another run is writing" in one_error(
+            cli("replay", corpus, "-p", "baseline", "-o", out)
+        )
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
@@ -278,16 +296,41 @@ def test_disk_full_gives_one_error_and_keeps_the_folder(corpus, tmp_path):
         ok("replay", corpus / "a.parquet", "-p", "baseline", "--jobs", 1, "--no-html", "-o", out)
         before = snapshot(out)
         # many policies over both traces, with the report: does not fit in what is left
-        r = cli("replay", corpus, *pargs(*POLICIES, "split-rx", "hvmi-ve-pagetables", "baseline",
-                                         "drakvuf-hidden-breakpoints"), "--jobs", 1, "-o", out)
+        r = cli(
+            "replay",
+            corpus,
+            *pargs(
+                *POLICIES,
+                "split-rx",
+                "hvmi-ve-pagetables",
+                "baseline",
+                "drakvuf-hidden-breakpoints",
+            ),
+            "--jobs",
+            1,
+            "-o",
+            out,
+        )
         line = one_error(r)
         assert "No space left on device" in line, line
         assert line.startswith(f"Error: {out}/") and ": cannot write: " in line, line
         assert snapshot(out) == before
         # the same run into a new folder: the disk fills again, and nothing is left behind
-        r = cli("replay", corpus, *pargs(*POLICIES, "split-rx", "hvmi-ve-pagetables", "baseline",
-                                         "drakvuf-hidden-breakpoints"), "--jobs", 1,
-                "-o", disk / "new" / "out")
+        r = cli(
+            "replay",
+            corpus,
+            *pargs(
+                *POLICIES,
+                "split-rx",
+                "hvmi-ve-pagetables",
+                "baseline",
+                "drakvuf-hidden-breakpoints",
+            ),
+            "--jobs",
+            1,
+            "-o",
+            disk / "new" / "out",
+        )
         assert "No space left on device" in one_error(r)
         assert not (disk / "new").exists()
         assert sorted(p.name for p in disk.iterdir()) == ["out"]
@@ -330,8 +373,16 @@ def test_cell_folder_names_never_collide(corpus, tmp_path):
         p = tmp_path / f"pol{i}.toml"
         p.write_text(f'name = "{name}"\n', encoding="utf-8")
         pols.append(p)
-    args = ["replay", *[inputs / f"{n}.parquet" for n in names], *pargs(*pols), "--jobs", 2,
-            "--no-html", "-o", tmp_path / "out"]
+    args = [
+        "replay",
+        *[inputs / f"{n}.parquet" for n in names],
+        *pargs(*pols),
+        "--jobs",
+        2,
+        "--no-html",
+        "-o",
+        tmp_path / "out",
+    ]
     ok(*args)
     cells = sorted((tmp_path / "out" / ".cells").iterdir())
     assert len(cells) == len(names) * len(pols)
@@ -366,10 +417,14 @@ TAMPER = {
     "older format": lambda c: _edit_meta(c, format=0),
     "no files": lambda c: _edit_meta(c, files=None),
     "no cell.json": lambda c: (c / "cell.json").unlink(),
-    "table truncated": lambda c: (c / "summary.parquet").write_bytes((c / "summary.parquet").read_bytes()[:50]),
+    "table truncated": lambda c: (c / "summary.parquet").write_bytes(
+        (c / "summary.parquet").read_bytes()[:50]
+    ),
     "table from another cell": lambda c: shutil.copyfile(
-        next(p for p in c.parent.iterdir() if p != c and not p.name.startswith(".")) / "by_gfn.parquet",
-        c / "by_gfn.parquet"),
+        next(p for p in c.parent.iterdir() if p != c and not p.name.startswith("."))
+        / "by_gfn.parquet",
+        c / "by_gfn.parquet",
+    ),
     "table removed": lambda c: (c / "timeline.parquet").unlink(),
 }
 
@@ -382,18 +437,37 @@ def test_a_tampered_cell_is_computed_again_with_a_warning(corpus, tmp_path, how)
     shutil.copytree(out, fresh)
     cell = _one_cell(out)
     TAMPER[how](cell)
-    r = cli("replay", corpus / "a.parquet", *pargs(*POLICIES), "--jobs", 1, "--no-html", "-o", out,
-            "--resume")
+    r = cli(
+        "replay",
+        corpus / "a.parquet",
+        *pargs(*POLICIES),
+        "--jobs",
+        1,
+        "--no-html",
+        "-o",
+        out,
+        "--resume",
+    )
     assert r.exit_code == 0, r.output
     warnings = r.stderr.splitlines()
     assert len(warnings) == 1, r.stderr
-    assert warnings[0].startswith(f"warning: {cell}: stored cell not usable (") and \
-        warnings[0].endswith("computing it again"), warnings[0]
+    assert warnings[0].startswith(f"warning: {cell}: stored cell not usable (") and warnings[
+        0
+    ].endswith("computing it again"), warnings[0]
     assert json.loads((out / "manifest.json").read_text())["timings"]["resumed_cells"] == 1
     same_tables(out, fresh)
     # the cell was stored again: the next resume uses it without a word
-    r = ok("replay", corpus / "a.parquet", *pargs(*POLICIES), "--jobs", 1, "--no-html", "-o", out,
-           "--resume")
+    r = ok(
+        "replay",
+        corpus / "a.parquet",
+        *pargs(*POLICIES),
+        "--jobs",
+        1,
+        "--no-html",
+        "-o",
+        out,
+        "--resume",
+    )
     assert r.stderr == ""
     assert json.loads((out / "manifest.json").read_text())["timings"]["resumed_cells"] == 2
 
@@ -402,8 +476,19 @@ def test_cells_of_an_earlier_key_are_pruned_after_a_run(corpus, tmp_path):
     out = tmp_path / "out"
     ok("replay", corpus / "a.parquet", "-p", "baseline", "--jobs", 1, "--no-html", "-o", out)
     first = sorted(p.name for p in (out / ".cells").iterdir())
-    ok("replay", corpus / "a.parquet", "-p", "baseline", "--cost", "ept_exit=1", "--jobs", 1,
-       "--no-html", "-o", out)
+    ok(
+        "replay",
+        corpus / "a.parquet",
+        "-p",
+        "baseline",
+        "--cost",
+        "ept_exit=1",
+        "--jobs",
+        1,
+        "--no-html",
+        "-o",
+        out,
+    )
     second = sorted(p.name for p in (out / ".cells").iterdir())
     assert len(first) == len(second) == 1 and first != second
 
@@ -413,8 +498,18 @@ def test_cell_folders_of_older_versions_are_pruned(corpus, tmp_path):
     old = out / ".cells" / "a__baseline"  # how cells were named before
     old.mkdir(parents=True)
     (old / "cell.json").write_text("{}")
-    ok("replay", corpus / "a.parquet", "-p", "baseline", "--jobs", 1, "--no-html", "-o", out,
-       "--resume")
+    ok(
+        "replay",
+        corpus / "a.parquet",
+        "-p",
+        "baseline",
+        "--jobs",
+        1,
+        "--no-html",
+        "-o",
+        out,
+        "--resume",
+    )
     assert not old.exists() and len(list((out / ".cells").iterdir())) == 1
 
 

@@ -133,7 +133,9 @@ def test_jit_writes_before_executing():
 
 
 def test_unknown_workload_and_bad_args(tmp_path):
-    with pytest.raises(TraceError, match='unknown workload "kernal" \\(did you mean "kernel"\\?\\)'):
+    with pytest.raises(
+        TraceError, match='unknown workload "kernal" \\(did you mean "kernel"\\?\\)'
+    ):
         gen.generate("kernal", 10, output=tmp_path / "x.parquet")
     with pytest.raises(TraceError, match="--vcpus"):
         gen.generate("kernel", 10, vcpus=5000, output=tmp_path / "x.parquet")
@@ -144,8 +146,22 @@ def test_unknown_workload_and_bad_args(tmp_path):
 
 def test_cli_generate(tmp_path):
     out = tmp_path / "sub" / "k.parquet"
-    r = CliRunner().invoke(main, ["trace", "generate", "kernel", "-n", "5000", "--seed", "3",
-                                  "--vcpus", "2", "-o", str(out)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "trace",
+            "generate",
+            "kernel",
+            "-n",
+            "5000",
+            "--seed",
+            "3",
+            "--vcpus",
+            "2",
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "5,000 rows" in r.output and validate(out).rows == 5000
 

@@ -48,15 +48,22 @@ def watched(tmp_path: Path, *args, cap: int = RSS_CAP) -> tuple[int, list[str], 
     RSS passes ``cap``. Returns (exit code, stderr lines, peak RSS seen)."""
     out, err = tmp_path / ".stdout", tmp_path / ".stderr"
     with open(out, "wb") as o, open(err, "wb") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "altp2m_replay", *map(str, args)],
-                                cwd=tmp_path, stdout=o, stderr=e, preexec_fn=_limit_as)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "altp2m_replay", *map(str, args)],
+            cwd=tmp_path,
+            stdout=o,
+            stderr=e,
+            preexec_fn=_limit_as,
+        )
         peak = 0
         while proc.poll() is None:
             peak = max(peak, _hwm(proc.pid))
             if peak > cap:
                 proc.kill()
                 proc.wait()
-                pytest.fail(f"{args}: peak RSS {peak >> 20} MiB passed the watchdog's {cap >> 20} MiB")
+                pytest.fail(
+                    f"{args}: peak RSS {peak >> 20} MiB passed the watchdog's {cap >> 20} MiB"
+                )
             time.sleep(0.01)
     lines = err.read_text(errors="replace").splitlines()
     out.unlink()
@@ -91,8 +98,12 @@ def test_tiny_inputs_that_describe_huge_ram(tmp_path, case):
     """A 1-row trace at gpa 2^48-1, a CSV row at gfn 0xfffffffff (both with no RAM
     metadata), RAM metadata or a policy [domain] ram of 2^36 gfns."""
     pol = "baseline"
-    names = {"gpa-top": "highest gfn 0xfffffffff", "csv-gfn": 'metadata "ram"',
-             "meta-ram": 'metadata "ram"', "policy-ram": "[domain] ram"}[case]
+    names = {
+        "gpa-top": "highest gfn 0xfffffffff",
+        "csv-gfn": 'metadata "ram"',
+        "meta-ram": 'metadata "ram"',
+        "policy-ram": "[domain] ram",
+    }[case]
     if case == "gpa-top":
         trace(tmp_path / "t.parquet", [(1 << 48) - 1], column="gpa")
     elif case == "csv-gfn":
@@ -104,34 +115,54 @@ def test_tiny_inputs_that_describe_huge_ram(tmp_path, case):
     else:
         trace(tmp_path / "t.parquet", [0x10, 0x11])
         pol = policy(tmp_path, "[domain]\nram = [[0, 0xfffffffff]]\n")
-    code, lines, _ = watched(tmp_path, "replay", "t.parquet", "-p", pol, "-o", "out",
-                             "--max-memory", BUDGET, "--no-html")
+    code, lines, _ = watched(
+        tmp_path, "replay", "t.parquet", "-p", pol, "-o", "out", "--max-memory", BUDGET, "--no-html"
+    )
     bounded_outcome(tmp_path, code, lines, names)
 
 
 VIEW = '[[view]]\nname = "v"\ndefault_access = "rwx"\n'
 
 
-@pytest.mark.parametrize("body, names", [
-    # many add_ram ops, each under the per-op cap of 2^24 gfns
-    ("".join(f'[[setup]]\nop = "add_ram"\ngfns = [{0x100000 + i * (1 << 24)}, '
-             f'{0x100000 + (i + 1) * (1 << 24) - 1}]\n' for i in range(40)), "(add_ram)"),
-    # set_mem_access over a whole 512 GiB of RAM: every gfn a 4 KiB entry, whatever the host
-    (VIEW + '[domain]\nram = [[0, 0x7ffffff]]\n[[setup]]\nop = "set_mem_access"\nview = "v"\n'
-     'gfns = [0, 0x7ffffff]\naccess = "rx"\n[[on_violation]]\naction = "emulate"\n',
-     "setup[0] (set_mem_access)"),
-    ('[domain]\naltp2m = false\nram = [[0, 0x7ffffff]]\n[[setup]]\nop = "set_mem_access"\n'
-     'view = 0\ngfns = [0, 0x7ffffff]\naccess = "rx"\n[[on_violation]]\naction = "emulate"\n',
-     "setup[0] (set_mem_access)"),
-    (VIEW + '[[setup]]\nop = "add_ram"\ngfns = [0x1000000, 0x1ffffff]\n'
-     '[[setup]]\nop = "change_gfn"\nview = "v"\nold = [0x1000000, 0x1ffffff]\nnew = 0x10\n',
-     "(change_gfn)"),
-])
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        # many add_ram ops, each under the per-op cap of 2^24 gfns
+        (
+            "".join(
+                f'[[setup]]\nop = "add_ram"\ngfns = [{0x100000 + i * (1 << 24)}, '
+                f"{0x100000 + (i + 1) * (1 << 24) - 1}]\n"
+                for i in range(40)
+            ),
+            "(add_ram)",
+        ),
+        # set_mem_access over a whole 512 GiB of RAM: every gfn a 4 KiB entry, whatever the host
+        (
+            VIEW
+            + '[domain]\nram = [[0, 0x7ffffff]]\n[[setup]]\nop = "set_mem_access"\nview = "v"\n'
+            'gfns = [0, 0x7ffffff]\naccess = "rx"\n[[on_violation]]\naction = "emulate"\n',
+            "setup[0] (set_mem_access)",
+        ),
+        (
+            (
+                '[domain]\naltp2m = false\nram = [[0, 0x7ffffff]]\n[[setup]]\nop = "set_mem_access"\n'
+                'view = 0\ngfns = [0, 0x7ffffff]\naccess = "rx"\n[[on_violation]]\naction = "emulate"\n'
+            ),
+            "setup[0] (set_mem_access)",
+        ),
+        (
+            VIEW + '[[setup]]\nop = "add_ram"\ngfns = [0x1000000, 0x1ffffff]\n'
+            '[[setup]]\nop = "change_gfn"\nview = "v"\nold = [0x1000000, 0x1ffffff]\nnew = 0x10\n',
+            "(change_gfn)",
+        ),
+    ],
+)
 def test_setup_ops_that_ask_for_billions_of_entries(tmp_path, body, names):
     trace(tmp_path / "t.parquet", [0x10, 0x11])
     pol = policy(tmp_path, body)
-    code, lines, _ = watched(tmp_path, "replay", "t.parquet", "-p", pol, "-o", "out",
-                             "--max-memory", BUDGET, "--no-html")
+    code, lines, _ = watched(
+        tmp_path, "replay", "t.parquet", "-p", pol, "-o", "out", "--max-memory", BUDGET, "--no-html"
+    )
     assert code == 2, lines
     bounded_outcome(tmp_path, code, lines, names)
     assert lines[0].startswith("Error: t.parquet: replaying it under 1 policy needs about ")
@@ -141,7 +172,9 @@ def test_setup_ops_that_ask_for_billions_of_entries(tmp_path, body, names):
 def test_qemu_mem_access_size_of_2_43_bits_stays_small(tmp_path):
     (tmp_path / "q.csv").write_text(
         "insn_vaddr,insn_symbol,mem_vaddr,mem_hwaddr,access_size,access_type,mem_value\n"
-        f"0x1000,f,0x2000,,{1 << 43},load,0\n", encoding="utf-8")
+        f"0x1000,f,0x2000,,{1 << 43},load,0\n",
+        encoding="utf-8",
+    )
     code, lines, _ = watched(tmp_path, "trace", "import", "qemu-mem", "q.csv", "-o", "q.parquet")
     assert code == 2 and len(lines) == 1 and "column access_size" in lines[0]
     assert not (tmp_path / "q.parquet").exists()
@@ -169,8 +202,18 @@ def test_a_footer_that_claims_a_huge_gfn_is_not_sized_for(tmp_path):
     with pq.ParquetFile(liar) as pf:
         assert pf.metadata.row_group(0).column(0).statistics.max == 1 << 35
     assert traces.quick_stats(liar).max_gfn == 1 << 35  # the footer does lie
-    code, lines, _ = watched(tmp_path, "replay", "t.parquet", "-p", "xen-access-altp2m-write",
-                             "-o", "out", "--max-memory", BUDGET, "--no-html")
+    code, lines, _ = watched(
+        tmp_path,
+        "replay",
+        "t.parquet",
+        "-p",
+        "xen-access-altp2m-write",
+        "-o",
+        "out",
+        "--max-memory",
+        BUDGET,
+        "--no-html",
+    )
     assert code == 0, lines
     run.replay([honest], ["xen-access-altp2m-write"], tmp_path / "ref", jobs=1, html=False)
     for t in ("summary", "by_view", "by_gfn"):
@@ -180,9 +223,20 @@ def test_a_footer_that_claims_a_huge_gfn_is_not_sized_for(tmp_path):
 
 
 # --------------------------------------------------------------------------- the budget
-@pytest.mark.parametrize("text, nbytes", [("8G", 8 << 30), ("512M", 512 << 20), ("1.5GiB", 3 << 29),
-                                          ("1073741824", 1 << 30), ("64k", None), ("2 g", 2 << 30),
-                                          ("lots", None), ("-1G", None), ("", None)])
+@pytest.mark.parametrize(
+    ("text", "nbytes"),
+    [
+        ("8G", 8 << 30),
+        ("512M", 512 << 20),
+        ("1.5GiB", 3 << 29),
+        ("1073741824", 1 << 30),
+        ("64k", None),
+        ("2 g", 2 << 30),
+        ("lots", None),
+        ("-1G", None),
+        ("", None),
+    ],
+)
 def test_max_memory_sizes(text, nbytes):
     from altp2m_replay.errors import ReplayError
 
@@ -202,17 +256,34 @@ def test_max_memory_defaults_to_half_the_ram(monkeypatch):
 
 
 def test_bad_max_memory_is_one_error_line(tmp_path):
-    result = CliRunner().invoke(main, ["replay", "x.parquet", "-p", "baseline", "--max-memory", "12 parsecs",
-                                       "-o", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "replay",
+            "x.parquet",
+            "-p",
+            "baseline",
+            "--max-memory",
+            "12 parsecs",
+            "-o",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("Error: --max-memory: expected a size such as 8G")
 
 
-@pytest.mark.parametrize("ram, order", [
-    ([[0, 0x9F], [0xC0, 0x3FFFF]], 9), ([[0, 0x9F], [0xC0, 0x3FFFF]], 18),
-    ([[0, 0x9F], [0xC0, 0x3FFFF]], 0), ([[5, 5], [0x200, 0x200], [0x40000, 0x80000]], 18),
-    ([[0x3FFFF, 0x40000]], 9), ([[0x7FFFFFF, 0x8000000]], 18),
-])
+@pytest.mark.parametrize(
+    ("ram", "order"),
+    [
+        ([[0, 0x9F], [0xC0, 0x3FFFF]], 9),
+        ([[0, 0x9F], [0xC0, 0x3FFFF]], 18),
+        ([[0, 0x9F], [0xC0, 0x3FFFF]], 0),
+        ([[5, 5], [0x200, 0x200], [0x40000, 0x80000]], 18),
+        ([[0x3FFFF, 0x40000]], 9),
+        ([[0x7FFFFFF, 0x8000000]], 18),
+    ],
+)
 def test_host_estimate_matches_the_engine(ram, order):
     """Leaves and nodes predicted from the RAM ranges are what building the host p2m
     takes (the engine's own count; nodes never fewer than predicted would let it pass)."""
@@ -221,7 +292,9 @@ def test_host_estimate_matches_the_engine(ram, order):
     from altp2m_replay.engine.simulate import carve_ram
     from altp2m_replay.policy import parse_policy
 
-    pol = parse_policy(f'name = "h"\n[domain]\naltp2m = false\nhost_order = {order}\nram = {ram}\n', "h")
+    pol = parse_policy(
+        f'name = "h"\n[domain]\naltp2m = false\nhost_order = {order}\nram = {ram}\n', "h"
+    )
     leaves, nodes = budget.host_need(np.asarray(ram, np.int64), order)
     assert leaves == len(carve_ram(np.asarray(ram), order)[0])
     rep = Replayer(pol, TraceFacts(max_gfn=0x10), [0], 1)
@@ -233,24 +306,34 @@ def test_the_estimate_names_the_op_that_passes_the_budget(monkeypatch):
     monkeypatch.setenv(budget.ENV, str(300 << 20))
     from altp2m_replay.policy import parse_policy
 
-    ops = "".join(f'[[setup]]\nop = "add_ram"\ngfns = [{(i + 1) << 24}, {((i + 2) << 24) - 1}]\n'
-                  for i in range(3))
+    ops = "".join(
+        f'[[setup]]\nop = "add_ram"\ngfns = [{(i + 1) << 24}, {((i + 2) << 24) - 1}]\n'
+        for i in range(3)
+    )
     pol = parse_policy('name = "a"\n' + ops, "a.toml")
     needs = budget.estimate(pol, TraceFacts(max_gfn=0x10), 10)
     assert [n.what.split(" (")[0] for n in needs[1:4]] == [f"a.toml: setup[{i}]" for i in range(3)]
     # each op: 2^24 gfns as 4 KiB entries = 2^15 tables + 64 + 1 above them, twice (growth)
     assert needs[1].nbytes == ((1 << 15) + 64 + 1) * 4096 * 2
-    with pytest.raises(MemoryBudgetError, match=r"a.toml: setup\[1\] \(add_ram\) \(16,777,216 gfns\) asks for 256.5 MiB"):
+    with pytest.raises(
+        MemoryBudgetError,
+        match=r"a.toml: setup\[1\] \(add_ram\) \(16,777,216 gfns\) asks for 256.5 MiB",
+    ):
         budget.check(needs, "")
 
 
 # --------------------------------------------------------------------------- runtime guards
 def _random_trace(path, n=60_000, seed=1):
     rng = np.random.default_rng(seed)
-    return traces.write_trace({"gfn": rng.integers(0x100, 0x40000, n).astype(np.uint64),
-                               "access": rng.choice(np.array([1, 2, 4], np.uint8), n),
-                               "ip": rng.integers(0, 1 << 40, n).astype(np.uint64)},
-                              path, meta={"ram": [[0, 0x3FFFF]]})
+    return traces.write_trace(
+        {
+            "gfn": rng.integers(0x100, 0x40000, n).astype(np.uint64),
+            "access": rng.choice(np.array([1, 2, 4], np.uint8), n),
+            "ip": rng.integers(0, 1 << 40, n).astype(np.uint64),
+        },
+        path,
+        meta={"ram": [[0, 0x3FFFF]]},
+    )
 
 
 @pytest.mark.parametrize("pol", ["xen-access-altp2m-exec", "xen-access-altp2m-write"])
@@ -262,8 +345,9 @@ def test_growth_past_the_budget_is_one_clean_error(tmp_path, monkeypatch, pol):
     monkeypatch.setattr(budget, "check_cell", lambda *a, **k: None)
     monkeypatch.setattr(budget, "check_run", lambda paths, pols, prepared, window: prepared)
     monkeypatch.setattr(budget, "rss", budget.limit)  # no room left at all
-    result = CliRunner().invoke(main, ["replay", str(path), "-p", pol, "-o", str(tmp_path / "out"),
-                                       "--jobs", "1"])
+    result = CliRunner().invoke(
+        main, ["replay", str(path), "-p", pol, "-o", str(tmp_path / "out"), "--jobs", "1"]
+    )
     assert result.exit_code == 2, result.output
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {path}: policy {pol!r}: the "), lines
@@ -282,11 +366,18 @@ def test_per_ip_table_is_bounded_with_exact_totals(tmp_path, monkeypatch):
     n = 30_000
     rng = np.random.default_rng(4)
     hot = np.arange(10, dtype=np.uint64) + 0x1000
-    ip = np.where(rng.random(n) < 0.4, hot[rng.integers(0, 10, n)],
-                  0x100000 + np.arange(n, dtype=np.uint64))
-    path = traces.write_trace({"gfn": rng.integers(0x100, 0x4000, n).astype(np.uint64),
-                               "access": np.full(n, 2, np.uint8), "ip": ip},
-                              tmp_path / "ips.parquet", meta={"ram": [[0, 0x3FFFF]]})
+    ip = np.where(
+        rng.random(n) < 0.4, hot[rng.integers(0, 10, n)], 0x100000 + np.arange(n, dtype=np.uint64)
+    )
+    path = traces.write_trace(
+        {
+            "gfn": rng.integers(0x100, 0x4000, n).astype(np.uint64),
+            "access": np.full(n, 2, np.uint8),
+            "ip": ip,
+        },
+        tmp_path / "ips.parquet",
+        meta={"ram": [[0, 0x3FFFF]]},
+    )
     pol = ["xen-access-altp2m-write"]
     run.replay([path], pol, tmp_path / "full", jobs=1, html=False)
     monkeypatch.setattr(simulate, "IP_ROWS", 1024)
@@ -298,7 +389,9 @@ def test_per_ip_table_is_bounded_with_exact_totals(tmp_path, monkeypatch):
     assert full["ip"].null_count() == 0 and full.height > 12_000
     named, other = capped.filter(pl.col("ip").is_not_null()), capped.filter(pl.col("ip").is_null())
     assert named.height <= 768 and other.height == 1
-    exits = pl.read_parquet(tmp_path / "full" / "summary.parquet").filter(pl.col("vcpu") == -1)["ept_exits"][0]
+    exits = pl.read_parquet(tmp_path / "full" / "summary.parquet").filter(pl.col("vcpu") == -1)[
+        "ept_exits"
+    ][0]
     assert capped["ept_exits"].sum() == full["ept_exits"].sum() == exits
     truth = dict(zip(full["ip"].to_list(), full["ept_exits"].to_list(), strict=True))
     got = dict(zip(named["ip"].to_list(), named["ept_exits"].to_list(), strict=True))
@@ -306,7 +399,8 @@ def test_per_ip_table_is_bounded_with_exact_totals(tmp_path, monkeypatch):
     assert all(v <= truth[k] for k, v in got.items())
     for t in ("summary", "by_view", "by_gfn", "timeline", "population"):
         assert pl.read_parquet(tmp_path / "capped" / f"{t}.parquet").equals(
-            pl.read_parquet(tmp_path / "full" / f"{t}.parquet")), t
+            pl.read_parquet(tmp_path / "full" / f"{t}.parquet")
+        ), t
     assert "other ips" in (tmp_path / "capped" / "report.html").read_text(encoding="utf-8")
 
 
@@ -315,7 +409,9 @@ def test_page_counts_ask_the_budget_before_they_merge(tmp_path, monkeypatch):
     gfn: on a trace of millions of distinct gfns that table asks the budget too."""
     path = _random_trace(tmp_path / "t.parquet", n=5000)
     monkeypatch.setattr(budget, "rss", budget.limit)
-    with pytest.raises(MemoryBudgetError, match=r"t.parquet: counting rows per page \(\d[\d,]* gfn counts\)"):
+    with pytest.raises(
+        MemoryBudgetError, match=r"t.parquet: counting rows per page \(\d[\d,]* gfn counts\)"
+    ):
         traces.validate(path, page_counts=True)
     assert traces.validate(path).rows == 5000  # without page counts nothing is merged
 
@@ -326,7 +422,9 @@ def test_statistics_are_read_again_only_when_they_would_size_a_big_host(tmp_path
     model a restored domain before xen 4.21 (4 KiB host pages): with a fresh domain's 1 GiB
     pages even a footer claiming gfn 2^35 sizes a small host."""
     path = _random_trace(tmp_path / "t.parquet", n=3000)
-    restored = parse_policy('name = "restored"\n[domain]\norigin = "restore"\nxen = "4.20"\n', "test")
+    restored = parse_policy(
+        'name = "restored"\n[domain]\norigin = "restore"\nxen = "4.20"\n', "test"
+    )
     pols = [load_policy("xen-access-altp2m-write"), restored] * 5
     passes = []
     real = traces.validate
@@ -334,7 +432,7 @@ def test_statistics_are_read_again_only_when_they_would_size_a_big_host(tmp_path
     prepared = [run.replay_facts(path, False)]
     assert prepared[0][2] is False  # sized from statistics, values not checked yet
     assert budget.check_run([path], pols, prepared, None)[0][2] is False and passes == []
-    stats, facts, _ = prepared[0]
+    stats, _facts, _ = prepared[0]
     lying = TraceFacts(max_gfn=1 << 35, meta_ram=None)
     out = budget.check_run([path], pols, [(stats, lying, False)], None)
     assert len(passes) == 1 and out[0][2] is True and out[0][1].max_gfn == stats.max_gfn

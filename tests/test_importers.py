@@ -88,14 +88,17 @@ def test_lackey_base_gfn_gzip_and_small_flushes(tmp_path, monkeypatch):
     assert rows_of(out) == [(gpa - shift, *rest) for gpa, *rest in LACKEY_ROWS]
 
 
-@pytest.mark.parametrize("bad, lineno", [
-    ("I  zz,3\n", 4),
-    (" X 1000,4\n", 4),
-    (" L 1000\n", 4),
-    ("L 1000,4\n", 4),
-    ("hello world\n", 4),
-    (" S 1000,-1\n", 4),
-])
+@pytest.mark.parametrize(
+    ("bad", "lineno"),
+    [
+        ("I  zz,3\n", 4),
+        (" X 1000,4\n", 4),
+        (" L 1000\n", 4),
+        ("L 1000,4\n", 4),
+        ("hello world\n", 4),
+        (" S 1000,-1\n", 4),
+    ],
+)
 def test_lackey_malformed_line(tmp_path, bad, lineno):
     src = tmp_path / "bad.lackey"
     src.write_text("==1== x\nI  0400,3\n L 0500,8\n" + bad + " L 0600,8\n")
@@ -179,12 +182,15 @@ def test_qemu_mem_user_mode_bits_to_bytes(tmp_path):
     assert open_trace(out).meta.ram == [(0x10, 0x12)]
 
 
-@pytest.mark.parametrize("bad, needle", [
-    ("0x1,main,0x2,0x2,32,fetch,0x0", 'access_type must be "load" or "store"'),
-    ("0x1,main,0x2,0x2,12,load,0x0", "divisible by 8"),
-    ("0x1,main,0x2,0x2,thirty,load,0x0", "decimal access_size"),
-    ("0x1,main,0x2", "expected 7 comma-separated fields"),
-])
+@pytest.mark.parametrize(
+    ("bad", "needle"),
+    [
+        ("0x1,main,0x2,0x2,32,fetch,0x0", 'access_type must be "load" or "store"'),
+        ("0x1,main,0x2,0x2,12,load,0x0", "divisible by 8"),
+        ("0x1,main,0x2,0x2,thirty,load,0x0", "decimal access_size"),
+        ("0x1,main,0x2", "expected 7 comma-separated fields"),
+    ],
+)
 def test_qemu_mem_malformed(tmp_path, bad, needle):
     src = tmp_path / "q.csv"
     src.write_text(QEMU_SYSTEM.splitlines()[0] + "\n0x1,main,0x2,0x2,32,load,0x0\n" + bad + "\n")
@@ -221,8 +227,14 @@ def test_csv_letters_hex_and_extra_columns(tmp_path):
     out = tmp_path / "c.parquet"
     assert importers.import_trace("csv", src, out) == 8
     assert rows_of(out, ("gfn", "access", "vcpu", "insn", "tsc")) == [
-        (0x10, 4, 0, 0, 100), (0x11, 1, 0, 0, 100), (0x12, 2, 1, 0, 90), (0x13, 3, 1, 0, 95),
-        (0x14, 5, 0, 1, 110), (0x15, 6, 0, 2, 120), (0x16, 7, 0, 3, 130), (22, 3, 0, 4, 140),
+        (0x10, 4, 0, 0, 100),
+        (0x11, 1, 0, 0, 100),
+        (0x12, 2, 1, 0, 90),
+        (0x13, 3, 1, 0, 95),
+        (0x14, 5, 0, 1, 110),
+        (0x15, 6, 0, 2, 120),
+        (0x16, 7, 0, 3, 130),
+        (22, 3, 0, 4, 140),
     ]
     tr = open_trace(out)
     assert tr.columns == frozenset({"gfn", "access", "vcpu", "insn", "tsc"})
@@ -239,19 +251,22 @@ def test_csv_gpa(tmp_path):
     assert next(open_trace(out).batches()).gfn.tolist() == [1, 2]
 
 
-@pytest.mark.parametrize("body, lineno, needle", [
-    ("gfn,access\n1,r\n2,q\n", 3, 'column "access": expected 1..7 or letters r, w, x'),
-    ("gfn,access\n1,r\n2,0\n", 3, 'column "access"'),
-    ("gfn,access\n1,r\n2,rr\n", 3, 'column "access"'),
-    ("gfn,access\n1,r\n2,r,5\n", 3, "expected 2 fields as in the header, found 3"),
-    ("gfn,access\n1,r\n-2,r\n", 3, 'column "gfn": expected a non-negative integer'),
-    ("gfn,access\n1,r\n,r\n", 3, 'column "gfn": expected a non-negative integer'),
-    ("gfn,access\n\n1,r\n0x1000000000,r\n", 4, 'column "gfn": expected a gfn below 2^36'),
-    ("gfn,access,vcpu\n1,r,4096\n", 2, 'column "vcpu": expected a vCPU number in 0..4095'),
-    ("gpa,gfn,access\n1,1,r\n", 1, 'exactly one of the columns "gpa" and "gfn", found both'),
-    ("address,access\n1,r\n", 1, 'exactly one of the columns "gpa" and "gfn", found neither'),
-    ("gfn,kind\n1,r\n", 1, 'expected an "access" column'),
-])
+@pytest.mark.parametrize(
+    ("body", "lineno", "needle"),
+    [
+        ("gfn,access\n1,r\n2,q\n", 3, 'column "access": expected 1..7 or letters r, w, x'),
+        ("gfn,access\n1,r\n2,0\n", 3, 'column "access"'),
+        ("gfn,access\n1,r\n2,rr\n", 3, 'column "access"'),
+        ("gfn,access\n1,r\n2,r,5\n", 3, "expected 2 fields as in the header, found 3"),
+        ("gfn,access\n1,r\n-2,r\n", 3, 'column "gfn": expected a non-negative integer'),
+        ("gfn,access\n1,r\n,r\n", 3, 'column "gfn": expected a non-negative integer'),
+        ("gfn,access\n\n1,r\n0x1000000000,r\n", 4, 'column "gfn": expected a gfn below 2^36'),
+        ("gfn,access,vcpu\n1,r,4096\n", 2, 'column "vcpu": expected a vCPU number in 0..4095'),
+        ("gpa,gfn,access\n1,1,r\n", 1, 'exactly one of the columns "gpa" and "gfn", found both'),
+        ("address,access\n1,r\n", 1, 'exactly one of the columns "gpa" and "gfn", found neither'),
+        ("gfn,kind\n1,r\n", 1, 'expected an "access" column'),
+    ],
+)
 def test_csv_malformed(tmp_path, body, lineno, needle):
     src = tmp_path / "bad.csv"
     src.write_text(body)
@@ -265,8 +280,9 @@ def test_cli_import_ok(tmp_path):
     src = tmp_path / "demo.lackey"
     src.write_text(LACKEY)
     out = tmp_path / "demo.parquet"
-    r = CliRunner().invoke(main, ["trace", "import", "lackey", str(src), "-o", str(out),
-                                  "--base-gfn", "4096"])
+    r = CliRunner().invoke(
+        main, ["trace", "import", "lackey", str(src), "-o", str(out), "--base-gfn", "4096"]
+    )
     assert r.exit_code == 0 and f"wrote {out}: 8 rows" in r.output
 
 
@@ -294,10 +310,23 @@ def test_base_gfn_takes_hex_and_refuses_garbage(tmp_path):
     src = tmp_path / "l.txt"
     src.write_text("I  04000000,4\n L 7ff000010,8\n")
     out = tmp_path / "l.parquet"
-    res = CliRunner().invoke(main, ["trace", "import", "lackey", str(src), "-o", str(out), "--base-gfn", "0x2000"])
+    res = CliRunner().invoke(
+        main, ["trace", "import", "lackey", str(src), "-o", str(out), "--base-gfn", "0x2000"]
+    )
     assert res.exit_code == 0, res.output
     gfns = next(iter(traces.open_trace(out).batches(columns=("gfn", "access")))).gfn
     assert list(gfns) == [0x2000, 0x2001]
-    bad = CliRunner().invoke(main, ["trace", "import", "lackey", str(src), "-o", str(tmp_path / "b.parquet"),
-                                    "--base-gfn", "zz"])
+    bad = CliRunner().invoke(
+        main,
+        [
+            "trace",
+            "import",
+            "lackey",
+            str(src),
+            "-o",
+            str(tmp_path / "b.parquet"),
+            "--base-gfn",
+            "zz",
+        ],
+    )
     assert bad.exit_code == 2 and "Error:" in bad.output and not (tmp_path / "b.parquet").exists()

@@ -6,28 +6,45 @@ import polars as pl
 
 from altp2m_replay import run
 
-POLICIES = ["xen-access-altp2m-write", "drakvuf-hidden-breakpoints", "hvmi-ve-pagetables", "codemon-flip"]
+POLICIES = [
+    "xen-access-altp2m-write",
+    "drakvuf-hidden-breakpoints",
+    "hvmi-ve-pagetables",
+    "codemon-flip",
+]
 
 
 def test_population_ends_at_by_view_pages_and_never_shrinks(kernel_trace, tmp_path):
     run.replay([kernel_trace], POLICIES, tmp_path, jobs=1, html=False)
     pop = pl.read_parquet(tmp_path / "population.parquet")
     by_view = pl.read_parquet(tmp_path / "by_view.parquet")
-    last = pop.filter(pl.col("window") == pop["window"].max()).select("policy", "view", "pages_mapped")
-    joined = last.join(by_view.select("policy", "view", pl.col("pages_mapped").alias("end")), on=["policy", "view"])
+    last = pop.filter(pl.col("window") == pop["window"].max()).select(
+        "policy", "view", "pages_mapped"
+    )
+    joined = last.join(
+        by_view.select("policy", "view", pl.col("pages_mapped").alias("end")), on=["policy", "view"]
+    )
     assert joined.height == by_view.height
     assert (joined["pages_mapped"] == joined["end"]).all()
-    steps = pop.sort("policy", "view", "window").group_by("policy", "view").agg(
-        (pl.col("pages_mapped").diff().drop_nulls() >= 0).all().alias("monotone"))
+    steps = (
+        pop.sort("policy", "view", "window")
+        .group_by("policy", "view")
+        .agg((pl.col("pages_mapped").diff().drop_nulls() >= 0).all().alias("monotone"))
+    )
     assert steps["monotone"].all()
 
 
 def test_per_ip_counts_add_up_to_the_totals(kernel_trace, tmp_path):
     run.replay([kernel_trace], POLICIES, tmp_path, jobs=1, html=False)
     total = pl.read_parquet(tmp_path / "summary.parquet").filter(pl.col("vcpu") == -1)
-    by_ip = pl.read_parquet(tmp_path / "by_ip.parquet").group_by("policy").agg(
-        pl.col("ept_exits").sum(), pl.col("ve_delivered").sum())
-    j = total.select("policy", "ept_exits", "ve_delivered").join(by_ip, on="policy", how="left", suffix="_ip")
+    by_ip = (
+        pl.read_parquet(tmp_path / "by_ip.parquet")
+        .group_by("policy")
+        .agg(pl.col("ept_exits").sum(), pl.col("ve_delivered").sum())
+    )
+    j = total.select("policy", "ept_exits", "ve_delivered").join(
+        by_ip, on="policy", how="left", suffix="_ip"
+    )
     for row in j.iter_rows(named=True):
         assert (row["ept_exits_ip"] or 0) == row["ept_exits"], row["policy"]
         assert (row["ve_delivered_ip"] or 0) == row["ve_delivered"], row["policy"]
@@ -45,12 +62,22 @@ def test_batch_sizes_give_identical_tables(kernel_trace, tmp_path):
     cols = ("gfn", "access", "vcpu", "insn", "tsc", "ip")
     first = next(iter(tr.batches(columns=cols)))
     n = 3000  # batch size 1 replays row by row through Python: keep the trace short
-    traces.write_trace({c: getattr(first, c)[:n] for c in cols}, small,
-                       meta={"format": 1, "ram": [[0, 0xFFFFF]], "gfn_sets": {"page_tables": [[0x1000, 0x10ff]]}})
+    traces.write_trace(
+        {c: getattr(first, c)[:n] for c in cols},
+        small,
+        meta={"format": 1, "ram": [[0, 0xFFFFF]], "gfn_sets": {"page_tables": [[0x1000, 0x10FF]]}},
+    )
     outs = {}
     for rows in (1, 7, 4096, None):
         out = tmp_path / f"b{rows}"
-        run.replay([small], POLICIES + ["split-rx", "memaccess-write"], out, jobs=1, html=False, batch_rows=rows)
+        run.replay(
+            [small],
+            [*POLICIES, "split-rx", "memaccess-write"],
+            out,
+            jobs=1,
+            html=False,
+            batch_rows=rows,
+        )
         outs[rows] = {t: pl.read_parquet(out / f"{t}.parquet") for t in TABLES}
     for rows in (1, 7, 4096):
         for t in TABLES:

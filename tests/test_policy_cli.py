@@ -16,9 +16,19 @@ from click.testing import CliRunner
 from altp2m_replay.cli import main
 
 BUILTINS = (
-    "none", "baseline", "memaccess-write", "xen-access-altp2m-write", "xen-access-altp2m-exec",
-    "drakvuf-hidden-breakpoints", "drakvuf-hidden-breakpoints-fast", "hvmi-ve-pagetables",
-    "split-rx", "split-rx-mtf", "codemon-flip", "drakvuf-syscalls", "smartvmi-breakpoints-emulate",
+    "none",
+    "baseline",
+    "memaccess-write",
+    "xen-access-altp2m-write",
+    "xen-access-altp2m-exec",
+    "drakvuf-hidden-breakpoints",
+    "drakvuf-hidden-breakpoints-fast",
+    "hvmi-ve-pagetables",
+    "split-rx",
+    "split-rx-mtf",
+    "codemon-flip",
+    "drakvuf-syscalls",
+    "smartvmi-breakpoints-emulate",
 )
 
 
@@ -125,8 +135,11 @@ def test_missing_policy_file(tmp_path):
 
 @pytest.mark.parametrize("command", ["check", "show"])
 def test_unknown_builtin_name_suggests_the_close_one(command):
-    check_error(["policy", command, "xen-acess-altp2m-write"], "xen-acess-altp2m-write",
-                'did you mean "xen-access-altp2m-write"')
+    check_error(
+        ["policy", command, "xen-acess-altp2m-write"],
+        "xen-acess-altp2m-write",
+        'did you mean "xen-access-altp2m-write"',
+    )
 
 
 def test_broken_toml_names_the_file_and_the_line(tmp_path):
@@ -140,49 +153,77 @@ def test_policy_without_a_name(tmp_path):
 
 # --------------------------------------------------------------------------- unknown keys
 UNKNOWN_KEYS = {
-    "top-level": ('''
+    "top-level": (
+        """
         name = "x"
         [[on_violations]]
         action = "emulate"
-        ''', "on_violations", "on_violation"),
-    "domain": ('''
+        """,
+        "on_violations",
+        "on_violation",
+    ),
+    "domain": (
+        """
         name = "x"
         [domain]
         monitr = true
-        ''', "monitr", "monitor"),
-    "view": ('''
+        """,
+        "monitr",
+        "monitor",
+    ),
+    "view": (
+        """
         name = "x"
         [[view]]
         name = "a"
         default_acess = "rx"
-        ''', "default_acess", "default_access"),
-    "setup": ('''
+        """,
+        "default_acess",
+        "default_access",
+    ),
+    "setup": (
+        """
         name = "x"
         [[setup]]
         op = "set_mem_access"
         view = 0
         gfns = 5
         acces = "rx"
-        ''', "acces", "access"),
-    "on_violation": ('''
+        """,
+        "acces",
+        "access",
+    ),
+    "on_violation": (
+        """
         name = "x"
         [[on_violation]]
         action = "emulate"
         knd = "w"
-        ''', "knd", "kind"),
-    "on_ve": ('''
+        """,
+        "knd",
+        "kind",
+    ),
+    "on_ve": (
+        """
         name = "x"
         [[setup]]
         op = "enable_notify"
         [on_ve]
         action = "emulate"
         actoin = "emulate"
-        ''', "actoin", "action"),
-    "costs": ('''
+        """,
+        "actoin",
+        "action",
+    ),
+    "costs": (
+        """
         name = "x"
         [costs]
         vm_event_synk = 1000
-        ''', "vm_event_synk", "vm_event_sync"),
+        """,
+        "vm_event_synk",
+        "vm_event_sync",
+    ),
 }
 
 
@@ -194,24 +235,34 @@ def test_unknown_key_is_refused_with_did_you_mean(where, tmp_path):
 
 # --------------------------------------------------------------------------- other refusals
 OTHER_REFUSALS = {
-    "unknown setup op": ('''
+    "unknown setup op": (
+        """
         name = "x"
         [[setup]]
         op = "set_mem_acess"
-        ''', ["setup[0]", "set_mem_acess", 'did you mean "set_mem_access"']),
-    "missing setup key": ('''
+        """,
+        ["setup[0]", "set_mem_acess", 'did you mean "set_mem_access"'],
+    ),
+    "missing setup key": (
+        """
         name = "x"
         [[setup]]
         op = "set_mem_access"
         view = 0
         gfns = 5
-        ''', ["setup[0]", '"access"']),
-    "unknown action": ('''
+        """,
+        ["setup[0]", '"access"'],
+    ),
+    "unknown action": (
+        """
         name = "x"
         [[on_violation]]
         action = "emulat"
-        ''', ["on_violation[0]", "emulat", 'did you mean "emulate"']),
-    "unknown view name": ('''
+        """,
+        ["on_violation[0]", "emulat", 'did you mean "emulate"'],
+    ),
+    "unknown view name": (
+        """
         name = "x"
         [[view]]
         name = "watch"
@@ -219,77 +270,115 @@ OTHER_REFUSALS = {
         [[on_violation]]
         view = "wach"
         action = "emulate"
-        ''', ["on_violation[0]", "wach", 'did you mean "watch"']),
-    "undeclared view index": ('''
+        """,
+        ["on_violation[0]", "wach", 'did you mean "watch"'],
+    ),
+    "undeclared view index": (
+        """
         name = "x"
         [[setup]]
         op = "switch_p2m"
         view = 3
-        ''', ["setup[0]", "3"]),
-    "bad kind": ('''
+        """,
+        ["setup[0]", "3"],
+    ),
+    "bad kind": (
+        """
         name = "x"
         [[on_violation]]
         kind = "e"
         action = "emulate"
-        ''', ["on_violation[0]", '"kind"']),
-    "switch without to": ('''
+        """,
+        ["on_violation[0]", '"kind"'],
+    ),
+    "switch without to": (
+        """
         name = "x"
         [[view]]
         name = "a"
         [[on_violation]]
         action = "switch"
-        ''', ["on_violation[0]", '"to"']),
-    "to on emulate": ('''
+        """,
+        ["on_violation[0]", '"to"'],
+    ),
+    "to on emulate": (
+        """
         name = "x"
         [[on_violation]]
         action = "emulate"
         to = 0
-        ''', ["on_violation[0]", '"to"']),
-    "on_ve with altp2m off": ('''
+        """,
+        ["on_violation[0]", '"to"'],
+    ),
+    "on_ve with altp2m off": (
+        """
         name = "x"
         [domain]
         altp2m = false
         [on_ve]
         action = "emulate"
-        ''', ["[on_ve]", "altp2m"]),
-    "two views with one name": ('''
+        """,
+        ["[on_ve]", "altp2m"],
+    ),
+    "two views with one name": (
+        """
         name = "x"
         [[view]]
         name = "a"
         [[view]]
         name = "a"
-        ''', ["view[1]", '"a"']),
-    "view named host": ('''
+        """,
+        ["view[1]", '"a"'],
+    ),
+    "view named host": (
+        """
         name = "x"
         [[view]]
         name = "host"
-        ''', ["view[0]", '"name"']),
-    "negative cost": ('''
+        """,
+        ["view[0]", '"name"'],
+    ),
+    "negative cost": (
+        """
         name = "x"
         [costs]
         ept_exit = -1
-        ''', ["[costs]", "ept_exit", "-1"]),
-    "non-numeric cost": ('''
+        """,
+        ["[costs]", "ept_exit", "-1"],
+    ),
+    "non-numeric cost": (
+        """
         name = "x"
         [costs]
         mmio = "lots"
-        ''', ["[costs]", "mmio", "lots"]),
-    "xen version": ('''
+        """,
+        ["[costs]", "mmio", "lots"],
+    ),
+    "xen version": (
+        """
         name = "x"
         [domain]
         xen = "four"
-        ''', ["[domain]", '"xen"', "four"]),
-    "non-boolean": ('''
+        """,
+        ["[domain]", '"xen"', "four"],
+    ),
+    "non-boolean": (
+        """
         name = "x"
         [domain]
         monitor = "yes"
-        ''', ["[domain]", '"monitor"', "yes"]),
-    "gfn beyond 2^36": ('''
+        """,
+        ["[domain]", '"monitor"', "yes"],
+    ),
+    "gfn beyond 2^36": (
+        """
         name = "x"
         [[setup]]
         op = "add_ram"
         gfns = "0x1000000000"
-        ''', ["setup[0]", "gfns", "0x1000000000"]),
+        """,
+        ["setup[0]", "gfns", "0x1000000000"],
+    ),
 }
 
 
@@ -308,26 +397,34 @@ def test_policy_file_that_is_not_utf8(tmp_path):
 def test_selector_error_found_on_the_trace_names_the_file(tmp_path, kernel_trace):
     # The trace's RAM ends at gfn 0xfffff, so "above RAM" + 2^36 leaves the EPT's reach. That is
     # only known once the trace is there, and the Error line must still name the policy file.
-    path = write_policy(tmp_path, f'''
+    path = write_policy(
+        tmp_path,
+        f"""
         name = "x"
         [[setup]]
         op = "add_ram"
         gfns = {{ above_ram = [0, {1 << 36}] }}
-        ''')
+        """,
+    )
     check_ok(path)
-    check_error(["policy", "check", path, "--trace", kernel_trace], str(path), "setup[0]",
-                "above_ram")
+    check_error(
+        ["policy", "check", path, "--trace", kernel_trace], str(path), "setup[0]", "above_ram"
+    )
 
 
 # --------------------------------------------------------------------------- accesses
 WRITE_WITHOUT_READ = {
-    "view default_access": ('''
+    "view default_access": (
+        """
         name = "x"
         [[view]]
         name = "a"
         default_access = "{a}"
-        ''', "default_access"),
-    "setup access": ('''
+        """,
+        "default_access",
+    ),
+    "setup access": (
+        """
         name = "x"
         [[view]]
         name = "a"
@@ -338,18 +435,26 @@ WRITE_WITHOUT_READ = {
         access = "{a}"
         [[on_violation]]
         action = "emulate"
-        ''', "access"),
-    "set-access response": ('''
+        """,
+        "access",
+    ),
+    "set-access response": (
+        """
         name = "x"
         [[on_violation]]
         action = "set-access"
         access = "{a}"
-        ''', "access"),
-    "host_access": ('''
+        """,
+        "access",
+    ),
+    "host_access": (
+        """
         name = "x"
         [domain]
         host_access = "{a}"
-        ''', "host_access"),
+        """,
+        "host_access",
+    ),
 }
 
 
@@ -362,29 +467,43 @@ def test_write_without_read_is_refused_as_a_misconfiguration(where, access, tmp_
 
 
 def test_unknown_access_suggests_the_close_one(tmp_path):
-    policy_error(tmp_path, '''
+    policy_error(
+        tmp_path,
+        """
         name = "x"
         [[view]]
         name = "a"
         default_access = "rxw"
-        ''', "default_access", "rxw", "did you mean")
+        """,
+        "default_access",
+        "rxw",
+        "did you mean",
+    )
 
 
 # --------------------------------------------------------------------------- domain and views
 def test_explicit_view_index_not_below_nr_altp2m(tmp_path):
-    policy_error(tmp_path, '''
+    policy_error(
+        tmp_path,
+        """
         name = "x"
         [domain]
         nr_altp2m = 4
         [[view]]
         name = "a"
         index = 4
-        ''', "view[0]", "nr_altp2m", "4")
+        """,
+        "view[0]",
+        "nr_altp2m",
+        "4",
+    )
 
 
 def test_implicit_view_index_not_below_nr_altp2m(tmp_path):
     # nr_altp2m = 2: slots 0 (view 0) and 1; the second declared view would need slot 2
-    policy_error(tmp_path, '''
+    policy_error(
+        tmp_path,
+        """
         name = "x"
         [domain]
         nr_altp2m = 2
@@ -392,25 +511,39 @@ def test_implicit_view_index_not_below_nr_altp2m(tmp_path):
         name = "a"
         [[view]]
         name = "b"
-        ''', "view[1]", "nr_altp2m")
+        """,
+        "view[1]",
+        "nr_altp2m",
+    )
 
 
 def test_highest_view_index_below_nr_altp2m_is_fine(tmp_path):
-    check_ok(write_policy(tmp_path, '''
+    check_ok(
+        write_policy(
+            tmp_path,
+            """
         name = "x"
         [domain]
         nr_altp2m = 4
         [[view]]
         name = "a"
         index = 3
-        '''))
+        """,
+        )
+    )
 
 
-@pytest.mark.parametrize("xen, nr, ok", [
-    ("4.20", 10, True), ("4.20", 11, False),
-    ("4.21", 512, True), ("4.22", 512, True), ("4.22", 513, False),
-    ("4.22", 0, False),
-])
+@pytest.mark.parametrize(
+    ("xen", "nr", "ok"),
+    [
+        ("4.20", 10, True),
+        ("4.20", 11, False),
+        ("4.21", 512, True),
+        ("4.22", 512, True),
+        ("4.22", 513, False),
+        ("4.22", 0, False),
+    ],
+)
 def test_nr_altp2m_limit_depends_on_xen(xen, nr, ok, tmp_path):
     text = f'name = "x"\n[domain]\nxen = "{xen}"\nnr_altp2m = {nr}\n'
     if ok:
@@ -419,7 +552,9 @@ def test_nr_altp2m_limit_depends_on_xen(xen, nr, ok, tmp_path):
         policy_error(tmp_path, text, "nr_altp2m", str(nr))
 
 
-@pytest.mark.parametrize("order, ok", [(0, True), (9, True), (18, True), (5, False), (12, False)])
+@pytest.mark.parametrize(
+    ("order", "ok"), [(0, True), (9, True), (18, True), (5, False), (12, False)]
+)
 def test_host_order(order, ok, tmp_path):
     text = f'name = "x"\n[domain]\nhost_order = {order}\n'
     if ok:
@@ -429,7 +564,9 @@ def test_host_order(order, ok, tmp_path):
 
 
 def test_two_views_with_the_same_explicit_index(tmp_path):
-    policy_error(tmp_path, '''
+    policy_error(
+        tmp_path,
+        """
         name = "x"
         [[view]]
         name = "a"
@@ -437,34 +574,51 @@ def test_two_views_with_the_same_explicit_index(tmp_path):
         [[view]]
         name = "b"
         index = 3
-        ''', "view[1]", "index", "3")
+        """,
+        "view[1]",
+        "index",
+        "3",
+    )
 
 
 def test_views_need_altp2m(tmp_path):
-    policy_error(tmp_path, '''
+    policy_error(
+        tmp_path,
+        """
         name = "x"
         [domain]
         altp2m = false
         [[view]]
         name = "a"
-        ''', "view", "altp2m")
+        """,
+        "view",
+        "altp2m",
+    )
 
 
 @pytest.mark.parametrize("action", ["step", "switch"])
 def test_view_switching_responses_need_altp2m(action, tmp_path):
-    policy_error(tmp_path, f'''
+    policy_error(
+        tmp_path,
+        f'''
         name = "x"
         [domain]
         altp2m = false
         [[on_violation]]
         action = "{action}"
         to = 0
-        ''', "on_violation[0]", f'"{action}"', "altp2m")
+        ''',
+        "on_violation[0]",
+        f'"{action}"',
+        "altp2m",
+    )
 
 
 @pytest.mark.parametrize("action", ["step", "switch"])
 def test_response_to_the_view_it_filters_on(action, tmp_path):
-    policy_error(tmp_path, f'''
+    policy_error(
+        tmp_path,
+        f'''
         name = "x"
         [[view]]
         name = "a"
@@ -473,22 +627,32 @@ def test_response_to_the_view_it_filters_on(action, tmp_path):
         view = "a"
         action = "{action}"
         to = "a"
-        ''', "on_violation[0]", '"to"')
+        ''',
+        "on_violation[0]",
+        '"to"',
+    )
 
 
 def test_on_ve_without_enable_notify(tmp_path):
-    policy_error(tmp_path, '''
+    policy_error(
+        tmp_path,
+        """
         name = "x"
         [[view]]
         name = "a"
         [on_ve]
         action = "vmfunc-step"
         to = "a"
-        ''', "[on_ve]", "enable_notify")
+        """,
+        "[on_ve]",
+        "enable_notify",
+    )
 
 
 def test_on_ve_vmfunc_to_a_view_made_invisible(tmp_path):
-    policy_error(tmp_path, '''
+    policy_error(
+        tmp_path,
+        """
         name = "x"
         [[view]]
         name = "a"
@@ -502,11 +666,17 @@ def test_on_ve_vmfunc_to_a_view_made_invisible(tmp_path):
         [on_ve]
         action = "vmfunc-switch"
         to = "a"
-        ''', "[on_ve]", "invisible")
+        """,
+        "[on_ve]",
+        "invisible",
+    )
 
 
 def test_on_ve_vmfunc_to_a_view_made_visible_again_is_fine(tmp_path):
-    check_ok(write_policy(tmp_path, '''
+    check_ok(
+        write_policy(
+            tmp_path,
+            """
         name = "x"
         [[view]]
         name = "a"
@@ -521,11 +691,15 @@ def test_on_ve_vmfunc_to_a_view_made_visible_again_is_fine(tmp_path):
         [on_ve]
         action = "vmfunc-step"
         to = "a"
-        '''))
+        """,
+        )
+    )
 
 
 def test_switch_p2m_to_a_view_declared_invisible(tmp_path):
-    policy_error(tmp_path, '''
+    policy_error(
+        tmp_path,
+        """
         name = "x"
         [[view]]
         name = "a"
@@ -533,11 +707,17 @@ def test_switch_p2m_to_a_view_declared_invisible(tmp_path):
         [[setup]]
         op = "switch_p2m"
         view = "a"
-        ''', "setup[0]", "switch_p2m", "invisible")
+        """,
+        "setup[0]",
+        "switch_p2m",
+        "invisible",
+    )
 
 
 def test_switch_p2m_to_a_view_made_invisible(tmp_path):
-    policy_error(tmp_path, '''
+    policy_error(
+        tmp_path,
+        """
         name = "x"
         [[view]]
         name = "a"
@@ -548,10 +728,14 @@ def test_switch_p2m_to_a_view_made_invisible(tmp_path):
         [[setup]]
         op = "switch_p2m"
         view = "a"
-        ''', "setup[1]", "switch_p2m", "invisible")
+        """,
+        "setup[1]",
+        "switch_p2m",
+        "invisible",
+    )
 
 
-@pytest.mark.parametrize("xen, ok", [("4.13", False), ("4.14", True)])
+@pytest.mark.parametrize(("xen", "ok"), [("4.13", False), ("4.14", True)])
 def test_fast_single_step_needs_xen_4_14(xen, ok, tmp_path):
     text = f'''
         name = "x"
@@ -574,7 +758,9 @@ def test_fast_single_step_needs_xen_4_14(xen, ok, tmp_path):
 
 def test_coverage_gap_is_refused_by_policy_check(tmp_path):
     # view "a" is read-only: writes and fetches fault there, but only fetches have a rule
-    policy_error(tmp_path, '''
+    policy_error(
+        tmp_path,
+        """
         name = "x"
         [[view]]
         name = "a"
@@ -583,20 +769,32 @@ def test_coverage_gap_is_refused_by_policy_check(tmp_path):
         kind = "x"
         action = "step"
         to = 0
-        ''', "'w'", "'a'", "on_violation")
+        """,
+        "'w'",
+        "'a'",
+        "on_violation",
+    )
 
 
 def test_coverage_gap_without_any_rule(tmp_path):
-    policy_error(tmp_path, '''
+    policy_error(
+        tmp_path,
+        """
         name = "x"
         [[view]]
         name = "a"
         default_access = "rx"
-        ''', "'w'", "'a'")
+        """,
+        "'w'",
+        "'a'",
+    )
 
 
 def test_rule_covering_only_some_gfns_is_a_warning(tmp_path):
-    result = check_ok(write_policy(tmp_path, '''
+    result = check_ok(
+        write_policy(
+            tmp_path,
+            """
         name = "x"
         [[view]]
         name = "a"
@@ -605,14 +803,16 @@ def test_rule_covering_only_some_gfns_is_a_warning(tmp_path):
         kind = "w"
         gfns = [0x100, 0x1ff]
         action = "step"
-        '''))
+        """,
+        )
+    )
     (warning,) = warnings_of(result)
     assert "'w'" in warning and "'a'" in warning
 
 
 # --------------------------------------------------------------------------- gfn selectors
 def _selector_policy(gfns: str) -> str:
-    return f'''
+    return f"""
         name = "x"
         [[view]]
         name = "a"
@@ -623,7 +823,7 @@ def _selector_policy(gfns: str) -> str:
         access = "rx"
         [[on_violation]]
         action = "emulate"
-        '''
+        """
 
 
 def test_gfn_selector_with_a_bad_hex_string(tmp_path):
@@ -635,27 +835,45 @@ def test_gfn_range_with_first_above_last(gfns, tmp_path):
     policy_error(tmp_path, _selector_policy(gfns), "setup[0]", "gfns")
 
 
-@pytest.mark.parametrize("gfns", ['"0x1f000"', "[16, 31]", '["0x10", "0x1f"]',
-                                  '[[1, 2], 7, "0x20"]', '{ set = "executed", top = 8 }',
-                                  '{ set = "meta:kernel_code" }'])
+@pytest.mark.parametrize(
+    "gfns",
+    [
+        '"0x1f000"',
+        "[16, 31]",
+        '["0x10", "0x1f"]',
+        '[[1, 2], 7, "0x20"]',
+        '{ set = "executed", top = 8 }',
+        '{ set = "meta:kernel_code" }',
+    ],
+)
 def test_good_gfn_selectors(gfns, tmp_path, kernel_trace):
     check_ok(write_policy(tmp_path, _selector_policy(gfns)), "--trace", kernel_trace)
 
 
 def test_selector_set_name_with_did_you_mean(tmp_path):
-    policy_error(tmp_path, _selector_policy('{ set = "exectued" }'),
-                 "setup[0]", "exectued", 'did you mean "executed"')
+    policy_error(
+        tmp_path,
+        _selector_policy('{ set = "exectued" }'),
+        "setup[0]",
+        "exectued",
+        'did you mean "executed"',
+    )
 
 
 def test_meta_set_the_trace_lacks_is_empty_with_a_warning(tmp_path, kernel_trace):
-    result = check_ok(write_policy(tmp_path, _selector_policy('{ set = "meta:no_such_set" }')),
-                      "--trace", kernel_trace)
+    result = check_ok(
+        write_policy(tmp_path, _selector_policy('{ set = "meta:no_such_set" }')),
+        "--trace",
+        kernel_trace,
+    )
     assert any("no_such_set" in w for w in warnings_of(result)), result.stderr
 
 
 def test_change_gfn_of_a_gfn_outside_ram_is_refused_on_the_trace(tmp_path, kernel_trace):
     # the generated trace's metadata says RAM is gfns 0 - 0xfffff
-    path = write_policy(tmp_path, '''
+    path = write_policy(
+        tmp_path,
+        """
         name = "x"
         [[view]]
         name = "a"
@@ -664,9 +882,12 @@ def test_change_gfn_of_a_gfn_outside_ram_is_refused_on_the_trace(tmp_path, kerne
         view = "a"
         old = "0x200000"
         new = "0x10"
-        ''')
+        """,
+    )
     check_ok(path)  # nothing wrong without a trace
-    check_error(["policy", "check", path, "--trace", kernel_trace], str(path), "setup[0]", "0x200000")
+    check_error(
+        ["policy", "check", path, "--trace", kernel_trace], str(path), "setup[0]", "0x200000"
+    )
 
 
 def test_policy_check_with_a_missing_trace(tmp_path):
@@ -675,7 +896,7 @@ def test_policy_check_with_a_missing_trace(tmp_path):
 
 
 # --------------------------------------------------------------------------- warnings
-VIEW0_RESTRICTION = '''
+VIEW0_RESTRICTION = """
     name = "x"
     [domain]
     xen = "{xen}"
@@ -686,7 +907,7 @@ VIEW0_RESTRICTION = '''
     access = "rx"
     [[on_violation]]
     action = "emulate"
-    '''
+    """
 
 
 def test_view0_set_mem_access_with_altp2m_warns_about_the_lazy_copy(tmp_path, kernel_trace):
@@ -713,14 +934,19 @@ def test_view0_set_mem_access_without_altp2m_does_not_warn():
 
 
 def test_view0_set_suppress_ve_warns(tmp_path):
-    result = check_ok(write_policy(tmp_path, '''
+    result = check_ok(
+        write_policy(
+            tmp_path,
+            """
         name = "x"
         [[setup]]
         op = "set_suppress_ve"
         view = 0
         gfns = [0x1000, 0x1003]
         suppress = false
-        '''))
+        """,
+        )
+    )
     warnings = warnings_of(result)
     assert len(warnings) == 1 and "setup[0]" in warnings[0] and "set_suppress_ve" in warnings[0]
 
@@ -746,18 +972,37 @@ to = {to}
 """
 
 
-@pytest.mark.parametrize(("body", "needles"), [
-    ('name = "p"\n[breakpoints]\nat = 1\nwhere = 2\n[on_breakpoint]\naction = "emulate"\n',
-     ['[breakpoints]: unknown key "where"']),
-    ('name = "p"\n[breakpoints]\nat = 1\n', ["needs [on_breakpoint]"]),
-    ('name = "p"\n[on_breakpoint]\naction = "emulate"\n', ["no [breakpoints] to answer"]),
-    ('name = "p"\n[breakpoints]\nat = 1\n[on_breakpoint]\naction = "stepp"\n', ['"step" or "emulate"', "did you mean"]),
-    ('name = "p"\n[domain]\nmonitor = false\n[breakpoints]\nat = 1\n[on_breakpoint]\naction = "emulate"\n',
-     ["monitor = false"]),
-    ('name = "p"\n[breakpoints]\nat = [{ ip = ["zz"] }]\n[on_breakpoint]\naction = "emulate"\n', ["'zz'"]),
-    ('name = "p"\n[on_cr3]\nsync = false\n[[on_cr3.switch]]\ncr3 = 1\nto = 0\n', ["needs sync = true"]),
-    ('name = "p"\n[on_cr3]\n[[on_cr3.switch]]\ncr3 = "proc:bash"\nto = 0\n', ['"process:NAME"']),
-])
+@pytest.mark.parametrize(
+    ("body", "needles"),
+    [
+        (
+            'name = "p"\n[breakpoints]\nat = 1\nwhere = 2\n[on_breakpoint]\naction = "emulate"\n',
+            ['[breakpoints]: unknown key "where"'],
+        ),
+        ('name = "p"\n[breakpoints]\nat = 1\n', ["needs [on_breakpoint]"]),
+        ('name = "p"\n[on_breakpoint]\naction = "emulate"\n', ["no [breakpoints] to answer"]),
+        (
+            'name = "p"\n[breakpoints]\nat = 1\n[on_breakpoint]\naction = "stepp"\n',
+            ['"step" or "emulate"', "did you mean"],
+        ),
+        (
+            'name = "p"\n[domain]\nmonitor = false\n[breakpoints]\nat = 1\n[on_breakpoint]\naction = "emulate"\n',
+            ["monitor = false"],
+        ),
+        (
+            'name = "p"\n[breakpoints]\nat = [{ ip = ["zz"] }]\n[on_breakpoint]\naction = "emulate"\n',
+            ["'zz'"],
+        ),
+        (
+            'name = "p"\n[on_cr3]\nsync = false\n[[on_cr3.switch]]\ncr3 = 1\nto = 0\n',
+            ["needs sync = true"],
+        ),
+        (
+            'name = "p"\n[on_cr3]\n[[on_cr3.switch]]\ncr3 = "proc:bash"\nto = 0\n',
+            ['"process:NAME"'],
+        ),
+    ],
+)
 def test_revision2_sections_refuse_what_they_must(tmp_path, body, needles):
     check_error(["policy", "check", write_policy(tmp_path, body)], *needles)
 
@@ -772,8 +1017,9 @@ def test_breakpoint_step_into_a_view_showing_the_int3_is_refused(tmp_path, kerne
     bad = write_policy(tmp_path, BP_POLICY.format(writer="x", to='"x"'), "bad.toml")
     check_error(["policy", "check", bad, "--trace", kernel_trace], "[on_breakpoint]", "trap again")
     # written into view 0's own frame (no remap there): every view without a remap shows it
-    bad0 = write_policy(tmp_path, BP_POLICY.format(writer="0", to=0).replace('view = "0"', "view = 0"),
-                        "bad0.toml")
+    bad0 = write_policy(
+        tmp_path, BP_POLICY.format(writer="0", to=0).replace('view = "0"', "view = 0"), "bad0.toml"
+    )
     check_error(["policy", "check", bad0, "--trace", kernel_trace], "trap again")
 
 
@@ -782,6 +1028,7 @@ def test_breakpoints_need_a_trace_with_byte_addresses(tmp_path):
 
     trace = tmp_path / "plain.parquet"  # gfn and access only: no gpa, no ip
     pl.DataFrame({"gfn": [5, 6], "access": [4, 1]}).cast(
-        {"gfn": pl.UInt64, "access": pl.UInt8}).write_parquet(trace)
+        {"gfn": pl.UInt64, "access": pl.UInt8}
+    ).write_parquet(trace)
     policy = write_policy(tmp_path, BP_POLICY.format(writer="x", to=0))
     check_error(["policy", "check", policy, "--trace", trace], "byte addresses")

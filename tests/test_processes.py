@@ -79,18 +79,23 @@ def replay_cmd(traces: Path, out: Path, *extra, html: bool = False) -> list[str]
     args = [sys.executable, "-m", "altp2m_replay", "replay", str(traces)]
     for p in POLICIES:
         args += ["-p", p]
-    return args + [*([] if html else ["--no-html"]), "-o", str(out), *map(str, extra)]
+    return [*args, *([] if html else ["--no-html"]), "-o", str(out), *map(str, extra)]
 
 
 def start(cmd) -> subprocess.Popen:
     # a session of its own: signals can go to the whole group, as a terminal's Ctrl-C does
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def finished_cells(out: Path) -> list[str]:
     cells = out / ".cells"
-    return sorted(p.name for p in cells.iterdir() if not p.name.startswith(".")) if cells.is_dir() else []
+    return (
+        sorted(p.name for p in cells.iterdir() if not p.name.startswith("."))
+        if cells.is_dir()
+        else []
+    )
 
 
 @pytest.fixture(scope="module")
@@ -167,14 +172,16 @@ def test_a_worker_that_dies_is_one_error_line(big, tmp_path):
     assert proc.returncode == 1, err
     lines = err.splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("Error: a worker process died (killed by SIGKILL), often for "
-                               "lack of memory; "), lines[0]
+    assert lines[0].startswith(
+        "Error: a worker process died (killed by SIGKILL), often for lack of memory; "
+    ), lines[0]
     assert "Traceback" not in err and "BrokenProcessPool" not in err
     assert all_gone(pids, PROMPT) == []
     assert not (out / "summary.parquet").exists()
     # what finished is kept for --resume, which completes the run
-    r = subprocess.run(replay_cmd(big, out, "--jobs", 2, "--resume"), capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        replay_cmd(big, out, "--jobs", 2, "--resume"), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -199,8 +206,12 @@ def test_ctrl_c_is_one_line_prompt_and_resumable(big, fresh, tmp_path, jobs):
     assert all_gone(pids, PROMPT) == []
     assert not (out / "summary.parquet").exists()
     assert not (out / LOCK).exists()
-    r = subprocess.run(replay_cmd(big, out, "--jobs", jobs, "--resume"), capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        replay_cmd(big, out, "--jobs", jobs, "--resume"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["timings"]["resumed_cells"] >= len(kept)
@@ -212,13 +223,16 @@ def test_a_second_run_while_the_first_writes_is_refused(big, fresh, tmp_path):
     out = tmp_path / "out"
     first = start(replay_cmd(big, out, "--jobs", 1))
     assert wait_for(lambda: (out / LOCK).exists() or first.poll() is not None, 60)
-    second = subprocess.run(replay_cmd(big, out, "--jobs", 1), capture_output=True, text=True,
-                            timeout=120)
+    second = subprocess.run(
+        replay_cmd(big, out, "--jobs", 1), capture_output=True, text=True, timeout=120
+    )
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert second.returncode == 2, second.stderr
-    assert second.stderr == (f"Error: {out}: another run is writing into this folder "
-                             f"(pid {first.pid}); wait for it to finish or choose another folder\n")
+    assert second.stderr == (
+        f"Error: {out}: another run is writing into this folder "
+        f"(pid {first.pid}); wait for it to finish or choose another folder\n"
+    )
     same_tables(out, fresh)
 
 
@@ -241,9 +255,17 @@ def test_dask_sends_each_trace_facts_once(tmp_path, monkeypatch):
         return real(self, fn, items)
 
     monkeypatch.setattr(run._Dask, "submit_all", spy)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, protocol="tcp",
-                      host="127.0.0.1", dashboard_address=None) as cluster:
-        run.replay([corpus], pols, tmp_path / "dask", scheduler=cluster.scheduler_address, html=False)
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        protocol="tcp",
+        host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster:
+        run.replay(
+            [corpus], pols, tmp_path / "dask", scheduler=cluster.scheduler_address, html=False
+        )
     assert len(sent) == 2 * len(pols)  # one unit per trace x policy on a cluster
     facts = [u[6] for u in sent]
     assert all(isinstance(f, Future) for f in facts), [type(f) for f in facts]
@@ -274,13 +296,21 @@ def test_a_replay_killed_at_any_moment_leaves_one_runs_files(tmp_path):
         time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        r = subprocess.run([sys.executable, "-m", "altp2m_replay", "compare", str(out), str(out)],
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "altp2m_replay", "compare", str(out), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if r.returncode != 0:
             assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
             assert "a replay was stopped while replacing its files" in r.stderr
-            r = subprocess.run([sys.executable, "-m", "altp2m_replay", "report", str(out)],
-                               capture_output=True, text=True, timeout=120)
+            r = subprocess.run(
+                [sys.executable, "-m", "altp2m_replay", "report", str(out)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert r.returncode == 0, r.stderr
             seen.add("half switched")
         policies = {p["name"] for p in json.loads((out / "manifest.json").read_text())["policies"]}
@@ -288,7 +318,9 @@ def test_a_replay_killed_at_any_moment_leaves_one_runs_files(tmp_path):
         same_tables(out, later if which == "later" else earlier)
         seen.add(which)
         if (out / "report.html").exists():  # the report, when there is one, is of the same run
-            assert ("codemon-flip" in (out / "report.html").read_text(encoding="utf-8")) == (which == "later")
+            assert ("codemon-flip" in (out / "report.html").read_text(encoding="utf-8")) == (
+                which == "later"
+            )
     assert {"earlier", "later"} <= seen, seen  # kills landed before and after the switch
 
 
@@ -302,18 +334,31 @@ def test_a_dask_worker_that_dies_is_one_error_line(big, tmp_path):
 
     from altp2m_replay.errors import WorkerLost
 
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
-            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, protocol="tcp",
-                         host="127.0.0.1", dashboard_address=None) as cluster, \
-            Client(cluster.scheduler_address) as client:
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            protocol="tcp",
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster.scheduler_address) as client,
+    ):
         (pid,) = client.run(os.getpid).values()
         caught = []
 
         def go():
             try:
-                run.replay([big], list(POLICIES), tmp_path / "out", scheduler=cluster.scheduler_address,
-                           html=False)
-            except BaseException as exc:  # noqa: BLE001 - inspected below
+                run.replay(
+                    [big],
+                    list(POLICIES),
+                    tmp_path / "out",
+                    scheduler=cluster.scheduler_address,
+                    html=False,
+                )
+            except BaseException as exc:
                 caught.append(exc)
 
         t = threading.Thread(target=go)

@@ -12,15 +12,11 @@ import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import reference_simulate
+from strategies import cases
 
 from altp2m_replay.errors import ReplayError
 
-try:   # pytest imports this file as a module of tests/ or of the tests package
-    from reference import reference_simulate
-    from strategies import cases
-except ImportError:
-    from tests.reference import reference_simulate
-    from tests.strategies import cases
 
 def examples(n: int) -> int:
     """``n`` Hypothesis examples, or fewer under `make test-fast` (HYPOTHESIS_MAX_EXAMPLES)."""
@@ -39,8 +35,10 @@ def normalise(result) -> dict:
         "total": {k: int(v) for k, v in get("total").items()},
         "vcpus": {int(v): {k: int(x) for k, x in c.items()} for v, c in get("vcpus").items()},
         "views": {int(v): {k: int(x) for k, x in c.items()} for v, c in get("views").items()},
-        "gfns": {(int(key[0]), int(key[1])): {k: int(x) for k, x in c.items()}
-                 for key, c in get("gfns").items()},
+        "gfns": {
+            (int(key[0]), int(key[1])): {k: int(x) for k, x in c.items()}
+            for key, c in get("gfns").items()
+        },
     }
 
 
@@ -63,11 +61,15 @@ def differences(ref, eng) -> list[str]:
             a, b = {None: a}, {None: b}
         for key in sorted(set(a) | set(b), key=repr):
             if key not in a or key not in b:
-                out.append(f"{table}[{key}]: only in {'reference' if key in a else 'engine'}: {a.get(key, b.get(key))}")
+                out.append(
+                    f"{table}[{key}]: only in {'reference' if key in a else 'engine'}: {a.get(key, b.get(key))}"
+                )
                 continue
-            for name in sorted(set(a[key]) | set(b[key])):
-                if a[key].get(name) != b[key].get(name):
-                    out.append(f"{table}[{key}].{name}: reference {a[key].get(name)}, engine {b[key].get(name)}")
+            out.extend(
+                f"{table}[{key}].{name}: reference {a[key].get(name)}, engine {b[key].get(name)}"
+                for name in sorted(set(a[key]) | set(b[key]))
+                if a[key].get(name) != b[key].get(name)
+            )
     return out
 
 
@@ -75,10 +77,15 @@ def compare(case, batch_rows=None) -> None:
     from altp2m_replay.engine import simulate_arrays  # lands with the Numba engine
 
     ref = outcome(lambda: reference_simulate(case.policy, case.arrays, gfn_sets=case.gfn_sets))
-    eng = outcome(lambda: simulate_arrays(case.policy, case.arrays, meta_ram=None,
-                                          gfn_sets=case.gfn_sets, batch_rows=batch_rows))
+    eng = outcome(
+        lambda: simulate_arrays(
+            case.policy, case.arrays, meta_ram=None, gfn_sets=case.gfn_sets, batch_rows=batch_rows
+        )
+    )
     diff = differences(ref, eng)
-    assert not diff, "\n".join([case.toml, repr(case.arrays), f"batch_rows={batch_rows}"] + diff[:40])
+    assert not diff, "\n".join(
+        [case.toml, repr(case.arrays), f"batch_rows={batch_rows}", *diff[:40]]
+    )
 
 
 # --------------------------------------------------------------------------- properties
@@ -103,6 +110,8 @@ def test_kernel_with_tiny_buffers_matches_reference(case, extra, cache_bytes):
 
     from altp2m_replay.engine import _kernels, simulate
 
-    with (mock.patch.object(simulate, "LOG_ROWS", _kernels.LOG_SLACK + extra),
-          mock.patch.object(simulate, "PMAP_BYTES", cache_bytes)):
+    with (
+        mock.patch.object(simulate, "LOG_ROWS", _kernels.LOG_SLACK + extra),
+        mock.patch.object(simulate, "PMAP_BYTES", cache_bytes),
+    ):
         compare(case)

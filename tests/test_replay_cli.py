@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from reference import TOTAL_COUNTERS as COUNTERS
 
 from altp2m_replay import __version__, run
 from altp2m_replay.cli import main
@@ -29,8 +30,14 @@ THREE = ("xen-access-altp2m-write", "hvmi-ve-pagetables", "memaccess-write")
 SPEC_COSTS = {
     "ept_exit": (5000, ("ept_exits",)),
     "lazy_copy": (500, ("lazy_copies",)),
-    "vm_event_sync": (90000, ("mem_access_events", "singlestep_events", "breakpoint_events", "cr3_events")),
-    "monitor_callback": (30000, ("mem_access_events", "singlestep_events", "breakpoint_events", "cr3_events")),
+    "vm_event_sync": (
+        90000,
+        ("mem_access_events", "singlestep_events", "breakpoint_events", "cr3_events"),
+    ),
+    "monitor_callback": (
+        30000,
+        ("mem_access_events", "singlestep_events", "breakpoint_events", "cr3_events"),
+    ),
     "int3_exit": (5000, ("int3_exits",)),
     "cr3_exit": (3000, ("cr3_exits",)),
     "vmfunc_exit": (5000, ("vmfunc_exits",)),
@@ -47,14 +54,18 @@ SPEC_COSTS = {
     "superpage_split": (8000, ("superpage_splits", "shatters")),
     "mmio": (40000, ("mmio_accesses",)),
 }
-# SPEC §7 run / vCPU counters; the total row is the sum of the vCPU rows for the additive ones.
-try:  # the SPEC §7 names, spelled once for the tests (tests/reference.py)
-    from tests.reference import TOTAL_COUNTERS as COUNTERS
-except ImportError:
-    from reference import TOTAL_COUNTERS as COUNTERS
-NOT_ADDITIVE = ("crashed", "crash_record", "livelocked", "livelock_record", "setup_splits", "setup_skipped")
+# SPEC §7 run / vCPU counters (tests/reference.py); the total row is the sum of the vCPU rows for the additive ones.
+
+NOT_ADDITIVE = (
+    "crashed",
+    "crash_record",
+    "livelocked",
+    "livelock_record",
+    "setup_splits",
+    "setup_skipped",
+)
 ADDITIVE = tuple(c for c in COUNTERS if c not in NOT_ADDITIVE)
-CYCLE_COLUMNS = tuple(f"cycles_{k}" for k in SPEC_COSTS) + ("cycles_total",)
+CYCLE_COLUMNS = (*tuple(f"cycles_{k}" for k in SPEC_COSTS), "cycles_total")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -67,7 +78,9 @@ def replay_ok(*args):
     assert result.exit_code == 0, (result.exit_code, result.output)
     assert "Traceback" not in result.output
     # not a terminal: no progress display, only warnings on stderr
-    assert all(line.startswith(("warning: ", "note: ")) for line in result.stderr.splitlines()), result.stderr
+    assert all(line.startswith(("warning: ", "note: ")) for line in result.stderr.splitlines()), (
+        result.stderr
+    )
     return result
 
 
@@ -135,7 +148,13 @@ def test_replay_writes_every_output(three):
     # hidden entries may hold resume state (folders), never a left-over temporary file
     leftovers = [p.name for p in three.iterdir() if p.name.startswith(".") and not p.is_dir()]
     assert leftovers == []
-    assert (three / "report.html").read_text(encoding="utf-8").lstrip().lower().startswith("<!doctype html")
+    assert (
+        (three / "report.html")
+        .read_text(encoding="utf-8")
+        .lstrip()
+        .lower()
+        .startswith("<!doctype html")
+    )
 
 
 def test_every_table_has_trace_and_policy_columns(three):
@@ -172,13 +191,17 @@ def test_total_row_is_the_sum_of_the_vcpu_rows(three):
 def test_derived_counters_are_the_sums_spec_7_defines(three):
     s = tables(three)["summary"]
     for row in s.iter_rows(named=True):
-        assert row["vm_events"] == (row["mem_access_events"] + row["singlestep_events"]
-                                    + row["async_events"]), row
-        assert row["view_switches"] == (row["switches_vm_event"] + row["switches_fast_ss"]
-                                        + row["switches_vmfunc"]), row
+        assert row["vm_events"] == (
+            row["mem_access_events"] + row["singlestep_events"] + row["async_events"]
+        ), row
+        assert row["view_switches"] == (
+            row["switches_vm_event"] + row["switches_fast_ss"] + row["switches_vmfunc"]
+        ), row
     # the three policies exercise what those sums add up
     xa = totals(s, "xen-access-altp2m-write")
-    assert xa["mem_access_events"] > 0 and xa["singlestep_events"] > 0 and xa["switches_vm_event"] > 0
+    assert (
+        xa["mem_access_events"] > 0 and xa["singlestep_events"] > 0 and xa["switches_vm_event"] > 0
+    )
     hv = totals(s, "hvmi-ve-pagetables")
     assert hv["ve_delivered"] > 0 and hv["switches_vmfunc"] > 0
     ma = totals(s, "memaccess-write")
@@ -240,8 +263,22 @@ def test_manifest(three, kernel_trace):
 
 def test_manifest_records_the_command_line(small_kernel_trace, tmp_path):
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "altp2m_replay", "replay", str(small_kernel_trace), "-p", "baseline",
-            "--cost", "ept_exit=7", "-o", str(out), "--jobs", "1", "--no-html"]
+    args = [
+        sys.executable,
+        "-m",
+        "altp2m_replay",
+        "replay",
+        str(small_kernel_trace),
+        "-p",
+        "baseline",
+        "--cost",
+        "ept_exit=7",
+        "-o",
+        str(out),
+        "--jobs",
+        "1",
+        "--no-html",
+    ]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     m = json.loads((out / "manifest.json").read_text())
@@ -256,7 +293,9 @@ def test_manifest_records_the_command_line(small_kernel_trace, tmp_path):
 @pytest.fixture(scope="module")
 def cost_base(tmp_path_factory, small_kernel_trace) -> dict:
     out = tmp_path_factory.mktemp("costs") / "base"
-    replay_ok(small_kernel_trace, "-p", "xen-access-altp2m-write", "-o", out, "--jobs", 1, "--no-html")
+    replay_ok(
+        small_kernel_trace, "-p", "xen-access-altp2m-write", "-o", out, "--jobs", 1, "--no-html"
+    )
     return totals(pl.read_parquet(out / "summary.parquet"), "xen-access-altp2m-write")
 
 
@@ -267,8 +306,9 @@ def _summary_total(tmp_path, trace, *args, policy="xen-access-altp2m-write") -> 
 
 
 def test_cost_override_changes_its_cycles_only(cost_base, small_kernel_trace, tmp_path):
-    row = _summary_total(tmp_path, small_kernel_trace, "-p", "xen-access-altp2m-write",
-                         "--cost", "ept_exit=1")
+    row = _summary_total(
+        tmp_path, small_kernel_trace, "-p", "xen-access-altp2m-write", "--cost", "ept_exit=1"
+    )
     assert cost_base["ept_exits"] > 0
     assert row["ept_exits"] == cost_base["ept_exits"]
     assert row["cycles_ept_exit"] == row["ept_exits"] * 1
@@ -280,8 +320,9 @@ def test_cost_override_changes_its_cycles_only(cost_base, small_kernel_trace, tm
 
 
 def test_polling_agent_profile(cost_base, small_kernel_trace, tmp_path):
-    row = _summary_total(tmp_path, small_kernel_trace, "-p", "xen-access-altp2m-write",
-                         "--profile", "polling-agent")
+    row = _summary_total(
+        tmp_path, small_kernel_trace, "-p", "xen-access-altp2m-write", "--profile", "polling-agent"
+    )
     events = row["mem_access_events"] + row["singlestep_events"]
     assert events > 0
     assert row["cycles_vm_event_sync"] == 15000 * events
@@ -290,8 +331,9 @@ def test_polling_agent_profile(cost_base, small_kernel_trace, tmp_path):
 
 
 def test_xen_dom0_profile_is_the_default(cost_base, small_kernel_trace, tmp_path):
-    row = _summary_total(tmp_path, small_kernel_trace, "-p", "xen-access-altp2m-write",
-                         "--profile", "xen-dom0")
+    row = _summary_total(
+        tmp_path, small_kernel_trace, "-p", "xen-access-altp2m-write", "--profile", "xen-dom0"
+    )
     assert row == cost_base
 
 
@@ -300,32 +342,45 @@ def test_command_line_cost_wins_over_policy_costs(cost_base, small_kernel_trace,
     text = shown.replace('name = "xen-access-altp2m-write"', 'name = "priced"')
     text += "\n[costs]\nept_exit = 7\nmtf_exit = 11\n"
     policy = write_policy(tmp_path / "priced.toml", text)
-    row = _summary_total(tmp_path, small_kernel_trace, "-p", policy, "--cost", "ept_exit=1",
-                         policy="priced")
-    assert row["ept_exits"] == cost_base["ept_exits"] and row["mtf_exits"] == cost_base["mtf_exits"] > 0
-    assert row["cycles_ept_exit"] == row["ept_exits"] * 1       # command line wins
-    assert row["cycles_mtf_exit"] == row["mtf_exits"] * 11      # the policy's own value stays
+    row = _summary_total(
+        tmp_path, small_kernel_trace, "-p", policy, "--cost", "ept_exit=1", policy="priced"
+    )
+    assert (
+        row["ept_exits"] == cost_base["ept_exits"]
+        and row["mtf_exits"] == cost_base["mtf_exits"] > 0
+    )
+    assert row["cycles_ept_exit"] == row["ept_exits"] * 1  # command line wins
+    assert row["cycles_mtf_exit"] == row["mtf_exits"] * 11  # the policy's own value stays
     assert row["cycles_lazy_copy"] == row["lazy_copies"] * 500  # untouched default
 
 
-@pytest.mark.parametrize("option, needles", [
-    (["--cost", "ept_exits=1"], ["ept_exits", 'did you mean "ept_exit"']),
-    (["--cost", "vm_event_synk=1"], ["vm_event_synk", 'did you mean "vm_event_sync"']),
-    (["--cost", "ept_exit=abc"], ["ept_exit", "abc"]),
-    (["--cost", "ept_exit"], ["ept_exit"]),
-    (["--cost", "ept_exit=-5"], ["ept_exit", "-5"]),
-    (["--profile", "polling-agnet"], ["polling-agnet", 'did you mean "polling-agent"']),
-])
+@pytest.mark.parametrize(
+    ("option", "needles"),
+    [
+        (["--cost", "ept_exits=1"], ["ept_exits", 'did you mean "ept_exit"']),
+        (["--cost", "vm_event_synk=1"], ["vm_event_synk", 'did you mean "vm_event_sync"']),
+        (["--cost", "ept_exit=abc"], ["ept_exit", "abc"]),
+        (["--cost", "ept_exit"], ["ept_exit"]),
+        (["--cost", "ept_exit=-5"], ["ept_exit", "-5"]),
+        (["--profile", "polling-agnet"], ["polling-agnet", 'did you mean "polling-agent"']),
+    ],
+)
 def test_bad_cost_options(option, needles, small_kernel_trace, tmp_path):
-    replay_error([small_kernel_trace, "-p", "baseline", "--jobs", 1, *option], tmp_path / "out",
-                 *needles)
+    replay_error(
+        [small_kernel_trace, "-p", "baseline", "--jobs", 1, *option], tmp_path / "out", *needles
+    )
 
 
 # --------------------------------------------------------------------------- slowdown
 def test_slowdown_is_null_without_tsc(tmp_path):
-    trace = write_trace({"gfn": np.array([0x200, 0x201, 0x400, 0x401], np.uint64),
-                         "access": np.array([1, 2, 1, 4], np.uint8),
-                         "vcpu": np.array([0, 1, 0, 1], np.uint16)}, tmp_path / "notsc.parquet")
+    trace = write_trace(
+        {
+            "gfn": np.array([0x200, 0x201, 0x400, 0x401], np.uint64),
+            "access": np.array([1, 2, 1, 4], np.uint8),
+            "vcpu": np.array([0, 1, 0, 1], np.uint16),
+        },
+        tmp_path / "notsc.parquet",
+    )
     out = tmp_path / "out"
     replay_ok(trace, "-p", "baseline", "-o", out, "--jobs", 1, "--no-html")
     s = pl.read_parquet(out / "summary.parquet")
@@ -345,12 +400,15 @@ def test_slowdown_hand_computed(tmp_path):
     #   4   1    0x400 1500
     #   5   0    0x200  400
     # guest: vCPU 0 = 400 - 100 = 300, vCPU 1 = 1500 - 1000 = 500, vCPU 2 = 0; total 800.
-    trace = write_trace({
-        "gfn": np.array([0x200, 0x400, 0x200, 0x200, 0x400, 0x200], np.uint64),
-        "access": np.ones(6, np.uint8),
-        "vcpu": np.array([0, 1, 0, 2, 1, 0], np.uint16),
-        "tsc": np.array([100, 1000, 150, 7, 1500, 400], np.uint64),
-    }, tmp_path / "tsc.parquet")
+    trace = write_trace(
+        {
+            "gfn": np.array([0x200, 0x400, 0x200, 0x200, 0x400, 0x200], np.uint64),
+            "access": np.ones(6, np.uint8),
+            "vcpu": np.array([0, 1, 0, 2, 1, 0], np.uint16),
+            "tsc": np.array([100, 1000, 150, 7, 1500, 400], np.uint64),
+        },
+        tmp_path / "tsc.parquet",
+    )
     out = tmp_path / "out"
     replay_ok(trace, "-p", "baseline", "-o", out, "--jobs", 1, "--no-html")
     s = pl.read_parquet(out / "summary.parquet").sort("vcpu")
@@ -365,8 +423,13 @@ def test_slowdown_hand_computed(tmp_path):
 
 # --------------------------------------------------------------------------- determinism, inputs
 def test_same_replay_twice_gives_identical_tables(small_kernel_trace, tmp_path):
-    args = [small_kernel_trace, *policy_args("xen-access-altp2m-write", "split-rx", "codemon-flip"),
-            "--jobs", 1, "--no-html"]
+    args = [
+        small_kernel_trace,
+        *policy_args("xen-access-altp2m-write", "split-rx", "codemon-flip"),
+        "--jobs",
+        1,
+        "--no-html",
+    ]
     replay_ok(*args, "-o", tmp_path / "a")
     replay_ok(*args, "-o", tmp_path / "b")
     assert_same_tables(tmp_path / "a", tmp_path / "b")
@@ -378,8 +441,19 @@ def two_traces(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("two") / "traces"
     d.mkdir()
     for name, workload, seed in (("a", "kernel", 2), ("b", "jit", 3)):
-        r = cli("trace", "generate", workload, "-n", 1500, "--seed", seed, "--vcpus", 2,
-                "-o", d / f"{name}.parquet")
+        r = cli(
+            "trace",
+            "generate",
+            workload,
+            "-n",
+            1500,
+            "--seed",
+            seed,
+            "--vcpus",
+            2,
+            "-o",
+            d / f"{name}.parquet",
+        )
         assert r.exit_code == 0, r.output
     (d / "notes.txt").write_text("not a trace")
     return d
@@ -393,8 +467,9 @@ def test_a_folder_replays_every_parquet_in_it(two_traces, tmp_path):
     m = json.loads((tmp_path / "dir" / "manifest.json").read_text())
     assert sorted(i["trace"] for i in m["inputs"]) == ["a", "b"]
     for name in ("a", "b"):
-        replay_ok(two_traces / f"{name}.parquet", *pols, "-o", tmp_path / name, "--jobs", 1,
-                  "--no-html")
+        replay_ok(
+            two_traces / f"{name}.parquet", *pols, "-o", tmp_path / name, "--jobs", 1, "--no-html"
+        )
         alone = tables(tmp_path / name)
         for t in TABLES:
             assert both[t].filter(pl.col("trace") == name).equals(alone[t]), (name, t)
@@ -414,8 +489,14 @@ def _bad_trace(kind: str, path: Path) -> tuple[Path, list[str]]:
     if kind == "tsc":  # valid schema, a tsc that goes backwards at row 150: found by validation
         tsc = np.arange(n, dtype=np.uint64) * 10
         tsc[150] = 5
-        write_trace({"gfn": np.arange(n, dtype=np.uint64) + 0x200, "access": np.ones(n, np.uint8),
-                     "tsc": tsc}, path)
+        write_trace(
+            {
+                "gfn": np.arange(n, dtype=np.uint64) + 0x200,
+                "access": np.ones(n, np.uint8),
+                "tsc": tsc,
+            },
+            path,
+        )
         return path, ["row 150", "tsc"]
     if kind == "gfn-range":  # a gfn beyond 2^36 in the last row
         gfn = np.arange(n, dtype=np.uint64) + 0x200
@@ -425,12 +506,25 @@ def _bad_trace(kind: str, path: Path) -> tuple[Path, list[str]]:
     if kind == "op":  # a control row (SPEC §15), not supported yet
         op = np.zeros(n, np.uint8)
         op[120] = 1
-        write_trace({"gfn": np.arange(n, dtype=np.uint64) + 0x200, "access": np.ones(n, np.uint8),
-                     "op": op}, path)
+        write_trace(
+            {
+                "gfn": np.arange(n, dtype=np.uint64) + 0x200,
+                "access": np.ones(n, np.uint8),
+                "op": op,
+            },
+            path,
+        )
         return path, ["row 120", "op"]
     # schema: gfn stored as double
-    pq.write_table(pa.table({"gfn": pa.array(np.arange(n, dtype=np.float64)),
-                             "access": pa.array(np.ones(n, np.uint8))}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "gfn": pa.array(np.arange(n, dtype=np.float64)),
+                "access": pa.array(np.ones(n, np.uint8)),
+            }
+        ),
+        path,
+    )
     return path, ["gfn", "double"]
 
 
@@ -439,32 +533,49 @@ def _bad_trace(kind: str, path: Path) -> tuple[Path, list[str]]:
 def test_a_bad_trace_among_good_ones_writes_nothing(kind, jobs, two_traces, tmp_path):
     folder = tmp_path / "mixed"
     shutil.copytree(two_traces, folder)
-    bad, needles = _bad_trace(kind, folder / "z_bad.parquet")  # sorted last: replayed last
-    replay_error([folder, "-p", "baseline", "-p", "xen-access-altp2m-write", "--jobs", jobs],
-                 tmp_path / "out", "z_bad.parquet", *needles)
+    _bad, needles = _bad_trace(kind, folder / "z_bad.parquet")  # sorted last: replayed last
+    replay_error(
+        [folder, "-p", "baseline", "-p", "xen-access-altp2m-write", "--jobs", jobs],
+        tmp_path / "out",
+        "z_bad.parquet",
+        *needles,
+    )
 
 
 def test_missing_trace(tmp_path, two_traces):
     missing = tmp_path / "gone.parquet"
-    replay_error([two_traces / "a.parquet", missing, "-p", "baseline"], tmp_path / "out", str(missing))
+    replay_error(
+        [two_traces / "a.parquet", missing, "-p", "baseline"], tmp_path / "out", str(missing)
+    )
 
 
 def test_unknown_policy_writes_nothing(small_kernel_trace, tmp_path):
-    replay_error([small_kernel_trace, "-p", "baseline", "-p", "xen-acess-altp2m-write"],
-                 tmp_path / "out", "xen-acess-altp2m-write", 'did you mean "xen-access-altp2m-write"')
+    replay_error(
+        [small_kernel_trace, "-p", "baseline", "-p", "xen-acess-altp2m-write"],
+        tmp_path / "out",
+        "xen-acess-altp2m-write",
+        'did you mean "xen-access-altp2m-write"',
+    )
     missing = tmp_path / "nope.toml"
     replay_error([small_kernel_trace, "-p", missing], tmp_path / "out", str(missing))
 
 
 def test_broken_policy_writes_nothing(small_kernel_trace, tmp_path):
-    bad = write_policy(tmp_path / "bad.toml", '''
+    bad = write_policy(
+        tmp_path / "bad.toml",
+        """
         name = "bad"
         [[view]]
         name = "v"
         default_access = "wx"
-        ''')
-    replay_error([small_kernel_trace, "-p", "baseline", "-p", bad], tmp_path / "out",
-                 str(bad), "default_access")
+        """,
+    )
+    replay_error(
+        [small_kernel_trace, "-p", "baseline", "-p", bad],
+        tmp_path / "out",
+        str(bad),
+        "default_access",
+    )
 
 
 def test_two_policies_with_one_name_are_refused(small_kernel_trace, tmp_path):
@@ -485,8 +596,18 @@ def test_output_path_that_is_a_file(small_kernel_trace, tmp_path):
 
 def test_window_option(small_kernel_trace, tmp_path):
     out = tmp_path / "out"
-    replay_ok(small_kernel_trace, "-p", "xen-access-altp2m-write", "--window", 300, "-o", out,
-              "--jobs", 1, "--no-html")
+    replay_ok(
+        small_kernel_trace,
+        "-p",
+        "xen-access-altp2m-write",
+        "--window",
+        300,
+        "-o",
+        out,
+        "--jobs",
+        1,
+        "--no-html",
+    )
     t = tables(out)
     tl = t["timeline"]
     assert tl["window"].to_list() == list(range(7))  # ceil(2000 / 300)
@@ -497,9 +618,14 @@ def test_window_option(small_kernel_trace, tmp_path):
 
 
 def test_summary_rows_are_the_vcpus_that_appear(tmp_path):
-    trace = write_trace({"gfn": np.array([0x200, 0x201, 0x202], np.uint64),
-                         "access": np.ones(3, np.uint8),
-                         "vcpu": np.array([0, 5, 5], np.uint16)}, tmp_path / "gap.parquet")
+    trace = write_trace(
+        {
+            "gfn": np.array([0x200, 0x201, 0x202], np.uint64),
+            "access": np.ones(3, np.uint8),
+            "vcpu": np.array([0, 5, 5], np.uint16),
+        },
+        tmp_path / "gap.parquet",
+    )
     out = tmp_path / "out"
     replay_ok(trace, "-p", "baseline", "-o", out, "--jobs", 1, "--no-html")
     s = pl.read_parquet(out / "summary.parquet").sort("vcpu")
@@ -517,12 +643,13 @@ def test_trace_name_is_the_file_name_without_parquet(tmp_path, two_traces):
 
 
 def test_gpa_trace_replays_like_its_gfn_trace(tmp_path):
-    gfn = np.array([0x200, 0x201, 0x400, 0x200, 0x5ff], np.uint64)
+    gfn = np.array([0x200, 0x201, 0x400, 0x200, 0x5FF], np.uint64)
     access = np.array([1, 2, 4, 3, 2], np.uint8)
-    offsets = np.array([0, 8, 0x10, 0xfff, 0x800], np.uint64)
+    offsets = np.array([0, 8, 0x10, 0xFFF, 0x800], np.uint64)
     by_gfn = write_trace({"gfn": gfn, "access": access}, tmp_path / "g" / "t.parquet")
-    by_gpa = write_trace({"gpa": (gfn << np.uint64(12)) + offsets, "access": access},
-                         tmp_path / "a" / "t.parquet")
+    by_gpa = write_trace(
+        {"gpa": (gfn << np.uint64(12)) + offsets, "access": access}, tmp_path / "a" / "t.parquet"
+    )
     pols = policy_args("xen-access-altp2m-write", "codemon-flip")
     replay_ok(by_gfn, *pols, "-o", tmp_path / "og", "--jobs", 1, "--no-html")
     replay_ok(by_gpa, *pols, "-o", tmp_path / "oa", "--jobs", 1, "--no-html")
@@ -530,7 +657,9 @@ def test_gpa_trace_replays_like_its_gfn_trace(tmp_path):
 
 
 def test_setup_warnings_reach_stderr_manifest_and_report(small_kernel_trace, tmp_path):
-    policy = write_policy(tmp_path / "v0.toml", '''
+    policy = write_policy(
+        tmp_path / "v0.toml",
+        """
         name = "view0-restriction"
         [[setup]]
         op = "set_mem_access"
@@ -539,11 +668,14 @@ def test_setup_warnings_reach_stderr_manifest_and_report(small_kernel_trace, tmp
         access = "rx"
         [[on_violation]]
         action = "emulate"
-        ''')
+        """,
+    )
     out = tmp_path / "out"
     result = replay_ok(small_kernel_trace, "-p", policy, "-o", out, "--jobs", 1)
     warnings = result.stderr.splitlines()
-    assert len(warnings) == 1 and "setup[0]" in warnings[0] and "view-0-restriction" not in warnings[0]
+    assert (
+        len(warnings) == 1 and "setup[0]" in warnings[0] and "view-0-restriction" not in warnings[0]
+    )
     assert "small" in warnings[0] and "view0-restriction" in warnings[0]
     (cell,) = json.loads((out / "manifest.json").read_text())["cells"]
     assert len(cell["warnings"]) == 1 and "setup[0]" in cell["warnings"][0]
@@ -567,17 +699,26 @@ def test_resume_gives_the_same_tables(two_traces, tmp_path):
 # --------------------------------------------------------------------------- batch size, jobs
 def _drop_timing(t: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
     timing = ("seconds", "elapsed", "records_per_second", "time")
-    return {k: v.select([c for c in v.columns if not any(w in c for w in timing)])
-            for k, v in t.items()}
+    return {
+        k: v.select([c for c in v.columns if not any(w in c for w in timing)]) for k, v in t.items()
+    }
 
 
 def test_batch_size_does_not_change_results(small_kernel_trace, tmp_path):
-    pols = ["xen-access-altp2m-write", "hvmi-ve-pagetables", "drakvuf-hidden-breakpoints-fast",
-            "split-rx", "codemon-flip"]
+    pols = [
+        "xen-access-altp2m-write",
+        "hvmi-ve-pagetables",
+        "drakvuf-hidden-breakpoints-fast",
+        "split-rx",
+        "codemon-flip",
+    ]
     run.replay([str(small_kernel_trace)], pols, tmp_path / "default", jobs=1, html=False)
-    run.replay([str(small_kernel_trace)], pols, tmp_path / "seven", jobs=1, html=False, batch_rows=7)
-    assert_same_tables(_drop_timing(tables(tmp_path / "default")),
-                       _drop_timing(tables(tmp_path / "seven")))
+    run.replay(
+        [str(small_kernel_trace)], pols, tmp_path / "seven", jobs=1, html=False, batch_rows=7
+    )
+    assert_same_tables(
+        _drop_timing(tables(tmp_path / "default")), _drop_timing(tables(tmp_path / "seven"))
+    )
 
 
 @pytest.mark.parametrize("which", ["two traces", "one trace, three policies"])
@@ -594,7 +735,7 @@ def test_jobs_do_not_change_results(which, two_traces, tmp_path):
 
 
 # --------------------------------------------------------------------------- crash, runtime errors
-CRASH_POLICY = '''
+CRASH_POLICY = """
     name = "crash"
     [domain]
     monitor = false
@@ -605,7 +746,7 @@ CRASH_POLICY = '''
     [[setup]]
     op = "switch_p2m"
     view = "ro"
-    '''
+    """
 
 
 def _crash_trace(path: Path) -> Path:
@@ -615,12 +756,15 @@ def _crash_trace(path: Path) -> Path:
     # 2    0   0x201 r       30   completes (same copied leaf)
     # 3    1   0x201 w      150   first violation: no monitor, access_required -> crash
     # 4    0   0x202 w     1000   never processed
-    return write_trace({
-        "gfn": np.array([0x200, 0x200, 0x201, 0x201, 0x202], np.uint64),
-        "access": np.array([1, 1, 1, 2, 2], np.uint8),
-        "vcpu": np.array([0, 1, 0, 1, 0], np.uint16),
-        "tsc": np.array([10, 100, 30, 150, 1000], np.uint64),
-    }, path)
+    return write_trace(
+        {
+            "gfn": np.array([0x200, 0x200, 0x201, 0x201, 0x202], np.uint64),
+            "access": np.array([1, 1, 1, 2, 2], np.uint8),
+            "vcpu": np.array([0, 1, 0, 1, 0], np.uint16),
+            "tsc": np.array([10, 100, 30, 150, 1000], np.uint64),
+        },
+        path,
+    )
 
 
 def test_a_crash_is_a_result(tmp_path):
@@ -653,7 +797,7 @@ def test_without_access_required_the_entry_is_relaxed(tmp_path):
     assert total["vm_events"] == 0
 
 
-UNMATCHED_POLICY = '''
+UNMATCHED_POLICY = """
     name = "partial"
     [[view]]
     name = "ro"
@@ -666,22 +810,31 @@ UNMATCHED_POLICY = '''
     gfns = [0x300, 0x300]
     action = "step"
     to = 0
-    '''
+    """
 
 
 def test_an_unmatched_violation_names_the_row(tmp_path):
     # row 1 writes 0x300 (covered: stepped in view 0); row 3 writes 0x201: no rule matches
-    trace = write_trace({"gfn": np.array([0x200, 0x300, 0x201, 0x201, 0x202], np.uint64),
-                         "access": np.array([1, 2, 1, 2, 2], np.uint8)}, tmp_path / "partial.parquet")
+    trace = write_trace(
+        {
+            "gfn": np.array([0x200, 0x300, 0x201, 0x201, 0x202], np.uint64),
+            "access": np.array([1, 2, 1, 2, 2], np.uint8),
+        },
+        tmp_path / "partial.parquet",
+    )
     policy = write_policy(tmp_path / "partial.toml", UNMATCHED_POLICY)
     line = replay_error([trace, "-p", policy, "--jobs", 1], tmp_path / "out", "row 3")
     assert "partial.parquet" in line  # SPEC §12: the line names the file
 
 
 def test_a_switch_loop_is_a_livelock_result_naming_the_row(tmp_path):
-    trace = write_trace({"gfn": np.array([0x200, 0x300], np.uint64),
-                         "access": np.array([1, 2], np.uint8)}, tmp_path / "loop.parquet")
-    policy = write_policy(tmp_path / "loop.toml", '''
+    trace = write_trace(
+        {"gfn": np.array([0x200, 0x300], np.uint64), "access": np.array([1, 2], np.uint8)},
+        tmp_path / "loop.parquet",
+    )
+    policy = write_policy(
+        tmp_path / "loop.toml",
+        """
         name = "loop"
         [[view]]
         name = "a"
@@ -700,7 +853,8 @@ def test_a_switch_loop_is_a_livelock_result_naming_the_row(tmp_path):
         view = "b"
         action = "switch"
         to = "a"
-        ''')
+        """,
+    )
     # Row 0 (r 0x200) lazy-copies 2 MiB rx into a and completes. Row 1 (w 0x300) faults in a,
     # switches to b, lazy-copies there, faults, switches back, ...: after 64 restarts the
     # instruction never retires. SPEC §5: a livelock is a result (exit 0), not an error.
@@ -713,13 +867,21 @@ def test_a_switch_loop_is_a_livelock_result_naming_the_row(tmp_path):
 
 # --------------------------------------------------------------------------- entry points
 def test_python_dash_m_help_and_version():
-    help_ = subprocess.run([sys.executable, "-m", "altp2m_replay", "--help"],
-                           capture_output=True, text=True, timeout=120)
+    help_ = subprocess.run(
+        [sys.executable, "-m", "altp2m_replay", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert help_.returncode == 0, help_.stderr
     for command in ("replay", "report", "compare", "trace", "policy", "bench"):
         assert command in help_.stdout
-    version = subprocess.run([sys.executable, "-m", "altp2m_replay", "--version"],
-                             capture_output=True, text=True, timeout=120)
+    version = subprocess.run(
+        [sys.executable, "-m", "altp2m_replay", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert version.returncode == 0, version.stderr
     assert __version__ in version.stdout
 
@@ -729,7 +891,15 @@ def test_version_and_replay_help_in_process():
     assert result.exit_code == 0 and __version__ in result.stdout
     result = cli("replay", "--help")
     assert result.exit_code == 0
-    for option in ("--policy", "--output", "--cost", "--profile", "--window", "--jobs", "--no-html"):
+    for option in (
+        "--policy",
+        "--output",
+        "--cost",
+        "--profile",
+        "--window",
+        "--jobs",
+        "--no-html",
+    ):
         assert option in result.stdout
 
 
@@ -743,16 +913,26 @@ def test_replay_without_policy_is_a_usage_error(small_kernel_trace):
 def test_by_view_lists_every_view_of_each_policy(three):
     v = tables(three)["by_view"]
     views = {p: sorted(v.filter(pl.col("policy") == p)["view"]) for p in THREE}
-    assert views == {"xen-access-altp2m-write": [0, 1], "hvmi-ve-pagetables": [0, 1, 2],
-                     "memaccess-write": [0]}
-    names = dict(zip(v.filter(pl.col("policy") == "hvmi-ve-pagetables")["view"],
-                     v.filter(pl.col("policy") == "hvmi-ve-pagetables")["view_name"], strict=True))
+    assert views == {
+        "xen-access-altp2m-write": [0, 1],
+        "hvmi-ve-pagetables": [0, 1, 2],
+        "memaccess-write": [0],
+    }
+    names = dict(
+        zip(
+            v.filter(pl.col("policy") == "hvmi-ve-pagetables")["view"],
+            v.filter(pl.col("policy") == "hvmi-ve-pagetables")["view_name"],
+            strict=True,
+        )
+    )
     assert names[1] == "untrusted" and names[2] == "protected"
 
 
 def test_views_take_explicit_indexes_first_then_the_lowest_free(tmp_path):
     # SPEC §4: b takes its index 1 first; a and c then take the lowest free indexes, 2 and 3
-    policy = write_policy(tmp_path / "idx.toml", '''
+    policy = write_policy(
+        tmp_path / "idx.toml",
+        """
         name = "idx"
         [[view]]
         name = "a"
@@ -764,9 +944,12 @@ def test_views_take_explicit_indexes_first_then_the_lowest_free(tmp_path):
         [[view]]
         name = "d"
         index = 7
-        ''')
-    trace = write_trace({"gfn": np.array([0x200], np.uint64), "access": np.ones(1, np.uint8)},
-                        tmp_path / "one.parquet")
+        """,
+    )
+    trace = write_trace(
+        {"gfn": np.array([0x200], np.uint64), "access": np.ones(1, np.uint8)},
+        tmp_path / "one.parquet",
+    )
     out = tmp_path / "out"
     replay_ok(trace, "-p", policy, "-o", out, "--jobs", 1, "--no-html")
     v = pl.read_parquet(out / "by_view.parquet").sort("view")

@@ -19,8 +19,15 @@ from altp2m_replay.cli import main
 from altp2m_replay.report import render_html, write_report
 
 POLICIES = ("none", "baseline", "xen-access-altp2m-write")
-HEADINGS = ("Setup warnings, crashes and livelocks", "Policy comparison", "Timeline", "Lazy population",
-            "Per-vCPU", "Hotspots", "Run")
+HEADINGS = (
+    "Setup warnings, crashes and livelocks",
+    "Policy comparison",
+    "Timeline",
+    "Lazy population",
+    "Per-vCPU",
+    "Hotspots",
+    "Run",
+)
 
 
 def cli(*args):
@@ -89,11 +96,14 @@ def test_crashes_and_warnings_are_shown_before_the_results(copy_dir):
     hit = pl.col("policy") == "baseline"
     summary = summary.with_columns(
         pl.when(hit).then(1).otherwise(pl.col("crashed")).alias("crashed"),
-        pl.when(hit).then(1234).otherwise(pl.col("crash_record")).alias("crash_record"))
+        pl.when(hit).then(1234).otherwise(pl.col("crash_record")).alias("crash_record"),
+    )
     summary.write_parquet(copy_dir / "summary.parquet")
     manifest = json.loads((copy_dir / "manifest.json").read_text())
-    manifest["cells"][2]["warnings"] = ["setup: gfn set \"page_tables\" is empty <b>"]
-    manifest["files"]["summary.parquet"] = hashlib.sha256((copy_dir / "summary.parquet").read_bytes()).hexdigest()
+    manifest["cells"][2]["warnings"] = ['setup: gfn set "page_tables" is empty <b>']
+    manifest["files"]["summary.parquet"] = hashlib.sha256(
+        (copy_dir / "summary.parquet").read_bytes()
+    ).hexdigest()
     (copy_dir / "manifest.json").write_text(json.dumps(manifest))
     page = render_html(copy_dir)
     alerts = page.index('id="alerts"')
@@ -107,21 +117,22 @@ def test_crashes_and_warnings_are_shown_before_the_results(copy_dir):
 
 def _population_svgs(page: str) -> list[str]:
     """The per-policy population panels of the lazy section, in page order."""
-    lazy = page[page.index('id="lazy"'):page.index('id="vcpus"')]
+    lazy = page[page.index('id="lazy"') : page.index('id="vcpus"')]
     figures = re.findall(r'<figure class="population">.*?</figure>', lazy, re.S)
     return [re.search(r"<svg\b.*?</svg>", f, re.S).group(0) for f in figures]
 
 
 def _ip_section(page: str) -> str:
-    hot = page[page.index('id="hotspots"'):page.index('id="run"')]
-    return hot[hot.index("Top faulting instructions"):]
+    hot = page[page.index('id="hotspots"') : page.index('id="run"')]
+    return hot[hot.index("Top faulting instructions") :]
 
 
 def test_population_has_one_curve_per_view_per_policy(out_dir):
     page = render_html(out_dir)
     pop = pl.read_parquet(out_dir / "population.parquet")
-    views = {p: sorted(pop.filter(pl.col("policy") == p)["view"].unique().to_list())
-             for p in POLICIES}
+    views = {
+        p: sorted(pop.filter(pl.col("policy") == p)["view"].unique().to_list()) for p in POLICIES
+    }
     svgs = _population_svgs(page)
     assert len(svgs) == len(POLICIES)  # one panel per policy, in the report's policy order
     for p, svg in zip(POLICIES, svgs, strict=True):
@@ -133,7 +144,9 @@ def test_population_has_one_curve_per_view_per_policy(out_dir):
     pages = final["pages_mapped"][-1]
     assert re.search(r">\d+ (KiB|MiB|GiB)</text>", svgs[1])
     size = pages * 4096  # the legend's unit: the largest binary unit the size reaches
-    div, unit = next((d, u) for d, u in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")) if size >= d)
+    div, unit = next(
+        (d, u) for d, u in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")) if size >= d
+    )
     assert f"{size / div:,.1f} {unit}" in page
     assert f"({pages:,} pages)</title>" in svgs[1]
     assert "view 1 · watch" in page
@@ -178,7 +191,7 @@ def test_older_folders_fall_back_to_the_cumulative_lazy_curve(copy_dir):
     (copy_dir / "population.parquet").unlink()
     (copy_dir / "by_ip.parquet").unlink()
     page = render_html(copy_dir)
-    lazy = page[page.index('id="lazy"'):page.index('id="vcpus"')]
+    lazy = page[page.index('id="lazy"') : page.index('id="vcpus"')]
     assert re.search(r"Lazy cop(ies|y pages) \(cumulative\)", lazy)
     assert "No population.parquet in this folder" in lazy
     assert lazy.count("<polyline") == len(POLICIES)  # one cumulative curve per policy
@@ -191,8 +204,18 @@ def test_a_trace_without_ip_says_so(tmp_path):
     r = cli("trace", "generate", "kernel", "-n", 3_000, "--seed", 2, "-o", src)
     assert r.exit_code == 0, r.output
     pl.read_parquet(src).drop("ip").write_parquet(tmp_path / "noip.parquet")
-    r = cli("replay", tmp_path / "noip.parquet", "-p", "none", "-p", "xen-access-altp2m-write",
-            "--jobs", 1, "-o", tmp_path / "out")
+    r = cli(
+        "replay",
+        tmp_path / "noip.parquet",
+        "-p",
+        "none",
+        "-p",
+        "xen-access-altp2m-write",
+        "--jobs",
+        1,
+        "-o",
+        tmp_path / "out",
+    )
     assert r.exit_code == 0, r.output
     assert pl.read_parquet(tmp_path / "out" / "by_ip.parquet").height == 0
     page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
@@ -202,11 +225,32 @@ def test_a_trace_without_ip_says_so(tmp_path):
 
 def test_several_traces_and_merged_windows(tmp_path):
     for i in (1, 2):
-        r = cli("trace", "generate", "kernel", "-n", 5_000, "--seed", i,
-                "-o", tmp_path / f"t{i}.parquet")
+        r = cli(
+            "trace",
+            "generate",
+            "kernel",
+            "-n",
+            5_000,
+            "--seed",
+            i,
+            "-o",
+            tmp_path / f"t{i}.parquet",
+        )
         assert r.exit_code == 0, r.output
-    r = cli("replay", tmp_path / "t1.parquet", tmp_path / "t2.parquet", "-p", "none",
-            "-p", "codemon-flip", "--window", 5, "--no-html", "-o", tmp_path / "out")
+    r = cli(
+        "replay",
+        tmp_path / "t1.parquet",
+        tmp_path / "t2.parquet",
+        "-p",
+        "none",
+        "-p",
+        "codemon-flip",
+        "--window",
+        5,
+        "--no-html",
+        "-o",
+        tmp_path / "out",
+    )
     assert r.exit_code == 0, r.output
     page = render_html(tmp_path / "out")
     tags = [page.count(f'<span class="trace-tag">{t}</span>') for t in ("t1", "t2")]
@@ -240,16 +284,31 @@ def _chromium() -> str:
             return path
     if Path("/usr/bin/chromium").exists():
         return "/usr/bin/chromium"
-    pytest.fail("chromium is not installed: the report must be checked in a real browser; "
-                "install the Debian package (`apt-get install -y chromium`)")
+    pytest.fail(
+        "chromium is not installed: the report must be checked in a real browser; "
+        "install the Debian package (`apt-get install -y chromium`)"
+    )
 
 
 def _run_chromium(page: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path)
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-           "--disable-sync", "--hide-scrollbars", "--enable-logging=stderr", "--v=0",
-           f"--user-data-dir={profile}", *args, page.resolve().as_uri()]
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--enable-logging=stderr",
+        "--v=0",
+        f"--user-data-dir={profile}",
+        *args,
+        page.resolve().as_uri(),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -258,17 +317,20 @@ def _console_errors(stderr: str) -> list[str]:
 
 
 def _body_ok(dom: str) -> bool:
-    return (bool(re.search(r'<body[^>]*\bdata-ok="1"', dom))
-            and not re.search(r"<html[^>]*\bdata-errors=", dom))
+    return bool(re.search(r'<body[^>]*\bdata-ok="1"', dom)) and not re.search(
+        r"<html[^>]*\bdata-errors=", dom
+    )
 
 
 def test_chromium_harness_sees_script_errors(tmp_path):
     """Negative control: a page with a failing script must not look clean to the checks."""
     bad = tmp_path / "bad.html"
-    bad.write_text('<!DOCTYPE html><html><head><script>window.addEventListener("error", '
-                   'function (e) { document.documentElement.setAttribute("data-errors", "1"); }, '
-                   'true);</script></head><body><script>no_such_function();</script>'
-                   '<script>document.body.setAttribute("data-ok", "1");</script></body></html>')
+    bad.write_text(
+        '<!DOCTYPE html><html><head><script>window.addEventListener("error", '
+        'function (e) { document.documentElement.setAttribute("data-errors", "1"); }, '
+        "true);</script></head><body><script>no_such_function();</script>"
+        '<script>document.body.setAttribute("data-ok", "1");</script></body></html>'
+    )
     r = _run_chromium(bad, tmp_path, "--dump-dom")
     assert r.returncode == 0, r.stderr[-2000:]
     assert not _body_ok(r.stdout)

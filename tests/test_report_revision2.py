@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from test_report import _body_ok, _console_errors, _run_chromium
 
 from altp2m_replay.cli import main
 from altp2m_replay.costs import COSTS, effective_costs
@@ -31,10 +32,14 @@ from altp2m_replay.report import render_html
 from altp2m_replay.report.charts import compact
 from altp2m_replay.report.html import SYMBOL_CHARS, _category_colours, _symbol_label
 from altp2m_replay.results import cell_tables
-from tests.test_report import _body_ok, _console_errors, _run_chromium
 
 FOO, BAR, PLAIN = 0xFFFF_FFFF_8100_0010, 0xFFFF_FFFF_8100_1040, 0xFFFF_FFFF_8100_0020
-SYMBOLS = {"do_sys_open": FOO, "vfs_read": BAR, "ksys_read": BAR, "never_run": 0xFFFF_FFFF_8200_0000}
+SYMBOLS = {
+    "do_sys_open": FOO,
+    "vfs_read": BAR,
+    "ksys_read": BAR,
+    "never_run": 0xFFFF_FFFF_8200_0000,
+}
 
 # breakpoints at two symbols, answered by emulation (SmartVMI's "emul"), in a view that
 # keeps the original frames: a hit traps in `bp` and view 0 alike (the writer has no remap)
@@ -76,8 +81,12 @@ def _write_trace(path: Path) -> dict[str, np.ndarray]:
         access += [4, 1]
         insn += [i, i]
         ip += [addr, addr]
-    arrays = {"gpa": np.asarray(gpa, np.uint64), "access": np.asarray(access, np.uint8),
-              "insn": np.asarray(insn, np.uint64), "ip": np.asarray(ip, np.uint64)}
+    arrays = {
+        "gpa": np.asarray(gpa, np.uint64),
+        "access": np.asarray(access, np.uint8),
+        "insn": np.asarray(insn, np.uint64),
+        "ip": np.asarray(ip, np.uint64),
+    }
     table = pa.table({k: pa.array(v) for k, v in arrays.items()})
     meta = {"format": 1, "source": "test", "symbols": SYMBOLS}
     pq.write_table(table.replace_schema_metadata({"altp2m_replay": json.dumps(meta)}), path)
@@ -94,18 +103,38 @@ def _assemble(out: Path, trace_path: Path, arrays, policies) -> None:
         res = simulate_arrays(pol, arrays, symbols=SYMBOLS)
         for name, df in cell_tables(trace, pol, res, costs).items():
             tables[name].append(df)
-        cells.append({"trace": trace, "policy": pol.name, "records": int(res.total["records"]),
-                      "seconds": 0.0, "costs": costs, "warnings": list(res.warnings)})
+        cells.append(
+            {
+                "trace": trace,
+                "policy": pol.name,
+                "records": int(res.total["records"]),
+                "seconds": 0.0,
+                "costs": costs,
+                "warnings": list(res.warnings),
+            }
+        )
     for name, dfs in tables.items():
         write_table(pl.concat(dfs), out / f"{name}.parquet")
     data = trace_path.read_bytes()
     manifest = {
-        "tool": "altp2m-replay", "version": "test", "command": "assembled by the test",
-        "inputs": [{"trace": trace, "path": str(trace_path), "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(), "rows": len(arrays["gpa"])}],
-        "policies": [{"name": p.name, "source": p.source, "description": p.description,
-                      "text": p.text} for p in policies],
-        "cells": cells, "timings": {"seconds": 0.0},
+        "tool": "altp2m-replay",
+        "version": "test",
+        "command": "assembled by the test",
+        "inputs": [
+            {
+                "trace": trace,
+                "path": str(trace_path),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "rows": len(arrays["gpa"]),
+            }
+        ],
+        "policies": [
+            {"name": p.name, "source": p.source, "description": p.description, "text": p.text}
+            for p in policies
+        ],
+        "cells": cells,
+        "timings": {"seconds": 0.0},
         "files": table_digests(out),
     }
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -130,8 +159,20 @@ def livelock_dir(tmp_path_factory) -> Path:
     trace = root / "kern.parquet"
     r = cli("trace", "generate", "kernel", "-n", 5_000, "--seed", 3, "--vcpus", 2, "-o", trace)
     assert r.exit_code == 0, r.output
-    r = cli("replay", trace, "-p", "none", "-p", "split-rx", "-p", "xen-access-altp2m-write",
-            "--jobs", 1, "-o", root / "out")
+    r = cli(
+        "replay",
+        trace,
+        "-p",
+        "none",
+        "-p",
+        "split-rx",
+        "-p",
+        "xen-access-altp2m-write",
+        "--jobs",
+        1,
+        "-o",
+        root / "out",
+    )
     assert r.exit_code == 0, r.output
     return root / "out"
 
@@ -142,12 +183,12 @@ def _total(out: Path, policy: str) -> dict:
 
 
 def _section(page: str, start: str, end: str) -> str:
-    return page[page.index(start):page.index(end)]
+    return page[page.index(start) : page.index(end)]
 
 
 def _bp_section(page: str) -> str:
     hot = _section(page, 'id="hotspots"', 'id="run"')
-    return hot[hot.index("Breakpoint hits (INT3 exits)"):]
+    return hot[hot.index("Breakpoint hits (INT3 exits)") :]
 
 
 # ----------------------------------------------------------------------------- livelocks
@@ -158,10 +199,14 @@ def test_livelock_is_shown_at_the_top_with_its_record(livelock_dir):
     page = render_html(livelock_dir)
     alerts = _section(page, 'id="alerts"', 'id="comparison"')
     items = re.findall(r'<li class="livelock">(.*?)</li>', alerts, re.S)
-    assert items == [f"<b>split-rx</b> on <b>kern</b>: livelocked at record "
-                     f"{row['livelock_record']:,}, after {row['records']:,} records"]
+    assert items == [
+        (
+            f"<b>split-rx</b> on <b>kern</b>: livelocked at record "
+            f"{row['livelock_record']:,}, after {row['records']:,} records"
+        )
+    ]
     assert "restarts an instruction forever" in alerts and "guest would hang" in alerts
-    assert "1 livelock<" in page[:page.index('id="alerts"')]  # the header's alert count
+    assert "1 livelock<" in page[: page.index('id="alerts"')]  # the header's alert count
     cmp = _section(page, 'id="comparison"', 'id="timeline"')
     assert f"livelocked @ {row['livelock_record']:,}</span>" in cmp
     assert "No crashes, no livelocks" not in page
@@ -202,12 +247,22 @@ def test_breakpoint_hits_by_address_carry_symbol_names(bp_dir):
     hits = {r["ip"]: r["int3_exits"] for r in by_ip.to_dicts() if r["int3_exits"]}
     assert set(hits) == {FOO, BAR} and all(v > 0 for v in hits.values())
     section = _bp_section(render_html(bp_dir))
-    rows = re.findall(r'<td class="n mono">(0x[0-9a-f]+)</td>\s*<td class="mono sym" '
-                      r'title="([^"]*)">([^<]*)</td>\s*<td class="n">([\d,]+)<', section)
+    rows = re.findall(
+        r'<td class="n mono">(0x[0-9a-f]+)</td>\s*<td class="mono sym" '
+        r'title="([^"]*)">([^<]*)</td>\s*<td class="n">([\d,]+)<',
+        section,
+    )
     assert [(int(ip, 16), full, shown, n) for ip, full, shown, n in rows] == [
-        (ip, *{FOO: ("do_sys_open", "do_sys_open"),
-               BAR: ("ksys_read, vfs_read", "ksys_read (+1 aliases)")}[ip], f"{hits[ip]:,}")
-        for ip in sorted(hits, key=lambda ip: (-hits[ip], ip))]
+        (
+            ip,
+            *{
+                FOO: ("do_sys_open", "do_sys_open"),
+                BAR: ("ksys_read, vfs_read", "ksys_read (+1 aliases)"),
+            }[ip],
+            f"{hits[ip]:,}",
+        )
+        for ip in sorted(hits, key=lambda ip: (-hits[ip], ip))
+    ]
     assert "Symbol names from the <code>symbols</code> metadata of" in section
     assert "bp-emulate<span>" in section and "none<span>" not in section  # only policies with hits
 
@@ -219,8 +274,11 @@ def test_breakpoint_hits_by_frame(bp_dir):
     section = _bp_section(render_html(bp_dir))
     table = re.search(r'<table class="bp-gfns">.*?</table>', section, re.S).group(0)
     for r in hit.to_dicts():
-        assert re.search(rf'>{r["gfn"]:#x}</td>\s*<td>{r["view"]} · bp</td>\s*'
-                         rf'<td class="n">{r["int3_exits"]:,}<', table)
+        assert re.search(
+            rf">{r['gfn']:#x}</td>\s*<td>{r['view']} · bp</td>\s*"
+            rf'<td class="n">{r["int3_exits"]:,}<',
+            table,
+        )
 
 
 def test_ip_table_names_symbols_and_comparison_counts_hits(bp_dir):
@@ -229,10 +287,11 @@ def test_ip_table_names_symbols_and_comparison_counts_hits(bp_dir):
     assert row["int3_exits"] == row["breakpoint_events"] > 0
     cmp = _section(page, 'id="comparison"', "Cycles by category")
     cells = re.search(r"bp-emulate</td>(.*?)</tr>", cmp, re.S).group(1)
-    assert re.findall(r'<td class="n">([^<]*)</td>', cells)[6:9] == \
-        [f"{row['int3_exits']:,}"] * 2 + [f"{row['restarts']:,}"]
+    assert re.findall(r'<td class="n">([^<]*)</td>', cells)[6:9] == [
+        f"{row['int3_exits']:,}"
+    ] * 2 + [f"{row['restarts']:,}"]
     assert "CR3 events: 0 for every policy on this trace" in cmp
-    assert "INT3 exits" in page[page.index('id="vcpus"'):page.index('id="hotspots"')]
+    assert "INT3 exits" in page[page.index('id="vcpus"') : page.index('id="hotspots"')]
     # the views table counts hits per view: every hit is in `bp`, no view was reset
     views = _section(page, "Views at the end of the run", 'id="vcpus"')
     assert '<th class="n">INT3 exits</th>' in views and ">resets</th>" not in views
@@ -261,8 +320,12 @@ def test_every_cost_category_appears(bp_dir):
 def test_timeline_has_an_int3_panel(bp_dir):
     page = render_html(bp_dir)
     tl = _section(page, 'id="timeline"', 'id="lazy"')
-    svg = re.search(r'<svg[^>]*aria-label="INT3 exits \(breakpoint hits\) per window, bptrace"'
-                    r'.*?</svg>', tl, re.S)
+    svg = re.search(
+        r'<svg[^>]*aria-label="INT3 exits \(breakpoint hits\) per window, bptrace"'
+        r".*?</svg>",
+        tl,
+        re.S,
+    )
     assert svg and svg.group(0).count("<polyline") == 2  # one line per policy
 
 
@@ -303,11 +366,29 @@ def test_symbols_degrade_when_the_trace_is_gone_or_changed(bp_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- older folders
 NEW_COLUMNS = {
-    "summary": ("int3_exits", "breakpoint_events", "cr3_events", "restarts", "control_records",
-                "cr3_writes", "cr3_exits", "guest_vmfuncs", "vmfunc_exits", "host_drops",
-                "host_maps", "view_resets", "ept_syncs", "ept_sync_ipis", "livelocked",
-                "livelock_record", "cycles_int3_exit", "cycles_cr3_exit", "cycles_vmfunc_exit",
-                "cycles_view_reset", "cycles_ept_sync_ipi"),
+    "summary": (
+        "int3_exits",
+        "breakpoint_events",
+        "cr3_events",
+        "restarts",
+        "control_records",
+        "cr3_writes",
+        "cr3_exits",
+        "guest_vmfuncs",
+        "vmfunc_exits",
+        "host_drops",
+        "host_maps",
+        "view_resets",
+        "ept_syncs",
+        "ept_sync_ipis",
+        "livelocked",
+        "livelock_record",
+        "cycles_int3_exit",
+        "cycles_cr3_exit",
+        "cycles_vmfunc_exit",
+        "cycles_view_reset",
+        "cycles_ept_sync_ipi",
+    ),
     "by_view": ("int3_exits", "resets"),
     "by_gfn": ("int3_exits",),
     "by_ip": ("int3_exits",),

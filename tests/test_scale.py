@@ -56,10 +56,18 @@ def test_processes_match_one_process(corpus, reference_run, tmp_path):
 def test_dask_cluster_over_tcp_matches_local(corpus, reference_run, tmp_path):
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, protocol="tcp",
-                      host="127.0.0.1", dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        protocol="tcp",
+        host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster:
         assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
-        manifest = run.replay([corpus], POLICIES, tmp_path, scheduler=cluster.scheduler_address, html=False)
+        manifest = run.replay(
+            [corpus], POLICIES, tmp_path, scheduler=cluster.scheduler_address, html=False
+        )
     assert manifest["timings"]["scheduler"].startswith("tcp://")
     assert_same(reference_run, tmp_path)
 
@@ -70,8 +78,15 @@ def test_resume_skips_finished_cells_and_keeps_results(corpus, reference_run, tm
     assert again["timings"]["resumed_cells"] == 9
     assert_same(reference_run, tmp_path)
     # a changed cost invalidates the stored cells: they are computed again
-    third = run.replay([corpus], POLICIES, tmp_path, jobs=1, html=False, resume=True,
-                       cost_overrides={"ept_exit": 1.0})
+    third = run.replay(
+        [corpus],
+        POLICIES,
+        tmp_path,
+        jobs=1,
+        html=False,
+        resume=True,
+        cost_overrides={"ept_exit": 1.0},
+    )
     assert third["timings"]["resumed_cells"] == 0
 
 
@@ -84,17 +99,36 @@ def test_killed_run_resumes_without_losing_cells(tmp_path):
     generate.generate("kernel", 2_000_000, seed=8, vcpus=2, output=corpus / "a.parquet")
     generate.generate("kernel", 2_000_000, seed=9, vcpus=2, output=corpus / "b.parquet")
     out = tmp_path / "out"
-    base = [sys.executable, "-m", "altp2m_replay", "replay", str(corpus), "-p", "xen-access-altp2m-write",
-            "-p", "codemon-flip", "--jobs", "1", "--no-html"]
-    cmd = base + ["-o", str(out)]
+    base = [
+        sys.executable,
+        "-m",
+        "altp2m_replay",
+        "replay",
+        str(corpus),
+        "-p",
+        "xen-access-altp2m-write",
+        "-p",
+        "codemon-flip",
+        "--jobs",
+        "1",
+        "--no-html",
+    ]
+    cmd = [*base, "-o", str(out)]
     cells = out / ".cells"
 
     def finished() -> list[str]:
-        return sorted(p.name for p in cells.iterdir() if p.is_dir() and not p.name.startswith(".")) if cells.is_dir() else []
+        return (
+            sorted(p.name for p in cells.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if cells.is_dir()
+            else []
+        )
 
     for sig in (signal.SIGINT, signal.SIGKILL):
-        proc = subprocess.Popen(cmd + (["--resume"] if sig == signal.SIGKILL else []),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            cmd + (["--resume"] if sig == signal.SIGKILL else []),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.time() + 120
         while time.time() < deadline and not finished() and proc.poll() is None:
             time.sleep(0.02)
@@ -108,12 +142,14 @@ def test_killed_run_resumes_without_losing_cells(tmp_path):
             break
         (out / "summary.parquet").unlink(missing_ok=True)
     stored = finished()
-    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert not [p.name for p in cells.iterdir() if p.name.startswith(".")], "stale temporary cell left"
+    assert not [p.name for p in cells.iterdir() if p.name.startswith(".")], (
+        "stale temporary cell left"
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["timings"]["resumed_cells"] >= len(stored)
     fresh = tmp_path / "fresh"
-    subprocess.run(base + ["-o", str(fresh)], check=True, capture_output=True, timeout=300)
+    subprocess.run([*base, "-o", str(fresh)], check=True, capture_output=True, timeout=300)
     assert_same(fresh, out)
     assert os.path.getsize(out / "summary.parquet") > 0

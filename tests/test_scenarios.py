@@ -32,15 +32,13 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+# --------------------------------------------------------------------------- counters (§7)
+from reference import GFN_COUNTERS, TOTAL_COUNTERS, VIEW_COUNTERS, reference_simulate
+
 from altp2m_replay.costs import cycles, effective_costs
 from altp2m_replay.errors import PolicyError, ReplayRuntimeError
 from altp2m_replay.policy import parse_policy
 
-# --------------------------------------------------------------------------- counters (§7)
-try:  # the SPEC §7 names, spelled once for the tests (tests/reference.py)
-    from tests.reference import GFN_COUNTERS, TOTAL_COUNTERS, VIEW_COUNTERS
-except ImportError:
-    from reference import GFN_COUNTERS, TOTAL_COUNTERS, VIEW_COUNTERS
 SETUP_ONLY = ("setup_splits", "setup_skipped")
 
 GIB_PAGES = 1 << 18
@@ -72,17 +70,11 @@ def _adapt(raw) -> Result:
         total={str(k): _num(v) for k, v in get("total").items()},
         vcpus={int(vc): {str(k): _num(v) for k, v in c.items()} for vc, c in get("vcpus").items()},
         views={int(vw): {str(k): _num(v) for k, v in c.items()} for vw, c in get("views").items()},
-        gfns={(int(vw), int(g)): {str(k): _num(v) for k, v in c.items()}
-              for (vw, g), c in get("gfns").items()},
+        gfns={
+            (int(vw), int(g)): {str(k): _num(v) for k, v in c.items()}
+            for (vw, g), c in get("gfns").items()
+        },
     )
-
-
-def _reference_engine():
-    try:
-        from tests.reference import reference_simulate
-    except ImportError:
-        from reference import reference_simulate  # tests/ itself is on sys.path
-    return reference_simulate
 
 
 ENGINES = ["numba", "numba-batch2", "reference"]
@@ -92,7 +84,7 @@ def _runner(request, trace_maker):
     """``run(policy_body, rows, **kwargs) -> Result`` for the engine ``request.param`` names,
     with traces from ``trace_maker(*rows)``."""
     if request.param == "reference":
-        engine = _reference_engine()
+        engine = reference_simulate
         extra = {}
     else:
         from altp2m_replay.engine import simulate_arrays as engine
@@ -146,7 +138,7 @@ def make_trace(*rows: str) -> dict[str, np.ndarray]:
         vcpu.append(v)
         insn.append(i)
     out = {"gfn": np.asarray(gfn, dtype=np.uint64), "access": np.asarray(access, dtype=np.uint8)}
-    if any("v" == r.split()[0][0] for r in rows):
+    if any(r.split()[0][0] == "v" for r in rows):
         out["vcpu"] = np.asarray(vcpu, dtype=np.uint16)
     if any(i is not None for i in insn):
         assert all(i is not None for i in insn), "either every row names its insn or none"
@@ -164,18 +156,32 @@ def _full(spec: dict, what: str, nvcpus: int = 1) -> dict:
     out.update(spec)
     # The two sums of §7, from the hand-derived parts (unless the test spells them out).
     if "vm_events" not in spec:
-        out["vm_events"] = (out["mem_access_events"] + out["singlestep_events"] + out["async_events"]
-                            + out["breakpoint_events"] + out["cr3_events"])
+        out["vm_events"] = (
+            out["mem_access_events"]
+            + out["singlestep_events"]
+            + out["async_events"]
+            + out["breakpoint_events"]
+            + out["cr3_events"]
+        )
     if "view_switches" not in spec:
-        out["view_switches"] = out["switches_vm_event"] + out["switches_fast_ss"] + out["switches_vmfunc"]
+        out["view_switches"] = (
+            out["switches_vm_event"] + out["switches_fast_ss"] + out["switches_vmfunc"]
+        )
     # §5: every lazy copy, shatter, n2rwx async event, monitor response but emulate (to a
     # mem_access or breakpoint event) and #VE agent action but emulate ends its attempt in a
     # restart. Tests with restarts of other causes (rx2rw, no-monitor relax), async CR3
     # events or a livelock spell `restarts` out.
     if "restarts" not in spec:
-        out["restarts"] = (out["lazy_copies"] + out["shatters"] + out["async_events"]
-                           + out["mem_access_events"] + out["breakpoint_events"] - out["emulations"]
-                           + out["ve_delivered"] - out["ve_emulations"])
+        out["restarts"] = (
+            out["lazy_copies"]
+            + out["shatters"]
+            + out["async_events"]
+            + out["mem_access_events"]
+            + out["breakpoint_events"]
+            - out["emulations"]
+            + out["ve_delivered"]
+            - out["ve_emulations"]
+        )
     # §5: each sync of a vCPU's step interrupts the trace's other vCPUs.
     if "ept_sync_ipis" not in spec:
         out["ept_sync_ipis"] = out["ept_syncs"] * (nvcpus - 1)
@@ -206,8 +212,12 @@ def check(res: Result, total: dict, *, vcpus: dict | None = None, views: dict, g
     if set(res.vcpus) != set(vcpus):
         errors.append(f"vcpus: engine {sorted(res.vcpus)}, expected {sorted(vcpus)}")
     for vc, spec in vcpus.items():
-        spec = {k: exp_total[k] for k in ("crashed", "crash_record", "livelocked", "livelock_record")} | spec
-        errors += _compare(res.vcpus.get(vc, {}), _full(spec, f"vcpu {vc}", nvcpus), TOTAL_COUNTERS, f"vcpu {vc}")
+        spec = {
+            k: exp_total[k] for k in ("crashed", "crash_record", "livelocked", "livelock_record")
+        } | spec
+        errors += _compare(
+            res.vcpus.get(vc, {}), _full(spec, f"vcpu {vc}", nvcpus), TOTAL_COUNTERS, f"vcpu {vc}"
+        )
 
     for vw, spec in views.items():
         unknown = set(spec) - set(VIEW_COUNTERS)
@@ -256,8 +266,8 @@ LEAF_KEY = {0: "leaves_4k", 9: "leaves_2m", 18: "leaves_1g"}
         (0, 1023, 0, 0),
         (0, 1023, 600, 0),
         # host_order 18 with exactly 1 GiB of RAM: one host 1G leaf.
-        (18, GIB_PAGES - 1, 0, 18),   # hole 18 (empty root): the whole GiB is copied
-        (18, GIB_PAGES - 1, 5, 0),    # hole 0 -> min(18, 0) = 0
+        (18, GIB_PAGES - 1, 0, 18),  # hole 18 (empty root): the whole GiB is copied
+        (18, GIB_PAGES - 1, 5, 0),  # hole 0 -> min(18, 0) = 0
         (18, GIB_PAGES - 1, 600, 9),  # hole 9 -> min(18, 9) = 9
         (18, 2 * GIB_PAGES - 1, GIB_PAGES + 6, 18),  # second GiB: hole 18, host 1G leaf
     ],
@@ -277,10 +287,24 @@ def test_first_touch_lazy_copy_order_in_fresh_view0(sim, host_order, ram_last, g
     pages = 1 << order
     check(
         res,
-        {"records": 1, "instructions": 1, "ept_exits": 1, "lazy_copies": 1, LAZY_KEY[order]: 1,
-         "lazy_copy_pages": pages},
-        views={0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": pages,
-                   "pages_mapped": pages, LEAF_KEY[order]: 1}},
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 1,
+            "lazy_copies": 1,
+            LAZY_KEY[order]: 1,
+            "lazy_copy_pages": pages,
+        },
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": pages,
+                "pages_mapped": pages,
+                LEAF_KEY[order]: 1,
+            }
+        },
         gfns={(0, gfn): {"ept_exits": 1, "lazy_copies": 1}},
     )
 
@@ -305,10 +329,26 @@ def test_hole_order_follows_max_mapped_then_tables(sim):
     # Each of the first seven: exit(0), lazy, retry, done(0).
     check(
         res,
-        {"records": 8, "instructions": 8, "ept_exits": 7, "lazy_copies": 7, "lazy_copies_4k": 4,
-         "lazy_copies_2m": 3, "lazy_copy_pages": 4 + 3 * 512},
-        views={0: {"records_completed": 8, "ept_exits": 7, "lazy_copies": 7, "lazy_copy_pages": 1540,
-                   "pages_mapped": 1540, "leaves_4k": 4, "leaves_2m": 3}},
+        {
+            "records": 8,
+            "instructions": 8,
+            "ept_exits": 7,
+            "lazy_copies": 7,
+            "lazy_copies_4k": 4,
+            "lazy_copies_2m": 3,
+            "lazy_copy_pages": 4 + 3 * 512,
+        },
+        views={
+            0: {
+                "records_completed": 8,
+                "ept_exits": 7,
+                "lazy_copies": 7,
+                "lazy_copy_pages": 1540,
+                "pages_mapped": 1540,
+                "leaves_4k": 4,
+                "leaves_2m": 3,
+            }
+        },
         gfns={(0, g): {"ept_exits": 1, "lazy_copies": 1} for g in (5, 7, 600, 0, 1600, 1100, 6)},
     )
 
@@ -337,10 +377,24 @@ def test_host_order_0_copies_4k_and_splits_nothing(sim):
     # r 600: 4K leaf rwx -> done.
     check(
         res,
-        {"records": 4, "instructions": 4, "ept_exits": 3, "lazy_copies": 3, "lazy_copies_4k": 3,
-         "lazy_copy_pages": 3},
-        views={0: {"records_completed": 4, "ept_exits": 3, "lazy_copies": 3, "lazy_copy_pages": 3,
-                   "pages_mapped": 3, "leaves_4k": 3}},
+        {
+            "records": 4,
+            "instructions": 4,
+            "ept_exits": 3,
+            "lazy_copies": 3,
+            "lazy_copies_4k": 3,
+            "lazy_copy_pages": 3,
+        },
+        views={
+            0: {
+                "records_completed": 4,
+                "ept_exits": 3,
+                "lazy_copies": 3,
+                "lazy_copy_pages": 3,
+                "pages_mapped": 3,
+                "leaves_4k": 3,
+            }
+        },
         gfns={(0, g): {"ept_exits": 1, "lazy_copies": 1} for g in (600, 0, 1023)},
     )
 
@@ -364,11 +418,28 @@ def test_host_order_18_view0_copies_whole_gigabytes(sim):
     # (gfn 0 of a fresh view is the next test.)
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 3, "lazy_copies": 3, "lazy_copies_4k": 1,
-         "lazy_copies_2m": 1, "lazy_copies_1g": 1, "lazy_copy_pages": 1 + 512 + GIB_PAGES},
-        views={0: {"records_completed": 3, "ept_exits": 3, "lazy_copies": 3,
-                   "lazy_copy_pages": 1 + 512 + GIB_PAGES, "pages_mapped": 1 + 512 + GIB_PAGES,
-                   "leaves_4k": 1, "leaves_2m": 1, "leaves_1g": 1}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 3,
+            "lazy_copies": 3,
+            "lazy_copies_4k": 1,
+            "lazy_copies_2m": 1,
+            "lazy_copies_1g": 1,
+            "lazy_copy_pages": 1 + 512 + GIB_PAGES,
+        },
+        views={
+            0: {
+                "records_completed": 3,
+                "ept_exits": 3,
+                "lazy_copies": 3,
+                "lazy_copy_pages": 1 + 512 + GIB_PAGES,
+                "pages_mapped": 1 + 512 + GIB_PAGES,
+                "leaves_4k": 1,
+                "leaves_2m": 1,
+                "leaves_1g": 1,
+            }
+        },
         gfns={(0, g): {"ept_exits": 1, "lazy_copies": 1} for g in (5, 100000, GIB_PAGES + 600)},
     )
 
@@ -390,12 +461,28 @@ def test_host_order_18_gfn0_copies_1g_then_hits(sim):
     pages = 2 * GIB_PAGES
     check(
         res,
-        {"records": 4, "instructions": 4, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_1g": 2,
-         "lazy_copy_pages": pages},
-        views={0: {"records_completed": 4, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": pages,
-                   "pages_mapped": pages, "leaves_1g": 2}},
-        gfns={(0, 0): {"ept_exits": 1, "lazy_copies": 1},
-              (0, GIB_PAGES + 600): {"ept_exits": 1, "lazy_copies": 1}},
+        {
+            "records": 4,
+            "instructions": 4,
+            "ept_exits": 2,
+            "lazy_copies": 2,
+            "lazy_copies_1g": 2,
+            "lazy_copy_pages": pages,
+        },
+        views={
+            0: {
+                "records_completed": 4,
+                "ept_exits": 2,
+                "lazy_copies": 2,
+                "lazy_copy_pages": pages,
+                "pages_mapped": pages,
+                "leaves_1g": 2,
+            }
+        },
+        gfns={
+            (0, 0): {"ept_exits": 1, "lazy_copies": 1},
+            (0, GIB_PAGES + 600): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
@@ -425,10 +512,28 @@ def test_host_order_18_declared_view_mixes_all_three_orders(sim):
     pages = 2 + 2 * 512 + GIB_PAGES
     check(
         res,
-        {"records": 5, "instructions": 5, "ept_exits": 5, "lazy_copies": 5, "lazy_copies_4k": 2,
-         "lazy_copies_2m": 2, "lazy_copies_1g": 1, "lazy_copy_pages": pages},
-        views={1: {"records_completed": 5, "ept_exits": 5, "lazy_copies": 5, "lazy_copy_pages": pages,
-                   "pages_mapped": pages, "leaves_4k": 2, "leaves_2m": 2, "leaves_1g": 1}},
+        {
+            "records": 5,
+            "instructions": 5,
+            "ept_exits": 5,
+            "lazy_copies": 5,
+            "lazy_copies_4k": 2,
+            "lazy_copies_2m": 2,
+            "lazy_copies_1g": 1,
+            "lazy_copy_pages": pages,
+        },
+        views={
+            1: {
+                "records_completed": 5,
+                "ept_exits": 5,
+                "lazy_copies": 5,
+                "lazy_copy_pages": pages,
+                "pages_mapped": pages,
+                "leaves_4k": 2,
+                "leaves_2m": 2,
+                "leaves_1g": 1,
+            }
+        },
         gfns={(1, g): {"ept_exits": 1, "lazy_copies": 1} for g in (5, 600, GIB_PAGES + 3, 1100, 2)},
     )
 
@@ -463,11 +568,28 @@ def test_xen_416_lazy_copy_uses_host_order_and_host_access(sim):
     # The catch-all emulate rule is never used.
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_2m": 2,
-         "lazy_copy_pages": 1024},
-        views={1: {"records_completed": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 1024,
-                   "pages_mapped": 1024, "leaves_2m": 2}},
-        gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}, (1, 600): {"ept_exits": 1, "lazy_copies": 1}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 2,
+            "lazy_copies": 2,
+            "lazy_copies_2m": 2,
+            "lazy_copy_pages": 1024,
+        },
+        views={
+            1: {
+                "records_completed": 3,
+                "ept_exits": 2,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 1024,
+                "pages_mapped": 1024,
+                "leaves_2m": 2,
+            }
+        },
+        gfns={
+            (1, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (1, 600): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
@@ -507,13 +629,34 @@ def test_xen_418_lazy_copy_takes_host_entry_access(sim):
     #      records_emulated 1).
     check(
         res,
-        {"records": 2, "instructions": 2, "ept_exits": 3, "lazy_copies": 2, "lazy_copies_4k": 2,
-         "lazy_copy_pages": 2, "access_violations": 1, "mem_access_events": 1, "emulations": 1,
-         "records_emulated": 1, "setup_splits": 1},
-        views={1: {"records_completed": 1, "ept_exits": 3, "lazy_copies": 2, "lazy_copy_pages": 2,
-                   "access_violations": 1, "pages_mapped": 2, "leaves_4k": 2}},
-        gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1},
-              (1, 7): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1}},
+        {
+            "records": 2,
+            "instructions": 2,
+            "ept_exits": 3,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "emulations": 1,
+            "records_emulated": 1,
+            "setup_splits": 1,
+        },
+        views={
+            1: {
+                "records_completed": 1,
+                "ept_exits": 3,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 1,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            }
+        },
+        gfns={
+            (1, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (1, 7): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+        },
     )
 
 
@@ -525,13 +668,33 @@ def test_xen_422_lazy_copy_takes_view_default_access(sim):
     #      event -> emulate.
     check(
         res,
-        {"records": 2, "instructions": 2, "ept_exits": 4, "lazy_copies": 2, "lazy_copies_4k": 2,
-         "lazy_copy_pages": 2, "access_violations": 2, "mem_access_events": 2, "emulations": 2,
-         "records_emulated": 2, "setup_splits": 1},
-        views={1: {"ept_exits": 4, "lazy_copies": 2, "lazy_copy_pages": 2, "access_violations": 2,
-                   "pages_mapped": 2, "leaves_4k": 2}},
-        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (1, 7): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1}},
+        {
+            "records": 2,
+            "instructions": 2,
+            "ept_exits": 4,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 2,
+            "mem_access_events": 2,
+            "emulations": 2,
+            "records_emulated": 2,
+            "setup_splits": 1,
+        },
+        views={
+            1: {
+                "ept_exits": 4,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 2,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            }
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (1, 7): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+        },
     )
 
 
@@ -570,13 +733,35 @@ def test_prepopulate_takes_view_default_access_on_422(sim):
     #        [512,1023] with access r -> retry -> viol_w (1,600) -> exit -> event -> emulate.
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 3, "lazy_copies": 1, "lazy_copies_2m": 1,
-         "lazy_copy_pages": 512, "access_violations": 2, "mem_access_events": 2, "emulations": 2,
-         "records_emulated": 2, "setup_splits": 1},
-        views={1: {"records_completed": 1, "ept_exits": 3, "lazy_copies": 1, "lazy_copy_pages": 512,
-                   "access_violations": 2, "pages_mapped": 1024, "leaves_4k": 512, "leaves_2m": 1}},
-        gfns={(1, 6): {"ept_exits": 1, "viol_w": 1},
-              (1, 600): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 3,
+            "lazy_copies": 1,
+            "lazy_copies_2m": 1,
+            "lazy_copy_pages": 512,
+            "access_violations": 2,
+            "mem_access_events": 2,
+            "emulations": 2,
+            "records_emulated": 2,
+            "setup_splits": 1,
+        },
+        views={
+            1: {
+                "records_completed": 1,
+                "ept_exits": 3,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 512,
+                "access_violations": 2,
+                "pages_mapped": 1024,
+                "leaves_4k": 512,
+                "leaves_2m": 1,
+            }
+        },
+        gfns={
+            (1, 6): {"ept_exits": 1, "viol_w": 1},
+            (1, 600): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+        },
     )
 
 
@@ -589,11 +774,31 @@ def test_prepopulate_takes_host_access_before_422(sim):
     #        viol_w (1,600) -> exit -> event -> emulate.
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_2m": 1,
-         "lazy_copy_pages": 512, "access_violations": 1, "mem_access_events": 1, "emulations": 1,
-         "records_emulated": 1, "setup_splits": 1},
-        views={1: {"records_completed": 2, "ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 512,
-                   "access_violations": 1, "pages_mapped": 1024, "leaves_4k": 512, "leaves_2m": 1}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 2,
+            "lazy_copies": 1,
+            "lazy_copies_2m": 1,
+            "lazy_copy_pages": 512,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "emulations": 1,
+            "records_emulated": 1,
+            "setup_splits": 1,
+        },
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 512,
+                "access_violations": 1,
+                "pages_mapped": 1024,
+                "leaves_4k": 512,
+                "leaves_2m": 1,
+            }
+        },
         gfns={(1, 600): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1}},
     )
 
@@ -601,7 +806,8 @@ def test_prepopulate_takes_host_access_before_422(sim):
 # =========================================================================== view 0 and the host
 def test_view0_restriction_lost_at_lazy_copy_with_altp2m(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[setup]]
         op = "set_mem_access"
         view = 0
@@ -622,10 +828,27 @@ def test_view0_restriction_lost_at_lazy_copy_with_altp2m(sim):
     # w 600: 600 > 5, 2M region 512 above -> hole 9, host leaf 2M -> exit(0), lazy 2M, done.
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 3, "lazy_copies": 3, "lazy_copies_4k": 2,
-         "lazy_copies_2m": 1, "lazy_copy_pages": 514, "setup_splits": 1},
-        views={0: {"records_completed": 3, "ept_exits": 3, "lazy_copies": 3, "lazy_copy_pages": 514,
-                   "pages_mapped": 514, "leaves_4k": 2, "leaves_2m": 1}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 3,
+            "lazy_copies": 3,
+            "lazy_copies_4k": 2,
+            "lazy_copies_2m": 1,
+            "lazy_copy_pages": 514,
+            "setup_splits": 1,
+        },
+        views={
+            0: {
+                "records_completed": 3,
+                "ept_exits": 3,
+                "lazy_copies": 3,
+                "lazy_copy_pages": 514,
+                "pages_mapped": 514,
+                "leaves_4k": 2,
+                "leaves_2m": 1,
+            }
+        },
         gfns={(0, g): {"ept_exits": 1, "lazy_copies": 1} for g in (0, 5, 600)},
     )
 
@@ -660,10 +883,26 @@ def test_view0_restriction_kept_without_altp2m(sim):
     # one vCPU, so no IPIs); the retry is one restart.
     check(
         res,
-        {"records": 4, "instructions": 4, "ept_exits": 1, "access_violations": 1,
-         "mem_access_events": 1, "access_changes": 1, "ept_syncs": 1, "setup_splits": 1},
-        views={0: {"records_completed": 4, "ept_exits": 1, "access_violations": 1,
-                   "pages_mapped": 1024, "leaves_4k": 512, "leaves_2m": 1}},
+        {
+            "records": 4,
+            "instructions": 4,
+            "ept_exits": 1,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "access_changes": 1,
+            "ept_syncs": 1,
+            "setup_splits": 1,
+        },
+        views={
+            0: {
+                "records_completed": 4,
+                "ept_exits": 1,
+                "access_violations": 1,
+                "pages_mapped": 1024,
+                "leaves_4k": 512,
+                "leaves_2m": 1,
+            }
+        },
         gfns={(0, 5): {"ept_exits": 1, "viol_w": 1}},
     )
 
@@ -693,17 +932,34 @@ def test_memaccess_write_without_altp2m_splits_host_at_replay(sim):
     # Rev 2: both set-access rewrites replace rx entries: 2 EPT syncs; 2 restarts.
     check(
         res,
-        {"records": 5, "instructions": 5, "ept_exits": 2, "access_violations": 2,
-         "mem_access_events": 2, "access_changes": 2, "superpage_splits": 1, "ept_syncs": 2},
-        views={0: {"records_completed": 5, "ept_exits": 2, "access_violations": 2,
-                   "pages_mapped": 1024, "leaves_4k": 512, "leaves_2m": 1}},
+        {
+            "records": 5,
+            "instructions": 5,
+            "ept_exits": 2,
+            "access_violations": 2,
+            "mem_access_events": 2,
+            "access_changes": 2,
+            "superpage_splits": 1,
+            "ept_syncs": 2,
+        },
+        views={
+            0: {
+                "records_completed": 5,
+                "ept_exits": 2,
+                "access_violations": 2,
+                "pages_mapped": 1024,
+                "leaves_4k": 512,
+                "leaves_2m": 1,
+            }
+        },
         gfns={(0, 600): {"ept_exits": 1, "viol_w": 1}, (0, 601): {"ept_exits": 1, "viol_w": 1}},
     )
 
 
 def test_view0_set_mem_access_in_setup_propagates_into_view(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "v"
 
@@ -738,17 +994,33 @@ def test_view0_set_mem_access_in_setup_propagates_into_view(sim):
     # x 6: prepopulated piece rwx -> done(1).
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 1, "access_violations": 1,
-         "mem_access_events": 1, "emulations": 1, "records_emulated": 1, "setup_splits": 2},
-        views={1: {"records_completed": 2, "ept_exits": 1, "access_violations": 1,
-                   "pages_mapped": 512, "leaves_4k": 512}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 1,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "emulations": 1,
+            "records_emulated": 1,
+            "setup_splits": 2,
+        },
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 1,
+                "access_violations": 1,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            }
+        },
         gfns={(1, 5): {"ept_exits": 1, "viol_x": 1}},
     )
 
 
 def test_view0_set_mem_access_skips_view_whose_leaf_was_removed(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "v"
 
@@ -789,11 +1061,30 @@ def test_view0_set_mem_access_skips_view_whose_leaf_was_removed(sim):
     # w 6: r -> viol_w (1,6), exit(1) -> event -> emulate.
     check(
         res,
-        {"records": 2, "instructions": 2, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_4k": 1,
-         "lazy_copy_pages": 1, "access_violations": 1, "mem_access_events": 1, "emulations": 1,
-         "records_emulated": 1, "setup_splits": 2},
-        views={1: {"records_completed": 1, "ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1,
-                   "access_violations": 1, "pages_mapped": 512, "leaves_4k": 512}},
+        {
+            "records": 2,
+            "instructions": 2,
+            "ept_exits": 2,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "emulations": 1,
+            "records_emulated": 1,
+            "setup_splits": 2,
+        },
+        views={
+            1: {
+                "records_completed": 1,
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            }
+        },
         gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}, (1, 6): {"ept_exits": 1, "viol_w": 1}},
     )
 
@@ -845,36 +1136,84 @@ def test_set_access_response_in_view0_propagates_at_replay(sim):
     # (ept_sync_ipis 3, derived by the helper).
     check(
         res,
-        {"records": 5, "instructions": 5, "ept_exits": 6, "lazy_copies": 3, "lazy_copies_4k": 2,
-         "lazy_copies_2m": 1, "lazy_copy_pages": 514, "access_violations": 3,
-         "mem_access_events": 3, "switches_vm_event": 2, "access_changes": 1,
-         "superpage_splits": 2, "ept_syncs": 3},
+        {
+            "records": 5,
+            "instructions": 5,
+            "ept_exits": 6,
+            "lazy_copies": 3,
+            "lazy_copies_4k": 2,
+            "lazy_copies_2m": 1,
+            "lazy_copy_pages": 514,
+            "access_violations": 3,
+            "mem_access_events": 3,
+            "switches_vm_event": 2,
+            "access_changes": 1,
+            "superpage_splits": 2,
+            "ept_syncs": 3,
+        },
         vcpus={
-            0: {"records": 3, "instructions": 3, "ept_exits": 4, "lazy_copies": 2,
-                "lazy_copies_4k": 1, "lazy_copies_2m": 1, "lazy_copy_pages": 513,
-                "access_violations": 2, "mem_access_events": 2, "switches_vm_event": 1,
-                "access_changes": 1, "superpage_splits": 2, "ept_syncs": 3},
-            1: {"records": 2, "instructions": 2, "ept_exits": 2, "lazy_copies": 1,
-                "lazy_copies_4k": 1, "lazy_copy_pages": 1, "access_violations": 1,
-                "mem_access_events": 1, "switches_vm_event": 1},
+            0: {
+                "records": 3,
+                "instructions": 3,
+                "ept_exits": 4,
+                "lazy_copies": 2,
+                "lazy_copies_4k": 1,
+                "lazy_copies_2m": 1,
+                "lazy_copy_pages": 513,
+                "access_violations": 2,
+                "mem_access_events": 2,
+                "switches_vm_event": 1,
+                "access_changes": 1,
+                "superpage_splits": 2,
+                "ept_syncs": 3,
+            },
+            1: {
+                "records": 2,
+                "instructions": 2,
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copies_4k": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "mem_access_events": 1,
+                "switches_vm_event": 1,
+            },
         },
         views={
-            1: {"records_completed": 2, "ept_exits": 3, "lazy_copies": 1, "lazy_copy_pages": 512,
-                "access_violations": 2, "pages_mapped": 512, "leaves_4k": 512},
-            0: {"records_completed": 3, "ept_exits": 3, "lazy_copies": 2, "lazy_copy_pages": 2,
-                "access_violations": 1, "switches_in": 2, "pages_mapped": 2, "leaves_4k": 2},
+            1: {
+                "records_completed": 2,
+                "ept_exits": 3,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 512,
+                "access_violations": 2,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            },
+            0: {
+                "records_completed": 3,
+                "ept_exits": 3,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 1,
+                "switches_in": 2,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            },
         },
-        gfns={(1, 0): {"ept_exits": 1, "lazy_copies": 1},
-              (1, 5): {"ept_exits": 1, "viol_x": 1},
-              (0, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (1, 6): {"ept_exits": 1, "viol_x": 1},
-              (0, 6): {"ept_exits": 1, "lazy_copies": 1}},
+        gfns={
+            (1, 0): {"ept_exits": 1, "lazy_copies": 1},
+            (1, 5): {"ept_exits": 1, "viol_x": 1},
+            (0, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (1, 6): {"ept_exits": 1, "viol_x": 1},
+            (0, 6): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
 def test_set_suppress_ve_on_view0_propagates_access_but_not_the_bit(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "v"
         default_access = "r"
@@ -924,10 +1263,25 @@ def test_set_suppress_ve_on_view0_propagates_access_but_not_the_bit(sim):
     # r 5: r -> done(1).
     check(
         res,
-        {"records": 2, "instructions": 2, "ept_exits": 1, "access_violations": 1,
-         "mem_access_events": 1, "emulations": 1, "records_emulated": 1, "setup_splits": 2},
-        views={1: {"records_completed": 1, "ept_exits": 1, "access_violations": 1,
-                   "pages_mapped": 512, "leaves_4k": 512}},
+        {
+            "records": 2,
+            "instructions": 2,
+            "ept_exits": 1,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "emulations": 1,
+            "records_emulated": 1,
+            "setup_splits": 2,
+        },
+        views={
+            1: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "access_violations": 1,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            }
+        },
         gfns={(1, 5): {"ept_exits": 1, "viol_w": 1}},
     )
 
@@ -935,7 +1289,8 @@ def test_set_suppress_ve_on_view0_propagates_access_but_not_the_bit(sim):
 # =========================================================================== setup on views (§4)
 def test_prepopulate_clobbers_earlier_4k_customisation(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "v"
         default_access = "r"
@@ -977,17 +1332,33 @@ def test_prepopulate_clobbers_earlier_4k_customisation(sim):
     # w 9: rw -> done(1).   r 7: r -> done(1).
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 1, "access_violations": 1,
-         "mem_access_events": 1, "emulations": 1, "records_emulated": 1, "setup_splits": 1},
-        views={1: {"records_completed": 2, "ept_exits": 1, "access_violations": 1,
-                   "pages_mapped": 512, "leaves_4k": 512}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 1,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "emulations": 1,
+            "records_emulated": 1,
+            "setup_splits": 1,
+        },
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 1,
+                "access_violations": 1,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            }
+        },
         gfns={(1, 7): {"ept_exits": 1, "viol_w": 1}},
     )
 
 
 def test_change_gfn_copies_access_of_new_and_replaces_old_access(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "x"
 
@@ -1035,17 +1406,33 @@ def test_change_gfn_copies_access_of_new_and_replaces_old_access(sim):
     # r 6: rwx piece -> done(1).
     check(
         res,
-        {"records": 4, "instructions": 4, "ept_exits": 2, "access_violations": 2,
-         "mem_access_events": 2, "emulations": 2, "records_emulated": 2, "setup_splits": 1},
-        views={1: {"records_completed": 2, "ept_exits": 2, "access_violations": 2,
-                   "pages_mapped": 513, "leaves_4k": 513}},
+        {
+            "records": 4,
+            "instructions": 4,
+            "ept_exits": 2,
+            "access_violations": 2,
+            "mem_access_events": 2,
+            "emulations": 2,
+            "records_emulated": 2,
+            "setup_splits": 1,
+        },
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 2,
+                "access_violations": 2,
+                "pages_mapped": 513,
+                "leaves_4k": 513,
+            }
+        },
         gfns={(1, 5): {"ept_exits": 2, "viol_x": 1, "viol_w": 1}},
     )
 
 
 def test_set_mem_access_after_change_gfn(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "x"
 
@@ -1092,24 +1479,53 @@ def test_set_mem_access_after_change_gfn(sim):
     #   host leaf 4K -> min(0,9) = 0: exit(1), lazy 4K rwx -> done(1).
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 3, "lazy_copies": 2, "lazy_copies_4k": 2,
-         "lazy_copy_pages": 2, "access_violations": 1, "mem_access_events": 1,
-         "singlestep_events": 1, "mtf_exits": 1, "switches_vm_event": 2, "setup_splits": 1},
-        views={
-            1: {"records_completed": 2, "ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "access_violations": 1, "switches_in": 1, "pages_mapped": 513, "leaves_4k": 513},
-            0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 3,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "singlestep_events": 1,
+            "mtf_exits": 1,
+            "switches_vm_event": 2,
+            "setup_splits": 1,
         },
-        gfns={(1, 5): {"ept_exits": 1, "viol_r": 1},
-              (0, 5): {"ept_exits": 1, "lazy_copies": 1},
-              (1, 1024): {"ept_exits": 1, "lazy_copies": 1}},
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "switches_in": 1,
+                "pages_mapped": 513,
+                "leaves_4k": 513,
+            },
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+        },
+        gfns={
+            (1, 5): {"ept_exits": 1, "viol_r": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (1, 1024): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
 def test_change_gfn_invalid_then_lazy_copy_again(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "v"
 
@@ -1142,17 +1558,33 @@ def test_change_gfn_invalid_then_lazy_copy_again(sim):
     # w 5: rwx -> done.   w 6: rwx piece -> done.
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 1, "lazy_copies": 1, "lazy_copies_4k": 1,
-         "lazy_copy_pages": 1, "setup_splits": 1},
-        views={1: {"records_completed": 3, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                   "pages_mapped": 512, "leaves_4k": 512}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 1,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "setup_splits": 1,
+        },
+        views={
+            1: {
+                "records_completed": 3,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            }
+        },
         gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}},
     )
 
 
 def test_setup_skips_gfns_outside_ram(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "v"
 
@@ -1192,11 +1624,26 @@ def test_setup_skips_gfns_outside_ram(sim):
     # r 1019: rwx piece -> done(1).
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 1, "access_violations": 1,
-         "mem_access_events": 1, "emulations": 1, "records_emulated": 1, "setup_splits": 1,
-         "setup_skipped": 10},
-        views={1: {"records_completed": 2, "ept_exits": 1, "access_violations": 1,
-                   "pages_mapped": 512, "leaves_4k": 512}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 1,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "emulations": 1,
+            "records_emulated": 1,
+            "setup_splits": 1,
+            "setup_skipped": 10,
+        },
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 1,
+                "access_violations": 1,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            }
+        },
         gfns={(1, 1022): {"ept_exits": 1, "viol_w": 1}},
     )
 
@@ -1249,11 +1696,26 @@ def test_setup_splits_count_513_per_gigabyte(sim):
     #    with view 0's default rwx -> done(0).
     check(
         res,
-        {"records": 1, "instructions": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copies_4k": 1,
-         "lazy_copy_pages": 1, "setup_splits": 1026},
-        views={0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                   "pages_mapped": 1, "leaves_4k": 1},
-               1: {"pages_mapped": GIB_PAGES + 1, "leaves_4k": GIB_PAGES + 1}},
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 1,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "setup_splits": 1026,
+        },
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            1: {"pages_mapped": GIB_PAGES + 1, "leaves_4k": GIB_PAGES + 1},
+        },
         gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1}},
     )
 
@@ -1284,12 +1746,33 @@ def test_default_ram_is_gib_aligned_max_gfn_less_the_vga_hole(sim):
     #   0xa5 (VGA hole) -> exit(0), MMIO; not a completion.
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 3, "lazy_copies": 2, "lazy_copies_2m": 1,
-         "lazy_copies_4k": 1, "lazy_copy_pages": 513, "mmio_accesses": 1, "setup_splits": 1},
-        views={0: {"records_completed": 2, "ept_exits": 3, "lazy_copies": 2, "lazy_copy_pages": 513,
-                   "pages_mapped": 513, "leaves_2m": 1, "leaves_4k": 1}},
-        gfns={(0, 600): {"ept_exits": 1, "lazy_copies": 1}, (0, 5): {"ept_exits": 1, "lazy_copies": 1},
-              (0, 0xa5): {"ept_exits": 1}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 3,
+            "lazy_copies": 2,
+            "lazy_copies_2m": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 513,
+            "mmio_accesses": 1,
+            "setup_splits": 1,
+        },
+        views={
+            0: {
+                "records_completed": 2,
+                "ept_exits": 3,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 513,
+                "pages_mapped": 513,
+                "leaves_2m": 1,
+                "leaves_4k": 1,
+            }
+        },
+        gfns={
+            (0, 600): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 0xA5): {"ept_exits": 1},
+        },
     )
 
 
@@ -1302,12 +1785,32 @@ def test_trace_metadata_ram_and_small_host_pages_at_its_end(sim):
     # r 0:   0 <= mm 600 -> walk: 2M-level entry [0,511] empty -> hole 9, host 2M -> lazy 2M.
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 3, "lazy_copies": 2, "lazy_copies_4k": 1,
-         "lazy_copies_2m": 1, "lazy_copy_pages": 513, "mmio_accesses": 1},
-        views={0: {"records_completed": 2, "ept_exits": 3, "lazy_copies": 2, "lazy_copy_pages": 513,
-                   "pages_mapped": 513, "leaves_4k": 1, "leaves_2m": 1}},
-        gfns={(0, 600): {"ept_exits": 1, "lazy_copies": 1}, (0, 700): {"ept_exits": 1},
-              (0, 0): {"ept_exits": 1, "lazy_copies": 1}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 3,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 1,
+            "lazy_copies_2m": 1,
+            "lazy_copy_pages": 513,
+            "mmio_accesses": 1,
+        },
+        views={
+            0: {
+                "records_completed": 2,
+                "ept_exits": 3,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 513,
+                "pages_mapped": 513,
+                "leaves_4k": 1,
+                "leaves_2m": 1,
+            }
+        },
+        gfns={
+            (0, 600): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 700): {"ept_exits": 1},
+            (0, 0): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
@@ -1318,11 +1821,28 @@ def test_policy_ram_wins_over_trace_metadata(sim):
     # r 0: walk: 2M-level entry [0,511] empty -> lazy 2M.
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_2m": 2,
-         "lazy_copy_pages": 1024},
-        views={0: {"records_completed": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 1024,
-                   "pages_mapped": 1024, "leaves_2m": 2}},
-        gfns={(0, 600): {"ept_exits": 1, "lazy_copies": 1}, (0, 0): {"ept_exits": 1, "lazy_copies": 1}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 2,
+            "lazy_copies": 2,
+            "lazy_copies_2m": 2,
+            "lazy_copy_pages": 1024,
+        },
+        views={
+            0: {
+                "records_completed": 3,
+                "ept_exits": 2,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 1024,
+                "pages_mapped": 1024,
+                "leaves_2m": 2,
+            }
+        },
+        gfns={
+            (0, 600): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 0): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
@@ -1335,10 +1855,25 @@ def test_mmio_hole_with_altp2m(sim):
     # r 5: exit(0), lazy 4K (5 > mm 0, regions at 0) -> done(0).
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 3, "lazy_copies": 1, "lazy_copies_4k": 1,
-         "lazy_copy_pages": 1, "mmio_accesses": 2},
-        views={0: {"records_completed": 1, "ept_exits": 3, "lazy_copies": 1, "lazy_copy_pages": 1,
-                   "pages_mapped": 1, "leaves_4k": 1}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 3,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "mmio_accesses": 2,
+        },
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 3,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
         gfns={(0, 2000): {"ept_exits": 2}, (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
     )
 
@@ -1365,7 +1900,8 @@ def test_mmio_hole_without_altp2m(sim):
 # =========================================================================== selectors
 def test_executed_top_selector_picks_most_executed_page(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "v"
 
@@ -1391,10 +1927,25 @@ def test_executed_top_selector_picks_most_executed_page(sim):
     # r 5: x-only -> viol_r (1,5), exit(1) -> event -> emulate.
     check(
         res,
-        {"records": 5, "instructions": 5, "ept_exits": 1, "access_violations": 1,
-         "mem_access_events": 1, "emulations": 1, "records_emulated": 1, "setup_splits": 1},
-        views={1: {"records_completed": 4, "ept_exits": 1, "access_violations": 1,
-                   "pages_mapped": 512, "leaves_4k": 512}},
+        {
+            "records": 5,
+            "instructions": 5,
+            "ept_exits": 1,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "emulations": 1,
+            "records_emulated": 1,
+            "setup_splits": 1,
+        },
+        views={
+            1: {
+                "records_completed": 4,
+                "ept_exits": 1,
+                "access_violations": 1,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            }
+        },
         gfns={(1, 5): {"ept_exits": 1, "viol_r": 1}},
     )
 
@@ -1402,7 +1953,8 @@ def test_executed_top_selector_picks_most_executed_page(sim):
 # =========================================================================== #VE (§5.3, §6.2)
 def test_ve_with_suppress_ve_0_and_vmfunc_step(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "pt"
 
@@ -1451,22 +2003,49 @@ def test_ve_with_suppress_ve_0_and_vmfunc_step(sim):
     #   #VE -> exit(1), lazy: 20 > mm 11, regions at 0 -> 4K rwx -> done(1).
     check(
         res,
-        {"records": 3, "instructions": 2, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_4k": 2,
-         "lazy_copy_pages": 2, "ve_delivered": 1, "switches_vmfunc": 2},
-        views={
-            1: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "ve_delivered": 1, "switches_in": 1, "pages_mapped": 3, "leaves_4k": 3},
-            0: {"records_completed": 2, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+        {
+            "records": 3,
+            "instructions": 2,
+            "ept_exits": 2,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "ve_delivered": 1,
+            "switches_vmfunc": 2,
         },
-        gfns={(1, 10): {"ve_delivered": 1}, (0, 10): {"ept_exits": 1, "lazy_copies": 1},
-              (1, 20): {"ept_exits": 1, "lazy_copies": 1}},
+        views={
+            1: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "ve_delivered": 1,
+                "switches_in": 1,
+                "pages_mapped": 3,
+                "leaves_4k": 3,
+            },
+            0: {
+                "records_completed": 2,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+        },
+        gfns={
+            (1, 10): {"ve_delivered": 1},
+            (0, 10): {"ept_exits": 1, "lazy_copies": 1},
+            (1, 20): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
 def test_ve_from_removed_leaf_keeping_its_bit(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "v"
 
@@ -1508,12 +2087,27 @@ def test_ve_from_removed_leaf_keeping_its_bit(sim):
     # End of trace: the open instruction ends: vmfunc back (svf 4, switches_in[1] 2).
     check(
         res,
-        {"records": 2, "instructions": 2, "ept_exits": 1, "lazy_copies": 1, "lazy_copies_4k": 1,
-         "lazy_copy_pages": 1, "ve_delivered": 2, "switches_vmfunc": 4},
+        {
+            "records": 2,
+            "instructions": 2,
+            "ept_exits": 1,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "ve_delivered": 2,
+            "switches_vmfunc": 4,
+        },
         views={
             1: {"ve_delivered": 2, "switches_in": 2},
-            0: {"records_completed": 2, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "switches_in": 2, "pages_mapped": 1, "leaves_4k": 1},
+            0: {
+                "records_completed": 2,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 2,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
         },
         gfns={(1, 5): {"ve_delivered": 2}, (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
     )
@@ -1521,7 +2115,8 @@ def test_ve_from_removed_leaf_keeping_its_bit(sim):
 
 def test_ve_blocked_on_second_violation_and_vmfunc_switch(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "a"
 
@@ -1580,21 +2175,42 @@ def test_ve_blocked_on_second_violation_and_vmfunc_switch(sim):
     #   violation while busy -> ve_blocked 2 -> exit(b) -> viol_w -> event -> emulate.
     check(
         res,
-        {"records": 3, "instructions": 2, "ept_exits": 2, "access_violations": 2,
-         "mem_access_events": 2, "ve_delivered": 2, "ve_blocked": 2, "switches_vmfunc": 1,
-         "emulations": 2, "records_emulated": 2, "setup_splits": 2},
+        {
+            "records": 3,
+            "instructions": 2,
+            "ept_exits": 2,
+            "access_violations": 2,
+            "mem_access_events": 2,
+            "ve_delivered": 2,
+            "ve_blocked": 2,
+            "switches_vmfunc": 1,
+            "emulations": 2,
+            "records_emulated": 2,
+            "setup_splits": 2,
+        },
         views={
             1: {"ve_delivered": 1, "pages_mapped": 512, "leaves_4k": 512},
-            2: {"records_completed": 1, "ept_exits": 2, "access_violations": 2, "ve_delivered": 1,
-                "switches_in": 1, "pages_mapped": 512, "leaves_4k": 512},
+            2: {
+                "records_completed": 1,
+                "ept_exits": 2,
+                "access_violations": 2,
+                "ve_delivered": 1,
+                "switches_in": 1,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            },
         },
-        gfns={(1, 10): {"ve_delivered": 1}, (2, 11): {"ept_exits": 2, "viol_w": 2, "ve_delivered": 1}},
+        gfns={
+            (1, 10): {"ve_delivered": 1},
+            (2, 11): {"ept_exits": 2, "viol_w": 2, "ve_delivered": 1},
+        },
     )
 
 
 def test_ve_agent_emulate_skips_rest_of_instruction(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "pt"
 
@@ -1636,8 +2252,13 @@ def test_ve_agent_emulate_skips_rest_of_instruction(sim):
     # The monitor never sees anything: emulations 0.
     check(
         res,
-        {"records": 5, "instructions": 3, "ve_delivered": 2, "ve_emulations": 2,
-         "records_emulated": 3},
+        {
+            "records": 5,
+            "instructions": 3,
+            "ve_delivered": 2,
+            "ve_emulations": 2,
+            "records_emulated": 3,
+        },
         views={1: {"records_completed": 2, "ve_delivered": 2, "pages_mapped": 1, "leaves_4k": 1}},
         gfns={(1, 10): {"ve_delivered": 2}},
     )
@@ -1645,7 +2266,8 @@ def test_ve_agent_emulate_skips_rest_of_instruction(sim):
 
 def test_single_step_ends_before_ve_step_switches_back(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "a"
 
@@ -1696,25 +2318,60 @@ def test_single_step_ends_before_ve_step_switches_back(sim):
     #   r 5 in a: r -> done(a).
     check(
         res,
-        {"records": 2, "instructions": 2, "ept_exits": 3, "lazy_copies": 2, "lazy_copies_4k": 2,
-         "lazy_copy_pages": 2, "access_violations": 1, "mem_access_events": 1,
-         "singlestep_events": 1, "ve_delivered": 1, "mtf_exits": 1, "switches_vm_event": 2,
-         "switches_vmfunc": 2},
-        views={
-            1: {"records_completed": 1, "ve_delivered": 1, "switches_in": 1, "pages_mapped": 1,
-                "leaves_4k": 1},
-            2: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 1,
-                "switches_in": 2, "pages_mapped": 1, "leaves_4k": 1},
-            0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+        {
+            "records": 2,
+            "instructions": 2,
+            "ept_exits": 3,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "singlestep_events": 1,
+            "ve_delivered": 1,
+            "mtf_exits": 1,
+            "switches_vm_event": 2,
+            "switches_vmfunc": 2,
         },
-        gfns={(1, 5): {"ve_delivered": 1}, (2, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+        views={
+            1: {
+                "records_completed": 1,
+                "ve_delivered": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            2: {
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "switches_in": 2,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+        },
+        gfns={
+            (1, 5): {"ve_delivered": 1},
+            (2, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
 # =========================================================================== monitor responses (§6.1)
-XEN_ACCESS_WRITE = RAM_1K + """
+XEN_ACCESS_WRITE = (
+    RAM_1K
+    + """
 [[view]]
 name = "watch"
 default_access = "rx"
@@ -1729,6 +2386,7 @@ action = "step"
 to = 0
 fast = {fast}
 """
+)
 
 
 def test_step_over_multi_row_instruction(sim):
@@ -1748,25 +2406,53 @@ def test_step_over_multi_row_instruction(sim):
     #   switches_in[1]). r 6 in watch: 6 > mm 5 -> exit(1), lazy 4K rx -> restart -> done(1).
     check(
         res,
-        {"records": 4, "instructions": 2, "ept_exits": 5, "lazy_copies": 4, "lazy_copies_4k": 4,
-         "lazy_copy_pages": 4, "access_violations": 1, "mem_access_events": 1,
-         "singlestep_events": 1, "mtf_exits": 1, "switches_vm_event": 2},
-        views={
-            1: {"records_completed": 1, "ept_exits": 3, "lazy_copies": 2, "lazy_copy_pages": 2,
-                "access_violations": 1, "switches_in": 1, "pages_mapped": 2, "leaves_4k": 2},
-            0: {"records_completed": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 2,
-                "switches_in": 1, "pages_mapped": 2, "leaves_4k": 2},
+        {
+            "records": 4,
+            "instructions": 2,
+            "ept_exits": 5,
+            "lazy_copies": 4,
+            "lazy_copies_4k": 4,
+            "lazy_copy_pages": 4,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "singlestep_events": 1,
+            "mtf_exits": 1,
+            "switches_vm_event": 2,
         },
-        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (0, 5): {"ept_exits": 1, "lazy_copies": 1},
-              (0, 6): {"ept_exits": 1, "lazy_copies": 1},
-              (1, 6): {"ept_exits": 1, "lazy_copies": 1}},
+        views={
+            1: {
+                "records_completed": 1,
+                "ept_exits": 3,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 1,
+                "switches_in": 1,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            },
+            0: {
+                "records_completed": 3,
+                "ept_exits": 2,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "switches_in": 1,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            },
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 6): {"ept_exits": 1, "lazy_copies": 1},
+            (1, 6): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
 def test_second_non_fast_step_toggles_single_step_off(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "a"
         default_access = "rx"
@@ -1802,26 +2488,57 @@ def test_second_non_fast_step_toggles_single_step_off(sim):
     # End of trace: no single-step pending: no MTF, no event, the vCPU stays in view 0.
     check(
         res,
-        {"records": 1, "instructions": 1, "ept_exits": 5, "lazy_copies": 3, "lazy_copies_4k": 3,
-         "lazy_copy_pages": 3, "access_violations": 2, "mem_access_events": 2,
-         "switches_vm_event": 2},
-        views={
-            1: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 1,
-                "pages_mapped": 1, "leaves_4k": 1},
-            2: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 1,
-                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
-            0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 5,
+            "lazy_copies": 3,
+            "lazy_copies_4k": 3,
+            "lazy_copy_pages": 3,
+            "access_violations": 2,
+            "mem_access_events": 2,
+            "switches_vm_event": 2,
         },
-        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (2, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+        views={
+            1: {
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            2: {
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (2, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
 def test_monitor_emulate_skips_rest_of_instruction(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "ro"
         default_access = "r"
@@ -1843,18 +2560,37 @@ def test_monitor_emulate_skips_rest_of_instruction(sim):
     # row4 (insn 2) r 5: done(1).
     check(
         res,
-        {"records": 5, "instructions": 2, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_4k": 1,
-         "lazy_copy_pages": 1, "access_violations": 1, "mem_access_events": 1, "emulations": 1,
-         "records_emulated": 3},
-        views={1: {"records_completed": 2, "ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1,
-                   "access_violations": 1, "pages_mapped": 1, "leaves_4k": 1}},
+        {
+            "records": 5,
+            "instructions": 2,
+            "ept_exits": 2,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "emulations": 1,
+            "records_emulated": 3,
+        },
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
         gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1}},
     )
 
 
 def test_emulated_instruction_spans_other_vcpus_rows(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "ro"
         default_access = "r"
@@ -1877,25 +2613,55 @@ def test_emulated_instruction_spans_other_vcpus_rows(sim):
     # row3 v0 (insn 2) r 6: 6 > mm 5 -> exit(1), lazy 4K r -> done(1).
     check(
         res,
-        {"records": 4, "instructions": 3, "ept_exits": 3, "lazy_copies": 2, "lazy_copies_4k": 2,
-         "lazy_copy_pages": 2, "access_violations": 1, "mem_access_events": 1, "emulations": 1,
-         "records_emulated": 2},
+        {
+            "records": 4,
+            "instructions": 3,
+            "ept_exits": 3,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "emulations": 1,
+            "records_emulated": 2,
+        },
         vcpus={
-            0: {"records": 3, "instructions": 2, "ept_exits": 3, "lazy_copies": 2,
-                "lazy_copies_4k": 2, "lazy_copy_pages": 2, "access_violations": 1,
-                "mem_access_events": 1, "emulations": 1, "records_emulated": 2},
+            0: {
+                "records": 3,
+                "instructions": 2,
+                "ept_exits": 3,
+                "lazy_copies": 2,
+                "lazy_copies_4k": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 1,
+                "mem_access_events": 1,
+                "emulations": 1,
+                "records_emulated": 2,
+            },
             1: {"records": 1, "instructions": 1},
         },
-        views={1: {"records_completed": 2, "ept_exits": 3, "lazy_copies": 2, "lazy_copy_pages": 2,
-                   "access_violations": 1, "pages_mapped": 2, "leaves_4k": 2}},
-        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (1, 6): {"ept_exits": 1, "lazy_copies": 1}},
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 3,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 1,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            }
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (1, 6): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
 def test_split_rx_switch_ping_pong(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "xv"
         default_access = "x"
@@ -1932,25 +2698,52 @@ def test_split_rx_switch_ping_pong(sim):
     #   xv (svm 4) -> done(xv).
     check(
         res,
-        {"records": 5, "instructions": 5, "ept_exits": 8, "lazy_copies": 4, "lazy_copies_4k": 4,
-         "lazy_copy_pages": 4, "access_violations": 4, "mem_access_events": 4,
-         "switches_vm_event": 4},
-        views={
-            1: {"records_completed": 3, "ept_exits": 4, "lazy_copies": 2, "lazy_copy_pages": 2,
-                "access_violations": 2, "switches_in": 2, "pages_mapped": 2, "leaves_4k": 2},
-            2: {"records_completed": 2, "ept_exits": 4, "lazy_copies": 2, "lazy_copy_pages": 2,
-                "access_violations": 2, "switches_in": 2, "pages_mapped": 2, "leaves_4k": 2},
+        {
+            "records": 5,
+            "instructions": 5,
+            "ept_exits": 8,
+            "lazy_copies": 4,
+            "lazy_copies_4k": 4,
+            "lazy_copy_pages": 4,
+            "access_violations": 4,
+            "mem_access_events": 4,
+            "switches_vm_event": 4,
         },
-        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1},
-              (2, 5): {"ept_exits": 3, "lazy_copies": 1, "viol_x": 2},
-              (1, 6): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (2, 6): {"ept_exits": 1, "lazy_copies": 1}},
+        views={
+            1: {
+                "records_completed": 3,
+                "ept_exits": 4,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 2,
+                "switches_in": 2,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            },
+            2: {
+                "records_completed": 2,
+                "ept_exits": 4,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 2,
+                "switches_in": 2,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            },
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1},
+            (2, 5): {"ept_exits": 3, "lazy_copies": 1, "viol_x": 2},
+            (1, 6): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (2, 6): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
 def test_codemon_write_execute_flip_with_set_access(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "code"
         default_access = "rx"
@@ -1984,11 +2777,30 @@ def test_codemon_write_execute_flip_with_set_access(sim):
     # ept_syncs 2; lazy copy + two responses: 3 restarts.
     check(
         res,
-        {"records": 5, "instructions": 5, "ept_exits": 3, "lazy_copies": 1, "lazy_copies_2m": 1,
-         "lazy_copy_pages": 512, "access_violations": 2, "mem_access_events": 2,
-         "access_changes": 2, "superpage_splits": 1, "ept_syncs": 2},
-        views={1: {"records_completed": 5, "ept_exits": 3, "lazy_copies": 1, "lazy_copy_pages": 512,
-                   "access_violations": 2, "pages_mapped": 512, "leaves_4k": 512}},
+        {
+            "records": 5,
+            "instructions": 5,
+            "ept_exits": 3,
+            "lazy_copies": 1,
+            "lazy_copies_2m": 1,
+            "lazy_copy_pages": 512,
+            "access_violations": 2,
+            "mem_access_events": 2,
+            "access_changes": 2,
+            "superpage_splits": 1,
+            "ept_syncs": 2,
+        },
+        views={
+            1: {
+                "records_completed": 5,
+                "ept_exits": 3,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 512,
+                "access_violations": 2,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            }
+        },
         gfns={(1, 600): {"ept_exits": 3, "lazy_copies": 1, "viol_w": 1, "viol_x": 1}},
     )
 
@@ -1996,7 +2808,8 @@ def test_codemon_write_execute_flip_with_set_access(sim):
 def test_unmatched_violation_is_an_error(sim):
     with pytest.raises(ReplayRuntimeError):
         sim(
-            RAM_1K + """
+            RAM_1K
+            + """
             [[view]]
             name = "v"
             default_access = "rx"
@@ -2017,7 +2830,8 @@ def test_unmatched_violation_is_an_error(sim):
 
 def test_switch_ping_pong_livelocks_after_64_restarts(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "a"
         default_access = "rx"
@@ -2053,24 +2867,52 @@ def test_switch_ping_pong_livelocks_after_64_restarts(sim):
     # Violations / events / switches 63 (A2, A4..A65); switches into b 32, into a 31.
     check(
         res,
-        {"records": 1, "instructions": 1, "ept_exits": 65, "lazy_copies": 2, "lazy_copies_4k": 2,
-         "lazy_copy_pages": 2, "access_violations": 63, "mem_access_events": 63,
-         "switches_vm_event": 63, "restarts": 64, "livelocked": 1, "livelock_record": 0},
-        views={
-            1: {"ept_exits": 33, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 32,
-                "switches_in": 31, "pages_mapped": 1, "leaves_4k": 1},
-            2: {"ept_exits": 32, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 31,
-                "switches_in": 32, "pages_mapped": 1, "leaves_4k": 1},
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 65,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 63,
+            "mem_access_events": 63,
+            "switches_vm_event": 63,
+            "restarts": 64,
+            "livelocked": 1,
+            "livelock_record": 0,
         },
-        gfns={(1, 5): {"ept_exits": 33, "lazy_copies": 1, "viol_w": 32},
-              (2, 5): {"ept_exits": 32, "lazy_copies": 1, "viol_w": 31}},
+        views={
+            1: {
+                "ept_exits": 33,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 32,
+                "switches_in": 31,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            2: {
+                "ept_exits": 32,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 31,
+                "switches_in": 32,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+        },
+        gfns={
+            (1, 5): {"ept_exits": 33, "lazy_copies": 1, "viol_w": 32},
+            (2, 5): {"ept_exits": 32, "lazy_copies": 1, "viol_w": 31},
+        },
     )
 
 
 # =========================================================================== special accesses
 def test_rx2rw_turns_into_rw_without_event(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "v"
         default_access = "rx2rw"
@@ -2096,19 +2938,41 @@ def test_rx2rw_turns_into_rw_without_event(sim):
     # that permitted rx: ept_syncs 2.
     check(
         res,
-        {"records": 4, "instructions": 4, "ept_exits": 3, "lazy_copies": 1, "lazy_copies_2m": 1,
-         "lazy_copy_pages": 512, "access_violations": 2, "access_changes": 2,
-         "superpage_splits": 1, "restarts": 3, "ept_syncs": 2},
-        views={1: {"records_completed": 4, "ept_exits": 3, "lazy_copies": 1, "lazy_copy_pages": 512,
-                   "access_violations": 2, "pages_mapped": 512, "leaves_4k": 512}},
-        gfns={(1, 600): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (1, 601): {"ept_exits": 1, "viol_w": 1}},
+        {
+            "records": 4,
+            "instructions": 4,
+            "ept_exits": 3,
+            "lazy_copies": 1,
+            "lazy_copies_2m": 1,
+            "lazy_copy_pages": 512,
+            "access_violations": 2,
+            "access_changes": 2,
+            "superpage_splits": 1,
+            "restarts": 3,
+            "ept_syncs": 2,
+        },
+        views={
+            1: {
+                "records_completed": 4,
+                "ept_exits": 3,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 512,
+                "access_violations": 2,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            }
+        },
+        gfns={
+            (1, 600): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (1, 601): {"ept_exits": 1, "viol_w": 1},
+        },
     )
 
 
 def test_n2rwx_sends_async_event_and_relaxes(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "v"
         default_access = "n2rwx"
@@ -2133,18 +2997,39 @@ def test_n2rwx_sends_async_event_and_relaxes(sim):
     # row2 r 5: rwx -> done.
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 4, "lazy_copies": 2, "lazy_copies_4k": 2,
-         "lazy_copy_pages": 2, "access_violations": 2, "async_events": 2, "access_changes": 2},
-        views={1: {"records_completed": 3, "ept_exits": 4, "lazy_copies": 2, "lazy_copy_pages": 2,
-                   "access_violations": 2, "pages_mapped": 2, "leaves_4k": 2}},
-        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1},
-              (1, 6): {"ept_exits": 2, "lazy_copies": 1, "viol_x": 1}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 4,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 2,
+            "async_events": 2,
+            "access_changes": 2,
+        },
+        views={
+            1: {
+                "records_completed": 3,
+                "ept_exits": 4,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 2,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            }
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1},
+            (1, 6): {"ept_exits": 2, "lazy_copies": 1, "viol_x": 1},
+        },
     )
 
 
 def test_n2rwx_superpage_copy_is_invisible_and_livelocks(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "v"
         default_access = "n2rwx"
@@ -2163,10 +3048,26 @@ def test_n2rwx_superpage_copy_is_invisible_and_livelocks(sim):
     # exit and copy: livelock at row 0. Row 1 is never processed.
     check(
         res,
-        {"records": 1, "instructions": 1, "ept_exits": 65, "lazy_copies": 65, "lazy_copies_2m": 65,
-         "lazy_copy_pages": 65 * 512, "restarts": 64, "livelocked": 1, "livelock_record": 0},
-        views={1: {"ept_exits": 65, "lazy_copies": 65, "lazy_copy_pages": 65 * 512,
-                   "pages_mapped": 512, "leaves_2m": 1}},
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 65,
+            "lazy_copies": 65,
+            "lazy_copies_2m": 65,
+            "lazy_copy_pages": 65 * 512,
+            "restarts": 64,
+            "livelocked": 1,
+            "livelock_record": 0,
+        },
+        views={
+            1: {
+                "ept_exits": 65,
+                "lazy_copies": 65,
+                "lazy_copy_pages": 65 * 512,
+                "pages_mapped": 512,
+                "leaves_2m": 1,
+            }
+        },
         gfns={(1, 600): {"ept_exits": 65, "lazy_copies": 65}},
     )
 
@@ -2198,12 +3099,32 @@ def test_n2rwx_without_monitor_relaxes_once_when_not_required(sim):
     # No EPT syncs: n2rwx entries permit nothing.
     check(
         res,
-        {"records": 2, "instructions": 2, "ept_exits": 4, "lazy_copies": 2, "lazy_copies_4k": 2,
-         "lazy_copy_pages": 2, "access_violations": 2, "access_changes": 2, "restarts": 4},
-        views={1: {"records_completed": 2, "ept_exits": 4, "lazy_copies": 2, "lazy_copy_pages": 2,
-                   "access_violations": 2, "pages_mapped": 2, "leaves_4k": 2}},
-        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1},
-              (1, 7): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1}},
+        {
+            "records": 2,
+            "instructions": 2,
+            "ept_exits": 4,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 2,
+            "access_changes": 2,
+            "restarts": 4,
+        },
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 4,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 2,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            }
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1},
+            (1, 7): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1},
+        },
     )
 
 
@@ -2230,11 +3151,28 @@ def test_n2rwx_without_monitor_crashes_when_required(sim):
     #   crash_record 0. Row 1 is never processed; no end-of-trace instruction bookkeeping.
     check(
         res,
-        {"records": 1, "instructions": 1, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_4k": 1,
-         "lazy_copy_pages": 1, "access_violations": 1, "access_changes": 1,
-         "crashed": 1, "crash_record": 0},
-        views={1: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 1,
-                   "pages_mapped": 1, "leaves_4k": 1}},
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 2,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "access_violations": 1,
+            "access_changes": 1,
+            "crashed": 1,
+            "crash_record": 0,
+        },
+        views={
+            1: {
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
         gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1}},
     )
 
@@ -2264,19 +3202,52 @@ def test_crash_without_monitor_with_access_required(sim):
     # zeros (plus crashed / crash_record).
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 3, "lazy_copies": 2, "lazy_copies_4k": 2,
-         "lazy_copy_pages": 2, "access_violations": 1, "crashed": 1, "crash_record": 2},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 3,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 1,
+            "crashed": 1,
+            "crash_record": 2,
+        },
         vcpus={
-            0: {"records": 2, "instructions": 2, "ept_exits": 2, "lazy_copies": 1,
-                "lazy_copies_4k": 1, "lazy_copy_pages": 1, "access_violations": 1},
-            1: {"records": 1, "instructions": 1, "ept_exits": 1, "lazy_copies": 1,
-                "lazy_copies_4k": 1, "lazy_copy_pages": 1},
+            0: {
+                "records": 2,
+                "instructions": 2,
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copies_4k": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+            },
+            1: {
+                "records": 1,
+                "instructions": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copies_4k": 1,
+                "lazy_copy_pages": 1,
+            },
             2: {},
         },
-        views={1: {"records_completed": 2, "ept_exits": 3, "lazy_copies": 2, "lazy_copy_pages": 2,
-                   "access_violations": 1, "pages_mapped": 2, "leaves_4k": 2}},
-        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (1, 7): {"ept_exits": 1, "lazy_copies": 1}},
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 3,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 1,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            }
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (1, 7): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
@@ -2306,13 +3277,34 @@ def test_relax_without_access_required(sim):
     # ept_syncs 2.
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 3, "lazy_copies": 1, "lazy_copies_2m": 1,
-         "lazy_copy_pages": 512, "access_violations": 2, "access_changes": 2,
-         "superpage_splits": 1, "restarts": 3, "ept_syncs": 2},
-        views={1: {"records_completed": 3, "ept_exits": 3, "lazy_copies": 1, "lazy_copy_pages": 512,
-                   "access_violations": 2, "pages_mapped": 512, "leaves_4k": 512}},
-        gfns={(1, 600): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (1, 601): {"ept_exits": 1, "viol_w": 1}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 3,
+            "lazy_copies": 1,
+            "lazy_copies_2m": 1,
+            "lazy_copy_pages": 512,
+            "access_violations": 2,
+            "access_changes": 2,
+            "superpage_splits": 1,
+            "restarts": 3,
+            "ept_syncs": 2,
+        },
+        views={
+            1: {
+                "records_completed": 3,
+                "ept_exits": 3,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 512,
+                "access_violations": 2,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            }
+        },
+        gfns={
+            (1, 600): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (1, 601): {"ept_exits": 1, "viol_w": 1},
+        },
     )
 
 
@@ -2336,11 +3328,30 @@ def test_shatter_superpage_when_exec_sp_false(sim):
     # Rev 2: each shatter rewrites an rwx leaf: ept_syncs 2.
     check(
         res,
-        {"records": 4, "instructions": 4, "ept_exits": 4, "lazy_copies": 2, "lazy_copies_2m": 2,
-         "lazy_copy_pages": 1024, "shatters": 2, "ept_syncs": 2},
-        views={0: {"records_completed": 4, "ept_exits": 4, "lazy_copies": 2, "lazy_copy_pages": 1024,
-                   "pages_mapped": 1024, "leaves_4k": 1024}},
-        gfns={(0, 600): {"ept_exits": 2, "lazy_copies": 1}, (0, 0): {"ept_exits": 2, "lazy_copies": 1}},
+        {
+            "records": 4,
+            "instructions": 4,
+            "ept_exits": 4,
+            "lazy_copies": 2,
+            "lazy_copies_2m": 2,
+            "lazy_copy_pages": 1024,
+            "shatters": 2,
+            "ept_syncs": 2,
+        },
+        views={
+            0: {
+                "records_completed": 4,
+                "ept_exits": 4,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 1024,
+                "pages_mapped": 1024,
+                "leaves_4k": 1024,
+            }
+        },
+        gfns={
+            (0, 600): {"ept_exits": 2, "lazy_copies": 1},
+            (0, 0): {"ept_exits": 2, "lazy_copies": 1},
+        },
     )
 
 
@@ -2373,14 +3384,36 @@ def test_set_access_splits_a_1g_leaf_513_times(sim):
     # Rev 2: three set-access rewrites of rx entries: ept_syncs 3.
     check(
         res,
-        {"records": 4, "instructions": 4, "ept_exits": 4, "lazy_copies": 1, "lazy_copies_1g": 1,
-         "lazy_copy_pages": GIB_PAGES, "access_violations": 3, "mem_access_events": 3,
-         "access_changes": 3, "superpage_splits": 513, "ept_syncs": 3},
-        views={1: {"records_completed": 4, "ept_exits": 4, "lazy_copies": 1,
-                   "lazy_copy_pages": GIB_PAGES, "access_violations": 3,
-                   "pages_mapped": GIB_PAGES, "leaves_4k": GIB_PAGES}},
-        gfns={(1, 0): {"ept_exits": 1, "lazy_copies": 1}, (1, 5): {"ept_exits": 1, "viol_w": 1},
-              (1, 6): {"ept_exits": 1, "viol_w": 1}, (1, 100000): {"ept_exits": 1, "viol_w": 1}},
+        {
+            "records": 4,
+            "instructions": 4,
+            "ept_exits": 4,
+            "lazy_copies": 1,
+            "lazy_copies_1g": 1,
+            "lazy_copy_pages": GIB_PAGES,
+            "access_violations": 3,
+            "mem_access_events": 3,
+            "access_changes": 3,
+            "superpage_splits": 513,
+            "ept_syncs": 3,
+        },
+        views={
+            1: {
+                "records_completed": 4,
+                "ept_exits": 4,
+                "lazy_copies": 1,
+                "lazy_copy_pages": GIB_PAGES,
+                "access_violations": 3,
+                "pages_mapped": GIB_PAGES,
+                "leaves_4k": GIB_PAGES,
+            }
+        },
+        gfns={
+            (1, 0): {"ept_exits": 1, "lazy_copies": 1},
+            (1, 5): {"ept_exits": 1, "viol_w": 1},
+            (1, 6): {"ept_exits": 1, "viol_w": 1},
+            (1, 100000): {"ept_exits": 1, "viol_w": 1},
+        },
     )
 
 
@@ -2401,17 +3434,34 @@ def test_shatter_of_a_1g_leaf_counts_one_shatter(sim):
     # Rev 2: the shatter rewrites an rwx leaf: ept_syncs 1.
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_1g": 1,
-         "lazy_copy_pages": GIB_PAGES, "shatters": 1, "ept_syncs": 1},
-        views={0: {"records_completed": 3, "ept_exits": 2, "lazy_copies": 1,
-                   "lazy_copy_pages": GIB_PAGES, "pages_mapped": GIB_PAGES, "leaves_4k": GIB_PAGES}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 2,
+            "lazy_copies": 1,
+            "lazy_copies_1g": 1,
+            "lazy_copy_pages": GIB_PAGES,
+            "shatters": 1,
+            "ept_syncs": 1,
+        },
+        views={
+            0: {
+                "records_completed": 3,
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": GIB_PAGES,
+                "pages_mapped": GIB_PAGES,
+                "leaves_4k": GIB_PAGES,
+            }
+        },
         gfns={(0, 0): {"ept_exits": 2, "lazy_copies": 1}},
     )
 
 
 def test_explicit_index_and_switch_into_invisible_view(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "a"
         default_access = "rx"
@@ -2439,23 +3489,47 @@ def test_explicit_index_and_switch_into_invisible_view(sim):
     #   switches_in[1] -> b fresh: exit(1), lazy 4K rwx -> done(1).
     check(
         res,
-        {"records": 1, "instructions": 1, "ept_exits": 3, "lazy_copies": 2, "lazy_copies_4k": 2,
-         "lazy_copy_pages": 2, "access_violations": 1, "mem_access_events": 1,
-         "switches_vm_event": 1},
-        views={
-            2: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 1,
-                "pages_mapped": 1, "leaves_4k": 1},
-            1: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 3,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "switches_vm_event": 1,
         },
-        gfns={(2, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (1, 5): {"ept_exits": 1, "lazy_copies": 1}},
+        views={
+            2: {
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            1: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+        },
+        gfns={
+            (2, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (1, 5): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
 def test_emulate_while_single_stepping_ends_the_step(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "a"
         default_access = "rx"
@@ -2490,24 +3564,53 @@ def test_emulate_while_single_stepping_ends_the_step(sim):
     #   switches_in[a]). r 5 in a: rx -> done(a).
     check(
         res,
-        {"records": 3, "instructions": 2, "ept_exits": 4, "lazy_copies": 2, "lazy_copies_4k": 2,
-         "lazy_copy_pages": 2, "access_violations": 2, "mem_access_events": 2,
-         "singlestep_events": 1, "mtf_exits": 1, "switches_vm_event": 2, "emulations": 1,
-         "records_emulated": 2},
-        views={
-            1: {"records_completed": 1, "ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "access_violations": 1, "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
-            2: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 1,
-                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+        {
+            "records": 3,
+            "instructions": 2,
+            "ept_exits": 4,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 2,
+            "mem_access_events": 2,
+            "singlestep_events": 1,
+            "mtf_exits": 1,
+            "switches_vm_event": 2,
+            "emulations": 1,
+            "records_emulated": 2,
         },
-        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (2, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1}},
+        views={
+            1: {
+                "records_completed": 1,
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            2: {
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (2, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+        },
     )
 
 
 def test_ve_only_on_vcpus_with_notify_enabled(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "pt"
 
@@ -2547,24 +3650,52 @@ def test_ve_only_on_vcpus_with_notify_enabled(sim):
     #   records_emulated 1).
     check(
         res,
-        {"records": 2, "instructions": 2, "ept_exits": 1, "access_violations": 1,
-         "mem_access_events": 1, "ve_delivered": 1, "ve_emulations": 1, "emulations": 1,
-         "records_emulated": 2},
-        vcpus={
-            0: {"records": 1, "instructions": 1, "ve_delivered": 1, "ve_emulations": 1,
-                "records_emulated": 1},
-            1: {"records": 1, "instructions": 1, "ept_exits": 1, "access_violations": 1,
-                "mem_access_events": 1, "emulations": 1, "records_emulated": 1},
+        {
+            "records": 2,
+            "instructions": 2,
+            "ept_exits": 1,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "ve_delivered": 1,
+            "ve_emulations": 1,
+            "emulations": 1,
+            "records_emulated": 2,
         },
-        views={1: {"ept_exits": 1, "access_violations": 1, "ve_delivered": 1, "pages_mapped": 1,
-                   "leaves_4k": 1}},
+        vcpus={
+            0: {
+                "records": 1,
+                "instructions": 1,
+                "ve_delivered": 1,
+                "ve_emulations": 1,
+                "records_emulated": 1,
+            },
+            1: {
+                "records": 1,
+                "instructions": 1,
+                "ept_exits": 1,
+                "access_violations": 1,
+                "mem_access_events": 1,
+                "emulations": 1,
+                "records_emulated": 1,
+            },
+        },
+        views={
+            1: {
+                "ept_exits": 1,
+                "access_violations": 1,
+                "ve_delivered": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
         gfns={(1, 10): {"ept_exits": 1, "viol_w": 1, "ve_delivered": 1}},
     )
 
 
 def test_ve_takes_precedence_over_rx2rw_promotion(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "v"
 
@@ -2603,8 +3734,13 @@ def test_ve_takes_precedence_over_rx2rw_promotion(sim):
     # r 5: permitted -> done(1).
     check(
         res,
-        {"records": 3, "instructions": 3, "ve_delivered": 2, "ve_emulations": 2,
-         "records_emulated": 2},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ve_delivered": 2,
+            "ve_emulations": 2,
+            "records_emulated": 2,
+        },
         views={1: {"records_completed": 1, "ve_delivered": 2, "pages_mapped": 1, "leaves_4k": 1}},
         gfns={(1, 5): {"ve_delivered": 2}},
     )
@@ -2631,30 +3767,75 @@ def test_interleaved_vcpus_each_single_step(sim):
     # End of trace: no step pending.
     check(
         res,
-        {"records": 5, "instructions": 4, "ept_exits": 7, "lazy_copies": 5, "lazy_copies_4k": 5,
-         "lazy_copy_pages": 5, "access_violations": 2, "mem_access_events": 2,
-         "singlestep_events": 2, "mtf_exits": 2, "switches_vm_event": 4},
+        {
+            "records": 5,
+            "instructions": 4,
+            "ept_exits": 7,
+            "lazy_copies": 5,
+            "lazy_copies_4k": 5,
+            "lazy_copy_pages": 5,
+            "access_violations": 2,
+            "mem_access_events": 2,
+            "singlestep_events": 2,
+            "mtf_exits": 2,
+            "switches_vm_event": 4,
+        },
         vcpus={
-            0: {"records": 3, "instructions": 2, "ept_exits": 4, "lazy_copies": 3,
-                "lazy_copies_4k": 3, "lazy_copy_pages": 3, "access_violations": 1,
-                "mem_access_events": 1, "singlestep_events": 1, "mtf_exits": 1,
-                "switches_vm_event": 2},
-            1: {"records": 2, "instructions": 2, "ept_exits": 3, "lazy_copies": 2,
-                "lazy_copies_4k": 2, "lazy_copy_pages": 2, "access_violations": 1,
-                "mem_access_events": 1, "singlestep_events": 1, "mtf_exits": 1,
-                "switches_vm_event": 2},
+            0: {
+                "records": 3,
+                "instructions": 2,
+                "ept_exits": 4,
+                "lazy_copies": 3,
+                "lazy_copies_4k": 3,
+                "lazy_copy_pages": 3,
+                "access_violations": 1,
+                "mem_access_events": 1,
+                "singlestep_events": 1,
+                "mtf_exits": 1,
+                "switches_vm_event": 2,
+            },
+            1: {
+                "records": 2,
+                "instructions": 2,
+                "ept_exits": 3,
+                "lazy_copies": 2,
+                "lazy_copies_4k": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 1,
+                "mem_access_events": 1,
+                "singlestep_events": 1,
+                "mtf_exits": 1,
+                "switches_vm_event": 2,
+            },
         },
         views={
-            1: {"records_completed": 2, "ept_exits": 4, "lazy_copies": 2, "lazy_copy_pages": 2,
-                "access_violations": 2, "switches_in": 2, "pages_mapped": 2, "leaves_4k": 2},
-            0: {"records_completed": 3, "ept_exits": 3, "lazy_copies": 3, "lazy_copy_pages": 3,
-                "switches_in": 2, "pages_mapped": 3, "leaves_4k": 3},
+            1: {
+                "records_completed": 2,
+                "ept_exits": 4,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 2,
+                "switches_in": 2,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            },
+            0: {
+                "records_completed": 3,
+                "ept_exits": 3,
+                "lazy_copies": 3,
+                "lazy_copy_pages": 3,
+                "switches_in": 2,
+                "pages_mapped": 3,
+                "leaves_4k": 3,
+            },
         },
-        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (1, 6): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (0, 5): {"ept_exits": 1, "lazy_copies": 1},
-              (0, 6): {"ept_exits": 1, "lazy_copies": 1},
-              (0, 7): {"ept_exits": 1, "lazy_copies": 1}},
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (1, 6): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 6): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 7): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
@@ -2675,32 +3856,77 @@ def test_three_vcpus_fast_single_step(sim):
     # End of trace: v1's open instruction ends: mtf, sfs (switches_in[1] 3).
     check(
         res,
-        {"records": 5, "instructions": 5, "ept_exits": 5, "lazy_copies": 2, "lazy_copies_4k": 2,
-         "lazy_copy_pages": 2, "access_violations": 3, "mem_access_events": 3, "mtf_exits": 3,
-         "switches_vm_event": 3, "switches_fast_ss": 3},
+        {
+            "records": 5,
+            "instructions": 5,
+            "ept_exits": 5,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 3,
+            "mem_access_events": 3,
+            "mtf_exits": 3,
+            "switches_vm_event": 3,
+            "switches_fast_ss": 3,
+        },
         vcpus={
-            0: {"records": 2, "instructions": 2, "ept_exits": 3, "lazy_copies": 2,
-                "lazy_copies_4k": 2, "lazy_copy_pages": 2, "access_violations": 1,
-                "mem_access_events": 1, "mtf_exits": 1, "switches_vm_event": 1,
-                "switches_fast_ss": 1},
-            1: {"records": 2, "instructions": 2, "ept_exits": 2, "access_violations": 2,
-                "mem_access_events": 2, "mtf_exits": 2, "switches_vm_event": 2,
-                "switches_fast_ss": 2},
+            0: {
+                "records": 2,
+                "instructions": 2,
+                "ept_exits": 3,
+                "lazy_copies": 2,
+                "lazy_copies_4k": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 1,
+                "mem_access_events": 1,
+                "mtf_exits": 1,
+                "switches_vm_event": 1,
+                "switches_fast_ss": 1,
+            },
+            1: {
+                "records": 2,
+                "instructions": 2,
+                "ept_exits": 2,
+                "access_violations": 2,
+                "mem_access_events": 2,
+                "mtf_exits": 2,
+                "switches_vm_event": 2,
+                "switches_fast_ss": 2,
+            },
             2: {"records": 1, "instructions": 1},
         },
         views={
-            1: {"records_completed": 2, "ept_exits": 4, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "access_violations": 3, "switches_in": 3, "pages_mapped": 1, "leaves_4k": 1},
-            0: {"records_completed": 3, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "switches_in": 3, "pages_mapped": 1, "leaves_4k": 1},
+            1: {
+                "records_completed": 2,
+                "ept_exits": 4,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 3,
+                "switches_in": 3,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            0: {
+                "records_completed": 3,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 3,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
         },
-        gfns={(1, 5): {"ept_exits": 4, "lazy_copies": 1, "viol_w": 3},
-              (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+        gfns={
+            (1, 5): {"ept_exits": 4, "lazy_copies": 1, "viol_w": 3},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
 # =========================================================================== DRAKVUF and §8 calibration
-HIDDEN_BREAKPOINT = RAM_1K + """
+HIDDEN_BREAKPOINT = (
+    RAM_1K
+    + """
 [[view]]
 name = "idx"
 
@@ -2721,11 +3947,15 @@ action = "step"
 to = 0
 fast = {fast}
 """
+)
 
 
 def _delta(after: Result, before: Result) -> dict:
-    return {k: after.total[k] - before.total[k] for k in TOTAL_COUNTERS
-            if k not in ("crash_record", "livelock_record")}
+    return {
+        k: after.total[k] - before.total[k]
+        for k in TOTAL_COUNTERS
+        if k not in ("crash_record", "livelock_record")
+    }
 
 
 def test_calibration_hidden_breakpoint_read_costs_248400_cycles(sim):
@@ -2738,13 +3968,38 @@ def test_calibration_hidden_breakpoint_read_costs_248400_cycles(sim):
     #   singlestep event 1, back to idx (svm 2, switches_in[1]).
     check(
         one,
-        {"records": 1, "instructions": 1, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_4k": 1,
-         "lazy_copy_pages": 1, "access_violations": 1, "mem_access_events": 1,
-         "singlestep_events": 1, "mtf_exits": 1, "switches_vm_event": 2, "setup_splits": 1},
-        views={1: {"ept_exits": 1, "access_violations": 1, "switches_in": 1, "pages_mapped": 512,
-                   "leaves_4k": 512},
-               0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                   "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1}},
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 2,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "singlestep_events": 1,
+            "mtf_exits": 1,
+            "switches_vm_event": 2,
+            "setup_splits": 1,
+        },
+        views={
+            1: {
+                "ept_exits": 1,
+                "access_violations": 1,
+                "switches_in": 1,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            },
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+        },
         gfns={(1, 5): {"ept_exits": 1, "viol_r": 1}, (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
     )
     # 5000*2 + 500 + (90000 + 30000)*2 + 3000 + 200*2 = 253,900 (includes view 0's lazy copy).
@@ -2752,9 +4007,19 @@ def test_calibration_hidden_breakpoint_read_costs_248400_cycles(sim):
     # The second read finds view 0 warm: exactly SPEC §8's "one read of a hidden breakpoint":
     # viol_r, exit(1), event, step (svm), done in view 0, then mtf, singlestep event, svm.
     delta = _delta(two, one)
-    expected = _full({"records": 1, "instructions": 1, "ept_exits": 1, "access_violations": 1,
-                      "mem_access_events": 1, "singlestep_events": 1, "mtf_exits": 1,
-                      "switches_vm_event": 2}, "delta")
+    expected = _full(
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 1,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "singlestep_events": 1,
+            "mtf_exits": 1,
+            "switches_vm_event": 2,
+        },
+        "delta",
+    )
     expected.pop("crash_record")
     expected.pop("livelock_record")
     assert delta == expected
@@ -2772,19 +4037,54 @@ def test_calibration_fast_single_step_costs_128400_cycles(sim):
     # singlestep event. Trace "r 5": exit(1), event, svm, exit(0) + lazy 4K, mtf, sfs.
     check(
         one,
-        {"records": 1, "instructions": 1, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_4k": 1,
-         "lazy_copy_pages": 1, "access_violations": 1, "mem_access_events": 1, "mtf_exits": 1,
-         "switches_vm_event": 1, "switches_fast_ss": 1, "setup_splits": 1},
-        views={1: {"ept_exits": 1, "access_violations": 1, "switches_in": 1, "pages_mapped": 512,
-                   "leaves_4k": 512},
-               0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                   "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1}},
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 2,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "mtf_exits": 1,
+            "switches_vm_event": 1,
+            "switches_fast_ss": 1,
+            "setup_splits": 1,
+        },
+        views={
+            1: {
+                "ept_exits": 1,
+                "access_violations": 1,
+                "switches_in": 1,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            },
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+        },
         gfns={(1, 5): {"ept_exits": 1, "viol_r": 1}, (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
     )
     delta = _delta(two, one)
-    expected = _full({"records": 1, "instructions": 1, "ept_exits": 1, "access_violations": 1,
-                      "mem_access_events": 1, "mtf_exits": 1, "switches_vm_event": 1,
-                      "switches_fast_ss": 1}, "delta")
+    expected = _full(
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 1,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "mtf_exits": 1,
+            "switches_vm_event": 1,
+            "switches_fast_ss": 1,
+        },
+        "delta",
+    )
     expected.pop("crash_record")
     expected.pop("livelock_record")
     assert delta == expected
@@ -2799,7 +4099,8 @@ def test_calibration_fast_single_step_costs_128400_cycles(sim):
 
 def test_drakvuf_hidden_breakpoint_with_shadow_page(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "idx"
 
@@ -2867,18 +4168,45 @@ def test_drakvuf_hidden_breakpoint_with_shadow_page(sim):
     # End of trace: mtf 2, singlestep event 2, back to idx (svm 4, switches_in[idx] 2).
     check(
         res,
-        {"records": 4, "instructions": 4, "ept_exits": 3, "lazy_copies": 1, "lazy_copies_4k": 1,
-         "lazy_copy_pages": 1, "access_violations": 2, "mem_access_events": 2,
-         "singlestep_events": 2, "mtf_exits": 2, "switches_vm_event": 4, "setup_splits": 1},
-        views={
-            1: {"records_completed": 2, "ept_exits": 2, "access_violations": 2, "switches_in": 2,
-                "pages_mapped": 513, "leaves_4k": 513},
-            2: {"records_completed": 1, "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
-            0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+        {
+            "records": 4,
+            "instructions": 4,
+            "ept_exits": 3,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "access_violations": 2,
+            "mem_access_events": 2,
+            "singlestep_events": 2,
+            "mtf_exits": 2,
+            "switches_vm_event": 4,
+            "setup_splits": 1,
         },
-        gfns={(1, 5): {"ept_exits": 1, "viol_r": 1}, (1, 1024): {"ept_exits": 1, "viol_r": 1},
-              (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 2,
+                "access_violations": 2,
+                "switches_in": 2,
+                "pages_mapped": 513,
+                "leaves_4k": 513,
+            },
+            2: {"records_completed": 1, "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+        },
+        gfns={
+            (1, 5): {"ept_exits": 1, "viol_r": 1},
+            (1, 1024): {"ept_exits": 1, "viol_r": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
@@ -2908,12 +4236,32 @@ def test_three_row_instruction_restarts_after_each_lazy_copy(sim):
     #   rows 0, 1, 2 done(0). Only the final pass counts: records_completed 3.
     check(
         res,
-        {"records": 3, "instructions": 1, "ept_exits": 3, "lazy_copies": 3, "lazy_copies_4k": 2,
-         "lazy_copies_2m": 1, "lazy_copy_pages": 514, "restarts": 3},
-        views={0: {"records_completed": 3, "ept_exits": 3, "lazy_copies": 3, "lazy_copy_pages": 514,
-                   "pages_mapped": 514, "leaves_4k": 2, "leaves_2m": 1}},
-        gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1}, (0, 6): {"ept_exits": 1, "lazy_copies": 1},
-              (0, 600): {"ept_exits": 1, "lazy_copies": 1}},
+        {
+            "records": 3,
+            "instructions": 1,
+            "ept_exits": 3,
+            "lazy_copies": 3,
+            "lazy_copies_4k": 2,
+            "lazy_copies_2m": 1,
+            "lazy_copy_pages": 514,
+            "restarts": 3,
+        },
+        views={
+            0: {
+                "records_completed": 3,
+                "ept_exits": 3,
+                "lazy_copies": 3,
+                "lazy_copy_pages": 514,
+                "pages_mapped": 514,
+                "leaves_4k": 2,
+                "leaves_2m": 1,
+            }
+        },
+        gfns={
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 6): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 600): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
@@ -2930,23 +4278,55 @@ def test_step_restarts_the_instruction_and_copies_its_fetch_page_into_view0(sim)
     #   switches_in[1]); x 5 in watch done(1).
     check(
         res,
-        {"records": 4, "instructions": 2, "ept_exits": 7, "lazy_copies": 6, "lazy_copies_4k": 6,
-         "lazy_copy_pages": 6, "access_violations": 1, "mem_access_events": 1,
-         "singlestep_events": 1, "mtf_exits": 1, "switches_vm_event": 2, "restarts": 7},
-        views={
-            1: {"records_completed": 1, "ept_exits": 4, "lazy_copies": 3, "lazy_copy_pages": 3,
-                "access_violations": 1, "switches_in": 1, "pages_mapped": 3, "leaves_4k": 3},
-            0: {"records_completed": 3, "ept_exits": 3, "lazy_copies": 3, "lazy_copy_pages": 3,
-                "switches_in": 1, "pages_mapped": 3, "leaves_4k": 3},
+        {
+            "records": 4,
+            "instructions": 2,
+            "ept_exits": 7,
+            "lazy_copies": 6,
+            "lazy_copies_4k": 6,
+            "lazy_copy_pages": 6,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "singlestep_events": 1,
+            "mtf_exits": 1,
+            "switches_vm_event": 2,
+            "restarts": 7,
         },
-        gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}, (1, 6): {"ept_exits": 1, "lazy_copies": 1},
-              (1, 7): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (0, 5): {"ept_exits": 1, "lazy_copies": 1}, (0, 6): {"ept_exits": 1, "lazy_copies": 1},
-              (0, 7): {"ept_exits": 1, "lazy_copies": 1}},
+        views={
+            1: {
+                "records_completed": 1,
+                "ept_exits": 4,
+                "lazy_copies": 3,
+                "lazy_copy_pages": 3,
+                "access_violations": 1,
+                "switches_in": 1,
+                "pages_mapped": 3,
+                "leaves_4k": 3,
+            },
+            0: {
+                "records_completed": 3,
+                "ept_exits": 3,
+                "lazy_copies": 3,
+                "lazy_copy_pages": 3,
+                "switches_in": 1,
+                "pages_mapped": 3,
+                "leaves_4k": 3,
+            },
+        },
+        gfns={
+            (1, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (1, 6): {"ept_exits": 1, "lazy_copies": 1},
+            (1, 7): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 6): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 7): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
-SPLIT_RX = RAM_1K + """
+SPLIT_RX = (
+    RAM_1K
+    + """
 [[view]]
 name = "exec"
 
@@ -2981,6 +4361,7 @@ kind = "x"
 action = "switch"
 to = "exec"
 """
+)
 
 
 def test_split_rx_livelocks_on_code_reading_its_own_page(sim):
@@ -2998,14 +4379,34 @@ def test_split_rx_livelocks_on_code_reading_its_own_page(sim):
     #   Row 3 is never processed.
     check(
         res,
-        {"records": 3, "instructions": 2, "ept_exits": 65, "access_violations": 65,
-         "mem_access_events": 65, "switches_vm_event": 65, "restarts": 64, "livelocked": 1,
-         "livelock_record": 2, "setup_splits": 2},
+        {
+            "records": 3,
+            "instructions": 2,
+            "ept_exits": 65,
+            "access_violations": 65,
+            "mem_access_events": 65,
+            "switches_vm_event": 65,
+            "restarts": 64,
+            "livelocked": 1,
+            "livelock_record": 2,
+            "setup_splits": 2,
+        },
         views={
-            1: {"records_completed": 2, "ept_exits": 33, "access_violations": 33, "switches_in": 32,
-                "pages_mapped": 512, "leaves_4k": 512},
-            2: {"ept_exits": 32, "access_violations": 32, "switches_in": 33,
-                "pages_mapped": 512, "leaves_4k": 512},
+            1: {
+                "records_completed": 2,
+                "ept_exits": 33,
+                "access_violations": 33,
+                "switches_in": 32,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            },
+            2: {
+                "ept_exits": 32,
+                "access_violations": 32,
+                "switches_in": 33,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            },
         },
         gfns={(1, 5): {"ept_exits": 33, "viol_r": 33}, (2, 5): {"ept_exits": 32, "viol_x": 32}},
     )
@@ -3020,15 +4421,39 @@ def test_split_rx_with_mtf_step_into_view0_retires(sim):
     # row3 (insn 3): insn 2 ends: mtf, singlestep event, back to exec (svm 2); x 6 done(1).
     check(
         res,
-        {"records": 4, "instructions": 3, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_4k": 1,
-         "lazy_copy_pages": 1, "access_violations": 1, "mem_access_events": 1,
-         "singlestep_events": 1, "mtf_exits": 1, "switches_vm_event": 2, "setup_splits": 2},
+        {
+            "records": 4,
+            "instructions": 3,
+            "ept_exits": 2,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "singlestep_events": 1,
+            "mtf_exits": 1,
+            "switches_vm_event": 2,
+            "setup_splits": 2,
+        },
         views={
-            1: {"records_completed": 2, "ept_exits": 1, "access_violations": 1, "switches_in": 1,
-                "pages_mapped": 512, "leaves_4k": 512},
+            1: {
+                "records_completed": 2,
+                "ept_exits": 1,
+                "access_violations": 1,
+                "switches_in": 1,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            },
             2: {"pages_mapped": 512, "leaves_4k": 512},
-            0: {"records_completed": 2, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+            0: {
+                "records_completed": 2,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
         },
         gfns={(1, 5): {"ept_exits": 1, "viol_r": 1}, (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
     )
@@ -3036,7 +4461,8 @@ def test_split_rx_with_mtf_step_into_view0_retires(sim):
 
 def test_write_execute_flip_livelocks_on_an_instruction_writing_its_own_page(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "code"
         default_access = "rx"
@@ -3066,12 +4492,31 @@ def test_write_execute_flip_livelocks_on_an_instruction_writing_its_own_page(sim
     #   The pass in progress completed nothing.
     check(
         res,
-        {"records": 2, "instructions": 1, "ept_exits": 65, "lazy_copies": 1, "lazy_copies_4k": 1,
-         "lazy_copy_pages": 1, "access_violations": 64, "mem_access_events": 64,
-         "access_changes": 64, "ept_syncs": 64, "restarts": 64, "livelocked": 1,
-         "livelock_record": 0},
-        views={1: {"ept_exits": 65, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 64,
-                   "pages_mapped": 1, "leaves_4k": 1}},
+        {
+            "records": 2,
+            "instructions": 1,
+            "ept_exits": 65,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "access_violations": 64,
+            "mem_access_events": 64,
+            "access_changes": 64,
+            "ept_syncs": 64,
+            "restarts": 64,
+            "livelocked": 1,
+            "livelock_record": 0,
+        },
+        views={
+            1: {
+                "ept_exits": 65,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 64,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
         gfns={(1, 5): {"ept_exits": 65, "lazy_copies": 1, "viol_w": 32, "viol_x": 32}},
     )
 
@@ -3085,15 +4530,30 @@ def test_the_64_restart_boundary(sim, rows):
     # 64 rows: 64 restarts, the instruction retires: 64 completions.
     # 65 rows: row 64's copy would be restart 65: livelock at row 64 (its exit and copy
     #   count); the pass in progress had completed rows 0..63.
-    total = {"records": rows, "instructions": 1, "ept_exits": rows, "lazy_copies": rows,
-             "lazy_copies_4k": rows, "lazy_copy_pages": rows, "restarts": 64}
+    total = {
+        "records": rows,
+        "instructions": 1,
+        "ept_exits": rows,
+        "lazy_copies": rows,
+        "lazy_copies_4k": rows,
+        "lazy_copy_pages": rows,
+        "restarts": 64,
+    }
     if rows == 65:
         total |= {"livelocked": 1, "livelock_record": 64}
     check(
         res,
         total,
-        views={0: {"records_completed": 64, "ept_exits": rows, "lazy_copies": rows,
-                   "lazy_copy_pages": rows, "pages_mapped": rows, "leaves_4k": rows}},
+        views={
+            0: {
+                "records_completed": 64,
+                "ept_exits": rows,
+                "lazy_copies": rows,
+                "lazy_copy_pages": rows,
+                "pages_mapped": rows,
+                "leaves_4k": rows,
+            }
+        },
         gfns={(0, g): {"ept_exits": 1, "lazy_copies": 1} for g in range(1, rows + 1)},
     )
 
@@ -3125,22 +4585,37 @@ def test_n_default_view_over_1g_host_pages_livelocks_from_419(sim, xen):
     #   empty 1G slot is 18 -> copies it again -> ... the 65th attempt's exit and copy count,
     #   then livelock at row 0 (restarts 64).
     n = 1 if xen == "4.18" else 65
-    total = {"records": 1, "instructions": 1, "ept_exits": n, "lazy_copies": n, "lazy_copies_1g": n,
-             "lazy_copy_pages": n * GIB_PAGES}
+    total = {
+        "records": 1,
+        "instructions": 1,
+        "ept_exits": n,
+        "lazy_copies": n,
+        "lazy_copies_1g": n,
+        "lazy_copy_pages": n * GIB_PAGES,
+    }
     if xen == "4.19":
         total |= {"restarts": 64, "livelocked": 1, "livelock_record": 0}
     check(
         res,
         total,
-        views={1: {"records_completed": 1 if xen == "4.18" else 0, "ept_exits": n, "lazy_copies": n,
-                   "lazy_copy_pages": n * GIB_PAGES, "pages_mapped": GIB_PAGES, "leaves_1g": 1}},
+        views={
+            1: {
+                "records_completed": 1 if xen == "4.18" else 0,
+                "ept_exits": n,
+                "lazy_copies": n,
+                "lazy_copy_pages": n * GIB_PAGES,
+                "pages_mapped": GIB_PAGES,
+                "leaves_1g": 1,
+            }
+        },
         gfns={(1, GIB_PAGES + 6): {"ept_exits": n, "lazy_copies": n}},
     )
 
 
 def test_prepopulate_with_n_then_4k_write_leaves_an_empty_table(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "v"
         default_access = "n"
@@ -3168,18 +4643,37 @@ def test_prepopulate_with_n_then_4k_write_leaves_an_empty_table(sim):
     #   restart 1 -> viol_r (1,6), exit, event, emulate.
     check(
         res,
-        {"records": 2, "instructions": 2, "ept_exits": 2, "lazy_copies": 1, "lazy_copies_4k": 1,
-         "lazy_copy_pages": 1, "access_violations": 1, "mem_access_events": 1, "emulations": 1,
-         "records_emulated": 1},
-        views={1: {"records_completed": 1, "ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1,
-                   "access_violations": 1, "pages_mapped": 2, "leaves_4k": 2}},
+        {
+            "records": 2,
+            "instructions": 2,
+            "ept_exits": 2,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "emulations": 1,
+            "records_emulated": 1,
+        },
+        views={
+            1: {
+                "records_completed": 1,
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            }
+        },
         gfns={(1, 6): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1}},
     )
 
 
 def test_second_fast_step_keeps_single_step_on_with_the_new_return_view(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "a"
         default_access = "rx"
@@ -3215,20 +4709,52 @@ def test_second_fast_step_keeps_single_step_on_with_the_new_return_view(sim):
     # End of trace: mtf 1, fast: Xen switches back to b (sfs 1, switches_in[b]); no event.
     check(
         res,
-        {"records": 1, "instructions": 1, "ept_exits": 5, "lazy_copies": 3, "lazy_copies_4k": 3,
-         "lazy_copy_pages": 3, "access_violations": 2, "mem_access_events": 2, "mtf_exits": 1,
-         "switches_vm_event": 2, "switches_fast_ss": 1},
-        views={
-            1: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 1,
-                "pages_mapped": 1, "leaves_4k": 1},
-            2: {"ept_exits": 2, "lazy_copies": 1, "lazy_copy_pages": 1, "access_violations": 1,
-                "switches_in": 2, "pages_mapped": 1, "leaves_4k": 1},
-            0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 5,
+            "lazy_copies": 3,
+            "lazy_copies_4k": 3,
+            "lazy_copy_pages": 3,
+            "access_violations": 2,
+            "mem_access_events": 2,
+            "mtf_exits": 1,
+            "switches_vm_event": 2,
+            "switches_fast_ss": 1,
         },
-        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (2, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
-              (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+        views={
+            1: {
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            2: {
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "switches_in": 2,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (2, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
@@ -3258,10 +4784,25 @@ def test_restored_domain_host_pages_by_xen_version(sim, xen):
     pages = 1 << order
     check(
         res,
-        {"records": 1, "instructions": 1, "ept_exits": 1, "lazy_copies": 1,
-         LAZY_KEY[order]: 1, "lazy_copy_pages": pages, "setup_splits": 0 if xen == "4.20" else 1},
-        views={0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": pages,
-                   "pages_mapped": pages, LEAF_KEY[order]: 1}},
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 1,
+            "lazy_copies": 1,
+            LAZY_KEY[order]: 1,
+            "lazy_copy_pages": pages,
+            "setup_splits": 0 if xen == "4.20" else 1,
+        },
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": pages,
+                "pages_mapped": pages,
+                LEAF_KEY[order]: 1,
+            }
+        },
         gfns={(0, 600): {"ept_exits": 1, "lazy_copies": 1}},
     )
 
@@ -3285,23 +4826,40 @@ def test_ept_syncs_interrupt_every_other_vcpu(sim, nvcpus):
     #   host's 2M leaf splits (superpage_splits 1) and 5's rx entry is rewritten: one EPT sync,
     #   an IPI to each of the other nvcpus - 1 vCPUs -> restart 1 -> done(0).
     # Every other vCPU: r 6 on its rx piece -> done(0).
-    v0 = {"records": 1, "instructions": 1, "ept_exits": 1, "access_violations": 1,
-          "mem_access_events": 1, "access_changes": 1, "superpage_splits": 1, "ept_syncs": 1,
-          "ept_sync_ipis": nvcpus - 1}
+    v0 = {
+        "records": 1,
+        "instructions": 1,
+        "ept_exits": 1,
+        "access_violations": 1,
+        "mem_access_events": 1,
+        "access_changes": 1,
+        "superpage_splits": 1,
+        "ept_syncs": 1,
+        "ept_sync_ipis": nvcpus - 1,
+    }
     others = {v: {"records": 1, "instructions": 1} for v in range(1, nvcpus)}
     check(
         res,
         v0 | {"records": nvcpus, "instructions": nvcpus},
         vcpus={0: v0} | others,
-        views={0: {"records_completed": nvcpus, "ept_exits": 1, "access_violations": 1,
-                   "pages_mapped": 1024, "leaves_4k": 512, "leaves_2m": 1}},
+        views={
+            0: {
+                "records_completed": nvcpus,
+                "ept_exits": 1,
+                "access_violations": 1,
+                "pages_mapped": 1024,
+                "leaves_4k": 512,
+                "leaves_2m": 1,
+            }
+        },
         gfns={(0, 5): {"ept_exits": 1, "viol_w": 1}},
     )
 
 
 def test_meta_set_top_ranks_untouched_members_last(sim):
     res = sim(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[setup]]
         op = "set_mem_access"
         view = 0
@@ -3319,11 +4877,30 @@ def test_meta_set_top_ranks_untouched_members_last(sim):
     # r 1021: done. r 1022: 1022 > mm 1021, regions not above -> hole 0 -> lazy 4K -> done.
     check(
         res,
-        {"records": 3, "instructions": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_4k": 2,
-         "lazy_copy_pages": 2, "setup_splits": 1, "setup_skipped": 2},
-        views={0: {"records_completed": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 2,
-                   "pages_mapped": 2, "leaves_4k": 2}},
-        gfns={(0, 1021): {"ept_exits": 1, "lazy_copies": 1}, (0, 1022): {"ept_exits": 1, "lazy_copies": 1}},
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 2,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "setup_splits": 1,
+            "setup_skipped": 2,
+        },
+        views={
+            0: {
+                "records_completed": 3,
+                "ept_exits": 2,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            }
+        },
+        gfns={
+            (0, 1021): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 1022): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
@@ -3332,8 +4909,12 @@ def test_timeline_counts_restarted_rows_in_the_window_of_the_arriving_row(batch_
     from altp2m_replay.engine import simulate_arrays
 
     # Window of 2 rows: window 0 = rows 0-1, window 1 = rows 2-3.
-    res = simulate_arrays(make_policy(XEN_ACCESS_WRITE.format(fast="false")),
-                          make_trace("i1 r 5", "i1 r 6", "i1 w 7"), window=2, batch_rows=batch_rows)
+    res = simulate_arrays(
+        make_policy(XEN_ACCESS_WRITE.format(fast="false")),
+        make_trace("i1 r 5", "i1 r 6", "i1 w 7"),
+        window=2,
+        batch_rows=batch_rows,
+    )
     # row0 r 5 (window 0): exit(1), lazy. row1 r 6 (window 0): exit(1), lazy.
     # row2 w 7 (window 1): exit(1), lazy; viol_w exit(1), event, step to 0 (svm); the restart
     #   re-executes rows 0 and 1 in view 0: exit + lazy each, then row 2: exit + lazy. All of
@@ -3396,10 +4977,15 @@ def make_trace2(*rows: str) -> dict[str, np.ndarray]:
             off.append(int(o_, 0) if o_ else 0)
         vcpu.append(v)
         insn.append(i)
-    out = {"access": np.asarray(access, dtype=np.uint8), "op": np.asarray(op, dtype=np.uint8),
-           "arg": np.asarray(arg, dtype=np.uint64)}
+    out = {
+        "access": np.asarray(access, dtype=np.uint8),
+        "op": np.asarray(op, dtype=np.uint8),
+        "arg": np.asarray(arg, dtype=np.uint64),
+    }
     if any("@" in r for r in rows):
-        out["gpa"] = (np.asarray(gfn, dtype=np.uint64) << np.uint64(12)) | np.asarray(off, dtype=np.uint64)
+        out["gpa"] = (np.asarray(gfn, dtype=np.uint64) << np.uint64(12)) | np.asarray(
+            off, dtype=np.uint64
+        )
     else:
         out["gfn"] = np.asarray(gfn, dtype=np.uint64)
     if any(r.split()[0][0] == "v" for r in rows):
@@ -3415,7 +5001,9 @@ def sim2(request):
     return _runner(request, make_trace2)
 
 
-SHADOW_BP = RAM_1K + """
+SHADOW_BP = (
+    RAM_1K
+    + """
 [[view]]
 name = "x"
 
@@ -3440,6 +5028,7 @@ view = "x"
 action = "step"
 fast = {fast}
 """
+)
 
 
 def test_breakpoint_in_a_shadow_frame_is_stepped_into_view0(sim2):
@@ -3456,17 +5045,45 @@ def test_breakpoint_in_a_shadow_frame_is_stepped_into_view0(sim2):
     #   frame 1000 offset 0x20, no INT3 -> done(1).
     check(
         res,
-        {"records": 3, "instructions": 2, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_4k": 1,
-         "lazy_copies_2m": 1, "lazy_copy_pages": 513, "int3_exits": 1, "breakpoint_events": 1,
-         "singlestep_events": 1, "mtf_exits": 1, "switches_vm_event": 2, "setup_splits": 1},
-        views={
-            1: {"records_completed": 1, "int3_exits": 1, "switches_in": 1, "pages_mapped": 512,
-                "leaves_4k": 512},
-            0: {"records_completed": 2, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 513,
-                "switches_in": 1, "pages_mapped": 513, "leaves_4k": 1, "leaves_2m": 1},
+        {
+            "records": 3,
+            "instructions": 2,
+            "ept_exits": 2,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 1,
+            "lazy_copies_2m": 1,
+            "lazy_copy_pages": 513,
+            "int3_exits": 1,
+            "breakpoint_events": 1,
+            "singlestep_events": 1,
+            "mtf_exits": 1,
+            "switches_vm_event": 2,
+            "setup_splits": 1,
         },
-        gfns={(1, 5): {"int3_exits": 1}, (0, 5): {"ept_exits": 1, "lazy_copies": 1},
-              (0, 600): {"ept_exits": 1, "lazy_copies": 1}},
+        views={
+            1: {
+                "records_completed": 1,
+                "int3_exits": 1,
+                "switches_in": 1,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            },
+            0: {
+                "records_completed": 2,
+                "ept_exits": 2,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 513,
+                "switches_in": 1,
+                "pages_mapped": 513,
+                "leaves_4k": 1,
+                "leaves_2m": 1,
+            },
+        },
+        gfns={
+            (1, 5): {"int3_exits": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 600): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
@@ -3480,10 +5097,20 @@ def test_calibration_one_breakpoint_hit(sim2, fast, expected):
     # svm back (not fast), or Xen's own switch back (fast); then x 7 completes in x.
     # SPEC §8: 5000 + 2 x (90000 + 30000) + 3000 + 2 x 200 = 248,400; fast: one event, 128,400.
     delta = _delta(two, one)
-    expected_delta = {"records": 2, "instructions": 2, "int3_exits": 1, "breakpoint_events": 1,
-                      "mtf_exits": 1, "switches_vm_event": 1, "restarts": 1}
-    expected_delta |= ({"switches_fast_ss": 1} if fast == "true"
-                       else {"singlestep_events": 1, "switches_vm_event": 2})
+    expected_delta = {
+        "records": 2,
+        "instructions": 2,
+        "int3_exits": 1,
+        "breakpoint_events": 1,
+        "mtf_exits": 1,
+        "switches_vm_event": 1,
+        "restarts": 1,
+    }
+    expected_delta |= (
+        {"switches_fast_ss": 1}
+        if fast == "true"
+        else {"singlestep_events": 1, "switches_vm_event": 2}
+    )
     want = _full(expected_delta, "delta")
     want.pop("crash_record")
     want.pop("livelock_record")
@@ -3492,21 +5119,32 @@ def test_calibration_one_breakpoint_hit(sim2, fast, expected):
 
 
 def test_breakpoint_emulated_in_place(sim2):
-    res = sim2(SHADOW_BP.replace('action = "step"\nfast = {fast}', 'action = "emulate"'),
-               ["i1 x 5@0x10", "i1 r 600", "i2 x 6"])
+    res = sim2(
+        SHADOW_BP.replace('action = "step"\nfast = {fast}', 'action = "emulate"'),
+        ["i1 x 5@0x10", "i1 r 600", "i2 x 6"],
+    )
     # row0: trap in x (int3_exits, breakpoint event) -> emulate: emulations 1, the row and the
     #   rest of insn 1 complete unchecked (records_emulated 1, then row1: 2). No restart.
     # row2 x 6 in x: a prepopulated 4K piece -> done(1).
     check(
         res,
-        {"records": 3, "instructions": 2, "int3_exits": 1, "breakpoint_events": 1, "emulations": 1,
-         "records_emulated": 2, "setup_splits": 1},
+        {
+            "records": 3,
+            "instructions": 2,
+            "int3_exits": 1,
+            "breakpoint_events": 1,
+            "emulations": 1,
+            "records_emulated": 2,
+            "setup_splits": 1,
+        },
         views={1: {"records_completed": 1, "int3_exits": 1, "pages_mapped": 512, "leaves_4k": 512}},
         gfns={(1, 5): {"int3_exits": 1}},
     )
 
 
-CR3_POLICY = RAM_1K + """
+CR3_POLICY = (
+    RAM_1K
+    + """
 [[view]]
 name = "a"
 
@@ -3524,10 +5162,13 @@ to = "a"
 cr3 = "other"
 to = 0
 """
+)
 
 
 def test_cr3_writes_sync_events_switch_views(sim2):
-    res = sim2(CR3_POLICY.format(extra=""), ["cr3 0x1000", "r 5", "cr3 0x1000", "cr3 0x2000", "r 5"])
+    res = sim2(
+        CR3_POLICY.format(extra=""), ["cr3 0x1000", "r 5", "cr3 0x1000", "cr3 0x2000", "r 5"]
+    )
     # No insn column: each row is an instruction. Every CR3 write exits ([on_cr3]).
     # cr3 0x1000: the vCPU's first write (a change): sync event 1 -> rule 1: switch to a (svm 1).
     # r 5 in a (fresh): exit(a), lazy 4K -> restart -> done(a).
@@ -3535,29 +5176,64 @@ def test_cr3_writes_sync_events_switch_views(sim2):
     # cr3 0x2000: event 2 -> "other": switch to 0 (svm 2). r 5 in view 0: exit, lazy, done(0).
     check(
         res,
-        {"records": 2, "instructions": 5, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_4k": 2,
-         "lazy_copy_pages": 2, "control_records": 3, "cr3_writes": 3, "cr3_exits": 3,
-         "cr3_events": 2, "switches_vm_event": 2},
-        views={
-            1: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
-            0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1},
+        {
+            "records": 2,
+            "instructions": 5,
+            "ept_exits": 2,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "control_records": 3,
+            "cr3_writes": 3,
+            "cr3_exits": 3,
+            "cr3_events": 2,
+            "switches_vm_event": 2,
         },
-        gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}, (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+        views={
+            1: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+        },
+        gfns={
+            (1, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
 @pytest.mark.parametrize(("onchangeonly", "events"), [("true", 2), ("false", 3)])
 def test_cr3_writes_async_events(sim2, onchangeonly, events):
-    res = sim2(RAM_1K + f"[on_cr3]\nsync = false\nonchangeonly = {onchangeonly}\n",
-               ["cr3 1", "cr3 1", "cr3 2"])
+    res = sim2(
+        RAM_1K + f"[on_cr3]\nsync = false\nonchangeonly = {onchangeonly}\n",
+        ["cr3 1", "cr3 1", "cr3 2"],
+    )
     # Three writes, three exits; with onchangeonly the repeated value sends no event. Async
     # events get no response (no switch) and, unlike n2rwx ones, restart nothing.
     check(
         res,
-        {"instructions": 3, "control_records": 3, "cr3_writes": 3, "cr3_exits": 3,
-         "async_events": events, "restarts": 0},
+        {
+            "instructions": 3,
+            "control_records": 3,
+            "cr3_writes": 3,
+            "cr3_exits": 3,
+            "async_events": events,
+            "restarts": 0,
+        },
         views={},
         gfns={},
     )
@@ -3565,7 +5241,8 @@ def test_cr3_writes_async_events(sim2, onchangeonly, events):
 
 def test_guest_vmfunc_switches_or_raises_ud(sim2):
     res = sim2(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "alt"
 
@@ -3584,23 +5261,42 @@ def test_guest_vmfunc_switches_or_raises_ud(sim2):
     # v0 r 5 in alt: exit(1), lazy 4K -> restart -> done(1).
     # v1 vmfunc 1: VMFUNC not enabled on v1 -> exit, #UD: vmfunc_exits.
     # v0 vmfunc 2: invisible view -> vmfunc_exits. v0 vmfunc 7: no such view -> vmfunc_exits.
-    v0 = {"records": 1, "instructions": 4, "ept_exits": 1, "lazy_copies": 1, "lazy_copies_4k": 1,
-          "lazy_copy_pages": 1, "control_records": 3, "guest_vmfuncs": 1, "switches_vmfunc": 1,
-          "vmfunc_exits": 2}
+    v0 = {
+        "records": 1,
+        "instructions": 4,
+        "ept_exits": 1,
+        "lazy_copies": 1,
+        "lazy_copies_4k": 1,
+        "lazy_copy_pages": 1,
+        "control_records": 3,
+        "guest_vmfuncs": 1,
+        "switches_vmfunc": 1,
+        "vmfunc_exits": 2,
+    }
     v1 = {"instructions": 1, "control_records": 1, "vmfunc_exits": 1}
     check(
         res,
         {k: v0.get(k, 0) + v1.get(k, 0) for k in set(v0) | set(v1)},
         vcpus={0: v0, 1: v1},
-        views={1: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                   "switches_in": 1, "pages_mapped": 1, "leaves_4k": 1}},
+        views={
+            1: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
         gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}},
     )
 
 
 def test_host_drop_resets_the_view_that_remaps_it_and_a_map_restores_ram(sim2):
     res = sim2(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "s"
 
@@ -3628,16 +5324,45 @@ def test_host_drop_resets_the_view_that_remaps_it_and_a_map_restores_ram(sim2):
     # map 1000: the host hole becomes a 4K RAM leaf (no sync: nothing was permitted; no split:
     #   already 4K); no view holds 1000.
     # r 1000 in s: 1000 > mm 511, 2M region above it -> hole 9; host leaf 4K -> lazy 4K -> done.
-    v0 = {"records": 3, "instructions": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copies_2m": 1,
-          "lazy_copies_4k": 1, "lazy_copy_pages": 513}
+    v0 = {
+        "records": 3,
+        "instructions": 3,
+        "ept_exits": 2,
+        "lazy_copies": 2,
+        "lazy_copies_2m": 1,
+        "lazy_copies_4k": 1,
+        "lazy_copy_pages": 513,
+    }
     check(
         res,
-        v0 | {"control_records": 2, "host_drops": 1, "host_maps": 1, "view_resets": 1,
-              "ept_syncs": 1, "ept_sync_ipis": 1, "superpage_splits": 1, "setup_splits": 1},
+        v0
+        | {
+            "control_records": 2,
+            "host_drops": 1,
+            "host_maps": 1,
+            "view_resets": 1,
+            "ept_syncs": 1,
+            "ept_sync_ipis": 1,
+            "superpage_splits": 1,
+            "setup_splits": 1,
+        },
         vcpus={0: v0},
-        views={1: {"records_completed": 3, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 513,
-                   "resets": 1, "pages_mapped": 513, "leaves_2m": 1, "leaves_4k": 1}},
-        gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}, (1, 1000): {"ept_exits": 1, "lazy_copies": 1}},
+        views={
+            1: {
+                "records_completed": 3,
+                "ept_exits": 2,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 513,
+                "resets": 1,
+                "pages_mapped": 513,
+                "leaves_2m": 1,
+                "leaves_4k": 1,
+            }
+        },
+        gfns={
+            (1, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (1, 1000): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )
 
 
@@ -3650,13 +5375,16 @@ def test_host_drop_in_two_remap_intervals_resets_every_view_once(sim2):
         new = 1000
     """
     res = sim2(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "a"
 
         [[view]]
         name = "b"
-        """ + remap.format(v="a") + remap.format(v="b"),
+        """
+        + remap.format(v="a")
+        + remap.format(v="b"),
         ["r 600", "drop 1000"],
     )
     # Setup: a and b each prepopulate 2M [0,511] and split it (setup_splits 2); both remap 5
@@ -3666,16 +5394,38 @@ def test_host_drop_in_two_remap_intervals_resets_every_view_once(sim2):
     #   holds 1000 in its 2M leaf: 4K removal, split (superpage_splits 2), sync 2. a: in its
     #   interval -> reset. b: in its interval, a second hit -> every other active view is
     #   reset (view 0 and b; a already was): view_resets 3. One vCPU: ept_sync_ipis 2.
-    v0 = {"records": 1, "instructions": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copies_2m": 1,
-          "lazy_copy_pages": 512}
+    v0 = {
+        "records": 1,
+        "instructions": 1,
+        "ept_exits": 1,
+        "lazy_copies": 1,
+        "lazy_copies_2m": 1,
+        "lazy_copy_pages": 512,
+    }
     check(
         res,
-        v0 | {"control_records": 1, "host_drops": 1, "view_resets": 3, "ept_syncs": 2,
-              "ept_sync_ipis": 2, "superpage_splits": 2, "setup_splits": 2},
+        v0
+        | {
+            "control_records": 1,
+            "host_drops": 1,
+            "view_resets": 3,
+            "ept_syncs": 2,
+            "ept_sync_ipis": 2,
+            "superpage_splits": 2,
+            "setup_splits": 2,
+        },
         vcpus={0: v0},
-        views={0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 512,
-                   "resets": 1},
-               1: {"resets": 1}, 2: {"resets": 1}},
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 512,
+                "resets": 1,
+            },
+            1: {"resets": 1},
+            2: {"resets": 1},
+        },
         gfns={(0, 600): {"ept_exits": 1, "lazy_copies": 1}},
     )
 
@@ -3687,18 +5437,36 @@ def test_a_restart_executes_the_instructions_cr3_write_again(sim2):
     # is off) -> r 5 done(0).
     check(
         res,
-        {"records": 1, "instructions": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copies_4k": 1,
-         "lazy_copy_pages": 1, "control_records": 1, "cr3_writes": 2, "cr3_exits": 2,
-         "cr3_events": 2},
-        views={0: {"records_completed": 1, "ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1,
-                   "pages_mapped": 1, "leaves_4k": 1}},
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 1,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "control_records": 1,
+            "cr3_writes": 2,
+            "cr3_exits": 2,
+            "cr3_events": 2,
+        },
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
         gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1}},
     )
 
 
 def test_guest_vmfunc_inside_a_restarted_instruction(sim2):
     res = sim2(
-        RAM_1K + """
+        RAM_1K
+        + """
         [[view]]
         name = "alt"
 
@@ -3715,12 +5483,38 @@ def test_guest_vmfunc_inside_a_restarted_instruction(sim2):
     #   was on an abandoned pass.
     check(
         res,
-        {"records": 2, "instructions": 1, "ept_exits": 3, "lazy_copies": 3, "lazy_copies_4k": 3,
-         "lazy_copy_pages": 3, "control_records": 1, "guest_vmfuncs": 2, "switches_vmfunc": 1},
-        views={0: {"ept_exits": 1, "lazy_copies": 1, "lazy_copy_pages": 1, "pages_mapped": 1,
-                   "leaves_4k": 1},
-               1: {"records_completed": 2, "ept_exits": 2, "lazy_copies": 2, "lazy_copy_pages": 2,
-                   "switches_in": 1, "pages_mapped": 2, "leaves_4k": 2}},
-        gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1}, (1, 5): {"ept_exits": 1, "lazy_copies": 1},
-              (1, 6): {"ept_exits": 1, "lazy_copies": 1}},
+        {
+            "records": 2,
+            "instructions": 1,
+            "ept_exits": 3,
+            "lazy_copies": 3,
+            "lazy_copies_4k": 3,
+            "lazy_copy_pages": 3,
+            "control_records": 1,
+            "guest_vmfuncs": 2,
+            "switches_vmfunc": 1,
+        },
+        views={
+            0: {
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            1: {
+                "records_completed": 2,
+                "ept_exits": 2,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "switches_in": 1,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            },
+        },
+        gfns={
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (1, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (1, 6): {"ept_exits": 1, "lazy_copies": 1},
+        },
     )

@@ -53,7 +53,7 @@ def test_without_statistics_replay_checks_up_front_and_agrees(tmp_path):
     table = pq.read_table(path)
     pq.write_table(table, bare, row_group_size=500, write_statistics=False)
     assert traces.quick_stats(bare) is None
-    stats, facts, checked = run.replay_facts(bare, False)
+    stats, _facts, checked = run.replay_facts(bare, False)
     assert checked and stats.max_gfn == int(data["gfn"].max())
     run.replay([path], POLICIES, tmp_path / "a", jobs=1, html=False)
     run.replay([bare], POLICIES, tmp_path / "b", jobs=1, html=False)
@@ -70,18 +70,25 @@ def test_checked_while_replaying_gives_the_tables_of_a_checked_run(tmp_path):
     pols = [load_policy(p) for p in POLICIES]
     streamed = run.replay_trace(path, pols, {}, None, None)
     assert run.replay_facts(path, False)[2] is False  # this trace takes the streaming path
-    checked = run.replay_trace(path, pols, {}, None, None, prepared=(*run.trace_facts(path, False), True))
+    checked = run.replay_trace(
+        path, pols, {}, None, None, prepared=(*run.trace_facts(path, False), True)
+    )
     for s, c in zip(streamed, checked, strict=True):
         for t in TABLES:
             assert s.tables[t].equals(c.tables[t]), (s.policy, t)
 
 
-@pytest.mark.parametrize("col, row, value, needle", [
-    ("tsc", 2701, 5, 'row 2701, column "tsc": expected non-decreasing tsc per vCPU'),
-    ("access", 3999, 0, 'row 3999, column "access"'),
-    ("vcpu", 1234, 5000, 'row 1234, column "vcpu"'),
-])
-def test_a_bad_row_in_a_late_row_group_stops_replay_with_the_validate_message(tmp_path, col, row, value, needle):
+@pytest.mark.parametrize(
+    ("col", "row", "value", "needle"),
+    [
+        ("tsc", 2701, 5, 'row 2701, column "tsc": expected non-decreasing tsc per vCPU'),
+        ("access", 3999, 0, 'row 3999, column "access"'),
+        ("vcpu", 1234, 5000, 'row 1234, column "vcpu"'),
+    ],
+)
+def test_a_bad_row_in_a_late_row_group_stops_replay_with_the_validate_message(
+    tmp_path, col, row, value, needle
+):
     path, _ = _grouped_trace(tmp_path / "t.parquet", **{col: (row, value)})
     with pytest.raises(TraceError) as expected:
         traces.validate(path)
@@ -100,9 +107,12 @@ def test_rows_after_a_crash_are_still_checked(tmp_path):
     """Every policy crashes the guest in the first row group; a bad tsc later still fails."""
     path, _ = _grouped_trace(tmp_path / "t.parquet", tsc=(3500, 0))
     crash = tmp_path / "crash.toml"
-    crash.write_text('name = "crash"\n[domain]\nmonitor = false\naccess_required = true\n'
-                     '[[view]]\nname = "ro"\ndefault_access = "r"\n'
-                     '[[setup]]\nop = "switch_p2m"\nview = "ro"\n', encoding="utf-8")
+    crash.write_text(
+        'name = "crash"\n[domain]\nmonitor = false\naccess_required = true\n'
+        '[[view]]\nname = "ro"\ndefault_access = "r"\n'
+        '[[setup]]\nop = "switch_p2m"\nview = "ro"\n',
+        encoding="utf-8",
+    )
     with pytest.raises(TraceError, match='row 3500, column "tsc"'):
         run.replay_trace(path, [load_policy(str(crash))], {}, None, None)
 
@@ -111,7 +121,9 @@ def test_statistics_that_disagree_with_the_values_are_not_trusted(tmp_path, monk
     """If the metadata's gfn range were wrong, the replay is redone from checked facts."""
     path, data = _grouped_trace(tmp_path / "t.parquet")
     pols = [load_policy(p) for p in POLICIES]
-    expected = run.replay_trace(path, pols, {}, None, None, prepared=(*run.trace_facts(path, False), True))
+    expected = run.replay_trace(
+        path, pols, {}, None, None, prepared=(*run.trace_facts(path, False), True)
+    )
     real = traces.quick_stats
 
     def lying(p):
@@ -122,7 +134,9 @@ def test_statistics_that_disagree_with_the_values_are_not_trusted(tmp_path, monk
     made = []
     real_replayer = run.Replayer
     monkeypatch.setattr(traces, "quick_stats", lying)
-    monkeypatch.setattr(run, "Replayer", lambda *a, **k: made.append(a[0].name) or real_replayer(*a, **k))
+    monkeypatch.setattr(
+        run, "Replayer", lambda *a, **k: made.append(a[0].name) or real_replayer(*a, **k)
+    )
     got = run.replay_trace(path, pols, {}, None, None)
     assert made == POLICIES * 2  # the replay was redone once the checks knew the real range
     for g, e in zip(got, expected, strict=True):
@@ -135,7 +149,9 @@ def test_a_null_vcpu_falls_back_to_the_full_pass(tmp_path):
     table = pq.read_table(path)
     vcpu = table["vcpu"].to_pylist()
     vcpu[3333] = None
-    nulls = table.set_column(table.schema.get_field_index("vcpu"), "vcpu", pa.array(vcpu, pa.uint16()))
+    nulls = table.set_column(
+        table.schema.get_field_index("vcpu"), "vcpu", pa.array(vcpu, pa.uint16())
+    )
     bad = tmp_path / "null.parquet"
     pq.write_table(nulls.replace_schema_metadata(table.schema.metadata), bad, row_group_size=500)
     assert traces.quick_stats(bad) is None
@@ -147,11 +163,17 @@ def test_vcpu_numbers_with_gaps_report_only_the_vcpus_in_the_trace(tmp_path):
     """Statistics give vCPUs 2..9; replay has slots for all of them but reports 2, 5 and 9."""
     n = 3000
     vcpu = np.array([2, 5, 9], np.uint16)[np.arange(n) // 11 % 3]
-    path = traces.write_trace({
-        "gfn": np.random.default_rng(5).integers(0x100, 0x300, n).astype(np.uint64),
-        "access": np.where(np.arange(n) % 5 == 0, 2, 1).astype(np.uint8),
-        "vcpu": vcpu, "insn": np.arange(n, dtype=np.uint64),
-        "tsc": np.arange(n, dtype=np.uint64)}, tmp_path / "gaps.parquet", row_group_size=1000)
+    path = traces.write_trace(
+        {
+            "gfn": np.random.default_rng(5).integers(0x100, 0x300, n).astype(np.uint64),
+            "access": np.where(np.arange(n) % 5 == 0, 2, 1).astype(np.uint8),
+            "vcpu": vcpu,
+            "insn": np.arange(n, dtype=np.uint64),
+            "tsc": np.arange(n, dtype=np.uint64),
+        },
+        tmp_path / "gaps.parquet",
+        row_group_size=1000,
+    )
     assert list(traces.quick_stats(path).vcpus) == list(range(2, 10))
     run.replay([path], POLICIES, tmp_path / "out", jobs=1, html=False)
     summary = pl.read_parquet(tmp_path / "out" / "summary.parquet")
@@ -173,10 +195,16 @@ def test_gfns_past_2_63_never_index_the_fast_path_cache(monkeypatch):
         results = []
         for cache in (simulate.PMAP_BYTES, 0):
             monkeypatch.setattr(simulate, "PMAP_BYTES", cache)
-            rep = Replayer(load_policy(name), TraceFacts(max_gfn=0x1000, meta_ram=[(0, 0xFFF)],
-                                                         page_counts={"written": (np.array([5], np.uint64),
-                                                                                  np.array([1]))}),
-                           [0], len(gfn))
+            rep = Replayer(
+                load_policy(name),
+                TraceFacts(
+                    max_gfn=0x1000,
+                    meta_ram=[(0, 0xFFF)],
+                    page_counts={"written": (np.array([5], np.uint64), np.array([1]))},
+                ),
+                [0],
+                len(gfn),
+            )
             assert rep.pmap.shape[1] == (0x1001 if cache else 1)
             rep.feed(gfn, access)
             results.append(rep.finish())
@@ -185,7 +213,7 @@ def test_gfns_past_2_63_never_index_the_fast_path_cache(monkeypatch):
 
 
 def test_validate_names_the_file_as_given(tmp_path, monkeypatch):
-    path, _ = _grouped_trace(tmp_path / "t.parquet", access=(7, 0))
+    _path, _ = _grouped_trace(tmp_path / "t.parquet", access=(7, 0))
     monkeypatch.chdir(tmp_path)
     result = _cli("trace", "validate", "./t.parquet")
     assert result.exit_code == 2

@@ -28,25 +28,33 @@ BUILTIN = builtin_names()
 
 
 def _digests(out: Path) -> dict[str, str]:
-    return {name: hashlib.sha256((out / f"{name}.parquet").read_bytes()).hexdigest() for name in TABLES}
+    return {
+        name: hashlib.sha256((out / f"{name}.parquet").read_bytes()).hexdigest() for name in TABLES
+    }
 
 
 def _workers_alive() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith(("side-by-side-", "prefetch"))]
+    return [
+        t.name for t in threading.enumerate() if t.name.startswith(("side-by-side-", "prefetch"))
+    ]
 
 
 @pytest.fixture(scope="module")
 def jit_trace(tmp_path_factory) -> Path:
     """Code written then executed on 3 vCPUs: exercises the exec and W^X policies too."""
     path = tmp_path_factory.mktemp("jit") / "jit.parquet"
-    result = CliRunner().invoke(main, ["trace", "generate", "jit", "-n", "12000", "--seed", "3",
-                                       "--vcpus", "3", "-o", str(path)])
+    result = CliRunner().invoke(
+        main,
+        ["trace", "generate", "jit", "-n", "12000", "--seed", "3", "--vcpus", "3", "-o", str(path)],
+    )
     assert result.exit_code == 0, result.output
     return path
 
 
 def test_there_are_at_least_ten_builtin_policies():
-    assert len(BUILTIN) >= 10  # the side-by-side tests below cover every one of them (SPEC §13: ten)
+    assert (
+        len(BUILTIN) >= 10
+    )  # the side-by-side tests below cover every one of them (SPEC §13: ten)
 
 
 @pytest.mark.parametrize("which", ["kernel", "jit"])
@@ -85,7 +93,7 @@ def test_replay_trace_cells_come_back_in_policy_order(kernel_trace):
 # --------------------------------------------------------------------------- errors
 # Two policies that each stop at one unmatched write: "a" at the write to 0x300 (row 40),
 # "b" at the write to 0x500 (row 10).
-PARTIAL = '''
+PARTIAL = """
     name = "{name}"
     [domain]
     altp2m = false
@@ -99,13 +107,14 @@ PARTIAL = '''
     gfns = [{covered}, {covered}]
     action = "set-access"
     access = "rwx"
-    '''
+    """
 
 
 def _partial(tmp_path: Path, name: str, covered: int):
     path = tmp_path / f"{name}.toml"
-    path.write_text(textwrap.dedent(PARTIAL.format(name=name, covered=hex(covered))).lstrip(),
-                    encoding="utf-8")
+    path.write_text(
+        textwrap.dedent(PARTIAL.format(name=name, covered=hex(covered))).lstrip(), encoding="utf-8"
+    )
     return load_policy(str(path))
 
 
@@ -129,14 +138,21 @@ def _error(trace, pols, batch_rows, threads):
 
 
 @pytest.mark.parametrize("threads", [2, 3, 4])
-@pytest.mark.parametrize("batch_rows, row, policy", [
-    (8, 10, "b"),    # different batches: the earlier batch's error, whatever the policy order
-    (64, 40, "a"),   # one batch: the first policy's error, as one after the other
-])
+@pytest.mark.parametrize(
+    ("batch_rows", "row", "policy"),
+    [
+        (8, 10, "b"),  # different batches: the earlier batch's error, whatever the policy order
+        (64, 40, "a"),  # one batch: the first policy's error, as one after the other
+    ],
+)
 def test_a_worker_error_is_the_sequential_order_error(threads, batch_rows, row, policy, tmp_path):
     trace = _write_trace(tmp_path)
-    pols = [load_policy("baseline"), _partial(tmp_path, "a", 0x500), _partial(tmp_path, "b", 0x300),
-            load_policy("none")]
+    pols = [
+        load_policy("baseline"),
+        _partial(tmp_path, "a", 0x500),
+        _partial(tmp_path, "b", 0x300),
+        load_policy("none"),
+    ]
     expected = _error(trace, pols, batch_rows, 1)
     assert expected[0] is ReplayRuntimeError
     assert f"row {row}:" in expected[1] and f"policy {policy!r}" in expected[1]
@@ -145,8 +161,10 @@ def test_a_worker_error_is_the_sequential_order_error(threads, batch_rows, row, 
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("bad_row, raised", [(3, TraceError), (50, ReplayRuntimeError)])
-def test_a_trace_value_error_and_a_replay_error_come_in_row_order(threads, bad_row, raised, tmp_path):
+@pytest.mark.parametrize(("bad_row", "raised"), [(3, TraceError), (50, ReplayRuntimeError)])
+def test_a_trace_value_error_and_a_replay_error_come_in_row_order(
+    threads, bad_row, raised, tmp_path
+):
     # the bad tsc is checked when its batch is decoded, before any policy replays that batch
     trace = _write_trace(tmp_path, bad_tsc_row=bad_row)
     pols = [load_policy("none"), _partial(tmp_path, "b", 0x300), load_policy("baseline")]
@@ -165,21 +183,26 @@ def test_an_interrupt_stops_every_worker(kernel_trace):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run.replay_trace(kernel_trace, pols, {}, None, None, batch_rows=500, progress=progress, threads=3)
+        run.replay_trace(
+            kernel_trace, pols, {}, None, None, batch_rows=500, progress=progress, threads=3
+        )
     assert len(calls) == 3
     assert _workers_alive() == []
 
 
 # --------------------------------------------------------------------------- defaults
-@pytest.mark.parametrize("traces, jobs, explicit, threads, cores, expected", [
-    (1, 1, False, None, 2, (1, 2)),    # replay BIG -p a -p b -p c: one process, two threads
-    (5, 2, False, None, 2, (1, 1)),    # replay corpus/ -p a: two processes of one thread
-    (2, 2, False, None, 8, (1, 4)),    # two traces on eight cores: 2 processes x 4 threads
-    (1, 2, True, None, 2, (2, 1)),     # an explicit --jobs 2 on one trace splits its policies
-    (1, 1, True, None, 2, (1, 2)),     # --jobs 1 still uses the cores through threads
-    (1, 1, False, 3, 2, (1, 3)),       # an explicit --threads is taken as given
-    (0, 1, False, None, 2, (1, 2)),    # everything resumed: nothing to run
-])
+@pytest.mark.parametrize(
+    ("traces", "jobs", "explicit", "threads", "cores", "expected"),
+    [
+        (1, 1, False, None, 2, (1, 2)),  # replay BIG -p a -p b -p c: one process, two threads
+        (5, 2, False, None, 2, (1, 1)),  # replay corpus/ -p a: two processes of one thread
+        (2, 2, False, None, 8, (1, 4)),  # two traces on eight cores: 2 processes x 4 threads
+        (1, 2, True, None, 2, (2, 1)),  # an explicit --jobs 2 on one trace splits its policies
+        (1, 1, True, None, 2, (1, 2)),  # --jobs 1 still uses the cores through threads
+        (1, 1, False, 3, 2, (1, 3)),  # an explicit --threads is taken as given
+        (0, 1, False, None, 2, (1, 2)),  # everything resumed: nothing to run
+    ],
+)
 def test_plan_workers(traces, jobs, explicit, threads, cores, expected):
     assert run.plan_workers(traces, jobs, explicit, threads, cores) == expected
 
@@ -244,7 +267,7 @@ def test_within_one_item_the_first_consumer_wins(threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
-@pytest.mark.parametrize("bad_at, error", [(2, "item 2"), (6, "consumer 0 at item 5")])
+@pytest.mark.parametrize(("bad_at", "error"), [(2, "item 2"), (6, "consumer 0 at item 5")])
 def test_an_error_of_the_items_ranks_before_the_consumers_at_that_item(threads, bad_at, error):
     c = _Consumers(3, fail={0: (5, 0.1)})
     with pytest.raises((KeyError, ValueError), match=error):
@@ -265,7 +288,9 @@ def test_reading_stops_when_no_consumer_wants_more_unless_read_all(threads):
     side_by_side(items(), 2, c.feed, c.finish, threads)
     assert len(read) < 50  # stopped early (the reading thread runs a little ahead)
     read.clear()
-    side_by_side(items(), 2, _Consumers(2, stop={0: 3, 1: 5}).feed, c.finish, threads, read_all=True)
+    side_by_side(
+        items(), 2, _Consumers(2, stop={0: 3, 1: 5}).feed, c.finish, threads, read_all=True
+    )
     assert read == list(range(50))
 
 
@@ -273,7 +298,9 @@ def test_reading_stops_when_no_consumer_wants_more_unless_read_all(threads):
 def test_settle_false_finishes_nothing(threads):
     c = _Consumers(3)
     finished = []
-    assert side_by_side(_items(5), 3, c.feed, finished.append, threads, settle=lambda: False) is None
+    assert (
+        side_by_side(_items(5), 3, c.feed, finished.append, threads, settle=lambda: False) is None
+    )
     assert finished == []
 
 
@@ -283,7 +310,7 @@ def test_bench_reports_every_builtin_policy_side_by_side_and_one_after_the_other
     assert r["policies"] == len(BUILTIN) and r["threads"] == 2
     assert r["side_by_side_vs_sequential"] == r["side_by_side_s"] / r["sequential_s"]
     assert r["idle_cores_ratio"] == r["side_by_side_idle_s"] / r["sequential_idle_s"]
-    assert 0 < r["side_by_side_idle_s"] and 0 < r["sequential_idle_s"]
+    assert r["side_by_side_idle_s"] > 0 and r["sequential_idle_s"] > 0
     assert r["sequential_range_s"][0] == r["sequential_s"] <= r["sequential_range_s"][1]
     text = format_bench(r)
     assert f"{len(BUILTIN)} built-in policies" in text and "side by side, 2 threads" in text

@@ -26,8 +26,13 @@ def _run(code: str, *args, full_init: bool = False) -> str:
     env = {k: v for k, v in os.environ.items() if k != "ALTP2M_REPLAY_NUMBA_FULL_INIT"}
     if full_init:
         env["ALTP2M_REPLAY_NUMBA_FULL_INIT"] = "1"
-    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip()
 
 
@@ -35,21 +40,28 @@ def _digests(out: Path) -> list[str]:
     return [hashlib.sha256((out / f"{n}.parquet").read_bytes()).hexdigest() for n in TABLES]
 
 
-def test_lean_kernel_loads_skip_numbas_registries_and_change_no_result(small_kernel_trace, tmp_path):
+def test_lean_kernel_loads_skip_numbas_registries_and_change_no_result(
+    small_kernel_trace, tmp_path
+):
     assert _run(PROBE, small_kernel_trace, tmp_path / "lean") == "lean"
     assert _run(PROBE, small_kernel_trace, tmp_path / "full", full_init=True) == "full"
     assert _digests(tmp_path / "lean") == _digests(tmp_path / "full")
 
 
-@pytest.mark.parametrize("argv, absent", [
-    (["--help"], ("numpy", "numba", "polars", "pyarrow", "jinja2")),
-    (["policy", "list"], ("numba", "polars", "pyarrow", "jinja2")),
-    (["replay", "--help"], ("numpy", "numba", "polars", "pyarrow", "jinja2")),
-])
+@pytest.mark.parametrize(
+    ("argv", "absent"),
+    [
+        (["--help"], ("numpy", "numba", "polars", "pyarrow", "jinja2")),
+        (["policy", "list"], ("numba", "polars", "pyarrow", "jinja2")),
+        (["replay", "--help"], ("numpy", "numba", "polars", "pyarrow", "jinja2")),
+    ],
+)
 def test_the_command_line_imports_only_what_the_command_needs(argv, absent):
-    code = ("import sys\nfrom altp2m_replay.cli import main\n"
-            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-            f"print('imported:', *[m for m in {absent!r} if m in sys.modules])")
+    code = (
+        "import sys\nfrom altp2m_replay.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        f"print('imported:', *[m for m in {absent!r} if m in sys.modules])"
+    )
     last = _run(code, *argv).splitlines()[-1]
     assert last == "imported:", argv
 
@@ -57,16 +69,20 @@ def test_the_command_line_imports_only_what_the_command_needs(argv, absent):
 def test_compare_does_not_import_the_template_engine(small_kernel_trace, tmp_path):
     out = tmp_path / "out"
     _run(PROBE, small_kernel_trace, out)
-    code = ("import sys\nfrom altp2m_replay.cli import main\n"
-            "try:\n    main(['compare', sys.argv[1], sys.argv[1]])\nexcept SystemExit:\n    pass\n"
-            "print('imported:', *[m for m in ('jinja2', 'altp2m_replay.report.html') if m in sys.modules])")
+    code = (
+        "import sys\nfrom altp2m_replay.cli import main\n"
+        "try:\n    main(['compare', sys.argv[1], sys.argv[1]])\nexcept SystemExit:\n    pass\n"
+        "print('imported:', *[m for m in ('jinja2', 'altp2m_replay.report.html') if m in sys.modules])"
+    )
     lines = _run(code, out).splitlines()
     assert lines[-1] == "imported:"
     assert any("ept_exits" in line for line in lines)  # the comparison did run
 
 
 def test_a_replay_without_html_does_not_import_the_report(small_kernel_trace, tmp_path):
-    code = PROBE.replace('print("full" if "numba.np.linalg" in sys.modules else "lean")',
-                         'print("imported:", *[m for m in ("jinja2", "altp2m_replay.report", "distributed") '
-                         'if m in sys.modules])')
+    code = PROBE.replace(
+        'print("full" if "numba.np.linalg" in sys.modules else "lean")',
+        'print("imported:", *[m for m in ("jinja2", "altp2m_replay.report", "distributed") '
+        "if m in sys.modules])",
+    )
     assert _run(code, small_kernel_trace, tmp_path / "out") == "imported:"

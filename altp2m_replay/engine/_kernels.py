@@ -62,7 +62,7 @@ C_SPLITS = 22
 C_SHATTERS = 23
 C_MMIO = 24
 C_RESTARTS = 25
-C_EPT_SYNCS = 26   # ept_sync_ipis follow from these and the trace's vCPU count (driver)
+C_EPT_SYNCS = 26  # ept_sync_ipis follow from these and the trace's vCPU count (driver)
 C_BP_EVENTS = 27
 C_CR3_EVENTS = 28
 C_INT3 = 29
@@ -110,12 +110,12 @@ I_WIDTH = 4
 # ---- event log: elog[j] = (htab key, event bits E_*, ip). The replay loop appends one entry
 # per exit or #VE; drain_log adds them to htab / itab. Appending is a sequential store, where
 # updating the tables in place cost a cache miss per exit (about 130 ns of 230 on the bench).
-E_EXIT = 1       # event bit b counts into htab column G_EXITS + b
-E_VIOL_R = 2     # << kind
+E_EXIT = 1  # event bit b counts into htab column G_EXITS + b
+E_VIOL_R = 2  # << kind
 E_VE = 16
 E_LAZY = 32
 E_INT3 = 64
-E_HAS_IP = 128   # the row had an ip: count into itab too
+E_HAS_IP = 128  # the row had an ip: count into itab too
 LOG_ROWS = 1 << 14
 
 # ---- fast-path cache: pmap[p, g] (uint8) = the kinds (r 1, w 2, x 4) an access to gfn g in
@@ -135,26 +135,28 @@ S_VES_RET = 7
 S_INSN = 8
 S_STARTED = 9
 S_EMUL = 10
-S_PENDING = 11    # 1 while any of SS_ON, VES_ON, VE_BUSY, EMUL, RESTARTS is set: the instruction end has work
-S_NROWS = 12      # rows of the current instruction (kept while execute waits for room)
-S_RESTARTS = 13   # restarts of the current instruction
-S_EXEC_J = 14     # where execute resumes: the row of the instruction to attempt next ...
-S_EXEC_K = 15     # ... and the batch index it scans from
-S_FIRST = 16      # where the instruction's rows are: see first_rows
-S_NSPILL = 17     # rows of the instruction spilled into ibuf at earlier batch ends
-S_PCOUNT = 18     # completions of the instruction's current pass in the vCPU's current view
-S_CR3 = 19        # the vCPU's CR3 as last written ...
-S_CR3_SEEN = 20   # ... once it has written one
-S_NSEG = 21       # pass segments: completions of this pass in views a control row left (pseg)
+S_PENDING = (
+    11  # 1 while any of SS_ON, VES_ON, VE_BUSY, EMUL, RESTARTS is set: the instruction end has work
+)
+S_NROWS = 12  # rows of the current instruction (kept while execute waits for room)
+S_RESTARTS = 13  # restarts of the current instruction
+S_EXEC_J = 14  # where execute resumes: the row of the instruction to attempt next ...
+S_EXEC_K = 15  # ... and the batch index it scans from
+S_FIRST = 16  # where the instruction's rows are: see first_rows
+S_NSPILL = 17  # rows of the instruction spilled into ibuf at earlier batch ends
+S_PCOUNT = 18  # completions of the instruction's current pass in the vCPU's current view
+S_CR3 = 19  # the vCPU's CR3 as last written ...
+S_CR3_SEEN = 20  # ... once it has written one
+S_NSEG = 21  # pass segments: completions of this pass in views a control row left (pseg)
 N_VCPU_STATE = 22
 
 # ---- Restarts (SPEC §5) execute an instruction again from its first row. Its rows are found
 # in the batch (rows of the slot from S_FIRST on), after the ones an earlier batch held, which
 # spill_open copied into ibuf[slot, j, B_*] when that batch ended: nothing is stored per row.
-B_KEY = 0   # gfn << 3 | kind bit (1 r, 2 w, 4 x)
-B_ROW = 1   # global row index
-B_IP = 2    # instruction pointer (when the trace has one)
-B_ARG = 3   # control rows: arg (their B_KEY is op << 3: kind bit 0)
+B_KEY = 0  # gfn << 3 | kind bit (1 r, 2 w, 4 x)
+B_ROW = 1  # global row index
+B_IP = 2  # instruction pointer (when the trace has one)
+B_ARG = 3  # control rows: arg (their B_KEY is op << 3: kind bit 0)
 B_BOFF = 4  # byte offset of the row's address in its page, -1 if unknown
 B_WIDTH = 5
 MAX_INSN_ROWS = 1024  # SPEC §2: an instruction has at most 1024 rows
@@ -175,11 +177,11 @@ GS_SETUP_SKIPPED = 7
 GS_NEXT_WIN = 8
 GS_SPLITS = 9  # scratch: splits done by the last tree write
 GS_ICOUNT = 10  # entries in the per-ip table
-GS_LOGN = 11    # entries in the event log
+GS_LOGN = 11  # entries in the event log
 GS_LIVELOCKED = 12
 GS_LIVELOCK_ROW = 13
 GS_RESUME = 14  # 1 + the vCPU slot whose instruction execute left half done for room, else 0
-GS_SYNCS = 15   # scratch: p2ms synced by the current step
+GS_SYNCS = 15  # scratch: p2ms synced by the current step
 GS_ERR_VIEW = 16
 N_GS = 17
 
@@ -188,18 +190,18 @@ D_ALTP2M = 0
 D_EXEC_SP = 1
 D_MONITOR = 2
 D_ACCESS_REQUIRED = 3
-D_LAZY_MIN = 4        # xen >= 4.17: lazy copy order min(host, hole)
-D_LAZY_DEFAULT = 5    # xen >= 4.19: lazy copies take the view's default access
+D_LAZY_MIN = 4  # xen >= 4.17: lazy copy order min(host, hole)
+D_LAZY_DEFAULT = 5  # xen >= 4.19: lazy copies take the view's default access
 D_PREPOP_DEFAULT = 6  # xen >= 4.22: prepopulate takes the view's default access
-D_VE_ACTION = 7       # -1 none, 0 vmfunc-step, 1 vmfunc-switch, 2 emulate
+D_VE_ACTION = 7  # -1 none, 0 vmfunc-step, 1 vmfunc-switch, 2 emulate
 D_VE_TO = 8
 D_HOST_ACCESS = 9
 D_WINDOW = 10
 D_HEADROOM = 11
-D_CR3_ON = 12         # [on_cr3]: CR3-load exiting on
+D_CR3_ON = 12  # [on_cr3]: CR3-load exiting on
 D_CR3_SYNC = 13
 D_CR3_ONCHANGE = 14
-D_BP_ACTION = 15      # [on_breakpoint]: -1 none, 0 step, 1 emulate
+D_BP_ACTION = 15  # [on_breakpoint]: -1 none, 0 step, 1 emulate
 D_BP_TO = 16
 D_BP_FAST = 17
 N_DOM = 18
@@ -210,8 +212,8 @@ ST_NEED_NODES = 1
 ST_NEED_HASH = 2
 ST_CRASH = 3
 ST_UNMATCHED = 4
-ST_NO_ENTRY = 6   # setup: change_gfn / set_suppress_ve found no effective entry
-ST_NOT_RAM = 7    # setup: change_gfn old is not host RAM
+ST_NO_ENTRY = 6  # setup: change_gfn / set_suppress_ve found no effective entry
+ST_NOT_RAM = 7  # setup: change_gfn old is not host RAM
 ST_NEED_IPHASH = 8
 ST_LIVELOCK = 9
 ST_LONG_INSN = 10  # an instruction of more than MAX_INSN_ROWS rows (GS_ERR_ROW names the row)
@@ -230,7 +232,7 @@ A_SWITCH = 2
 A_SET_ACCESS = 3
 
 MAX_RESTARTS = 64  # an instruction restarted more than this livelocks (SPEC §5)
-LOG_SLACK = 4      # log entries kept free before a row; execute checks before each attempt
+LOG_SLACK = 4  # log entries kept free before a row; execute checks before each attempt
 
 # Which of r(1)/w(2)/x(4) each p2m_access_t permits; rx2rw permits rx, n2rwx nothing.
 PERMITS = np.array([0, 1, 2, 3, 4, 5, 6, 7, 5, 0], dtype=np.int64)
@@ -248,6 +250,7 @@ def prefetch_row(typingctx, table, row):
 
     Only a hint (LLVM's ``llvm.prefetch``, for a write): it never changes results.
     """
+
     def codegen(context, builder, sig, args):
         arr = context.make_array(sig.args[0])(context, builder, args[0])
         zero = context.get_constant(types.intp, 0)
@@ -255,7 +258,10 @@ def prefetch_row(typingctx, table, row):
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
         fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+            "llvm.prefetch.p0i8",
+        )
         # rw 1 (write), locality 3 (keep in all cache levels), cache type 1 (data)
         builder.call(fn, [builder.bitcast(ptr, i8p), i32(1), i32(3), i32(1)])
         return context.get_dummy_value()
@@ -412,7 +418,7 @@ def set_leaf(pool, gs, roots, maxm, p, g, level, entry):
             node = child
     pool[node, (g >> level_order(level)) & 511] = entry
     if entry & 3 == LEAF:
-        last = (g | ((np.int64(1) << level_order(level)) - 1))
+        last = g | ((np.int64(1) << level_order(level)) - 1)
         if last > maxm[p]:
             maxm[p] = last
 
@@ -557,13 +563,16 @@ def setup_gfns(op, pool, gs, roots, maxm, active, dflt, dom, p, gfns, arg, start
             return ST_NEED_NODES, i
         g = gfns[i]
         if op == 2:
-            h, hl = xwalk(pool, roots[0], g)
+            h, _hl = xwalk(pool, roots[0], g)
             if h & 3 != LEAF:
-                set_leaf(pool, gs, roots, maxm, 0, g, 1, make_leaf(g + MFN_OFFSET, dom[D_HOST_ACCESS], 1))
+                set_leaf(
+                    pool, gs, roots, maxm, 0, g, 1, make_leaf(g + MFN_OFFSET, dom[D_HOST_ACCESS], 1)
+                )
             continue
         if p == 0 and op != 3:
-            done, splits = host_set(pool, gs, roots, maxm, active, g,
-                                    arg if op == 0 else -1, arg if op == 1 else -1)
+            done, splits = host_set(
+                pool, gs, roots, maxm, active, g, arg if op == 0 else -1, arg if op == 1 else -1
+            )
             gs[GS_SETUP_SPLITS] += splits
             if not done:
                 gs[GS_SETUP_SKIPPED] += 1
@@ -586,10 +595,9 @@ def setup_gfns(op, pool, gs, roots, maxm, active, dflt, dom, p, gfns, arg, start
                 gs[GS_ERR_GFN] = g
                 return ST_NO_ENTRY, i
             gs[GS_SETUP_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_sve(src, arg))
-        elif op == 3:
-            if e & 3 == LEAF:
-                removed = (piece_at(e, lv, g) & ~np.int64(3)) | REMOVED
-                gs[GS_SETUP_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, removed)
+        elif op == 3 and e & 3 == LEAF:
+            removed = (piece_at(e, lv, g) & ~np.int64(3)) | REMOVED
+            gs[GS_SETUP_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, removed)
     return ST_DONE, len(gfns)
 
 
@@ -840,14 +848,41 @@ def rewrite_4k(pool, gs, roots, maxm, vc, pmap, s, p, g, e, lv, access):
     """A replay-time 4 KiB access rewrite of the valid leaf ``e`` (at ``lv``) covering ``g``
     in p2m ``p``, by vCPU slot ``s``: splits, the EPT sync and access_changes counted."""
     vc[s, C_EPT_SYNCS] += permits_any(e, lv)
-    vc[s, C_SPLITS] += write_4k(pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), access))
+    vc[s, C_SPLITS] += write_4k(
+        pool, gs, roots, maxm, p, g, with_access(piece_at(e, lv, g), access)
+    )
     forget(pmap, p, g, 1)
     vc[s, C_ACCESS_CHANGES] += 1
 
 
 @njit(cache=True, inline="always")
-def attempt(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
-            rules, granges, s, g, kind, row, e, lv, has_ip, ipv, pmap, bpkey, first, boffv):
+def attempt(
+    pool,
+    gs,
+    roots,
+    maxm,
+    active,
+    dflt,
+    dom,
+    vst,
+    vc,
+    pv,
+    elog,
+    rules,
+    granges,
+    s,
+    g,
+    kind,
+    row,
+    e,
+    lv,
+    has_ip,
+    ipv,
+    pmap,
+    bpkey,
+    first,
+    boffv,
+):
     """One attempt of SPEC §5 steps 2-8 at a row that the walk (``e``, ``lv``) of the vCPU's
     current view did not complete on the fast path; returns an outcome R_*.
 
@@ -858,15 +893,20 @@ def attempt(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
     (int64 sorted mfn << 12 | offset).
     """
     kb = np.int64(1) << kind
-    view, p, root = current_view(vst, roots, s, dom[D_ALTP2M])
+    view, p, _root = current_view(vst, roots, s, dom[D_ALTP2M])
     k = e & 3
     acc = (e >> 2) & 15
     permitted = k == LEAF and (PERMITS[acc] & kb) != 0
     shatter = permitted and kind == 2 and lv > 1 and not dom[D_EXEC_SP]
     if permitted and not shatter:
         # 2. an instruction's first fetch at a breakpoint of the frame this leaf maps traps
-        if (kind == 2 and first and boffv >= 0 and len(bpkey)
-                and sorted_has(bpkey, ((piece_at(e, lv, g) >> MFN_SHIFT) << 12) | boffv)):
+        if (
+            kind == 2
+            and first
+            and boffv >= 0
+            and len(bpkey)
+            and sorted_has(bpkey, ((piece_at(e, lv, g) >> MFN_SHIFT) << 12) | boffv)
+        ):
             return breakpoint_hit(vst, vc, pv, elog, gs, dom, s, view, g, has_ip, ipv)
         return R_DONE
     # 3. #VE: the deciding entry is the leaf the hardware found (valid, removed or
@@ -1038,9 +1078,37 @@ def slot_holds_table(pool, root, g, level):
 # boff int64), each (n,); ``aux`` the run's lookup tables: (bpmfn, bpkey, cr3r, vis, pseg),
 # see replay_batch.
 @njit(cache=True, _nrt=False)
-def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
-            rules, granges, ibuf, pmap, bt, aux, has_ip, has_op, lut, start_row,
-            s, j, k, e, lv, has_walk):
+def execute(
+    pool,
+    gs,
+    roots,
+    maxm,
+    active,
+    dflt,
+    dom,
+    vst,
+    vc,
+    pv,
+    elog,
+    htab,
+    itab,
+    rules,
+    granges,
+    ibuf,
+    pmap,
+    bt,
+    aux,
+    has_ip,
+    has_op,
+    lut,
+    start_row,
+    s,
+    j,
+    k,
+    e,
+    lv,
+    has_walk,
+):
     """Execute vCPU slot ``s``'s instruction from its row ``j`` to its newest row (SPEC §5):
     one attempt per access row (control rows op 1 and 2 take effect again), and from the first
     row again after each restart, until the newest row completes. Returns an ST_* status.
@@ -1080,8 +1148,9 @@ def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, i
             vst[s, S_EXEC_K] = k
             gs[GS_RESUME] = s + 1
             return st
-        kb, g, row, ipv, argv, boffv, k = insn_row(ibuf, bt, has_ip, has_op, len(bpkey) > 0, lut,
-                                                   start_row, s, j, nsp, k)
+        kb, g, row, ipv, argv, boffv, k = insn_row(
+            ibuf, bt, has_ip, has_op, len(bpkey) > 0, lut, start_row, s, j, nsp, k
+        )
         if kb == 0:
             # a control row of the instruction: it takes effect again on every pass
             control(vst, vc, pv, dom, cr3r, vis, pseg, s, g, argv)
@@ -1100,9 +1169,33 @@ def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, i
         if done:
             out = R_DONE
         else:
-            out = attempt(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
-                          rules, granges, s, g, KIND_OF_BIT[kb], row, e, lv, has_ip, ipv, pmap,
-                          bpkey, j == 0, boffv)
+            out = attempt(
+                pool,
+                gs,
+                roots,
+                maxm,
+                active,
+                dflt,
+                dom,
+                vst,
+                vc,
+                pv,
+                elog,
+                rules,
+                granges,
+                s,
+                g,
+                KIND_OF_BIT[kb],
+                row,
+                e,
+                lv,
+                has_ip,
+                ipv,
+                pmap,
+                bpkey,
+                j == 0,
+                boffv,
+            )
         if out == R_DONE:
             if done or visible(e, lv):  # MMIO rows are not completions
                 pv[view, V_COMPLETED] += 1
@@ -1131,8 +1224,9 @@ def execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, i
             vc[s, C_REC_EMUL] += 1
             kk = k + 1 if j >= nsp else first
             for t in range(j + 1, last + 1):
-                kbt, o, _, _, argt, _, kk = insn_row(ibuf, bt, has_ip, has_op, False, lut,
-                                                     start_row, s, t, nsp, kk)
+                kbt, o, _, _, argt, _, kk = insn_row(
+                    ibuf, bt, has_ip, has_op, False, lut, start_row, s, t, nsp, kk
+                )
                 if t >= nsp:
                     kk += 1
                 if kbt == 0:
@@ -1163,15 +1257,28 @@ def insn_row(ibuf, bt, has_ip, has_op, has_bp, lut, start_row, s, j, nsp, k):
     batch index of the row, or ``k`` for a spilled one)."""
     if j < nsp:
         key = ibuf[s, j, B_KEY]
-        return (key & 7, key >> 3, ibuf[s, j, B_ROW], ibuf[s, j, B_IP], ibuf[s, j, B_ARG],
-                ibuf[s, j, B_BOFF], k)
+        return (
+            key & 7,
+            key >> 3,
+            ibuf[s, j, B_ROW],
+            ibuf[s, j, B_IP],
+            ibuf[s, j, B_ARG],
+            ibuf[s, j, B_BOFF],
+            k,
+        )
     gfn, access, vcpu, ip, op, arg, boff = bt
     while not slot_row(lut, vcpu, op, has_op, s, k):
         k += 1
     ctl = has_op and op[k] != 0
-    return (np.int64(0) if ctl else KIND_BIT[access[k]], np.int64(op[k]) if ctl else gfn[k],
-            np.int64(start_row + k), ip[k] if has_ip else np.int64(0),
-            arg[k] if has_op else np.int64(0), boff[k] if has_bp else np.int64(-1), k)
+    return (
+        np.int64(0) if ctl else KIND_BIT[access[k]],
+        np.int64(op[k]) if ctl else gfn[k],
+        np.int64(start_row + k),
+        ip[k] if has_ip else np.int64(0),
+        arg[k] if has_op else np.int64(0),
+        boff[k] if has_bp else np.int64(-1),
+        k,
+    )
 
 
 @njit(cache=True, inline="always")
@@ -1268,7 +1375,9 @@ def host_change(pool, gs, roots, maxm, active, dom, remap, pmap, vc, pv, o, g):
         vc[d, C_HOST_MAPS] += 1
         return
     # the host entry becomes a hole (written even when it is one already)
-    vc[d, C_SPLITS] += write_4k(pool, gs, roots, maxm, 0, g, (e & ~np.int64(3)) | REMOVED if e & 3 == LEAF else np.int64(0))
+    vc[d, C_SPLITS] += write_4k(
+        pool, gs, roots, maxm, 0, g, (e & ~np.int64(3)) | REMOVED if e & 3 == LEAF else np.int64(0)
+    )
     vc[d, C_HOST_DROPS] += 1
     hit = -1
     for p in range(1, len(roots)):
@@ -1386,10 +1495,46 @@ def flush_counts(vc, pv, vst, s, view, recs, insns, cur_ins, comp, fi, pc):
 # handed to an inlined helper was incref'd and decref'd (atomic operations, about 70 of the
 # 114 ns an exit took). The kernel allocates nothing, so it needs no runtime.
 @njit(cache=True, nogil=True, _nrt=False)
-def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, op, arg, has_op, boff,
-                 start_row, begin, pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog,
-                 htab, itab, rules, granges, lut, snaps, pmap, ibuf, remap,
-                 bpmfn, bpkey, cr3r, vis, pseg):
+def replay_batch(
+    gfn,
+    access,
+    vcpu,
+    insn,
+    has_insn,
+    ip,
+    has_ip,
+    op,
+    arg,
+    has_op,
+    boff,
+    start_row,
+    begin,
+    pool,
+    gs,
+    roots,
+    maxm,
+    active,
+    dflt,
+    dom,
+    vst,
+    vc,
+    pv,
+    elog,
+    htab,
+    itab,
+    rules,
+    granges,
+    lut,
+    snaps,
+    pmap,
+    ibuf,
+    remap,
+    bpmfn,
+    bpkey,
+    cr3r,
+    vis,
+    pseg,
+):
     """Replay rows ``begin..`` of one batch; returns (status, index of the next row to do).
 
     gfn int64 (n,), access uint8 (n,), vcpu uint16 (n,), insn int64 (n,) (ignored unless
@@ -1419,12 +1564,39 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, op, arg, has_op,
     if gs[GS_RESUME]:
         s = gs[GS_RESUME] - 1
         gs[GS_RESUME] = 0
-        st = execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
-                     rules, granges, ibuf, pmap, bt, aux, has_ip, has_op, lut, start_row,
-                     s, vst[s, S_EXEC_J], vst[s, S_EXEC_K], np.int64(0), 0, False)
+        st = execute(
+            pool,
+            gs,
+            roots,
+            maxm,
+            active,
+            dflt,
+            dom,
+            vst,
+            vc,
+            pv,
+            elog,
+            htab,
+            itab,
+            rules,
+            granges,
+            ibuf,
+            pmap,
+            bt,
+            aux,
+            has_ip,
+            has_op,
+            lut,
+            start_row,
+            s,
+            vst[s, S_EXEC_J],
+            vst[s, S_EXEC_K],
+            np.int64(0),
+            0,
+            False,
+        )
         if st != ST_DONE:
-            return st, begin + (st == ST_CRASH or st == ST_LIVELOCK or st == ST_UNMATCHED
-                                or st == ST_LONG_INSN)
+            return st, begin + (st in (ST_CRASH, ST_LIVELOCK, ST_UNMATCHED, ST_LONG_INSN))
         begin += 1
     # Room checks and the next window boundary live in locals: only the slow path and a
     # snapshot change them, and locals stay in registers across the counter stores.
@@ -1442,8 +1614,8 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, op, arg, has_op,
     recs = 0
     insns = 0
     comp = 0
-    fi = 0   # the slot's instruction: where its rows are (S_FIRST) ...
-    pc = 0   # ... and the completions of its current pass
+    fi = 0  # the slot's instruction: where its rows are (S_FIRST) ...
+    pc = 0  # ... and the completions of its current pass
     for i in range(begin, n):
         if not room:
             flush_counts(vc, pv, vst, last_s, view, recs, insns, cur_ins, comp, fi, pc)
@@ -1545,11 +1717,39 @@ def replay_batch(gfn, access, vcpu, insn, has_insn, ip, has_ip, op, arg, has_op,
         recs = 0
         insns = 0
         comp = 0
-        st = execute(pool, gs, roots, maxm, active, dflt, dom, vst, vc, pv, elog, htab, itab,
-                     rules, granges, ibuf, pmap, bt, aux, has_ip, has_op, lut, start_row,
-                     s, -1, i, e, lv, True)
+        st = execute(
+            pool,
+            gs,
+            roots,
+            maxm,
+            active,
+            dflt,
+            dom,
+            vst,
+            vc,
+            pv,
+            elog,
+            htab,
+            itab,
+            rules,
+            granges,
+            ibuf,
+            pmap,
+            bt,
+            aux,
+            has_ip,
+            has_op,
+            lut,
+            start_row,
+            s,
+            -1,
+            i,
+            e,
+            lv,
+            True,
+        )
         if st != ST_DONE:
-            if st == ST_CRASH or st == ST_LIVELOCK or st == ST_UNMATCHED or st == ST_LONG_INSN:
+            if st in (ST_CRASH, ST_LIVELOCK, ST_UNMATCHED, ST_LONG_INSN):
                 return st, i + 1
             return st, i  # room: the next call resumes this row's execution (GS_RESUME)
         view, pq, root = current_view(vst, roots, s, altp2m)

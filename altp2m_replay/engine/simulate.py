@@ -47,62 +47,185 @@ PMAP_BYTES = 1 << 27
 
 # SPEC §7 order of the run / vCPU counters.
 COUNTERS = (
-    "records", "instructions", "ept_exits", "lazy_copies", "lazy_copies_4k", "lazy_copies_2m",
-    "lazy_copies_1g", "lazy_copy_pages", "access_violations", "mem_access_events",
-    "singlestep_events", "async_events", "breakpoint_events", "cr3_events", "vm_events",
-    "ve_delivered", "ve_blocked", "ve_emulations", "mtf_exits", "switches_vm_event",
-    "switches_fast_ss", "switches_vmfunc", "view_switches", "emulations", "records_emulated",
-    "access_changes", "superpage_splits", "shatters", "mmio_accesses", "restarts", "int3_exits",
-    "control_records", "cr3_writes", "cr3_exits", "guest_vmfuncs", "vmfunc_exits", "host_drops",
-    "host_maps", "view_resets", "ept_syncs", "ept_sync_ipis", "crashed", "crash_record",
-    "livelocked", "livelock_record", "setup_splits", "setup_skipped",
+    "records",
+    "instructions",
+    "ept_exits",
+    "lazy_copies",
+    "lazy_copies_4k",
+    "lazy_copies_2m",
+    "lazy_copies_1g",
+    "lazy_copy_pages",
+    "access_violations",
+    "mem_access_events",
+    "singlestep_events",
+    "async_events",
+    "breakpoint_events",
+    "cr3_events",
+    "vm_events",
+    "ve_delivered",
+    "ve_blocked",
+    "ve_emulations",
+    "mtf_exits",
+    "switches_vm_event",
+    "switches_fast_ss",
+    "switches_vmfunc",
+    "view_switches",
+    "emulations",
+    "records_emulated",
+    "access_changes",
+    "superpage_splits",
+    "shatters",
+    "mmio_accesses",
+    "restarts",
+    "int3_exits",
+    "control_records",
+    "cr3_writes",
+    "cr3_exits",
+    "guest_vmfuncs",
+    "vmfunc_exits",
+    "host_drops",
+    "host_maps",
+    "view_resets",
+    "ept_syncs",
+    "ept_sync_ipis",
+    "crashed",
+    "crash_record",
+    "livelocked",
+    "livelock_record",
+    "setup_splits",
+    "setup_skipped",
 )
 # Outcomes of the whole run, repeated in every vCPU row (SPEC §7).
 RUN_COUNTERS = ("crashed", "crash_record", "livelocked", "livelock_record")
 VIEW_COUNTERS = (
-    "records_completed", "ept_exits", "int3_exits", "lazy_copies", "lazy_copy_pages",
-    "access_violations", "ve_delivered", "switches_in", "resets", "pages_mapped", "leaves_4k",
-    "leaves_2m", "leaves_1g",
+    "records_completed",
+    "ept_exits",
+    "int3_exits",
+    "lazy_copies",
+    "lazy_copy_pages",
+    "access_violations",
+    "ve_delivered",
+    "switches_in",
+    "resets",
+    "pages_mapped",
+    "leaves_4k",
+    "leaves_2m",
+    "leaves_1g",
 )
-GFN_COUNTERS = ("ept_exits", "int3_exits", "viol_r", "viol_w", "viol_x", "ve_delivered", "lazy_copies")
-TIMELINE_COUNTERS = ("ept_exits", "int3_exits", "vm_events", "ve_delivered", "lazy_copies", "view_switches")
+GFN_COUNTERS = (
+    "ept_exits",
+    "int3_exits",
+    "viol_r",
+    "viol_w",
+    "viol_x",
+    "ve_delivered",
+    "lazy_copies",
+)
+TIMELINE_COUNTERS = (
+    "ept_exits",
+    "int3_exits",
+    "vm_events",
+    "ve_delivered",
+    "lazy_copies",
+    "view_switches",
+)
 # Kernel counter columns, in C_* order (_kernels).
 KERNEL_COUNTERS = (
-    "records", "instructions", "ept_exits", "lazy_copies", "lazy_copies_4k", "lazy_copies_2m",
-    "lazy_copies_1g", "lazy_copy_pages", "access_violations", "mem_access_events",
-    "singlestep_events", "async_events", "ve_delivered", "ve_blocked", "ve_emulations",
-    "mtf_exits", "switches_vm_event", "switches_fast_ss", "switches_vmfunc", "emulations",
-    "records_emulated", "access_changes", "superpage_splits", "shatters", "mmio_accesses",
-    "restarts", "ept_syncs", "breakpoint_events", "cr3_events", "int3_exits", "control_records",
-    "cr3_writes", "cr3_exits", "guest_vmfuncs", "vmfunc_exits", "host_drops", "host_maps",
+    "records",
+    "instructions",
+    "ept_exits",
+    "lazy_copies",
+    "lazy_copies_4k",
+    "lazy_copies_2m",
+    "lazy_copies_1g",
+    "lazy_copy_pages",
+    "access_violations",
+    "mem_access_events",
+    "singlestep_events",
+    "async_events",
+    "ve_delivered",
+    "ve_blocked",
+    "ve_emulations",
+    "mtf_exits",
+    "switches_vm_event",
+    "switches_fast_ss",
+    "switches_vmfunc",
+    "emulations",
+    "records_emulated",
+    "access_changes",
+    "superpage_splits",
+    "shatters",
+    "mmio_accesses",
+    "restarts",
+    "ept_syncs",
+    "breakpoint_events",
+    "cr3_events",
+    "int3_exits",
+    "control_records",
+    "cr3_writes",
+    "cr3_exits",
+    "guest_vmfuncs",
+    "vmfunc_exits",
+    "host_drops",
+    "host_maps",
     "view_resets",
 )
 assert len(KERNEL_COUNTERS) == K.N_COUNTERS and KERNEL_COUNTERS[K.C_MMIO] == "mmio_accesses"
-assert KERNEL_COUNTERS[K.C_RESTARTS] == "restarts" and KERNEL_COUNTERS[K.C_VIEW_RESETS] == "view_resets"
-assert set(KERNEL_COUNTERS) | {"vm_events", "view_switches", "ept_sync_ipis", *RUN_COUNTERS,
-                               "setup_splits", "setup_skipped"} == set(COUNTERS)
+assert (
+    KERNEL_COUNTERS[K.C_RESTARTS] == "restarts"
+    and KERNEL_COUNTERS[K.C_VIEW_RESETS] == "view_resets"
+)
+assert set(KERNEL_COUNTERS) | {
+    "vm_events",
+    "view_switches",
+    "ept_sync_ipis",
+    *RUN_COUNTERS,
+    "setup_splits",
+    "setup_skipped",
+} == set(COUNTERS)
 # Kernel per-view columns (V_*) and per-gfn columns (G_*, after the key) by name.
-_VIEW_KERNEL = {"records_completed": K.V_COMPLETED, "ept_exits": K.V_EXITS, "int3_exits": K.V_INT3,
-                "lazy_copies": K.V_LAZY, "lazy_copy_pages": K.V_LAZY_PAGES,
-                "access_violations": K.V_VIOLATIONS, "ve_delivered": K.V_VE,
-                "switches_in": K.V_SWITCHES_IN, "resets": K.V_RESETS}
-_GFN_KERNEL = {"ept_exits": K.G_EXITS, "int3_exits": K.G_INT3, "viol_r": K.G_VIOL_R,
-               "viol_w": K.G_VIOL_R + 1, "viol_x": K.G_VIOL_R + 2, "ve_delivered": K.G_VE,
-               "lazy_copies": K.G_LAZY}
+_VIEW_KERNEL = {
+    "records_completed": K.V_COMPLETED,
+    "ept_exits": K.V_EXITS,
+    "int3_exits": K.V_INT3,
+    "lazy_copies": K.V_LAZY,
+    "lazy_copy_pages": K.V_LAZY_PAGES,
+    "access_violations": K.V_VIOLATIONS,
+    "ve_delivered": K.V_VE,
+    "switches_in": K.V_SWITCHES_IN,
+    "resets": K.V_RESETS,
+}
+_GFN_KERNEL = {
+    "ept_exits": K.G_EXITS,
+    "int3_exits": K.G_INT3,
+    "viol_r": K.G_VIOL_R,
+    "viol_w": K.G_VIOL_R + 1,
+    "viol_x": K.G_VIOL_R + 2,
+    "ve_delivered": K.G_VE,
+    "lazy_copies": K.G_LAZY,
+}
 
 _KIDX = {name: i for i, name in enumerate(KERNEL_COUNTERS)}
 _NODES_PER_P2M = 520  # most nodes one access can allocate in one p2m (1 GiB split: 513, + path)
-
 
 
 def derive(row: dict, nvcpus: int = 1, domain_syncs=0) -> dict:
     """Add what SPEC §7 derives (vm_events, view_switches, ept_sync_ipis) to a dict of kernel
     counters. Each EPT sync of a vCPU's step interrupts the other ``nvcpus - 1`` vCPUs; the
     ``domain_syncs`` among ``ept_syncs`` (host drops and maps) interrupt all of them."""
-    row["vm_events"] = (row["mem_access_events"] + row["singlestep_events"] + row["async_events"]
-                        + row["breakpoint_events"] + row["cr3_events"])
-    row["view_switches"] = row["switches_vm_event"] + row["switches_fast_ss"] + row["switches_vmfunc"]
-    row["ept_sync_ipis"] = (row["ept_syncs"] - domain_syncs) * max(nvcpus - 1, 0) + domain_syncs * nvcpus
+    row["vm_events"] = (
+        row["mem_access_events"]
+        + row["singlestep_events"]
+        + row["async_events"]
+        + row["breakpoint_events"]
+        + row["cr3_events"]
+    )
+    row["view_switches"] = (
+        row["switches_vm_event"] + row["switches_fast_ss"] + row["switches_vmfunc"]
+    )
+    row["ept_sync_ipis"] = (row["ept_syncs"] - domain_syncs) * max(
+        nvcpus - 1, 0
+    ) + domain_syncs * nvcpus
     return row
 
 
@@ -151,10 +274,10 @@ class SimResult:
     views: dict[int, dict[str, int]]
     gfn_keys: np.ndarray
     gfn_values: np.ndarray
-    ip_keys: np.ndarray      # uint64 (m,) instruction pointers with an exit or #VE, sorted
-    ip_values: np.ndarray    # int64 (m, 3): ept_exits, ve_delivered, int3_exits
+    ip_keys: np.ndarray  # uint64 (m,) instruction pointers with an exit or #VE, sorted
+    ip_values: np.ndarray  # int64 (m, 3): ept_exits, ve_delivered, int3_exits
     timeline: dict[str, np.ndarray]
-    population: dict[int, np.ndarray]   # view -> int64 (windows,) pages mapped at each window end
+    population: dict[int, np.ndarray]  # view -> int64 (windows,) pages mapped at each window end
     window: int
     warnings: list[str] = field(default_factory=list)
     guest_cycles: dict[int, int] = field(default_factory=dict)
@@ -163,8 +286,10 @@ class SimResult:
 
     @property
     def gfns(self) -> dict[tuple[int, int], dict[str, int]]:
-        return {(int(k[0]), int(k[1])): dict(zip(GFN_COUNTERS, map(int, v), strict=True))
-                for k, v in zip(self.gfn_keys, self.gfn_values, strict=True)}
+        return {
+            (int(k[0]), int(k[1])): dict(zip(GFN_COUNTERS, map(int, v), strict=True))
+            for k, v in zip(self.gfn_keys, self.gfn_values, strict=True)
+        }
 
 
 class Replayer:
@@ -174,8 +299,9 @@ class Replayer:
     ``window`` size the timeline.
     """
 
-    def __init__(self, policy: Policy, facts: TraceFacts, vcpus, total_rows: int,
-                 window: int | None = None):
+    def __init__(
+        self, policy: Policy, facts: TraceFacts, vcpus, total_rows: int, window: int | None = None
+    ):
         self.policy = policy
         d = policy.domain
         self.ram, sels = resolve_all(policy, facts)
@@ -255,13 +381,19 @@ class Replayer:
         self.pv = np.zeros((max(1, n_p2m - 1), K.N_VIEW_COUNTERS), dtype=np.int64)
         self.htab = np.zeros((1 << 10, K.H_WIDTH), dtype=np.int64)
         self.itab = np.zeros((1 << 10, K.I_WIDTH), dtype=np.int64)
-        self.ip_other = np.zeros(3, dtype=np.int64)  # ept_exits, ve_delivered, int3_exits of compacted ips
+        self.ip_other = np.zeros(
+            3, dtype=np.int64
+        )  # ept_exits, ve_delivered, int3_exits of compacted ips
         self.elog = np.zeros((max(LOG_ROWS, K.LOG_SLACK + 1), 3), dtype=np.int64)
         # fast-path cache over the gfns the trace can touch, within PMAP_BYTES (pages of it
         # that no access reaches are never touched, so cost no memory)
-        self.pmap = np.zeros((n_p2m, max(1, min(facts.max_gfn + 1, PMAP_BYTES // n_p2m))), dtype=np.uint8)
+        self.pmap = np.zeros(
+            (n_p2m, max(1, min(facts.max_gfn + 1, PMAP_BYTES // n_p2m))), dtype=np.uint8
+        )
         # per window: every counter, then each view's cumulative lazy-copy pages
-        self.snaps = np.zeros((self.n_windows + 1, K.N_COUNTERS + self.pv.shape[0] + 1), dtype=np.int64)
+        self.snaps = np.zeros(
+            (self.n_windows + 1, K.N_COUNTERS + self.pv.shape[0] + 1), dtype=np.int64
+        )
         self.rules, self.granges = rule_table(policy, sels.ranges)
         self.guest_seen = np.zeros(nslots, dtype=np.int64)
         self.guest_first = np.zeros(nslots, dtype=np.uint64)
@@ -271,8 +403,10 @@ class Replayer:
         self._build_host()
         self.ram_now = self.ram  # host RAM as setup goes (add_ram widens it)
         self._run_setup(sels.ranges)
-        self.setup_pages = {view: int(K.tree_stats(self.pool, self.roots[self._p2m(view)])[0])
-                            for view in self.view_ids}
+        self.setup_pages = {
+            view: int(K.tree_stats(self.pool, self.roots[self._p2m(view)])[0])
+            for view in self.view_ids
+        }
 
     @property
     def view_ids(self) -> list[int]:
@@ -288,8 +422,10 @@ class Replayer:
         least = used + 2 * self.headroom
         # double, or less when the budget has less room; the copy holds both pools a while
         rows = max(least, min(2 * self.pool.shape[0], budget.room() // budget.NODE_BYTES))
-        budget.ensure(rows * budget.NODE_BYTES,
-                      f"policy {self.policy.name!r}: the p2m tables ({rows:,} nodes of 4 KiB)")
+        budget.ensure(
+            rows * budget.NODE_BYTES,
+            f"policy {self.policy.name!r}: the p2m tables ({rows:,} nodes of 4 KiB)",
+        )
         new = np.zeros((rows, 512), dtype=np.int64)
         new[:used] = self.pool[:used]
         self.pool = new
@@ -298,8 +434,16 @@ class Replayer:
         bases, levels = carve_ram(self.ram, self.policy.domain.host_order)
         i = 0
         while True:
-            st, i = K.map_host(self.pool, self.gs, self.roots, self.maxm, bases, levels,
-                               self.dom[K.D_HOST_ACCESS], i)
+            st, i = K.map_host(
+                self.pool,
+                self.gs,
+                self.roots,
+                self.maxm,
+                bases,
+                levels,
+                self.dom[K.D_HOST_ACCESS],
+                i,
+            )
             if st == K.ST_DONE:
                 return
             self._grow_pool()
@@ -347,12 +491,16 @@ class Replayer:
                 code = 0 if op.op == "set_mem_access" else 1
                 if outside and code == 1 and op.view != 0:
                     g = first_outside(sel, self.ram_now)
-                    raise PolicyError(f"{p.source}: {op.where}: gfn {g:#x} has no entry in the view nor host RAM (Xen returns -ESRCH)")
+                    raise PolicyError(
+                        f"{p.source}: {op.where}: gfn {g:#x} has no entry in the view nor host RAM (Xen returns -ESRCH)"
+                    )
                 self.gs[K.GS_SETUP_SKIPPED] += outside
                 arg = ACCESS_CODES[op.access] if code == 0 else int(op.suppress)
                 pview = 0 if op.view == 0 else self._p2m(op.view)
                 for chunk in iter_gfn_chunks(inside):
-                    self._setup_status(op, self._setup_call(self._gfns_op, code, pview, chunk, arg)[0])
+                    self._setup_status(
+                        op, self._setup_call(self._gfns_op, code, pview, chunk, arg)[0]
+                    )
         # guest VMFUNC targets: view 0 and the declared views visible at the end of setup
         self.vis = np.zeros(max(self.view_ids) + 1, dtype=np.int64)
         for view in self.view_ids:
@@ -368,15 +516,29 @@ class Replayer:
         addrs = np.ascontiguousarray(self.breakpoints, dtype=np.int64)
         keys = np.full(len(addrs), -1, dtype=np.int64)
         pview = self._p2m(op.view)
-        self._setup_call(lambda start: K.setup_breakpoints(self.pool, self.gs, self.roots, self.maxm, self.dflt,
-                                                           self.dom, pview, addrs, keys, start))
+        self._setup_call(
+            lambda start: K.setup_breakpoints(
+                self.pool,
+                self.gs,
+                self.roots,
+                self.maxm,
+                self.dflt,
+                self.dom,
+                pview,
+                addrs,
+                keys,
+                start,
+            )
+        )
         self.bpkey = np.unique(np.concatenate([self.bpkey, keys[keys >= 0]]))
         self.bpmfn = np.unique(self.bpkey >> 12)
 
     def _check_size(self, op, sel: np.ndarray) -> None:
         if range_count(sel) > MAX_EXPLICIT_GFNS:
-            raise PolicyError(f"{self.policy.source}: {op.where}: selects {range_count(sel):,} gfns; "
-                              f"{op.op} handles at most {MAX_EXPLICIT_GFNS:,} here")
+            raise PolicyError(
+                f"{self.policy.source}: {op.where}: selects {range_count(sel):,} gfns; "
+                f"{op.op} handles at most {MAX_EXPLICIT_GFNS:,} here"
+            )
 
     def _setup_change_gfn(self, op, ranges: dict[int, np.ndarray]) -> None:
         p = self.policy
@@ -389,7 +551,9 @@ class Replayer:
             return
         g = first_outside(sel, self.ram_now)
         if g is not None:
-            raise PolicyError(f"{p.source}: {op.where}: old gfn {g:#x} is not host RAM (Xen returns -ESRCH)")
+            raise PolicyError(
+                f"{p.source}: {op.where}: old gfn {g:#x} is not host RAM (Xen returns -ESRCH)"
+            )
         self._check_size(op, sel)
         olds = expand(sel)
         new_sel = ranges[id(op.new)]
@@ -398,28 +562,68 @@ class Replayer:
         if len(news) == 1:
             news = np.full(len(olds), news[0], dtype=np.int64)
         elif len(news) < len(olds):
-            raise PolicyError(f"{p.source}: {op.where}: \"new\" selects {len(news)} gfns for {len(olds)} old gfns")
+            raise PolicyError(
+                f'{p.source}: {op.where}: "new" selects {len(news)} gfns for {len(olds)} old gfns'
+            )
         news = np.ascontiguousarray(news[: len(olds)])
         self._setup_status(op, self._setup_call(self._change_gfn, pview, olds, news)[0])
 
     def _gfns_op(self, code, pview, gfns, arg, start):
-        return K.setup_gfns(code, self.pool, self.gs, self.roots, self.maxm, self.active,
-                            self.dflt, self.dom, pview, gfns, arg, start)
+        return K.setup_gfns(
+            code,
+            self.pool,
+            self.gs,
+            self.roots,
+            self.maxm,
+            self.active,
+            self.dflt,
+            self.dom,
+            pview,
+            gfns,
+            arg,
+            start,
+        )
 
     def _change_gfn(self, pview, olds, news, start):
-        return K.setup_change_gfn(self.pool, self.gs, self.roots, self.maxm, self.dflt, self.dom,
-                                  self.remap, pview, olds, news, start)
+        return K.setup_change_gfn(
+            self.pool,
+            self.gs,
+            self.roots,
+            self.maxm,
+            self.dflt,
+            self.dom,
+            self.remap,
+            pview,
+            olds,
+            news,
+            start,
+        )
 
     def _setup_status(self, op, st) -> None:
         g = int(self.gs[K.GS_ERR_GFN])
         if st == K.ST_NOT_RAM:
-            raise PolicyError(f"{self.policy.source}: {op.where}: old gfn {g:#x} is not host RAM (Xen returns -ESRCH)")
+            raise PolicyError(
+                f"{self.policy.source}: {op.where}: old gfn {g:#x} is not host RAM (Xen returns -ESRCH)"
+            )
         if st == K.ST_NO_ENTRY:
-            raise PolicyError(f"{self.policy.source}: {op.where}: gfn {g:#x} has no entry in the view nor host RAM (Xen returns -ESRCH)")
+            raise PolicyError(
+                f"{self.policy.source}: {op.where}: gfn {g:#x} has no entry in the view nor host RAM (Xen returns -ESRCH)"
+            )
 
     # ------------------------------------------------------------------ replay
-    def feed(self, gfn, access, vcpu=None, insn=None, tsc=None, start_row: int = 0, ip=None,
-             op=None, arg=None, gpa=None) -> None:
+    def feed(
+        self,
+        gfn,
+        access,
+        vcpu=None,
+        insn=None,
+        tsc=None,
+        start_row: int = 0,
+        ip=None,
+        op=None,
+        arg=None,
+        gpa=None,
+    ) -> None:
         """Replay one batch. gfn uint64 (n,), access uint8 (n,), vcpu uint16 (n,) or None,
         insn, tsc and ip uint64 (n,) or None, op uint8 and arg uint64 (n,) or None (control
         rows), gpa uint64 (n,) or None (byte addresses for breakpoints; else ip's page
@@ -429,7 +633,11 @@ class Replayer:
         n = len(gfn)
         gfn = np.ascontiguousarray(gfn, dtype=np.uint64).view(np.int64)
         access = np.ascontiguousarray(access, dtype=np.uint8)
-        vcpu = np.zeros(n, dtype=np.uint16) if vcpu is None else np.ascontiguousarray(vcpu, dtype=np.uint16)
+        vcpu = (
+            np.zeros(n, dtype=np.uint16)
+            if vcpu is None
+            else np.ascontiguousarray(vcpu, dtype=np.uint16)
+        )
         has_insn = insn is not None
         insn_arr = np.ascontiguousarray(insn, dtype=np.uint64).view(np.int64) if has_insn else gfn
         has_ip = ip is not None
@@ -452,17 +660,50 @@ class Replayer:
         # read-only arrays (decoded Parquet columns are read-only, computed ones are not),
         # each taking tens of seconds; with all of them read-only there is one.
         gfn, access, vcpu, insn_arr, ip_arr, op_arr, arg_arr, boff = (
-            _read_only(a) for a in (gfn, access, vcpu, insn_arr, ip_arr, op_arr, arg_arr, boff))
+            _read_only(a) for a in (gfn, access, vcpu, insn_arr, ip_arr, op_arr, arg_arr, boff)
+        )
         i = 0
         while True:
-            st, i = K.replay_batch(gfn, access, vcpu, insn_arr, has_insn, ip_arr, has_ip,
-                                   op_arr, arg_arr, has_op, boff,
-                                   start_row, i, self.pool, self.gs, self.roots, self.maxm,
-                                   self.active, self.dflt, self.dom, self.vst, self.vc, self.pv,
-                                   self.elog, self.htab, self.itab,
-                                   self.rules, self.granges, self.lut, self.snaps, self.pmap,
-                                   self.ibuf, self.remap, self.bpmfn, self.bpkey, self.cr3r,
-                                   self.vis, self.pseg)
+            st, i = K.replay_batch(
+                gfn,
+                access,
+                vcpu,
+                insn_arr,
+                has_insn,
+                ip_arr,
+                has_ip,
+                op_arr,
+                arg_arr,
+                has_op,
+                boff,
+                start_row,
+                i,
+                self.pool,
+                self.gs,
+                self.roots,
+                self.maxm,
+                self.active,
+                self.dflt,
+                self.dom,
+                self.vst,
+                self.vc,
+                self.pv,
+                self.elog,
+                self.htab,
+                self.itab,
+                self.rules,
+                self.granges,
+                self.lut,
+                self.snaps,
+                self.pmap,
+                self.ibuf,
+                self.remap,
+                self.bpmfn,
+                self.bpkey,
+                self.cr3r,
+                self.vis,
+                self.pseg,
+            )
             if st == K.ST_NEED_NODES:
                 self._grow_pool()
             elif st in (K.ST_NEED_HASH, K.ST_NEED_IPHASH):
@@ -474,16 +715,28 @@ class Replayer:
                 row = int(self.gs[K.GS_ERR_ROW])
                 raise ReplayRuntimeError(
                     f"row {row}: violation in view {self.policy.view_name(int(self.gs[K.GS_ERR_VIEW]))!r} "
-                    f"(gfn {int(self.gs[K.GS_ERR_GFN]):#x}) matches no [[on_violation]] rule of policy {self.policy.name!r}")
+                    f"(gfn {int(self.gs[K.GS_ERR_GFN]):#x}) matches no [[on_violation]] rule of policy {self.policy.name!r}"
+                )
             elif st == K.ST_LONG_INSN:
                 row = int(self.gs[K.GS_ERR_ROW])
-                raise TraceError(f"row {row}: instruction has more than {K.MAX_INSN_ROWS} rows "
-                                 "(insn ids must change per instruction)")
+                raise TraceError(
+                    f"row {row}: instruction has more than {K.MAX_INSN_ROWS} rows "
+                    "(insn ids must change per instruction)"
+                )
             else:
                 break
         if tsc is not None:
-            K.track_tsc(_read_only(np.ascontiguousarray(tsc, dtype=np.uint64)), vcpu, self.lut,
-                        self.guest_seen, self.guest_first, self.guest_last, i, op_arr, has_op)
+            K.track_tsc(
+                _read_only(np.ascontiguousarray(tsc, dtype=np.uint64)),
+                vcpu,
+                self.lut,
+                self.guest_seen,
+                self.guest_first,
+                self.guest_last,
+                i,
+                op_arr,
+                has_op,
+            )
 
     def _grow_tables(self) -> None:
         """Grow the per-gfn and per-ip tables until draining the event log fits in them; a
@@ -491,12 +744,18 @@ class Replayer:
         while (st := K.drain_status(self.gs, self.htab, self.itab)) != K.ST_DONE:
             table = self.htab if st == K.ST_NEED_HASH else self.itab
             # (compacting frees a quarter of the rows: enough unless the log alone is bigger)
-            if st != K.ST_NEED_HASH and table.shape[0] >= IP_ROWS and 4 * int(self.gs[K.GS_LOGN]) < table.shape[0]:
+            if (
+                st != K.ST_NEED_HASH
+                and table.shape[0] >= IP_ROWS
+                and 4 * int(self.gs[K.GS_LOGN]) < table.shape[0]
+            ):
                 self._compact_ips()
                 continue
             what = "per-gfn" if st == K.ST_NEED_HASH else "per-ip"
-            budget.ensure(2 * table.nbytes, f"policy {self.policy.name!r}: the {what} table "
-                                            f"({2 * table.shape[0]:,} rows)")
+            budget.ensure(
+                2 * table.nbytes,
+                f"policy {self.policy.name!r}: the {what} table ({2 * table.shape[0]:,} rows)",
+            )
             if st == K.ST_NEED_HASH:
                 self.htab = _grown(self.htab, False)
             else:
@@ -514,7 +773,9 @@ class Replayer:
         gone = used[order[keep:]]
         self.ip_other += t[gone][:, [K.I_EXITS, K.I_VE, K.I_INT3]].sum(axis=0)
         new = np.frombuffer(mmap.mmap(-1, t.nbytes), dtype=np.int64).reshape(t.shape)
-        K.rehash(np.ascontiguousarray(t[used[order[:keep]]]), new, True, np.zeros(K.N_GS, dtype=np.int64))
+        K.rehash(
+            np.ascontiguousarray(t[used[order[:keep]]]), new, True, np.zeros(K.N_GS, dtype=np.int64)
+        )
         self.itab = new
         self.gs[K.GS_ICOUNT] = keep
 
@@ -533,16 +794,20 @@ class Replayer:
         for j in range(w, self.n_windows + 1):
             K.snapshot(self.vc, self.pv, self.snaps, j, self.vc.shape[0])
         wanted = None if vcpus is None else {int(v) for v in vcpus}
-        return self._collect([(slot, v) for slot, v in enumerate(self.vcpu_list)
-                              if wanted is None or v in wanted])
+        return self._collect(
+            [(slot, v) for slot, v in enumerate(self.vcpu_list) if wanted is None or v in wanted]
+        )
 
     def _collect(self, reported: list[tuple[int, int]]) -> SimResult:
         """``reported``: (counter slot, vCPU number) of the vCPUs the tables name."""
         crashed = int(self.gs[K.GS_CRASHED])
         livelocked = int(self.gs[K.GS_LIVELOCKED])
-        run = {"crashed": crashed, "crash_record": int(self.gs[K.GS_CRASH_ROW]) if crashed else -1,
-               "livelocked": livelocked,
-               "livelock_record": int(self.gs[K.GS_LIVELOCK_ROW]) if livelocked else -1}
+        run = {
+            "crashed": crashed,
+            "crash_record": int(self.gs[K.GS_CRASH_ROW]) if crashed else -1,
+            "livelocked": livelocked,
+            "livelock_record": int(self.gs[K.GS_LIVELOCK_ROW]) if livelocked else -1,
+        }
         nvcpus = len(reported)
         vcpus = {}
         for slot, v in reported:
@@ -551,8 +816,11 @@ class Replayer:
             derive(row, nvcpus)
             vcpus[v] = {k: row[k] for k in COUNTERS}
         tot = {name: int(self.vc[:, i].sum()) for i, name in enumerate(KERNEL_COUNTERS)}
-        tot.update(run, setup_splits=int(self.gs[K.GS_SETUP_SPLITS]),
-                   setup_skipped=int(self.gs[K.GS_SETUP_SKIPPED]))
+        tot.update(
+            run,
+            setup_splits=int(self.gs[K.GS_SETUP_SPLITS]),
+            setup_skipped=int(self.gs[K.GS_SETUP_SKIPPED]),
+        )
         derive(tot, nvcpus, int(self.vc[-1, K.C_EPT_SYNCS]))
         total = {k: tot[k] for k in COUNTERS}
 
@@ -561,19 +829,25 @@ class Replayer:
             p = self._p2m(view)
             pages, l4k, l2m, l1g = K.tree_stats(self.pool, self.roots[p])
             row = {name: int(self.pv[view, col]) for name, col in _VIEW_KERNEL.items()}
-            row.update(pages_mapped=int(pages), leaves_4k=int(l4k), leaves_2m=int(l2m), leaves_1g=int(l1g))
+            row.update(
+                pages_mapped=int(pages), leaves_4k=int(l4k), leaves_2m=int(l2m), leaves_1g=int(l1g)
+            )
             views[view] = {k: row[k] for k in VIEW_COUNTERS}
 
         used = np.flatnonzero(self.htab[:, 0])
         keys = self.htab[used, 0] - 1
         vals = self.htab[used][:, [_GFN_KERNEL[c] for c in GFN_COUNTERS]]
-        keep = (self.htab[used, K.G_EXITS] > 0) | (self.htab[used, K.G_VE] > 0) | (self.htab[used, K.G_INT3] > 0)
+        keep = (
+            (self.htab[used, K.G_EXITS] > 0)
+            | (self.htab[used, K.G_VE] > 0)
+            | (self.htab[used, K.G_INT3] > 0)
+        )
         views_, gfns_ = keys[keep] >> 36, keys[keep] & ((1 << 36) - 1)
         order = np.lexsort((gfns_, views_))
         gfn_keys = np.stack([views_[order], gfns_[order]], axis=1)
         gfn_values = vals[keep][order]
 
-        diffs = np.diff(self.snaps[:, :K.N_COUNTERS], axis=0)
+        diffs = np.diff(self.snaps[:, : K.N_COUNTERS], axis=0)
         tl = {name: diffs[:, _KIDX[name]] for name in KERNEL_COUNTERS}
         timeline = {
             "window": np.arange(self.n_windows, dtype=np.int64),
@@ -582,20 +856,38 @@ class Replayer:
         timeline.update(derive(tl, nvcpus, np.diff(self.snaps[:, -1])))
         # pages mapped per view at the end of each window: after setup, plus lazy copies so far
         # (exact from xen 4.17 on, where a lazy copy never covers pages the view maps already)
-        population = {view: self.setup_pages[view] + self.snaps[1:, K.N_COUNTERS + view]
-                      for view in self.view_ids}
+        population = {
+            view: self.setup_pages[view] + self.snaps[1:, K.N_COUNTERS + view]
+            for view in self.view_ids
+        }
         guest = {}
         for slot, v in reported:
             seen = self.guest_seen[slot]
             guest[v] = int(self.guest_last[slot]) - int(self.guest_first[slot]) if seen else 0
-        used_ip = np.flatnonzero(self.itab[:, K.I_EXITS] | self.itab[:, K.I_VE] | self.itab[:, K.I_INT3])
+        used_ip = np.flatnonzero(
+            self.itab[:, K.I_EXITS] | self.itab[:, K.I_VE] | self.itab[:, K.I_INT3]
+        )
         ips = self.itab[used_ip, K.I_IP].view(np.uint64)
         iorder = np.argsort(ips)  # ips are unique: any sort gives one order
         rows = used_ip[iorder]  # one gather per column: 2-D fancy indexing took 60 ms here
-        ip_values = np.stack([self.itab[rows, K.I_EXITS], self.itab[rows, K.I_VE], self.itab[rows, K.I_INT3]], axis=1)
-        return SimResult(total, vcpus, views, gfn_keys, gfn_values, ips[iorder], ip_values,
-                         timeline, population, self.window, self.warnings, guest,
-                         ip_other=(int(self.ip_other[0]), int(self.ip_other[1]), int(self.ip_other[2])))
+        ip_values = np.stack(
+            [self.itab[rows, K.I_EXITS], self.itab[rows, K.I_VE], self.itab[rows, K.I_INT3]], axis=1
+        )
+        return SimResult(
+            total,
+            vcpus,
+            views,
+            gfn_keys,
+            gfn_values,
+            ips[iorder],
+            ip_values,
+            timeline,
+            population,
+            self.window,
+            self.warnings,
+            guest,
+            ip_other=(int(self.ip_other[0]), int(self.ip_other[1]), int(self.ip_other[2])),
+        )
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -631,8 +923,18 @@ def rule_table(policy: Policy, ranges: dict[int, np.ndarray]) -> tuple[np.ndarra
             lo, hi = at, at + len(rr)
             chunks.append(rr)
             at = hi
-        rows.append([-1 if r.view is None else r.view, mask, lo, hi, RESPONSE_CODES[r.action],
-                     r.to, int(r.fast), ACCESS_CODES[r.access]])
+        rows.append(
+            [
+                -1 if r.view is None else r.view,
+                mask,
+                lo,
+                hi,
+                RESPONSE_CODES[r.action],
+                r.to,
+                int(r.fast),
+                ACCESS_CODES[r.access],
+            ]
+        )
     table = np.asarray(rows, dtype=np.int64).reshape(-1, 8)
     granges = np.concatenate(chunks) if chunks else np.zeros((1, 2), dtype=np.int64)
     return table, np.ascontiguousarray(granges, dtype=np.int64)
@@ -645,19 +947,36 @@ def setup_warnings(policy: Policy) -> list[str]:
     if not d.altp2m:
         return out
     for op in policy.setup:
-        if op.op == "set_mem_access" and op.view == 0 and d.xen >= (4, 19) and op.access != d.host_access:
-            out.append(f"{op.where}: view-0 access {op.access!r} is written to the host p2m; view 0 "
-                       f"copies gfns it has not mapped yet with its default access {d.host_access!r} "
-                       "(xen >= 4.19), so the restriction is lost on those gfns")
+        if (
+            op.op == "set_mem_access"
+            and op.view == 0
+            and d.xen >= (4, 19)
+            and op.access != d.host_access
+        ):
+            out.append(
+                f"{op.where}: view-0 access {op.access!r} is written to the host p2m; view 0 "
+                f"copies gfns it has not mapped yet with its default access {d.host_access!r} "
+                "(xen >= 4.19), so the restriction is lost on those gfns"
+            )
         if op.op == "set_suppress_ve" and op.view == 0:
-            out.append(f"{op.where}: set_suppress_ve on view 0 writes the host p2m; the bit never "
-                       "reaches the tables vCPUs walk")
+            out.append(
+                f"{op.where}: set_suppress_ve on view 0 writes the host p2m; the bit never "
+                "reaches the tables vCPUs walk"
+            )
     return out
 
 
-def simulate_arrays(policy: Policy, arrays: dict[str, np.ndarray], *, meta_ram=None,
-                    gfn_sets=None, symbols=None, processes=None, batch_rows: int | None = None,
-                    window: int | None = None) -> SimResult:
+def simulate_arrays(
+    policy: Policy,
+    arrays: dict[str, np.ndarray],
+    *,
+    meta_ram=None,
+    gfn_sets=None,
+    symbols=None,
+    processes=None,
+    batch_rows: int | None = None,
+    window: int | None = None,
+) -> SimResult:
     """Replay an in-memory trace (dict of arrays: gfn or gpa, access, optional vcpu, insn,
     tsc, ip, op, arg) with optional metadata ``symbols`` / ``processes`` (SPEC §2).
 
@@ -665,30 +984,51 @@ def simulate_arrays(policy: Policy, arrays: dict[str, np.ndarray], *, meta_ram=N
     ``traces.validate`` on files).
     """
     gpa = arrays.get("gpa")
-    gfn = np.asarray(arrays["gfn"] if gpa is None else np.asarray(gpa, dtype=np.uint64) >> np.uint64(12),
-                     dtype=np.uint64)
+    gfn = np.asarray(
+        arrays["gfn"] if gpa is None else np.asarray(gpa, dtype=np.uint64) >> np.uint64(12),
+        dtype=np.uint64,
+    )
     n = len(gfn)
     access = np.asarray(arrays["access"])
     op = arrays.get("op")
     ctl = np.zeros(n, dtype=bool) if op is None else np.asarray(op) != 0
     if n and ((access[~ctl] < 1).any() or (access[~ctl] > 7).any() or (access[ctl] != 0).any()):
-        raise ValueError("access values must be 1..7 on access rows and 0 on control rows (SPEC §2)")
+        raise ValueError(
+            "access values must be 1..7 on access rows and 0 on control rows (SPEC §2)"
+        )
     if n and gfn.max() >= 1 << 36:
         raise ValueError("gfn values must be below 2^36 (SPEC §2)")
     vcpu = arrays.get("vcpu")
     vcpu = np.zeros(n, dtype=np.uint16) if vcpu is None else np.asarray(vcpu, dtype=np.uint16)
-    facts = facts_from_arrays(dict(arrays, gfn=gfn), meta_ram=meta_ram, gfn_sets=gfn_sets,
-                              symbols=symbols, processes=processes,
-                              insn_stats=needs_insn_stats(policy))
+    facts = facts_from_arrays(
+        dict(arrays, gfn=gfn),
+        meta_ram=meta_ram,
+        gfn_sets=gfn_sets,
+        symbols=symbols,
+        processes=processes,
+        insn_stats=needs_insn_stats(policy),
+    )
     domain_rows = np.zeros(n, dtype=bool) if op is None else np.asarray(op) >= 3
     rep = Replayer(policy, facts, np.unique(vcpu[~domain_rows]), n, window=window)
     step = batch_rows or max(n, 1)
     for a in range(0, n, step):
         b = min(n, a + step)
-        part = {k: (None if arrays.get(k) is None else np.asarray(arrays[k])[a:b])
-                for k in ("insn", "tsc", "ip", "op", "arg", "gpa")}
-        rep.feed(gfn[a:b], access[a:b], vcpu[a:b], part["insn"], part["tsc"], start_row=a,
-                 ip=part["ip"], op=part["op"], arg=part["arg"], gpa=part["gpa"])
+        part = {
+            k: (None if arrays.get(k) is None else np.asarray(arrays[k])[a:b])
+            for k in ("insn", "tsc", "ip", "op", "arg", "gpa")
+        }
+        rep.feed(
+            gfn[a:b],
+            access[a:b],
+            vcpu[a:b],
+            part["insn"],
+            part["tsc"],
+            start_row=a,
+            ip=part["ip"],
+            op=part["op"],
+            arg=part["arg"],
+            gpa=part["gpa"],
+        )
         if rep.done:
             break
     return rep.finish()
@@ -701,7 +1041,7 @@ def kernels_cached() -> bool:
     (nothing is announced, the run compiles as it goes)."""
     try:
         return bool(K.replay_batch._cache._cache_file._load_index())
-    except Exception:  # noqa: BLE001 - a newer Numba: no announcement, same results
+    except Exception:
         return True
 
 
@@ -750,12 +1090,14 @@ def warm_kernels() -> None:
     from altp2m_replay.policy import parse_policy
 
     gfn = np.array([5, 6, 600, 7, 5, 3, 3], dtype=np.uint64)
-    arrays = {"gpa": (gfn << np.uint64(12)) | np.uint64(0x10),
-              "access": np.array([4, 2, 2, 1, 4, 0, 0], dtype=np.uint8),
-              "vcpu": np.array([0, 0, 1, 1, 0, 0, 1], dtype=np.uint16),
-              "insn": np.array([1, 1, 2, 2, 3, 4, 5], dtype=np.uint64),
-              "ip": np.arange(7, dtype=np.uint64), "tsc": np.arange(7, dtype=np.uint64),
-              "op": np.array([0, 0, 0, 0, 0, 2, 3], dtype=np.uint8),
-              "arg": np.array([0, 0, 0, 0, 0, 0x1000, 0], dtype=np.uint64)}
+    arrays = {
+        "gpa": (gfn << np.uint64(12)) | np.uint64(0x10),
+        "access": np.array([4, 2, 2, 1, 4, 0, 0], dtype=np.uint8),
+        "vcpu": np.array([0, 0, 1, 1, 0, 0, 1], dtype=np.uint16),
+        "insn": np.array([1, 1, 2, 2, 3, 4, 5], dtype=np.uint64),
+        "ip": np.arange(7, dtype=np.uint64),
+        "tsc": np.arange(7, dtype=np.uint64),
+        "op": np.array([0, 0, 0, 0, 0, 2, 3], dtype=np.uint8),
+        "arg": np.array([0, 0, 0, 0, 0, 0x1000, 0], dtype=np.uint64),
+    }
     simulate_arrays(parse_policy(WARM_POLICY, "warm-up"), arrays, batch_rows=4)
-

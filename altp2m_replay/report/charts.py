@@ -70,9 +70,15 @@ class BarRow:
     note: str = ""  # shown after the bar (e.g. a total); computed by the caller
 
 
-def stacked_bars(rows: Sequence[BarRow], series: Sequence[tuple[str, str]], *,
-                 normalize: bool = False, width: int = 1080,
-                 value_fmt: Callable[[float], str] = compact, aria: str = "") -> str:
+def stacked_bars(
+    rows: Sequence[BarRow],
+    series: Sequence[tuple[str, str]],
+    *,
+    normalize: bool = False,
+    width: int = 1080,
+    value_fmt: Callable[[float], str] = compact,
+    aria: str = "",
+) -> str:
     """Horizontal stacked bars, one per row; ``series`` is [(name, colour)].
 
     ``normalize`` scales each bar to 100 % (composition); otherwise bars share one linear
@@ -86,15 +92,21 @@ def stacked_bars(rows: Sequence[BarRow], series: Sequence[tuple[str, str]], *,
     totals = [sum(r.values) for r in rows]
     ticks = [0, 25, 50, 75, 100] if normalize else nice_ticks(max(totals, default=0))
     top_tick = ticks[-1]
-    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="100%" role="img"'
-           f' aria-label="{escape(aria)}" font-size="{FONT_PX}">']
+    out = [
+        (
+            f'<svg class="chart" viewBox="0 0 {width} {height}" width="100%" role="img"'
+            f' aria-label="{escape(aria)}" font-size="{FONT_PX}">'
+        )
+    ]
     plot_bottom = top + len(rows) * (bar_h + gap)
     for t in ticks:
         x = label_w + plot_w * t / top_tick
-        out.append(f'<line x1="{_c(x)}" y1="{top}" x2="{_c(x)}" y2="{_c(plot_bottom)}" '
-                   f'stroke="{GRID}"/>')
-        out.append(_text(x, plot_bottom + 16, f"{t:g}%" if normalize else compact(t), "middle",
-                         "tick"))
+        out.append(
+            f'<line x1="{_c(x)}" y1="{top}" x2="{_c(x)}" y2="{_c(plot_bottom)}" stroke="{GRID}"/>'
+        )
+        out.append(
+            _text(x, plot_bottom + 16, f"{t:g}%" if normalize else compact(t), "middle", "tick")
+        )
     for i, (row, total) in enumerate(zip(rows, totals, strict=True)):
         y = top + i * (bar_h + gap) + gap / 2
         out.append(_text(label_w - 8, y + bar_h / 2 + 4, row.label, "end", "label"))
@@ -105,17 +117,22 @@ def stacked_bars(rows: Sequence[BarRow], series: Sequence[tuple[str, str]], *,
                 continue
             w = v * scale
             share = v / total * 100 if total else 0
-            out.append(f'<rect x="{_c(x)}" y="{_c(y)}" width="{_c(max(w, 0.1))}" height="{bar_h}" '
-                       f'fill="{colour}"><title>{escape(row.label)} · {escape(name)}: '
-                       f'{value_fmt(v)} ({share:.1f}%)</title></rect>')
+            out.append(
+                f'<rect x="{_c(x)}" y="{_c(y)}" width="{_c(max(w, 0.1))}" height="{bar_h}" '
+                f'fill="{colour}"><title>{escape(row.label)} · {escape(name)}: '
+                f"{value_fmt(v)} ({share:.1f}%)</title></rect>"
+            )
             x += w
         if total == 0:
             out.append(_text(label_w + 6, y + bar_h / 2 + 4, "no cycles", "start", "muted"))
         elif not normalize:
-            out.append(_text(x + 6, y + bar_h / 2 + 4, row.note or value_fmt(total), "start",
-                             "value"))
-    out.append(f'<line x1="{_c(label_w)}" y1="{top}" x2="{_c(label_w)}" y2="{_c(plot_bottom)}" '
-               f'stroke="{AXIS}"/>')
+            out.append(
+                _text(x + 6, y + bar_h / 2 + 4, row.note or value_fmt(total), "start", "value")
+            )
+    out.append(
+        f'<line x1="{_c(label_w)}" y1="{top}" x2="{_c(label_w)}" y2="{_c(plot_bottom)}" '
+        f'stroke="{AXIS}"/>'
+    )
     out.append("</svg>")
     return "".join(out)
 
@@ -139,8 +156,11 @@ def count_axis(vmax: float) -> tuple[list[float], Callable[[float], str]]:
 
 def size_axis(vmax: float) -> tuple[list[float], Callable[[float], str]]:
     """Ticks and labels for a byte axis, on round binary units: 0, 100 MiB, 200 MiB, ..."""
-    unit, name = next((u, n) for u, n in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"),
-                                          (1, "B")) if vmax >= u or u == 1)
+    unit, name = next(
+        (u, n)
+        for u, n in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"), (1, "B"))
+        if vmax >= u or u == 1
+    )
     ticks = [t * unit for t in nice_ticks(vmax / unit, 4)]
 
     def fmt(v: float) -> str:
@@ -149,9 +169,17 @@ def size_axis(vmax: float) -> tuple[list[float], Callable[[float], str]]:
     return ticks, fmt
 
 
-def line_chart(lines: Sequence[Line], *, x_label: str, width: int = 540, height: int = 230,
-               aria: str = "", y_axis: YAxis = count_axis, x_from_zero: bool = False,
-               min_left: int = 56) -> str:
+def line_chart(
+    lines: Sequence[Line],
+    *,
+    x_label: str,
+    width: int = 540,
+    height: int = 230,
+    aria: str = "",
+    y_axis: YAxis = count_axis,
+    x_from_zero: bool = False,
+    min_left: int = 56,
+) -> str:
     """Several series over a shared x axis (record index), y from 0.
 
     ``y_axis(vmax)`` gives the y ticks and their label format; ``x_from_zero`` starts the x
@@ -179,25 +207,37 @@ def line_chart(lines: Sequence[Line], *, x_label: str, width: int = 540, height:
     def py(y):
         return top + plot_h - plot_h * y / ymax
 
-    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="100%" role="img"'
-           f' aria-label="{escape(aria)}" font-size="{FONT_PX}">']
+    out = [
+        (
+            f'<svg class="chart" viewBox="0 0 {width} {height}" width="100%" role="img"'
+            f' aria-label="{escape(aria)}" font-size="{FONT_PX}">'
+        )
+    ]
     for t, label in zip(y_ticks, y_labels, strict=True):
-        out.append(f'<line x1="{left}" y1="{_c(py(t))}" x2="{width - right}" y2="{_c(py(t))}" '
-                   f'stroke="{GRID}"/>')
+        out.append(
+            f'<line x1="{left}" y1="{_c(py(t))}" x2="{width - right}" y2="{_c(py(t))}" '
+            f'stroke="{GRID}"/>'
+        )
         out.append(_text(left - 6, py(t) + 4, label, "end", "tick"))
     for t in x_ticks:
-        out.append(f'<line x1="{_c(px(t))}" y1="{top + plot_h}" x2="{_c(px(t))}" '
-                   f'y2="{top + plot_h + 4}" stroke="{AXIS}"/>')
+        out.append(
+            f'<line x1="{_c(px(t))}" y1="{top + plot_h}" x2="{_c(px(t))}" '
+            f'y2="{top + plot_h + 4}" stroke="{AXIS}"/>'
+        )
         out.append(_text(px(t), top + plot_h + 16, compact(t), "middle", "tick"))
     out.append(_text(left + plot_w / 2, height - 4, x_label, "middle", "muted"))
-    out.append(f'<line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}" '
-               f'stroke="{AXIS}"/>')
+    out.append(
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}" '
+        f'stroke="{AXIS}"/>'
+    )
     for ln in lines:
         if not ln.xs:
             continue
         pts = " ".join(f"{_c(px(x))},{_c(py(y))}" for x, y in zip(ln.xs, ln.ys, strict=True))
         dash = ' stroke-dasharray="5 3"' if ln.dashed else ""
-        out.append(f'<polyline points="{pts}" fill="none" stroke="{ln.colour}" stroke-width="1.8" '
-                   f'stroke-linejoin="round"{dash}><title>{escape(ln.name)}</title></polyline>')
+        out.append(
+            f'<polyline points="{pts}" fill="none" stroke="{ln.colour}" stroke-width="1.8" '
+            f'stroke-linejoin="round"{dash}><title>{escape(ln.name)}</title></polyline>'
+        )
     out.append("</svg>")
     return "".join(out)

@@ -17,25 +17,68 @@ KEYS = ("trace", "policy")
 # breakpoint_events, cr3_events, restarts, livelocked, livelock_record, resets, the new
 # cycles_<key>) are optional: a folder written before them still renders, without them.
 SUMMARY_REQUIRED = (
-    "trace", "policy", "vcpu", "records", "ept_exits", "vm_events", "ve_delivered",
-    "view_switches", "lazy_copies", "crashed", "crash_record", "cycles_total",
-    "cycles_per_record", "overhead_us", "slowdown",
+    "trace",
+    "policy",
+    "vcpu",
+    "records",
+    "ept_exits",
+    "vm_events",
+    "ve_delivered",
+    "view_switches",
+    "lazy_copies",
+    "crashed",
+    "crash_record",
+    "cycles_total",
+    "cycles_per_record",
+    "overhead_us",
+    "slowdown",
 )
 BY_VIEW_REQUIRED = (
-    "trace", "policy", "view", "view_name", "records_completed", "ept_exits", "lazy_copies",
-    "lazy_copy_pages", "switches_in", "pages_mapped", "leaves_4k", "leaves_2m", "leaves_1g",
+    "trace",
+    "policy",
+    "view",
+    "view_name",
+    "records_completed",
+    "ept_exits",
+    "lazy_copies",
+    "lazy_copy_pages",
+    "switches_in",
+    "pages_mapped",
+    "leaves_4k",
+    "leaves_2m",
+    "leaves_1g",
 )
 BY_GFN_REQUIRED = (
-    "trace", "policy", "view", "gfn", "ept_exits", "viol_r", "viol_w", "viol_x", "ve_delivered",
+    "trace",
+    "policy",
+    "view",
+    "gfn",
+    "ept_exits",
+    "viol_r",
+    "viol_w",
+    "viol_x",
+    "ve_delivered",
     "lazy_copies",
 )
 TIMELINE_REQUIRED = (
-    "trace", "policy", "window", "first_record", "ept_exits", "vm_events", "ve_delivered",
+    "trace",
+    "policy",
+    "window",
+    "first_record",
+    "ept_exits",
+    "vm_events",
+    "ve_delivered",
     "lazy_copies",
 )
 BY_IP_REQUIRED = ("trace", "policy", "ip", "ept_exits", "ve_delivered")
 POPULATION_REQUIRED = (
-    "trace", "policy", "view", "view_name", "window", "first_record", "pages_mapped",
+    "trace",
+    "policy",
+    "view",
+    "view_name",
+    "window",
+    "first_record",
+    "pages_mapped",
 )
 
 
@@ -51,8 +94,9 @@ def results_dir(path) -> Path:
     return d
 
 
-def read_table(d: Path, name: str, required: Sequence[str], *, optional: bool = False
-               ) -> pl.DataFrame | None:
+def read_table(
+    d: Path, name: str, required: Sequence[str], *, optional: bool = False
+) -> pl.DataFrame | None:
     """``d/name.parquet`` with ``required`` columns; None when absent and ``optional``."""
     path = d / f"{name}.parquet"
     if not path.is_file():
@@ -66,8 +110,10 @@ def read_table(d: Path, name: str, required: Sequence[str], *, optional: bool = 
         raise OutputError(f"{path}: not a readable Parquet table ({reason})") from None
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise OutputError(f"{path}: missing column(s) {', '.join(missing)}; "
-                          f"expected the {name} table that `replay` writes")
+        raise OutputError(
+            f"{path}: missing column(s) {', '.join(missing)}; "
+            f"expected the {name} table that `replay` writes"
+        )
     _refuse_infinite(df, path)
     return df
 
@@ -79,8 +125,10 @@ def _refuse_infinite(df: pl.DataFrame, path: Path) -> None:
             bad = df[col].is_infinite().fill_null(False)
             if bad.any():
                 row = int(bad.arg_max())
-                raise OutputError(f'{path}: row {row}, column "{col}": expected a finite number, '
-                                  f"found {df[col][row]}")
+                raise OutputError(
+                    f'{path}: row {row}, column "{col}": expected a finite number, '
+                    f"found {df[col][row]}"
+                )
 
 
 def read_manifest(d: Path) -> dict:
@@ -93,7 +141,9 @@ def read_manifest(d: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OutputError(f"{path}: not readable JSON ({exc})") from None
     except RecursionError:
-        raise OutputError(f"{path}: not readable JSON (arrays or objects nested too deeply)") from None
+        raise OutputError(
+            f"{path}: not readable JSON (arrays or objects nested too deeply)"
+        ) from None
     if not isinstance(data, dict):
         raise OutputError(f"{path}: expected a JSON object, found {type(data).__name__}")
     # the report trusts these shapes below, so a hand-edited manifest fails here, by name
@@ -153,7 +203,7 @@ def trace_symbols(entry: dict | None, wanted: set[int]) -> Symbols:
         kv = pq.read_metadata(p).metadata or {}
         raw = kv.get(META_KEY.encode())
         meta = json.loads(raw) if raw is not None else {}
-    except Exception:  # noqa: BLE001 - OS, JSON and pyarrow's own errors alike: no names
+    except Exception:
         return Symbols("unreadable", path)
     syms = meta.get("symbols") if isinstance(meta, dict) else None
     if not isinstance(syms, dict) or not syms:

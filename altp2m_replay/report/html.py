@@ -62,26 +62,69 @@ EXTRA_COUNTERS = (
 )
 # per-view Revision 2 counters, shown when some view of the trace has a non-zero value
 VIEW_EXTRA = (("int3_exits", "INT3 exits"), ("resets", "resets"))
-LIVELOCK_TEXT = ("the policy restarts an instruction forever (more than 64 restarts), "
-                 "so the guest would hang")
-POLICY_COLOURS = ("#2563eb", "#ea580c", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04",
-                  "#db2777", "#65a30d", "#4f46e5", "#0d9488", "#b45309")
+LIVELOCK_TEXT = (
+    "the policy restarts an instruction forever (more than 64 restarts), so the guest would hang"
+)
+POLICY_COLOURS = (
+    "#2563eb",
+    "#ea580c",
+    "#16a34a",
+    "#dc2626",
+    "#9333ea",
+    "#0891b2",
+    "#ca8a04",
+    "#db2777",
+    "#65a30d",
+    "#4f46e5",
+    "#0d9488",
+    "#b45309",
+)
 REFERENCE_COLOURS = {"none": "#9ca3af", "baseline": "#4b5563"}
 CATEGORY_COLOURS = {
-    "ept_exit": "#4e79a7", "lazy_copy": "#a0cbe8", "vm_event_sync": "#e15759",
-    "monitor_callback": "#ff9d9a", "vm_event_async": "#f28e2b", "mtf_exit": "#ffbe7d",
-    "view_switch": "#59a14f", "vmfunc": "#8cd17d", "ve_delivery": "#b6992d",
-    "ve_agent": "#f1ce63", "emulation": "#499894", "access_change": "#86bcb6",
-    "superpage_split": "#b07aa1", "mmio": "#9d7660", "int3_exit": "#d37295",
-    "cr3_exit": "#fabfd2", "vmfunc_exit": "#79706e", "view_reset": "#bab0ac",
+    "ept_exit": "#4e79a7",
+    "lazy_copy": "#a0cbe8",
+    "vm_event_sync": "#e15759",
+    "monitor_callback": "#ff9d9a",
+    "vm_event_async": "#f28e2b",
+    "mtf_exit": "#ffbe7d",
+    "view_switch": "#59a14f",
+    "vmfunc": "#8cd17d",
+    "ve_delivery": "#b6992d",
+    "ve_agent": "#f1ce63",
+    "emulation": "#499894",
+    "access_change": "#86bcb6",
+    "superpage_split": "#b07aa1",
+    "mmio": "#9d7660",
+    "int3_exit": "#d37295",
+    "cr3_exit": "#fabfd2",
+    "vmfunc_exit": "#79706e",
+    "view_reset": "#bab0ac",
     "ept_sync_ipi": "#17becf",
 }
 # for cost keys the table above does not know yet: used in order, skipping taken colours
-EXTRA_CATEGORY_COLOURS = ("#1f77b4", "#bcbd22", "#8c564b", "#e377c2", "#7f7f7f", "#aec7e8",
-                          "#98df8a", "#c5b0d5")
+EXTRA_CATEGORY_COLOURS = (
+    "#1f77b4",
+    "#bcbd22",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#aec7e8",
+    "#98df8a",
+    "#c5b0d5",
+)
 # views of one policy, by their position among that policy's views (view 0 first)
-VIEW_COLOURS = ("#475569", "#2563eb", "#ea580c", "#16a34a", "#9333ea", "#dc2626", "#0891b2",
-                "#ca8a04", "#db2777", "#65a30d")
+VIEW_COLOURS = (
+    "#475569",
+    "#2563eb",
+    "#ea580c",
+    "#16a34a",
+    "#9333ea",
+    "#dc2626",
+    "#0891b2",
+    "#ca8a04",
+    "#db2777",
+    "#65a30d",
+)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -162,8 +205,11 @@ def _policy_colours(policies: list[str]) -> dict[str, str]:
 
 def _cost_categories(columns) -> list[str]:
     """``cycles_<key>`` columns in the cost model's order, unknown keys after, by name."""
-    keys = [c[len("cycles_"):] for c in columns
-            if c.startswith("cycles_") and c not in ("cycles_total", "cycles_per_record")]
+    keys = [
+        c[len("cycles_") :]
+        for c in columns
+        if c.startswith("cycles_") and c not in ("cycles_total", "cycles_per_record")
+    ]
     return [k for k in COSTS if k in keys] + sorted(k for k in keys if k not in COSTS)
 
 
@@ -199,11 +245,14 @@ def _cost_sets(manifest: dict) -> list[dict]:
     for g in groups.values():
         g["profile"] = _profile_name(g["costs"])
         out.append(g)
-    keys = [k for k in COSTS] + ["cpu_ghz"]
+    keys = [*list(COSTS), "cpu_ghz"]
     keys += sorted({k for g in out for k in g["costs"]} - set(keys))
     defaults = effective_costs({})
-    rows = [{"key": k, "vals": [g["costs"].get(k) for g in out],
-             "default": defaults.get(k)} for k in keys if any(k in g["costs"] for g in out)]
+    rows = [
+        {"key": k, "vals": [g["costs"].get(k) for g in out], "default": defaults.get(k)}
+        for k in keys
+        if any(k in g["costs"] for g in out)
+    ]
     return [{"sets": out, "rows": rows}] if out else []
 
 
@@ -213,21 +262,34 @@ def _alerts(summary: pl.DataFrame, manifest: dict, traces, policies) -> dict:
     def stopped(flag: str, record: str) -> list[dict]:
         if flag not in summary.columns:  # livelocks: folders written before Revision 2
             return []
-        rows = (summary.filter((pl.col("vcpu") == -1) & (pl.col(flag) != 0))
-                .select("trace", "policy", pl.col(record).alias("record"), "records").to_dicts())
+        rows = (
+            summary.filter((pl.col("vcpu") == -1) & (pl.col(flag) != 0))
+            .select("trace", "policy", pl.col(record).alias("record"), "records")
+            .to_dicts()
+        )
         return sorted(rows, key=lambda r: rank[(r["trace"], r["policy"])])
 
     crashes = stopped("crashed", "crash_record")
     livelocks = stopped("livelocked", "livelock_record")
-    warnings = []
-    for cell in manifest.get("cells", []):
-        for w in cell["warnings"]:
-            warnings.append({"trace": cell.get("trace"), "policy": cell.get("policy"),
-                             "text": str(w)})
-    warnings.sort(key=lambda r: (rank.get((r["trace"], r["policy"]), (1 << 30, 0)),
-                                 str(r["trace"]), str(r["policy"]), r["text"]))
-    return {"crashes": crashes, "livelocks": livelocks, "warnings": warnings,
-            "livelock_text": LIVELOCK_TEXT}
+    warnings = [
+        {"trace": cell.get("trace"), "policy": cell.get("policy"), "text": str(w)}
+        for cell in manifest.get("cells", [])
+        for w in cell["warnings"]
+    ]
+    warnings.sort(
+        key=lambda r: (
+            rank.get((r["trace"], r["policy"]), (1 << 30, 0)),
+            str(r["trace"]),
+            str(r["policy"]),
+            r["text"],
+        )
+    )
+    return {
+        "crashes": crashes,
+        "livelocks": livelocks,
+        "warnings": warnings,
+        "livelock_text": LIVELOCK_TEXT,
+    }
 
 
 def _comparison(summary: pl.DataFrame, trace: str, policies, pcolour, categories, ccolour) -> dict:
@@ -239,30 +301,64 @@ def _comparison(summary: pl.DataFrame, trace: str, policies, pcolour, categories
     rows = []
     for p in names:
         r = by_policy[p]
-        rows.append({**r, "colour": pcolour[p], "reference": p in REFERENCE_POLICIES,
-                     "vs_ref": None if ref is None or p == ref else r["cycles_total"] - ref_cycles})
+        rows.append(
+            {
+                **r,
+                "colour": pcolour[p],
+                "reference": p in REFERENCE_POLICIES,
+                "vs_ref": None if ref is None or p == ref else r["cycles_total"] - ref_cycles,
+            }
+        )
     used = [k for k in categories if any((by_policy[p].get(f"cycles_{k}") or 0) > 0 for p in names)]
     # every category of the cost model, spent or not, with what it is charged per
-    table = [{"key": k, "colour": ccolour[k], "per": COSTS[k][1] if k in COSTS else (),
-              "vals": [by_policy[p].get(f"cycles_{k}") for p in names],
-              "spent": k in used} for k in categories]
+    table = [
+        {
+            "key": k,
+            "colour": ccolour[k],
+            "per": COSTS[k][1] if k in COSTS else (),
+            "vals": [by_policy[p].get(f"cycles_{k}") for p in names],
+            "spent": k in used,
+        }
+        for k in categories
+    ]
     series = [(k.replace("_", " "), ccolour[k]) for k in used]
-    bars = [charts.BarRow(p, [by_policy[p].get(f"cycles_{k}") or 0.0 for k in used],
-                          f"{charts.compact(by_policy[p]['cycles_total'])} cycles")
-            for p in names]
+    bars = [
+        charts.BarRow(
+            p,
+            [by_policy[p].get(f"cycles_{k}") or 0.0 for k in used],
+            f"{charts.compact(by_policy[p]['cycles_total'])} cycles",
+        )
+        for p in names
+    ]
     return {
-        "rows": rows, "ref": ref, "policies": names,
+        "rows": rows,
+        "ref": ref,
+        "policies": names,
         # a column of zeros for every policy is named under the table instead of drawn
-        "extra": [(c, label) for c, label in EXTRA_COUNTERS if c in summary.columns
-                  and any(by_policy[p][c] for p in names)],
-        "extra_zero": [label for c, label in EXTRA_COUNTERS if c in summary.columns
-                       and not any(by_policy[p][c] for p in names)],
+        "extra": [
+            (c, label)
+            for c, label in EXTRA_COUNTERS
+            if c in summary.columns and any(by_policy[p][c] for p in names)
+        ],
+        "extra_zero": [
+            label
+            for c, label in EXTRA_COUNTERS
+            if c in summary.columns and not any(by_policy[p][c] for p in names)
+        ],
         "categories": table,
         "legend": [(k.replace("_", " "), ccolour[k]) for k in used],
-        "bars": Markup(charts.stacked_bars(bars, series, width=WIDE,
-                                           aria=f"cycles by category, {trace}")),
-        "shares": Markup(charts.stacked_bars(bars, series, normalize=True, width=WIDE,
-                                             aria=f"share of cycles by category, {trace}")),
+        "bars": Markup(
+            charts.stacked_bars(bars, series, width=WIDE, aria=f"cycles by category, {trace}")
+        ),
+        "shares": Markup(
+            charts.stacked_bars(
+                bars,
+                series,
+                normalize=True,
+                width=WIDE,
+                aria=f"share of cycles by category, {trace}",
+            )
+        ),
     }
 
 
@@ -272,15 +368,18 @@ def _merge_windows(df: pl.DataFrame, counters: list[str]) -> tuple[pl.DataFrame,
     k = max(1, math.ceil(n / MAX_POINTS))
     if k == 1:
         return df, 1
-    merged = (df.with_columns((pl.col("window") // k).alias("_w"))
-              .group_by("_w", maintain_order=True)
-              .agg(pl.col("first_record").min(), *[pl.col(c).sum() for c in counters])
-              .sort("_w"))
+    merged = (
+        df.with_columns((pl.col("window") // k).alias("_w"))
+        .group_by("_w", maintain_order=True)
+        .agg(pl.col("first_record").min(), *[pl.col(c).sum() for c in counters])
+        .sort("_w")
+    )
     return merged, k
 
 
-def _timeline(timeline: pl.DataFrame | None, summary: pl.DataFrame, trace: str, policies,
-              pcolour) -> dict | None:
+def _timeline(
+    timeline: pl.DataFrame | None, summary: pl.DataFrame, trace: str, policies, pcolour
+) -> dict | None:
     if timeline is None:
         return None
     tl = timeline.filter(pl.col("trace") == trace)
@@ -291,8 +390,10 @@ def _timeline(timeline: pl.DataFrame | None, summary: pl.DataFrame, trace: str, 
     lazy_col = "lazy_copy_pages" if "lazy_copy_pages" in tl.columns else "lazy_copies"
     metrics = [(m, title) for m, title in TIMELINE_METRICS if m in tl.columns]
     counters = sorted({m for m, _ in metrics} | {lazy_col})
-    records = {r["policy"]: r["records"] for r in summary.filter(
-        (pl.col("trace") == trace) & (pl.col("vcpu") == -1)).to_dicts()}
+    records = {
+        r["policy"]: r["records"]
+        for r in summary.filter((pl.col("trace") == trace) & (pl.col("vcpu") == -1)).to_dicts()
+    }
     per_policy, window_rows, merge = {}, None, 1
     for p in names:
         df = tl.filter(pl.col("policy") == p).sort("window")
@@ -302,31 +403,53 @@ def _timeline(timeline: pl.DataFrame | None, summary: pl.DataFrame, trace: str, 
         per_policy[p] = df
     panels = []
     for metric, title in metrics:
-        lines = [charts.Line(p, pcolour[p], per_policy[p]["first_record"].to_list(),
-                             per_policy[p][metric].to_list(), dashed=p in REFERENCE_POLICIES)
-                 for p in names]
-        panels.append({"title": title, "metric": metric,
-                       "svg": Markup(charts.line_chart(lines, x_label="record", width=PANEL,
-                                                       aria=f"{title} per window, {trace}"))})
+        lines = [
+            charts.Line(
+                p,
+                pcolour[p],
+                per_policy[p]["first_record"].to_list(),
+                per_policy[p][metric].to_list(),
+                dashed=p in REFERENCE_POLICIES,
+            )
+            for p in names
+        ]
+        panels.append(
+            {
+                "title": title,
+                "metric": metric,
+                "svg": Markup(
+                    charts.line_chart(
+                        lines, x_label="record", width=PANEL, aria=f"{title} per window, {trace}"
+                    )
+                ),
+            }
+        )
     lazy_lines = []
     for p in names:
         df = per_policy[p]
         starts = df["first_record"].to_list()
         # cumulative value at the END of each window: the next window's start, the run's end last
-        ends = starts[1:] + [records.get(p, starts[-1])]
+        ends = [*starts[1:], records.get(p, starts[-1])]
         cum = df[lazy_col].cum_sum().to_list()
-        lazy_lines.append(charts.Line(p, pcolour[p], [0, *ends], [0, *cum],
-                                      dashed=p in REFERENCE_POLICIES))
-    lazy_title = "Lazy copy pages (cumulative)" if lazy_col == "lazy_copy_pages" else \
-        "Lazy copies (cumulative)"
+        lazy_lines.append(
+            charts.Line(p, pcolour[p], [0, *ends], [0, *cum], dashed=p in REFERENCE_POLICIES)
+        )
+    lazy_title = (
+        "Lazy copy pages (cumulative)"
+        if lazy_col == "lazy_copy_pages"
+        else "Lazy copies (cumulative)"
+    )
     return {
         "panels": panels,
         "legend": [(p, pcolour[p], p in REFERENCE_POLICIES) for p in names],
         "window_rows": window_rows * merge if window_rows else None,
         "merged": merge,
         "lazy_title": lazy_title,
-        "lazy_svg": Markup(charts.line_chart(lazy_lines, x_label="record", width=WIDE, height=280,
-                                             aria=f"{lazy_title}, {trace}")),
+        "lazy_svg": Markup(
+            charts.line_chart(
+                lazy_lines, x_label="record", width=WIDE, height=280, aria=f"{lazy_title}, {trace}"
+            )
+        ),
     }
 
 
@@ -336,8 +459,9 @@ def _view_label(view: int, name) -> str:
     return f"view {view} · {name}" if named else f"view {view}"
 
 
-def _population(population: pl.DataFrame | None, summary: pl.DataFrame, trace: str, policies,
-                pcolour) -> list[dict] | None:
+def _population(
+    population: pl.DataFrame | None, summary: pl.DataFrame, trace: str, policies, pcolour
+) -> list[dict] | None:
     """One panel per policy: pages mapped in each of its views, sampled at every window end.
 
     None when the folder has no population table (older outputs) or it holds no row for
@@ -348,8 +472,10 @@ def _population(population: pl.DataFrame | None, summary: pl.DataFrame, trace: s
     pop = population.filter(pl.col("trace") == trace)
     if pop.height == 0:
         return None
-    records = {r["policy"]: r["records"] for r in summary.filter(
-        (pl.col("trace") == trace) & (pl.col("vcpu") == -1)).to_dicts()}
+    records = {
+        r["policy"]: r["records"]
+        for r in summary.filter((pl.col("trace") == trace) & (pl.col("vcpu") == -1)).to_dicts()
+    }
     panels = []
     for p in policies:
         sub = pop.filter(pl.col("policy") == p)
@@ -363,24 +489,41 @@ def _population(population: pl.DataFrame | None, summary: pl.DataFrame, trace: s
             pages = dv["pages_mapped"].to_list()
             # each value is the population at the END of its window: the next window's start,
             # the run's last record for the last window
-            ends = starts[1:] + [max(records.get(p, starts[-1]), starts[-1])]
+            ends = [*starts[1:], max(records.get(p, starts[-1]), starts[-1])]
             k = max(1, math.ceil(len(ends) / MAX_POINTS))
             keep = [j for j in range(len(ends)) if (j + 1) % k == 0 or j == len(ends) - 1]
             label = _view_label(v, dv["view_name"][0])
             colour = VIEW_COLOURS[i % len(VIEW_COLOURS)]
             final = pages[-1]
-            lines.append(charts.Line(f"{label}: {fmt_pages(final)} at the end "
-                                     f"({fmt_int(final)} pages)", colour,
-                                     [ends[j] for j in keep], [pages[j] * PAGE for j in keep]))
+            lines.append(
+                charts.Line(
+                    f"{label}: {fmt_pages(final)} at the end ({fmt_int(final)} pages)",
+                    colour,
+                    [ends[j] for j in keep],
+                    [pages[j] * PAGE for j in keep],
+                )
+            )
             legend.append({"label": label, "colour": colour, "final": final})
-        panels.append({
-            "policy": p, "colour": pcolour[p], "reference": p in REFERENCE_POLICIES,
-            "legend": legend,
-            "svg": Markup(charts.line_chart(lines, x_label="record", width=PANEL, height=230,
-                                            y_axis=charts.size_axis, x_from_zero=True,
-                                            min_left=72,
-                                            aria=f"pages mapped per view, {p}, {trace}")),
-        })
+        panels.append(
+            {
+                "policy": p,
+                "colour": pcolour[p],
+                "reference": p in REFERENCE_POLICIES,
+                "legend": legend,
+                "svg": Markup(
+                    charts.line_chart(
+                        lines,
+                        x_label="record",
+                        width=PANEL,
+                        height=230,
+                        y_axis=charts.size_axis,
+                        x_from_zero=True,
+                        min_left=72,
+                        aria=f"pages mapped per view, {p}, {trace}",
+                    )
+                ),
+            }
+        )
     return panels or None
 
 
@@ -413,8 +556,9 @@ def _vcpus(summary: pl.DataFrame, trace: str, policies, pcolour) -> list[dict]:
     return rows
 
 
-def _hotspots(by_gfn: pl.DataFrame | None, by_view: pl.DataFrame | None, trace: str,
-              policies, pcolour) -> list[dict]:
+def _hotspots(
+    by_gfn: pl.DataFrame | None, by_view: pl.DataFrame | None, trace: str, policies, pcolour
+) -> list[dict]:
     if by_gfn is None:
         return []
     df = by_gfn.filter(pl.col("trace") == trace)
@@ -432,8 +576,15 @@ def _hotspots(by_gfn: pl.DataFrame | None, by_view: pl.DataFrame | None, trace: 
         for r in rows:
             r["view_label"] = _gfn_view_label(names, p, r["view"])
             r["bar"] = f"{100 * r['ept_exits'] / peak:.1f}"
-        out.append({"policy": p, "colour": pcolour[p], "rows": rows, "gfns": sub.height,
-                    "exits": int(sub["ept_exits"].sum())})
+        out.append(
+            {
+                "policy": p,
+                "colour": pcolour[p],
+                "rows": rows,
+                "gfns": sub.height,
+                "exits": int(sub["ept_exits"].sum()),
+            }
+        )
     if out:
         busiest = max(range(len(out)), key=lambda i: (out[i]["exits"], -i))
         for i, h in enumerate(out):
@@ -444,9 +595,12 @@ def _hotspots(by_gfn: pl.DataFrame | None, by_view: pl.DataFrame | None, trace: 
 def _view_names(by_view: pl.DataFrame | None, trace: str) -> dict:
     if by_view is None:
         return {}
-    return {(r["policy"], r["view"]): r["view_name"]
-            for r in by_view.filter(pl.col("trace") == trace)
-            .select("policy", "view", "view_name").to_dicts()}
+    return {
+        (r["policy"], r["view"]): r["view_name"]
+        for r in by_view.filter(pl.col("trace") == trace)
+        .select("policy", "view", "view_name")
+        .to_dicts()
+    }
 
 
 def _gfn_view_label(names: dict, policy: str, view: int) -> str:
@@ -456,8 +610,14 @@ def _gfn_view_label(names: dict, policy: str, view: int) -> str:
     return f"{view} · {name}" if named else str(view)
 
 
-def _breakpoints(by_gfn: pl.DataFrame | None, by_ip: pl.DataFrame | None,
-                 by_view: pl.DataFrame | None, trace: str, policies, pcolour) -> list[dict]:
+def _breakpoints(
+    by_gfn: pl.DataFrame | None,
+    by_ip: pl.DataFrame | None,
+    by_view: pl.DataFrame | None,
+    trace: str,
+    policies,
+    pcolour,
+) -> list[dict]:
     """Per policy with INT3 exits: the top guest frames and breakpoint addresses (ips).
 
     Empty when no policy hit a breakpoint on ``trace`` or the folder predates the
@@ -472,26 +632,36 @@ def _breakpoints(by_gfn: pl.DataFrame | None, by_ip: pl.DataFrame | None,
     for p in policies:
         entry = {"policy": p, "colour": pcolour[p], "gfn_rows": [], "ip_rows": [], "hits": 0}
         if gfns is not None:
-            sub = gfns.filter((pl.col("trace") == trace) & (pl.col("policy") == p)
-                              & (pl.col("int3_exits") > 0))
+            sub = gfns.filter(
+                (pl.col("trace") == trace) & (pl.col("policy") == p) & (pl.col("int3_exits") > 0)
+            )
             entry["hits"] = int(sub["int3_exits"].sum())
             entry["gfns"] = sub.height
-            rows = sub.sort(["int3_exits", "view", "gfn"], descending=[True, False, False]) \
-                .head(TOP_GFNS).select("view", "gfn", "int3_exits", "ept_exits").to_dicts()
+            rows = (
+                sub.sort(["int3_exits", "view", "gfn"], descending=[True, False, False])
+                .head(TOP_GFNS)
+                .select("view", "gfn", "int3_exits", "ept_exits")
+                .to_dicts()
+            )
             peak = max((r["int3_exits"] for r in rows), default=0) or 1
             for r in rows:
                 r["view_label"] = _gfn_view_label(names, p, r["view"])
                 r["bar"] = f"{100 * r['int3_exits'] / peak:.1f}"
             entry["gfn_rows"] = rows
         if ips is not None:
-            sub = ips.filter((pl.col("trace") == trace) & (pl.col("policy") == p)
-                             & (pl.col("int3_exits") > 0))
+            sub = ips.filter(
+                (pl.col("trace") == trace) & (pl.col("policy") == p) & (pl.col("int3_exits") > 0)
+            )
             hits = int(sub["int3_exits"].sum())
             entry["hits"] = max(entry["hits"], hits)
             named = sub.filter(pl.col("ip").is_not_null())
             entry["ips"] = named.height
-            rows = named.sort(["int3_exits", "ip"], descending=[True, False]).head(TOP_IPS) \
-                .select("ip", "int3_exits").to_dicts()
+            rows = (
+                named.sort(["int3_exits", "ip"], descending=[True, False])
+                .head(TOP_IPS)
+                .select("ip", "int3_exits")
+                .to_dicts()
+            )
             rows += sub.filter(pl.col("ip").is_null()).select("ip", "int3_exits").to_dicts()
             peak = max((r["int3_exits"] for r in rows), default=0) or 1
             for r in rows:
@@ -517,7 +687,7 @@ def _symbol_label(names: list[str] | None) -> tuple[str, str]:
         return "", ""
 
     def cut(n: str) -> str:
-        return n if len(n) <= SYMBOL_CHARS else n[:SYMBOL_CHARS - 1] + "…"
+        return n if len(n) <= SYMBOL_CHARS else n[: SYMBOL_CHARS - 1] + "…"
 
     shown = cut(names[0]) if len(names) == 1 else f"{cut(names[0])} (+{len(names) - 1} aliases)"
     full = ", ".join(cut(n) for n in names[:SYMBOL_ALIASES])
@@ -528,8 +698,9 @@ def _symbol_label(names: list[str] | None) -> tuple[str, str]:
 
 def _name_ips(manifest: dict, trace: str, ip_hot: dict, bps: list[dict]) -> dict:
     """Give the shown ip rows their symbol names from the trace's ``symbols`` metadata."""
-    rows = [r for h in ip_hot["policies"] for r in h["rows"]] + \
-        [r for b in bps for r in b["ip_rows"]]
+    rows = [r for h in ip_hot["policies"] for r in h["rows"]] + [
+        r for b in bps for r in b["ip_rows"]
+    ]
     wanted = {int(r["ip"]) for r in rows if r["ip"] is not None}
     for r in rows:
         r["symbol"], r["symbol_full"] = "", ""
@@ -540,8 +711,11 @@ def _name_ips(manifest: dict, trace: str, ip_hot: dict, bps: list[dict]) -> dict
     for r in rows:
         if r["ip"] is not None:
             r["symbol"], r["symbol_full"] = _symbol_label(sym.names.get(int(r["ip"])))
-    return {"state": sym.state, "path": sym.path,
-            "named": sum(1 for ip in wanted if ip in sym.names)}
+    return {
+        "state": sym.state,
+        "path": sym.path,
+        "named": sum(1 for ip in wanted if ip in sym.names),
+    }
 
 
 def _percent(part: int, whole: int) -> str:
@@ -554,8 +728,9 @@ def _percent(part: int, whole: int) -> str:
     return f"{v:.2g}%"
 
 
-def _ip_hotspots(by_ip: pl.DataFrame | None, summary: pl.DataFrame, trace: str, policies,
-                 pcolour) -> dict:
+def _ip_hotspots(
+    by_ip: pl.DataFrame | None, summary: pl.DataFrame, trace: str, policies, pcolour
+) -> dict:
     """Top TOP_IPS instructions by EPT exits per policy; ``state`` says why there are none."""
     if by_ip is None:
         return {"state": "absent", "policies": []}
@@ -577,8 +752,9 @@ def _ip_hotspots(by_ip: pl.DataFrame | None, summary: pl.DataFrame, trace: str, 
         # a null ip is the "other" row of a bounded per-ip table: shown last, never ranked
         other = sub.filter(pl.col("ip").is_null())
         sub = sub.filter(pl.col("ip").is_not_null())
-        top = sub.sort(["ept_exits", "ve_delivered", "ip"],
-                       descending=[True, True, False]).head(TOP_IPS)
+        top = sub.sort(["ept_exits", "ve_delivered", "ip"], descending=[True, True, False]).head(
+            TOP_IPS
+        )
         rows = top.select("ip", "ept_exits", "ve_delivered").to_dicts()
         rows += other.select("ip", "ept_exits", "ve_delivered").to_dicts()
         peak = max((r["ept_exits"] for r in rows), default=0) or 1
@@ -586,9 +762,17 @@ def _ip_hotspots(by_ip: pl.DataFrame | None, summary: pl.DataFrame, trace: str, 
             r["bar"] = f"{100 * r['ept_exits'] / peak:.1f}"
             r["share"] = _percent(r["ept_exits"], exits)
         top_exits = sum(r["ept_exits"] for r in rows if r["ip"] is not None)
-        out.append({"policy": p, "colour": pcolour[p], "rows": rows, "ips": sub.height,
-                    "exits": exits, "ve": int(sub["ve_delivered"].sum()),
-                    "top_share": _percent(top_exits, exits) if exits else None})
+        out.append(
+            {
+                "policy": p,
+                "colour": pcolour[p],
+                "rows": rows,
+                "ips": sub.height,
+                "exits": exits,
+                "ve": int(sub["ve_delivered"].sum()),
+                "top_share": _percent(top_exits, exits) if exits else None,
+            }
+        )
     if out:
         busiest = max(range(len(out)), key=lambda i: (out[i]["exits"], out[i]["ve"], -i))
         for i, h in enumerate(out):
@@ -598,13 +782,31 @@ def _ip_hotspots(by_ip: pl.DataFrame | None, summary: pl.DataFrame, trace: str, 
 
 def _traces_meta(manifest: dict, summary: pl.DataFrame, traces) -> list[dict]:
     inputs = {i.get("trace"): i for i in manifest.get("inputs", [])}
-    records = {r["trace"]: r["records"] for r in summary.filter(pl.col("vcpu") == -1)
-               .group_by("trace").agg(pl.col("records").max()).to_dicts()}
-    vcpus = {r["trace"]: r["vcpu"] for r in summary.filter(pl.col("vcpu") >= 0)
-             .group_by("trace").agg(pl.col("vcpu").n_unique()).to_dicts()}
-    return [{"name": t, "records": records.get(t), "vcpus": vcpus.get(t),
-             "bytes": inputs.get(t, {}).get("bytes"), "sha256": inputs.get(t, {}).get("sha256"),
-             "path": inputs.get(t, {}).get("path")} for t in traces]
+    records = {
+        r["trace"]: r["records"]
+        for r in summary.filter(pl.col("vcpu") == -1)
+        .group_by("trace")
+        .agg(pl.col("records").max())
+        .to_dicts()
+    }
+    vcpus = {
+        r["trace"]: r["vcpu"]
+        for r in summary.filter(pl.col("vcpu") >= 0)
+        .group_by("trace")
+        .agg(pl.col("vcpu").n_unique())
+        .to_dicts()
+    }
+    return [
+        {
+            "name": t,
+            "records": records.get(t),
+            "vcpus": vcpus.get(t),
+            "bytes": inputs.get(t, {}).get("bytes"),
+            "sha256": inputs.get(t, {}).get("sha256"),
+            "path": inputs.get(t, {}).get("path"),
+        }
+        for t in traces
+    ]
 
 
 def build_context(out_dir) -> dict:
@@ -621,16 +823,20 @@ def build_context(out_dir) -> dict:
     by_ip = read_table(d, "by_ip", BY_IP_REQUIRED, optional=True)
     population = read_table(d, "population", POPULATION_REQUIRED, optional=True)
 
-    traces = _ordered(summary["trace"].unique().to_list(),
-                      [i.get("trace") for i in manifest.get("inputs", [])])
+    traces = _ordered(
+        summary["trace"].unique().to_list(), [i.get("trace") for i in manifest.get("inputs", [])]
+    )
     manifest_policies = manifest.get("policies", [])
-    policies = _ordered(summary["policy"].unique().to_list(),
-                        [*REFERENCE_POLICIES, *(p.get("name") for p in manifest_policies)])
+    policies = _ordered(
+        summary["policy"].unique().to_list(),
+        [*REFERENCE_POLICIES, *(p.get("name") for p in manifest_policies)],
+    )
     pcolour = _policy_colours(policies)
     categories = _cost_categories(summary.columns)
     ccolour = _category_colours(categories)
-    ghz = sorted({float(c["costs"]["cpu_ghz"]) for c in manifest.get("cells", [])
-                  if "cpu_ghz" in c["costs"]})
+    ghz = sorted(
+        {float(c["costs"]["cpu_ghz"]) for c in manifest.get("cells", []) if "cpu_ghz" in c["costs"]}
+    )
     described = {p.get("name"): p for p in manifest_policies}
     timings = manifest.get("timings") or {}
 
@@ -638,32 +844,42 @@ def build_context(out_dir) -> dict:
     for t in traces:
         ip_hot = _ip_hotspots(by_ip, summary, t, policies, pcolour)
         bps = _breakpoints(by_gfn, by_ip, by_view, t, policies, pcolour)
-        per_trace.append({
-            "name": t,
-            "comparison": _comparison(summary, t, policies, pcolour, categories, ccolour),
-            "timeline": _timeline(timeline, summary, t, policies, pcolour),
-            "population": _population(population, summary, t, policies, pcolour),
-            "views": (views := _views(by_view, t, policies, pcolour)),
-            "view_extra": [(c, label) for c, label in VIEW_EXTRA
-                           if any(v.get(c) for v in views)],
-            "vcpus": _vcpus(summary, t, policies, pcolour),
-            "hotspots": _hotspots(by_gfn, by_view, t, policies, pcolour),
-            "ip_hotspots": ip_hot,
-            "breakpoints": bps,
-            "symbols": _name_ips(manifest, t, ip_hot, bps),
-        })
+        per_trace.append(
+            {
+                "name": t,
+                "comparison": _comparison(summary, t, policies, pcolour, categories, ccolour),
+                "timeline": _timeline(timeline, summary, t, policies, pcolour),
+                "population": _population(population, summary, t, policies, pcolour),
+                "views": (views := _views(by_view, t, policies, pcolour)),
+                "view_extra": [
+                    (c, label) for c, label in VIEW_EXTRA if any(v.get(c) for v in views)
+                ],
+                "vcpus": _vcpus(summary, t, policies, pcolour),
+                "hotspots": _hotspots(by_gfn, by_view, t, policies, pcolour),
+                "ip_hotspots": ip_hot,
+                "breakpoints": bps,
+                "symbols": _name_ips(manifest, t, ip_hot, bps),
+            }
+        )
     return {
         "manifest": manifest,
         "version": manifest.get("version") or __version__,
         "command": manifest.get("command"),
-        "timings": {"seconds": timings.get("seconds"),
-                    "records_per_second": timings.get("records_per_second")},
+        "timings": {
+            "seconds": timings.get("seconds"),
+            "records_per_second": timings.get("records_per_second"),
+        },
         "traces": _traces_meta(manifest, summary, traces),
-        "policies": [{"name": p, "colour": pcolour[p], "reference": p in REFERENCE_POLICIES,
-                      "source": described.get(p, {}).get("source"),
-                      "description": " ".join(str(described.get(p, {}).get("description")
-                                                  or "").split())}
-                     for p in policies],
+        "policies": [
+            {
+                "name": p,
+                "colour": pcolour[p],
+                "reference": p in REFERENCE_POLICIES,
+                "source": described.get(p, {}).get("source"),
+                "description": " ".join(str(described.get(p, {}).get("description") or "").split()),
+            }
+            for p in policies
+        ],
         "costs": _cost_sets(manifest),
         "ghz": ghz[0] if len(ghz) == 1 else None,
         "alerts": _alerts(summary, manifest, traces, policies),
@@ -688,8 +904,18 @@ _ENV = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
     keep_trailing_newline=True,
 )
-_ENV.filters.update(num=fmt_int, signed=fmt_signed, signed_compact=fmt_signed_compact, us=fmt_us, ratio=fmt_ratio, flt=fmt_float,
-                    size=fmt_bytes, pages=fmt_pages, gfn=fmt_gfn, compact=charts.compact)
+_ENV.filters.update(
+    num=fmt_int,
+    signed=fmt_signed,
+    signed_compact=fmt_signed_compact,
+    us=fmt_us,
+    ratio=fmt_ratio,
+    flt=fmt_float,
+    size=fmt_bytes,
+    pages=fmt_pages,
+    gfn=fmt_gfn,
+    compact=charts.compact,
+)
 
 
 def render_html(out_dir) -> str:
