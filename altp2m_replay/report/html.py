@@ -44,6 +44,7 @@ TOP_IPS = 20
 PAGE = 4096  # bytes per 4 KiB page: population is counted in pages
 WIDE = 1180  # px of a full-width chart: the card's inner width at the page's max width
 PANEL = 580  # px of a chart in a two-column grid
+EXACT_CATEGORY_COLUMNS = 7  # policies whose cycles per category are shown exactly
 MAX_POINTS = 512  # timeline points per line; more windows are merged so the SVG stays small
 # (column, title); a panel per column the timeline table has (older folders lack some)
 TIMELINE_METRICS = (
@@ -481,6 +482,9 @@ def _comparison(summary: pl.DataFrame, trace: str, policies, pcolour, categories
             if c in summary.columns and not any(by_policy[p][c] for p in names)
         ],
         "categories": table,
+        # exact numbers fit a card up to this many policies; beyond, '1.23G' with the
+        # exact value in the tooltip
+        "compact": len(names) > EXACT_CATEGORY_COLUMNS,
         "legend": [(k.replace("_", " "), ccolour[k]) for k in used],
         "bars": Markup(
             charts.stacked_bars(bars, series, width=WIDE, aria=f"cycles by category, {trace}")
