@@ -529,6 +529,12 @@ def test_overview_matrix_answers_which_policy_is_cheapest(corpus_dir):
             if stopped:
                 assert f"livelock @ {r['livelock_record']:,}<" in rows[p][j]["body"]
     assert "✕ livelock @" in ov  # split-rx livelocks on these traces
+    # each policy's row says on how many traces it is the cheapest
+    for p in CORPUS_POLICIES:
+        wins = sum("best" in cell["cls"].split() for cell in rows[p])
+        said = re.search(rf"</span>{re.escape(p)}(<span[^>]*>[^<]*</span>)*</td>", ov).group(0)
+        claim = f"cheapest on {wins} of {len(names)} traces"
+        assert (claim in said) == (wins > 0), (p, said)
     assert 'href="#trace-kern"' in ov and 'id="timeline-trace-kern"' in page
 
 

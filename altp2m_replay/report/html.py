@@ -402,6 +402,7 @@ def _overview(summary: pl.DataFrame, traces, policies, pcolour, anchors) -> dict
                 "colour": pcolour[p],
                 "reference": p in REFERENCE_POLICIES,
                 "cells": cells,
+                "wins": sum(1 for c in cells if c["best"]),
             }
         )
     gradient = ", ".join(charts.HEAT_STOPS)
