@@ -454,7 +454,7 @@ def _matrix(page: str) -> tuple[list[tuple[str, str, str]], dict[str, list[dict]
     """The overview's columns as (anchor, trace, measure) and its cells per policy row."""
     ov = _overview(page)
     columns = re.findall(
-        r'<th class="n trace-col"><a href="#([^"]+)">([^<]+)</a><span class="measure">([^<]+)',
+        r'<th class="n trace-col"[^>]*><a href="#([^"]+)">([^<]+)</a><span class="measure">([^<]+)',
         ov,
     )
     rows = {}
@@ -536,6 +536,18 @@ def test_overview_matrix_answers_which_policy_is_cheapest(corpus_dir):
         claim = f"cheapest on {wins} of {len(names)} traces"
         assert (claim in said) == (wins > 0), (p, said)
     assert 'href="#trace-kern"' in ov and 'id="timeline-trace-kern"' in page
+
+
+@pytest.mark.parametrize("folder", ["corpus_dir", "out_dir"])
+def test_every_link_inside_the_page_has_a_target(folder, request):
+    page = render_html(request.getfixturevalue(folder))
+    targets = re.findall(r'href="#([^"]+)"', page)
+    ids = re.findall(r'\bid="([^"]+)"', page)
+    assert len(ids) == len(set(ids))  # ids are unique
+    assert targets and not set(targets) - set(ids), set(targets) - set(ids)
+    # in a corpus, each trace's comparison links to its part of the other sections
+    multi = folder == "corpus_dir"
+    assert ("hotspots-trace-sandbox" in targets) == multi
 
 
 def test_overview_colours_are_sequential_and_readable(corpus_dir):

@@ -318,11 +318,21 @@ def _bad(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-# the overview's two measures: (summary column, label, formatter, position on a log axis)
+# the overview's two measures: summary column -> (label, formatter, the value at the light
+# end of the colour scale, position on the scale's log axis)
 OVERVIEW_METRICS = {
-    "slowdown": ("slowdown", fmt_ratio, lambda v: math.log10(max(v, 1.0))),
-    "cycles_per_record": ("cycles / record", fmt_per_record, lambda v: math.log10(1.0 + v)),
+    "slowdown": ("slowdown", fmt_ratio, 1.0, lambda v: math.log10(max(v, 1.0))),
+    "cycles_per_record": ("cycles / record", fmt_per_record, 0.0, lambda v: math.log10(1.0 + v)),
 }
+
+
+def _stopped(r: dict) -> str | None:
+    """'crashed @ 1,234' or 'livelock @ 103' for a run that stopped early, else None."""
+    if r["crashed"]:
+        return f"crashed @ {fmt_int(r['crash_record'])}"
+    if r.get("livelocked"):
+        return f"livelock @ {fmt_int(r['livelock_record'])}"
+    return None
 
 
 def _overview(summary: pl.DataFrame, traces, policies, pcolour, anchors) -> dict:
@@ -331,20 +341,21 @@ def _overview(summary: pl.DataFrame, traces, policies, pcolour, anchors) -> dict
     A trace's column shows slowdown when every policy has one (the trace has ``tsc``),
     else cycles per record. Cells are coloured on a log scale shared by every column of the
     same measure; the cheapest policy of a column is marked, counting only policies that
-    are not references and neither crashed nor livelocked.
+    are not references and did not stop early (crash or livelock).
     """
     total = {(r["trace"], r["policy"]): r for r in summary.filter(pl.col("vcpu") == -1).to_dicts()}
     columns = []
+    high: dict[str, float] = {}  # per measure, its largest value in the matrix
     for t in traces:
         rows = [total[(t, p)] for p in policies if (t, p) in total]
         metric = "slowdown" if all(not _bad(r["slowdown"]) for r in rows) else "cycles_per_record"
-        ok = [
+        values = [r[metric] for r in rows if not _bad(r[metric])]
+        if values:
+            high[metric] = max(high.get(metric, values[0]), *values)
+        fair = [
             r[metric]
             for r in rows
-            if r["policy"] not in REFERENCE_POLICIES
-            and not r["crashed"]
-            and not r.get("livelocked")
-            and not _bad(r[metric])
+            if r["policy"] not in REFERENCE_POLICIES and not _stopped(r) and not _bad(r[metric])
         ]
         columns.append(
             {
@@ -353,16 +364,9 @@ def _overview(summary: pl.DataFrame, traces, policies, pcolour, anchors) -> dict
                 "metric": metric,
                 "label": OVERVIEW_METRICS[metric][0],
                 "records": max((r["records"] for r in rows), default=None),
-                "best": min(ok) if ok else None,
+                "best": min(fair) if fair else None,
             }
         )
-    top = {}  # per measure, the largest position on its log axis
-    for c in columns:
-        pos = OVERVIEW_METRICS[c["metric"]][2]
-        for p in policies:
-            r = total.get((c["name"], p))
-            if r is not None and not _bad(r[c["metric"]]):
-                top[c["metric"]] = max(top.get(c["metric"], 0.0), pos(r[c["metric"]]))
     rows = []
     for p in policies:
         cells = []
@@ -372,17 +376,11 @@ def _overview(summary: pl.DataFrame, traces, policies, pcolour, anchors) -> dict
             if _bad(v):
                 cells.append({"text": "—", "bg": None, "fg": None, "best": False, "stopped": None})
                 continue
-            label, fmt, pos = OVERVIEW_METRICS[c["metric"]]
-            bg, fg = charts.heat(pos(v) / top[c["metric"]] if top[c["metric"]] else 0.0)
-            stopped = (
-                f"crashed @ {fmt_int(r['crash_record'])}"
-                if r["crashed"]
-                else f"livelock @ {fmt_int(r['livelock_record'])}"
-                if r.get("livelocked")
-                else None
-            )
-            best = c["best"] is not None and v == c["best"] and p not in REFERENCE_POLICIES
-            best = best and stopped is None
+            label, fmt, _, pos = OVERVIEW_METRICS[c["metric"]]
+            span = pos(high[c["metric"]])
+            bg, fg = charts.heat(pos(v) / span if span > 0 else 0.0)
+            stopped = _stopped(r)
+            best = v == c["best"] and p not in REFERENCE_POLICIES and stopped is None
             cells.append(
                 {
                     "text": fmt(v),
@@ -405,21 +403,16 @@ def _overview(summary: pl.DataFrame, traces, policies, pcolour, anchors) -> dict
                 "wins": sum(1 for c in cells if c["best"]),
             }
         )
-    gradient = ", ".join(charts.HEAT_STOPS)
-    legends = []
-    for metric, (label, fmt, _) in OVERVIEW_METRICS.items():
-        vals = [
-            total[(c["name"], p)][metric]
-            for c in columns
-            if c["metric"] == metric
-            for p in policies
-            if (c["name"], p) in total and not _bad(total[(c["name"], p)][metric])
-        ]
-        if vals:
-            low = 1.0 if metric == "slowdown" else 0.0
-            legends.append(
-                {"label": label, "low": fmt(low), "high": fmt(max(vals)), "gradient": gradient}
-            )
+    legends = [
+        {
+            "label": label,
+            "low": fmt(light),
+            "high": fmt(high[metric]),
+            "gradient": ", ".join(charts.HEAT_STOPS),
+        }
+        for metric, (label, fmt, light, _) in OVERVIEW_METRICS.items()
+        if metric in high
+    ]
     return {
         "columns": columns,
         "rows": rows,
