@@ -114,7 +114,7 @@ def test_the_snapshot_run_covers_what_the_report_shows():
     page = SNAPSHOT.read_text(encoding="utf-8")
     overview = page[page.index('id="overview"') : page.index('id="alerts"')]
     assert "slowdown</span>" in overview and "cycles / record</span>" in overview
-    assert "✕ livelock @" in overview and "✓ cheapest" in overview
+    assert "✕ livelock @" in overview and 'aria-label="cheapest">✓</span>' in overview
     for anchor in ("trace-kern", "trace-notsc"):
         assert f'href="#{anchor}"' in overview and f'id="{anchor}"' in page
     assert "/tmp/" not in page and "/home/" not in page and "/work/" not in page
