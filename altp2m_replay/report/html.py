@@ -7,6 +7,11 @@ docstring for why), and the only scripts are two tiny ones (a load marker and an
 recorder) that the headless-browser test reads.
 Identical inputs give identical bytes: nothing is timestamped, and every list is ordered
 (traces and policies in the manifest's order, then by name; rows by their keys).
+
+The page opens with an overview for corpora: a policy × trace matrix of slowdown (cycles
+per record for a trace without ``tsc``), coloured on a log scale, with the cheapest policy
+of each trace ticked and stopped runs labelled; each trace's name links to its part of
+the sections below (ids ``trace-<name>``, ``timeline-trace-<name>``, …).
 """
 
 from __future__ import annotations
