@@ -683,3 +683,16 @@ def test_chromium_every_table_fits_its_card(corpus_dir, tmp_path, width):
     # the whole overview of 4 traces × 13 policies is on the first screen of a 1080-pixel
     # display (less about 130 px of browser toolbars), whatever the width
     assert bottom is not None and bottom <= 950, bottom
+
+
+def test_trace_anchors_are_stable_and_unique():
+    from altp2m_replay.report.html import _anchors
+
+    names = ["Kern 2vcpu", "kern-2vcpu", "kern_2vcpu", "☃", "kern-2vcpu-2"]
+    first = _anchors(names)
+    assert first == _anchors(names)  # same names, same ids
+    assert first["Kern 2vcpu"] == "trace-kern-2vcpu"
+    assert first["kern-2vcpu"] == "trace-kern-2vcpu-2"  # taken: numbered
+    assert first["kern_2vcpu"] == "trace-kern_2vcpu" and first["☃"] == "trace-unnamed"
+    assert len(set(first.values())) == len(names)
+    assert all(re.fullmatch(r"trace-[a-z0-9_-]+", a) for a in first.values())
