@@ -41,7 +41,8 @@ import numba
 import numpy as np
 
 from altp2m_replay.errors import ImportFormatError, did_you_mean
-from altp2m_replay.traces import GFN_LIMIT, GPA_LIMIT, VCPU_LIMIT, TraceWriter, _first_line
+from altp2m_replay.schema import GFN_LIMIT, GPA_LIMIT, VCPU_LIMIT
+from altp2m_replay.traces import TraceWriter, _first_line
 
 FORMATS = ("lackey", "qemu-mem", "csv", "qemu-capture")
 FLUSH_ROWS = 1 << 20  # rows buffered before a chunk goes to the writer

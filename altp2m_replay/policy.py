@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from altp2m_replay.errors import PolicyError, did_you_mean, shown
+from altp2m_replay.schema import GFN_LIMIT, VCPU_LIMIT
 
 # p2m_access_t values, in Xen's order (xen/include/xen/mem_access.h).
 ACCESS_CODES = {
@@ -50,7 +51,6 @@ SETUP_OPS = (
     "switch_p2m",
     "enable_notify",
 )
-GFN_LIMIT = 1 << 36
 
 TOP_KEYS = (
     "name",
@@ -615,7 +615,7 @@ def _parse_setup(raw, names: dict[str, int], domain: Domain) -> list[SetupOp]:
             if vc == "all":
                 vcpus = None
             elif isinstance(vc, list) and all(
-                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 4096 for x in vc
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < VCPU_LIMIT for x in vc
             ):
                 vcpus = tuple(sorted(set(vc)))
             else:

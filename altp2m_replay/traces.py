@@ -21,6 +21,7 @@ from numba import njit
 
 from altp2m_replay import budget
 from altp2m_replay.errors import TraceError, escape
+from altp2m_replay.schema import GFN_LIMIT, GPA_LIMIT, PAGE_BYTES, VCPU_LIMIT
 
 META_KEY = "altp2m_replay"
 FORMAT_VERSION = 1
@@ -41,9 +42,6 @@ TRACE_SCHEMA: dict[str, pa.DataType] = {
 }
 _NP_DTYPE = {name: np.dtype(t.to_pandas_dtype()) for name, t in TRACE_SCHEMA.items()}
 
-GPA_LIMIT = 1 << 48  # reach of a 4-level EPT
-GFN_LIMIT = 1 << 36
-VCPU_LIMIT = 4096
 ACCESS_NAMES = {1: "r", 2: "w", 3: "rw", 4: "x", 5: "rx", 6: "wx", 7: "rwx"}
 #: control rows (SPEC §2): op -> what ``trace info`` calls their count
 OP_NAMES = {1: "guest vmfuncs", 2: "cr3 writes", 3: "host drops", 4: "host maps"}
@@ -969,7 +967,7 @@ def info_text(path) -> str:
         ("file size", _fmt_bytes(tr.size)),
         ("columns", ", ".join(f"{c} ({tr.types[c]})" for c in cols)),
         ("vCPUs", f"{len(vc):,} ({vlist})"),
-        ("distinct gfns", f"{st.distinct_gfns:,} ({_fmt_bytes(st.distinct_gfns * 4096)})"),
+        ("distinct gfns", f"{st.distinct_gfns:,} ({_fmt_bytes(st.distinct_gfns * PAGE_BYTES)})"),
         ("gfn range", f"{st.min_gfn:#x} - {st.max_gfn:#x}"),
     ]
     rows += [
@@ -996,7 +994,7 @@ def info_text(path) -> str:
     if m.vcpus is not None:
         rows.append(("  vcpus", f"{m.vcpus:,}"))
     if m.ram:
-        rows.append(("  ram", f"{_fmt_ranges(m.ram)} ({_fmt_bytes(_pages(m.ram) * 4096)})"))
+        rows.append(("  ram", f"{_fmt_ranges(m.ram)} ({_fmt_bytes(_pages(m.ram) * PAGE_BYTES)})"))
     for name, ranges in m.gfn_sets.items():
         rows.append(
             (

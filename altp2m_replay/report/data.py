@@ -11,14 +11,15 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from altp2m_replay.errors import OutputError
+from altp2m_replay.schema import DTYPES, KEYS, VIEW_SHAPE_COUNTERS, columns
 
-KEYS = ("trace", "policy")
-# Columns every folder must have. Columns added later (Revision 2: int3_exits,
-# breakpoint_events, cr3_events, restarts, livelocked, livelock_record, resets, the new
-# cycles_<key>) are optional: a folder written before them still renders, without them.
-SUMMARY_REQUIRED = (
-    "trace",
-    "policy",
+# Columns every folder must have (checked against schema.py's tables). Columns added later
+# (Revision 2: int3_exits, breakpoint_events, cr3_events, restarts, livelocked,
+# livelock_record, resets, the new cycles_<key>) are optional: a folder written before them
+# still renders, without them.
+SUMMARY_REQUIRED = columns(
+    "summary",
+    *KEYS,
     "vcpu",
     "records",
     "ept_exits",
@@ -33,9 +34,9 @@ SUMMARY_REQUIRED = (
     "overhead_us",
     "slowdown",
 )
-BY_VIEW_REQUIRED = (
-    "trace",
-    "policy",
+BY_VIEW_REQUIRED = columns(
+    "by_view",
+    *KEYS,
     "view",
     "view_name",
     "records_completed",
@@ -43,14 +44,11 @@ BY_VIEW_REQUIRED = (
     "lazy_copies",
     "lazy_copy_pages",
     "switches_in",
-    "pages_mapped",
-    "leaves_4k",
-    "leaves_2m",
-    "leaves_1g",
+    *VIEW_SHAPE_COUNTERS,
 )
-BY_GFN_REQUIRED = (
-    "trace",
-    "policy",
+BY_GFN_REQUIRED = columns(
+    "by_gfn",
+    *KEYS,
     "view",
     "gfn",
     "ept_exits",
@@ -60,9 +58,9 @@ BY_GFN_REQUIRED = (
     "ve_delivered",
     "lazy_copies",
 )
-TIMELINE_REQUIRED = (
-    "trace",
-    "policy",
+TIMELINE_REQUIRED = columns(
+    "timeline",
+    *KEYS,
     "window",
     "first_record",
     "ept_exits",
@@ -70,16 +68,8 @@ TIMELINE_REQUIRED = (
     "ve_delivered",
     "lazy_copies",
 )
-BY_IP_REQUIRED = ("trace", "policy", "ip", "ept_exits", "ve_delivered")
-POPULATION_REQUIRED = (
-    "trace",
-    "policy",
-    "view",
-    "view_name",
-    "window",
-    "first_record",
-    "pages_mapped",
-)
+BY_IP_REQUIRED = columns("by_ip", *KEYS, "ip", "ept_exits", "ve_delivered")
+POPULATION_REQUIRED = tuple(DTYPES["population"])
 
 
 def results_dir(path) -> Path:
