@@ -21,7 +21,7 @@ import polars as pl
 
 from altp2m_replay.errors import OutputError, did_you_mean
 from altp2m_replay.outdir import check_output_set
-from altp2m_replay.report.data import read_manifest, read_table, results_dir
+from altp2m_replay.replay_folder import read_manifest, read_table, results_dir
 from altp2m_replay.schema import KEYS, columns
 
 DEFAULT_METRICS = columns("summary", "cycles_total", "ept_exits", "vm_events")

@@ -41,6 +41,7 @@ import numba
 import numpy as np
 
 from altp2m_replay.errors import ImportFormatError, did_you_mean
+from altp2m_replay.policy import gfns_to_ranges, merge_ranges
 from altp2m_replay.schema import GFN_LIMIT, GPA_LIMIT, VCPU_LIMIT
 from altp2m_replay.traces import TraceWriter, _first_line
 
@@ -131,27 +132,6 @@ def _lines(fh, label: str):
         if len(line) > MAX_LINE:
             raise ImportFormatError(f"{label}: line {lineno}: longer than {MAX_LINE:,} characters")
         yield line
-
-
-def _ranges(gfns) -> list[list[int]]:
-    """Sorted unique gfns -> [[first, last], ...] runs of consecutive gfns."""
-    out: list[list[int]] = []
-    for g in sorted(gfns):
-        if out and g == out[-1][1] + 1:
-            out[-1][1] = g
-        else:
-            out.append([g, g])
-    return out
-
-
-def _merge_ranges(ranges) -> list[list[int]]:
-    out: list[list[int]] = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return out
 
 
 def _show(line: str) -> str:
@@ -253,7 +233,7 @@ def _lackey(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
         out.maybe_flush()
     out.flush()
     writer.meta["ram"] = alloc.ram()
-    writer.meta["gfn_sets"] = {"code": _ranges(code_gfns)}
+    writer.meta["gfn_sets"] = {"code": gfns_to_ranges(np.fromiter(code_gfns, np.int64)).tolist()}
     return rows
 
 
@@ -353,7 +333,7 @@ def _qemu_mem(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
         )
     out.flush()
     ram = alloc.ram() + ([[0, max_hw_gfn]] if max_hw_gfn >= 0 else [])
-    writer.meta["ram"] = _merge_ranges(ram)
+    writer.meta["ram"] = merge_ranges(ram).tolist()
     return rows
 
 
@@ -661,16 +641,6 @@ def _capture_header(stream: _CaptureStream, label: str) -> int:
     return int(vcpus)
 
 
-def _page_set(mask: np.ndarray) -> list[list[int]]:
-    g = np.flatnonzero(mask)
-    if not len(g):
-        return []
-    breaks = np.flatnonzero(np.diff(g) != 1)
-    starts = np.concatenate(([g[0]], g[breaks + 1]))
-    ends = np.concatenate((g[breaks], [g[-1]]))
-    return [[int(a), int(b)] for a, b in zip(starts, ends, strict=True)]
-
-
 def import_qemu_capture(
     input_path,
     output,
@@ -789,8 +759,8 @@ def import_qemu_capture(
             if rows == 0:
                 raise ImportFormatError(f"{label}: no memory accesses found, expected at least one")
             sets = {
-                "user_code": _page_set(user_pages),
-                "kernel_code_executed": _page_set(kern_pages),
+                "user_code": gfns_to_ranges(np.flatnonzero(user_pages)).tolist(),
+                "kernel_code_executed": gfns_to_ranges(np.flatnonzero(kern_pages)).tolist(),
             }
             extra = dict(meta or {})
             sets.update(extra.pop("gfn_sets", {}))

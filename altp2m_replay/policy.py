@@ -38,6 +38,13 @@ ACCESS_CODES = {
     "n2rwx": 9,
 }
 ACCESS_NAMES = {v: k for k, v in ACCESS_CODES.items()}
+# Which of r(1)/w(2)/x(4) each access permits; rx2rw permits rx (a write converts it), n2rwx
+# nothing (any access converts it). The kernel's table by code, and policy checks, use this.
+ACCESS_PERMITS = {name: code for name, code in ACCESS_CODES.items() if code < 8} | {
+    "rx2rw": 5,
+    "n2rwx": 0,
+}
+PERMITS = np.array([ACCESS_PERMITS[ACCESS_NAMES[c]] for c in range(len(ACCESS_CODES))], np.int64)
 KIND_CODES = {"r": 0, "w": 1, "x": 2}
 # Actions, as small integers for the kernel.
 RESPONSE_CODES = {"step": 0, "emulate": 1, "switch": 2, "set-access": 3}

@@ -58,7 +58,6 @@ from altp2m_replay.outdir import (
 )
 from altp2m_replay.policy import (
     Policy,
-    TraceFacts,
     load_policy,
     needs_insn_stats,
     needs_page_counts,
@@ -122,17 +121,13 @@ def expand_trace_args(args) -> list[Path]:
             raise TraceError(f"{a}: no such file or folder")
     seen: dict[str, Path] = {}
     for p in paths:
-        name = trace_name(p)
+        name = traces.trace_name(p)
         if name in seen:
             raise TraceError(
                 f"two traces are named {name!r} ({seen[name]} and {p}); trace names must be unique in a run"
             )
         seen[name] = p
     return paths
-
-
-def trace_name(p: Path) -> str:
-    return p.name[:-8] if p.name.endswith(".parquet") else p.name
 
 
 def load_policies(refs) -> list[Policy]:
@@ -154,50 +149,6 @@ class CellOutput:
     records: int
     warnings: list[str]
     costs: dict[str, float]
-
-
-def trace_facts(
-    path: Path, page_counts: bool, insn_stats: bool = False
-) -> tuple[traces.TraceStats, TraceFacts]:
-    """Validate one trace (full streaming pass) and gather what selector resolution needs
-    (``insn_stats``: also instruction starts by byte address and each ip's first one)."""
-    tr = traces.open_trace(path)
-    stats = traces.validate(tr, page_counts=page_counts, insn_stats=insn_stats)
-    return stats, _facts(tr, stats)
-
-
-def _facts(tr: traces.Trace, stats: traces.TraceStats) -> TraceFacts:
-    return TraceFacts(
-        max_gfn=stats.max_gfn,
-        meta_ram=tr.meta.ram,
-        gfn_sets=dict(tr.meta.gfn_sets or {}),
-        page_counts=stats.page_counts,
-        symbols=dict(tr.meta.symbols),
-        processes=dict(tr.meta.processes),
-        byte_addresses=tr.byte_addresses,
-        insn_starts=stats.insn_starts,
-        ip_first=stats.ip_first,
-    )
-
-
-def replay_facts(
-    path: Path, page_counts: bool, insn_stats: bool = False
-) -> tuple[traces.TraceStats, TraceFacts, bool]:
-    """What replay_trace needs before its first batch, and whether values are checked yet.
-
-    Without page counts, when Parquet statistics prove the gfn range, only metadata is read
-    (and the vcpu column if its statistics are missing) and the values are not checked yet
-    (False): replay_trace checks every value on the batches it decodes anyway, so the trace
-    is read once instead of twice (figures in docs/performance.md). Otherwise:
-    trace_facts's full validation pass (True).
-    """
-    if not page_counts and not insn_stats:
-        tr = traces.open_trace(path)
-        stats = traces.quick_stats(tr)
-        if stats is not None:
-            return stats, _facts(tr, stats), False
-    stats, facts = trace_facts(path, page_counts, insn_stats)
-    return stats, facts, True
 
 
 def replay_trace(
@@ -226,7 +177,7 @@ def replay_trace(
     """
     path = Path(path)
     if prepared is None:
-        prepared = replay_facts(
+        prepared = traces.replay_facts(
             path,
             any(needs_page_counts(p) for p in policies),
             any(needs_insn_stats(p) for p in policies),
@@ -304,7 +255,7 @@ def replay_trace(
             profile,
             window,
             batch_rows,
-            (rerun, _facts(tr, rerun), True),
+            (rerun, traces.facts_of(tr, rerun), True),
             None,
             threads,
             cpu,
@@ -320,7 +271,7 @@ def replay_trace(
 
 def _validate_unit(args):
     path, page_counts, insn_stats = args
-    return replay_facts(path, page_counts, insn_stats)
+    return traces.replay_facts(path, page_counts, insn_stats)
 
 
 def _replay_unit(args):
@@ -772,7 +723,7 @@ def replay(
     need_counts = any(needs_page_counts(p) for p in policies)
     shas = [sha256(p) for p in paths]
     keys = {
-        (trace_name(path), pol.name): cell_key(
+        (traces.trace_name(path), pol.name): cell_key(
             sha, pol, effective_costs(pol.costs, profile, overrides), window
         )
         for path, sha in zip(paths, shas, strict=True)
@@ -807,7 +758,7 @@ def replay(
                 cores=cores,
                 note=note,
             )
-            cells = [done[(trace_name(p), pol.name)] for p in paths for pol in policies]
+            cells = [done[(traces.trace_name(p), pol.name)] for p in paths for pol in policies]
             elapsed = time.perf_counter() - t0
             fresh = sum(len(u[1]) for u in units)
             records = sum(
@@ -819,7 +770,7 @@ def replay(
                 "command": command or " ".join(sys.argv),
                 "inputs": [
                     {
-                        "trace": trace_name(p),
+                        "trace": traces.trace_name(p),
                         "path": str(p),
                         "bytes": p.stat().st_size,
                         "sha256": sha,
@@ -951,7 +902,7 @@ def _replay_cells(
         todo: dict[int, list[Policy]] = {}
         for ti, path in enumerate(paths):
             for pol in policies:
-                name = (trace_name(path), pol.name)
+                name = (traces.trace_name(path), pol.name)
                 cached = load_cell(out, *name, keys[name], warn) if resume else None
                 if cached is not None:
                     done[name] = cached

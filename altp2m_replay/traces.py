@@ -21,6 +21,7 @@ from numba import njit
 
 from altp2m_replay import budget
 from altp2m_replay.errors import TraceError, escape
+from altp2m_replay.policy import TraceFacts
 from altp2m_replay.schema import GFN_LIMIT, GPA_LIMIT, PAGE_BYTES, VCPU_LIMIT
 
 META_KEY = "altp2m_replay"
@@ -183,6 +184,11 @@ def _read_meta(path, kv: dict | None) -> TraceMeta:
         ) from None
 
 
+def trace_name(path: Path) -> str:
+    """A trace's name in every output table (SPEC §10): its file name without ``.parquet``."""
+    return path.name[: -len(".parquet")] if path.name.endswith(".parquet") else path.name
+
+
 # --------------------------------------------------------------------------- open
 @dataclass(slots=True)
 class Batch:
@@ -222,9 +228,7 @@ class Trace:
     def __init__(self, path: Path, pf: pq.ParquetFile, meta: TraceMeta):
         md = pf.metadata
         self.path: Path = path
-        self.name: str = (
-            path.name[: -len(".parquet")] if path.name.endswith(".parquet") else path.name
-        )
+        self.name: str = trace_name(path)
         self.rows: int = md.num_rows
         self.row_groups: int = md.num_row_groups
         self.group_rows: tuple[int, ...] = tuple(
@@ -930,6 +934,52 @@ def _tsc_order(tsc, vcpu, has_vcpu, op, start, last_tsc, last_row):
         last_tsc[v] = tsc[i]
         last_row[v] = start + i
     return -1
+
+
+# --------------------------------------------------------------------------- facts
+def trace_facts(
+    path: Path, page_counts: bool, insn_stats: bool = False
+) -> tuple[TraceStats, TraceFacts]:
+    """Validate one trace (full streaming pass) and gather what selector resolution needs
+    (``insn_stats``: also instruction starts by byte address and each ip's first one)."""
+    tr = open_trace(path)
+    stats = validate(tr, page_counts=page_counts, insn_stats=insn_stats)
+    return stats, facts_of(tr, stats)
+
+
+def facts_of(tr: Trace, stats: TraceStats) -> TraceFacts:
+    """What selector resolution needs to know of an opened trace and its statistics."""
+    return TraceFacts(
+        max_gfn=stats.max_gfn,
+        meta_ram=tr.meta.ram,
+        gfn_sets=dict(tr.meta.gfn_sets or {}),
+        page_counts=stats.page_counts,
+        symbols=dict(tr.meta.symbols),
+        processes=dict(tr.meta.processes),
+        byte_addresses=tr.byte_addresses,
+        insn_starts=stats.insn_starts,
+        ip_first=stats.ip_first,
+    )
+
+
+def replay_facts(
+    path: Path, page_counts: bool, insn_stats: bool = False
+) -> tuple[TraceStats, TraceFacts, bool]:
+    """What replay_trace needs before its first batch, and whether values are checked yet.
+
+    Without page counts, when Parquet statistics prove the gfn range, only metadata is read
+    (and the vcpu column if its statistics are missing) and the values are not checked yet
+    (False): replay_trace checks every value on the batches it decodes anyway, so the trace
+    is read once instead of twice (figures in docs/performance.md). Otherwise:
+    trace_facts's full validation pass (True).
+    """
+    if not page_counts and not insn_stats:
+        tr = open_trace(path)
+        stats = quick_stats(tr)
+        if stats is not None:
+            return stats, facts_of(tr, stats), False
+    stats, facts = trace_facts(path, page_counts, insn_stats)
+    return stats, facts, True
 
 
 # --------------------------------------------------------------------------- info

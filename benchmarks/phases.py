@@ -55,7 +55,7 @@ def main() -> None:
         lambda: sum(1 for _ in tr.batches(columns=COLUMNS, validator=traces.Validator(tr))),
         n,
     )
-    stats, facts, _ = run.replay_facts(path, False)
+    stats, facts, _ = traces.replay_facts(path, False)
     batches = list(tr.batches(columns=COLUMNS))
 
     def replayed() -> Replayer:

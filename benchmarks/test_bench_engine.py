@@ -19,7 +19,7 @@ def bench_trace(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "kernel.parquet"
     generate.generate("kernel", ROWS, seed=7, vcpus=4, output=path)
     tr = traces.open_trace(path)
-    stats, facts = run.trace_facts(path, page_counts=False)
+    stats, facts = traces.trace_facts(path, page_counts=False)
     batches = list(tr.batches(columns=("gfn", "access", "vcpu", "insn", "ip")))
     return path, facts, stats, batches
 

@@ -254,7 +254,7 @@ def test_control_rows_its_statistics_hide_are_still_replayed(tmp_path, monkeypat
     monkeypatch.setattr(
         traces, "_proven_clean", lambda col, stat: (0, 0) if col == "op" else (1, 4)
     )
-    stats, facts, checked = run.replay_facts(p, False)
+    stats, facts, checked = traces.replay_facts(p, False)
     assert not checked
     (cell,) = run.replay_trace(
         p, [load_policy("baseline")], {}, None, None, prepared=(stats, facts, checked)

@@ -429,7 +429,7 @@ def test_statistics_are_read_again_only_when_they_would_size_a_big_host(tmp_path
     passes = []
     real = traces.validate
     monkeypatch.setattr(traces, "validate", lambda *a, **k: passes.append(a) or real(*a, **k))
-    prepared = [run.replay_facts(path, False)]
+    prepared = [traces.replay_facts(path, False)]
     assert prepared[0][2] is False  # sized from statistics, values not checked yet
     assert budget.check_run([path], pols, prepared, None)[0][2] is False and passes == []
     stats, _facts, _ = prepared[0]

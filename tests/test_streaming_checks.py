@@ -1,4 +1,4 @@
-"""Replay checks trace values on the batches it decodes (run.replay_facts, traces.Validator):
+"""Replay checks trace values on the batches it decodes (traces.replay_facts, traces.Validator):
 the same errors as ``trace validate``, the same tables as a run checked up front."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def test_without_statistics_replay_checks_up_front_and_agrees(tmp_path):
     table = pq.read_table(path)
     pq.write_table(table, bare, row_group_size=500, write_statistics=False)
     assert traces.quick_stats(bare) is None
-    stats, _facts, checked = run.replay_facts(bare, False)
+    stats, _facts, checked = traces.replay_facts(bare, False)
     assert checked and stats.max_gfn == int(data["gfn"].max())
     run.replay([path], POLICIES, tmp_path / "a", jobs=1, html=False)
     run.replay([bare], POLICIES, tmp_path / "b", jobs=1, html=False)
@@ -69,9 +69,9 @@ def test_checked_while_replaying_gives_the_tables_of_a_checked_run(tmp_path):
     path, _ = _grouped_trace(tmp_path / "t.parquet")
     pols = [load_policy(p) for p in POLICIES]
     streamed = run.replay_trace(path, pols, {}, None, None)
-    assert run.replay_facts(path, False)[2] is False  # this trace takes the streaming path
+    assert traces.replay_facts(path, False)[2] is False  # this trace takes the streaming path
     checked = run.replay_trace(
-        path, pols, {}, None, None, prepared=(*run.trace_facts(path, False), True)
+        path, pols, {}, None, None, prepared=(*traces.trace_facts(path, False), True)
     )
     for s, c in zip(streamed, checked, strict=True):
         for t in TABLES:
@@ -122,7 +122,7 @@ def test_statistics_that_disagree_with_the_values_are_not_trusted(tmp_path, monk
     path, data = _grouped_trace(tmp_path / "t.parquet")
     pols = [load_policy(p) for p in POLICIES]
     expected = run.replay_trace(
-        path, pols, {}, None, None, prepared=(*run.trace_facts(path, False), True)
+        path, pols, {}, None, None, prepared=(*traces.trace_facts(path, False), True)
     )
     real = traces.quick_stats
 

@@ -20,6 +20,7 @@ from altp2m_replay.errors import PolicyError, ReplayRuntimeError, TraceError
 from altp2m_replay.policy import (
     ACCESS_CODES,
     KIND_CODES,
+    PERMITS,
     RESPONSE_CODES,
     VE_CODES,
     Policy,
@@ -103,6 +104,8 @@ KERNEL_COUNTERS = tuple(sorted(_KERNEL_COLUMN, key=_KERNEL_COLUMN.__getitem__))
 assert sorted(_KERNEL_COLUMN.values()) == list(range(K.N_COUNTERS))
 assert set(KERNEL_COUNTERS).isdisjoint(DERIVED_COUNTERS + RUN_COUNTERS + SETUP_COUNTERS)
 assert set(KERNEL_COUNTERS) | {*DERIVED_COUNTERS, *RUN_COUNTERS, *SETUP_COUNTERS} == set(COUNTERS)
+# The kernel keeps its own copy of the permission table; it must be the policy model's.
+assert (K.PERMITS == PERMITS).all()
 # Kernel per-view columns (V_*) and per-gfn columns (G_*, after the key) by name.
 _VIEW_KERNEL = {
     "records_completed": K.V_COMPLETED,
