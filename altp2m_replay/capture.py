@@ -536,7 +536,7 @@ def capture(
         # The plugin writes into a pipe whose write end QEMU inherits; zstd compresses on the
         # other core, so the raw stream never reaches the disk.
         rfd, wfd = os.pipe()
-        # a 1 MiB pipe (the default ceiling for users): fewer switches to zstd, ~25 % faster
+        # a 1 MiB pipe (the default ceiling for users): fewer context switches to zstd
         with contextlib.suppress(OSError):
             fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, 1 << 20)
         with open(raw, "wb") as raw_fh:

@@ -960,7 +960,6 @@ class TraceFacts:
     meta_ram: list[tuple[int, int]] | None = None
     gfn_sets: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     page_counts: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
-    touched_counts: tuple[np.ndarray, np.ndarray] | None = None
     # SPEC §2 metadata for breakpoint selectors and CR3 rules
     symbols: dict[str, int] = field(default_factory=dict)
     processes: dict[str, int] = field(default_factory=dict)

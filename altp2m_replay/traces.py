@@ -68,7 +68,7 @@ _U64_BOUNDS = (0, (1 << 64) - 1, "a non-negative integer below 2^64")
 # Monotonic-ish columns (ip runs along straight-line code) compress and decode far better with delta encoding than with a
 # dictionary that overflows; everything else gets a dictionary (few distinct values).
 _DELTA_COLUMNS = ("insn", "tsc", "ip")
-COMPRESSION = ("lz4", None)  # decodes ~1.7x faster than zstd; files ~25 % bigger
+COMPRESSION = ("lz4", None)  # decoding is replay's bottleneck: lz4 over zstd's smaller files
 _BATCH_FIELDS = ("gfn", "access", "vcpu", "insn", "tsc", "ip", "gla", "op", "arg", "gpa")
 _MAX_GROUP_READ = 4 * DEFAULT_ROW_GROUP  # bigger row groups are read in slices
 
@@ -249,8 +249,7 @@ class Trace:
 
     def _parquet(self) -> pq.ParquetFile:
         try:
-            # pre_buffer: coalesced reads of a row group's column chunks (decode 0.35 -> 0.25 s
-            # per 20 M rows here)
+            # pre_buffer: coalesced reads of a row group's column chunks decode faster
             return pq.ParquetFile(self.path, pre_buffer=True)
         except (OSError, pa.ArrowException) as exc:
             raise TraceError(f"{self.path}: cannot read: {_first_line(exc)}") from None
@@ -855,7 +854,7 @@ def _scan_rows(
     far across batches; op 3/4 rows belong to no instruction. ``starts`` (bool (n,) or None)
     is set on every row that starts an instruction. Returns the most rows any instruction
     reached (the caller finds the row past INSN_ROW_LIMIT with :func:`_insn_overflow`: an exit
-    from this loop made it 3x slower).
+    from this loop keeps Numba from compiling it into the fast form).
     """
     cur = -1  # the vCPU whose instruction state is in cur_insn / cur_len (registers)
     cur_insn = np.uint64(0)

@@ -792,7 +792,7 @@ class Replayer:
         )
         ips = self.itab[used_ip, K.I_IP].view(np.uint64)
         iorder = np.argsort(ips)  # ips are unique: any sort gives one order
-        rows = used_ip[iorder]  # one gather per column: 2-D fancy indexing took 60 ms here
+        rows = used_ip[iorder]  # one gather per column: 2-D fancy indexing is much slower
         ip_values = np.stack(
             [self.itab[rows, K.I_EXITS], self.itab[rows, K.I_VE], self.itab[rows, K.I_INT3]], axis=1
         )
@@ -824,9 +824,9 @@ def _grown(table: np.ndarray, ip_table: bool) -> np.ndarray:
     """A hash table of twice the rows holding ``table``'s entries.
 
     The memory is an anonymous mmap (zero-filled) rather than np.zeros: numpy asks for
-    transparent huge pages on large arrays, and the first touch of a 24 MiB per-ip table
-    then waited on page compaction, 0.31-0.44 s for a 0.30 s kernel pass depending on the
-    OS's free huge pages; with 4 KiB pages the first pass is a steady 0.33-0.35 s.
+    transparent huge pages on large arrays, and the first touch of a large table then waits
+    on page compaction for a time that depends on the OS's free huge pages; with 4 KiB
+    pages the first pass takes the same time on every run (docs/performance.md).
     """
     rows, cols = 2 * table.shape[0], table.shape[1]
     new = np.frombuffer(mmap.mmap(-1, rows * cols * 8), dtype=np.int64).reshape(rows, cols)
