@@ -18,7 +18,6 @@ from altp2m_replay.cli import main
 from altp2m_replay.errors import TraceError
 from altp2m_replay.traces import (
     META_KEY,
-    TRACE_SCHEMA,
     TraceWriter,
     open_trace,
     validate,
@@ -629,20 +628,3 @@ def test_cli_validate_and_info_ok(tmp_path):
     assert r.exit_code == 0 and "valid, 2,000 rows" in r.output
     r = CliRunner().invoke(main, ["trace", "info", str(p)])
     assert r.exit_code == 0 and "2,000" in r.output
-
-
-def test_schema_is_canonical():
-    assert TRACE_SCHEMA["gpa"] == pa.uint64() and TRACE_SCHEMA["access"] == pa.uint8()
-    assert TRACE_SCHEMA["vcpu"] == pa.uint16() and TRACE_SCHEMA["op"] == pa.uint8()
-    assert set(TRACE_SCHEMA) == {
-        "gpa",
-        "gfn",
-        "access",
-        "vcpu",
-        "insn",
-        "gla",
-        "ip",
-        "tsc",
-        "op",
-        "arg",
-    }
