@@ -40,10 +40,10 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from altp2m_replay.errors import ImportFormatError, did_you_mean
+from altp2m_replay.errors import ImportFormatError, did_you_mean, first_line
 from altp2m_replay.policy import gfns_to_ranges, merge_ranges
 from altp2m_replay.schema import GFN_LIMIT, GPA_LIMIT, VCPU_LIMIT
-from altp2m_replay.traces import TraceWriter, _first_line
+from altp2m_replay.traces import TraceWriter
 
 FORMATS = ("lackey", "qemu-mem", "csv", "qemu-capture")
 FLUSH_ROWS = 1 << 20  # rows buffered before a chunk goes to the writer
@@ -164,7 +164,7 @@ def import_trace(fmt: str, input_path, output, base_gfn: int = 0x1000) -> int:
             with _open_text(src) as fh:
                 rows = parse(fh, label, writer, base_gfn)
         except (OSError, EOFError, zlib.error) as exc:  # unreadable file, broken gzip stream
-            raise ImportFormatError(f"{label}: cannot read: {_first_line(exc)}") from None
+            raise ImportFormatError(f"{label}: cannot read: {first_line(exc)}") from None
         if rows == 0:
             raise ImportFormatError(f"{label}: no memory accesses found, expected at least one")
     return rows

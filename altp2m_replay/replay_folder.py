@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
-from altp2m_replay.errors import OutputError
+from altp2m_replay.errors import OutputError, first_line
 
 
 def results_dir(path) -> Path:
@@ -40,8 +40,7 @@ def read_table(
     try:
         df = pl.read_parquet(path)
     except Exception as exc:  # polars/arrow raise several types for a corrupt file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OutputError(f"{path}: not a readable Parquet table ({reason})") from None
+        raise OutputError(f"{path}: not a readable Parquet table ({first_line(exc)})") from None
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise OutputError(

@@ -47,6 +47,7 @@ from altp2m_replay.errors import (
     ReplayRuntimeError,
     TraceError,
     WorkerLost,
+    first_line,
 )
 from altp2m_replay.outdir import (
     OutputFolder,
@@ -381,11 +382,6 @@ def prune_cells(out: Path, current: dict[tuple[str, str], str]) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 class _BadCell(Exception):
     pass
 
@@ -430,7 +426,7 @@ def load_cell(out: Path, trace: str, policy: str, key: str, warn=None) -> CellOu
             tables[name] = pl.read_parquet(path)
     except (_BadCell, OSError, ValueError, RecursionError, pl.exceptions.PolarsError) as exc:
         if warn is not None:
-            warn(f"{d}: stored cell not usable ({_first_line(exc)}); computing it again")
+            warn(f"{d}: stored cell not usable ({first_line(exc)}); computing it again")
         return None
     return CellOutput(trace, policy, tables, seconds, records, warnings, costs)
 
@@ -605,7 +601,7 @@ class _Dask:
         try:
             return fut.result()
         except KilledWorker as exc:
-            reason = _first_line(exc).split(". ")[0]
+            reason = first_line(exc).split(". ")[0]
             raise WorkerLost(f"a Dask worker died, often for lack of memory ({reason})") from None
 
     def keep(self, fn, items):
@@ -815,7 +811,7 @@ def replay(
                     except pl.exceptions.PolarsError as exc:  # a stored cell edited by hand
                         raise OutputError(
                             f"{out / CELLS}: the {name} tables of the stored cells "
-                            f"do not fit together ({_first_line(exc)}); run "
+                            f"do not fit together ({first_line(exc)}); run "
                             f"without --resume"
                         ) from None
                     write_table(df, staging / f"{name}.parquet", shown=out / f"{name}.parquet")

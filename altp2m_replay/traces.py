@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from numba import njit
 
 from altp2m_replay import budget
-from altp2m_replay.errors import TraceError, escape
+from altp2m_replay.errors import TraceError, escape, first_line
 from altp2m_replay.policy import TraceFacts
 from altp2m_replay.schema import GFN_LIMIT, GPA_LIMIT, PAGE_BYTES, VCPU_LIMIT
 
@@ -176,8 +176,7 @@ def _read_meta(path, kv: dict | None) -> TraceMeta:
         return parse_meta(json.loads(raw))
     except (ValueError, UnicodeDecodeError) as exc:
         # json.JSONDecodeError is a ValueError too.
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise TraceError(f'{path}: metadata key "{META_KEY}": {msg}') from None
+        raise TraceError(f'{path}: metadata key "{META_KEY}": {first_line(exc)}') from None
     except RecursionError:
         raise TraceError(
             f'{path}: metadata key "{META_KEY}": arrays or objects nested too deeply'
@@ -252,7 +251,7 @@ class Trace:
             # pre_buffer: coalesced reads of a row group's column chunks decode faster
             return pq.ParquetFile(self.path, pre_buffer=True)
         except (OSError, pa.ArrowException) as exc:
-            raise TraceError(f"{self.path}: cannot read: {_first_line(exc)}") from None
+            raise TraceError(f"{self.path}: cannot read: {first_line(exc)}") from None
 
     def _raw(
         self, names: list[str], batch_rows: int | None, plan=None
@@ -282,7 +281,7 @@ class Trace:
                         start += n
         except (OSError, pa.ArrowException) as exc:
             raise TraceError(
-                f"{self.path}: cannot read row {start} onwards: {_first_line(exc)}"
+                f"{self.path}: cannot read row {start} onwards: {first_line(exc)}"
             ) from None
 
     @staticmethod
@@ -343,11 +342,6 @@ class Trace:
             yield out
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _combine(col) -> pa.Array:
     """A ChunkedArray (from a row-group read) as one contiguous Array."""
     if isinstance(col, pa.ChunkedArray):
@@ -398,7 +392,7 @@ def open_trace(path) -> Trace:
     except TraceError:
         raise
     except (OSError, pa.ArrowException) as exc:
-        raise TraceError(f"{path}: not a Parquet file ({_first_line(exc)})") from None
+        raise TraceError(f"{path}: not a Parquet file ({first_line(exc)})") from None
 
 
 # --------------------------------------------------------------------------- validate
@@ -1093,7 +1087,7 @@ def _as_table(data, path) -> pa.Table:
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise TraceError(
                     f'{path}: column "{name}" cannot be stored as '
-                    f"{TRACE_SCHEMA[name]}: {_first_line(exc)}"
+                    f"{TRACE_SCHEMA[name]}: {first_line(exc)}"
                 ) from None
         cols.append(col)
         names.append(name)
@@ -1168,7 +1162,7 @@ class TraceWriter:
             self._flush_io(final)
         except OSError as exc:  # disk full, permissions: a TraceError, not an input problem
             self.abort()
-            raise TraceError(f"{self.path}: cannot write: {_first_line(exc)}") from None
+            raise TraceError(f"{self.path}: cannot write: {first_line(exc)}") from None
 
     def _flush_io(self, final: bool) -> None:
         if self._writer is None:
@@ -1205,7 +1199,7 @@ class TraceWriter:
                 self._writer.close()
                 os.replace(self._tmp, self.path)
             except OSError as exc:
-                raise TraceError(f"{self.path}: cannot write: {_first_line(exc)}") from None
+                raise TraceError(f"{self.path}: cannot write: {first_line(exc)}") from None
         except BaseException:
             self.abort()
             raise
