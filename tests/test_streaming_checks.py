@@ -133,7 +133,7 @@ def test_statistics_that_disagree_with_the_values_are_not_trusted(tmp_path, monk
 
     made = []
     real_replayer = run.Replayer
-    monkeypatch.setattr(traces, "quick_stats", lying)
+    monkeypatch.setattr(traces.facts, "quick_stats", lying)  # where replay_facts looks it up
     monkeypatch.setattr(
         run, "Replayer", lambda *a, **k: made.append(a[0].name) or real_replayer(*a, **k)
     )

@@ -1,4 +1,4 @@
-"""traces.py: schema checks, streaming batches, validation, info, atomic writes; CLI errors."""
+"""traces: schema checks, streaming batches, validation, info, atomic writes; CLI errors."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from altp2m_replay.errors import TraceError
 from altp2m_replay.traces import (
     META_KEY,
     TraceWriter,
+    checker,
     open_trace,
     validate,
     write_trace,
@@ -231,7 +232,7 @@ def test_validate_stats_and_page_counts(tmp_path, monkeypatch):
         row_group_size=700,
     )
     # Tiny merge threshold so the streaming merge really runs many times.
-    monkeypatch.setattr(traces._CountMerger, "add", _eager_add)
+    monkeypatch.setattr(checker._CountMerger, "add", _eager_add)
     st_ = validate(p, page_counts=True)
     assert st_.rows == n
     np.testing.assert_array_equal(st_.vcpus, np.unique(vcpu))
