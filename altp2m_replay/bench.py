@@ -23,7 +23,8 @@ from numba import njit
 
 from altp2m_replay import generate, traces
 from altp2m_replay.engine import Replayer
-from altp2m_replay.policy import builtin_names, load_policy, needs_insn_stats, needs_page_counts
+from altp2m_replay.policy import builtin_names, load_policy
+from altp2m_replay.selectors import needs_insn_stats, needs_page_counts
 
 
 @njit(cache=True)

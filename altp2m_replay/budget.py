@@ -176,7 +176,8 @@ def estimate(policy, facts, rows: int, window: int | None = None, resolved=None)
     ``resolved``: ``resolve_all(policy, facts)`` when the caller has it."""
     from altp2m_replay.engine import _kernels as K
     from altp2m_replay.engine.simulate import PMAP_BYTES
-    from altp2m_replay.policy import intersect_ranges, merge_ranges, range_count, resolve_all
+    from altp2m_replay.ranges import intersect_ranges, merge_ranges, range_count
+    from altp2m_replay.selectors import resolve_all
 
     d = policy.domain
     ram, sels = resolved or resolve_all(policy, facts)

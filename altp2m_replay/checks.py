@@ -6,14 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from altp2m_replay.errors import PolicyError
-from altp2m_replay.policy import (
-    ACCESS_PERMITS,
-    KIND_CODES,
-    Policy,
-    load_policy,
-    needs_insn_stats,
-    needs_page_counts,
-)
+from altp2m_replay.policy import ACCESS_PERMITS, KIND_CODES, Policy, load_policy
+from altp2m_replay.selectors import needs_insn_stats, needs_page_counts
 
 
 @dataclass

@@ -41,7 +41,7 @@ import numba
 import numpy as np
 
 from altp2m_replay.errors import ImportFormatError, did_you_mean, first_line
-from altp2m_replay.policy import gfns_to_ranges, merge_ranges
+from altp2m_replay.ranges import gfns_to_ranges, merge_ranges
 from altp2m_replay.schema import GFN_LIMIT, GPA_LIMIT, VCPU_LIMIT
 from altp2m_replay.traces import TraceWriter
 

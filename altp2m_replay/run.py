@@ -57,14 +57,10 @@ from altp2m_replay.outdir import (
     write_checked,
     write_table,
 )
-from altp2m_replay.policy import (
-    Policy,
-    load_policy,
-    needs_insn_stats,
-    needs_page_counts,
-)
+from altp2m_replay.policy import Policy, load_policy
 from altp2m_replay.prefetch import side_by_side
 from altp2m_replay.results import TABLES, cell_tables
+from altp2m_replay.selectors import needs_insn_stats, needs_page_counts
 
 CELLS = ".cells"
 MAX_WINDOWS = 1 << 16  # timeline windows per cell: each holds every counter

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from altp2m_replay import traces
-from altp2m_replay.policy import facts_from_arrays
+from altp2m_replay.selectors import facts_from_arrays
 from altp2m_replay.traces import open_trace, validate, write_trace
 
 U = np.uint64
@@ -249,7 +249,7 @@ def control_traces(draw):
 )
 @given(cols=control_traces(), batch_rows=st.integers(1, 9))
 def test_streaming_stats_match_policy_row_walk(tmp_path, cols, batch_rows):
-    """The streaming pass and policy.facts_from_arrays (one row at a time, in Python) agree."""
+    """The streaming pass and selectors.facts_from_arrays (one row at a time, in Python) agree."""
     p = write_trace(cols, tmp_path / "h.parquet", row_group_size=5)
     tr = open_trace(p)
     v = traces.Validator(tr, insn_stats=True)

@@ -21,7 +21,8 @@ from click.testing import CliRunner
 from altp2m_replay import budget, run, traces
 from altp2m_replay.cli import main
 from altp2m_replay.errors import MemoryBudgetError
-from altp2m_replay.policy import TraceFacts, load_policy, parse_policy
+from altp2m_replay.policy import load_policy, parse_policy
+from altp2m_replay.selectors import TraceFacts
 
 BUDGET = "768M"
 RSS_CAP = 1 << 30  # the watchdog's line: the budget plus what a sample can miss

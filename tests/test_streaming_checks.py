@@ -187,7 +187,7 @@ def test_gfns_past_2_63_never_index_the_fast_path_cache(monkeypatch):
     before they reach it, but a file whose statistics lie could slip one past; the cache must
     then be skipped, giving what a run without the cache gives (and no crash)."""
     from altp2m_replay.engine import Replayer, simulate
-    from altp2m_replay.policy import TraceFacts
+    from altp2m_replay.selectors import TraceFacts
 
     gfn = np.array([5, 1 << 63, (1 << 64) - 1, 6, 1 << 63, 5], np.uint64)
     access = np.array([2, 2, 1, 4, 1, 1], np.uint8)

@@ -17,23 +17,14 @@ import numpy as np
 from altp2m_replay import budget
 from altp2m_replay.engine import _kernels as K
 from altp2m_replay.errors import PolicyError, ReplayRuntimeError, TraceError
-from altp2m_replay.policy import (
-    ACCESS_CODES,
-    KIND_CODES,
-    PERMITS,
-    RESPONSE_CODES,
-    VE_CODES,
-    Policy,
-    TraceFacts,
+from altp2m_replay.policy import ACCESS_CODES, KIND_CODES, PERMITS, RESPONSE_CODES, VE_CODES, Policy
+from altp2m_replay.ranges import (
     expand,
-    facts_from_arrays,
     first_outside,
     intersect_ranges,
     iter_gfn_chunks,
     merge_ranges,
-    needs_insn_stats,
     range_count,
-    resolve_all,
 )
 from altp2m_replay.schema import (
     COUNTERS,
@@ -47,6 +38,7 @@ from altp2m_replay.schema import (
     VCPU_LIMIT,
     VIEW_COUNTERS,
 )
+from altp2m_replay.selectors import TraceFacts, facts_from_arrays, needs_insn_stats, resolve_all
 
 # change_gfn pairs and add_ram are applied gfn by gfn from explicit lists; bound them.
 MAX_EXPLICIT_GFNS = 1 << 24

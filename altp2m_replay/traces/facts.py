@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from altp2m_replay.policy import TraceFacts
+from altp2m_replay.selectors import TraceFacts
 from altp2m_replay.traces.checker import TraceStats, quick_stats, validate
 from altp2m_replay.traces.reader import Trace, open_trace
 
