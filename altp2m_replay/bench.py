@@ -61,8 +61,8 @@ def run_bench(
     ``threads``: workers of the side-by-side figure (default: the number of cores; 0 skips
     the figure).
     """
-    from altp2m_replay.run import replay_trace
     from altp2m_replay.traces import trace_facts
+    from altp2m_replay.unit import replay_trace
 
     p = load_policy(policy)
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,8 +162,8 @@ def _side_by_side(path: Path, threads: int, rounds: int) -> tuple:
     ``executed`` selector) are gathered once and given to both: that pass is the same
     whichever way the policies run, and is reported on its own.
     """
-    from altp2m_replay.run import replay_trace
     from altp2m_replay.traces import replay_facts
+    from altp2m_replay.unit import replay_trace
 
     pols = [load_policy(n) for n in builtin_names()]
     t = time.perf_counter()

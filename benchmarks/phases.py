@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from altp2m_replay import run, traces
+from altp2m_replay import run, traces, unit
 from altp2m_replay.costs import effective_costs
 from altp2m_replay.engine import Replayer
 from altp2m_replay.policy import load_policy
@@ -44,7 +44,7 @@ def main() -> None:
     path, pol, n = Path(a.trace), load_policy(a.policy), a.rounds
     tr = traces.open_trace(path)
     print(f"{tr.rows:,} rows, policy {pol.name}")
-    run.replay_trace(path, [pol], {}, None, None)  # load every kernel first
+    unit.replay_trace(path, [pol], {}, None, None)  # load every kernel first
 
     timed("sha256 of the file (manifest, cell keys)", lambda: run.sha256(path), n)
     timed(
@@ -73,7 +73,7 @@ def main() -> None:
     batches.clear()
     timed(
         "replay_trace: all of the above, overlapped",
-        lambda: run.replay_trace(path, [pol], {}, None, None),
+        lambda: unit.replay_trace(path, [pol], {}, None, None),
         n,
     )
     with tempfile.TemporaryDirectory() as tmp:
