@@ -636,7 +636,7 @@ def _capture_header(stream: _CaptureStream, label: str) -> int:
         )
     if not 1 <= vcpus <= VCPU_LIMIT:
         raise ImportFormatError(
-            f"{label}: byte 16: expected a vCPU count in 1..4096, found {int(vcpus)}"
+            f"{label}: byte 16: expected a vCPU count in 1..{VCPU_LIMIT}, found {int(vcpus)}"
         )
     return int(vcpus)
 

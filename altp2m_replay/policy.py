@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from altp2m_replay.errors import PolicyError, did_you_mean, shown
-from altp2m_replay.schema import GFN_LIMIT, VCPU_LIMIT
+from altp2m_replay.schema import GFN_LIMIT, GPA_LIMIT, VCPU_LIMIT
 
 # p2m_access_t values, in Xen's order (xen/include/xen/mem_access.h).
 ACCESS_CODES = {
@@ -720,7 +720,7 @@ def _address(value, where: str) -> int:
             raise _fail(
                 where, f"expected an address (integer or hex string), found {value!r}"
             ) from None
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 48:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < GPA_LIMIT:
         raise _fail(where, f"expected an address below 2^48, found {value!r}")
     return value
 

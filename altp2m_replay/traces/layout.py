@@ -140,7 +140,9 @@ def parse_meta(obj) -> TraceMeta:
     if vcpus is not None and (
         not isinstance(vcpus, int) or isinstance(vcpus, bool) or not 1 <= vcpus <= VCPU_LIMIT
     ):
-        raise ValueError(f'"vcpus" must be an integer in 1..4096, found {json.dumps(vcpus)}')
+        raise ValueError(
+            f'"vcpus" must be an integer in 1..{VCPU_LIMIT}, found {json.dumps(vcpus)}'
+        )
     ram = obj.get("ram")
     ram = None if ram is None else _ranges(ram, '"ram"')
     sets = obj.get("gfn_sets", {})
