@@ -176,10 +176,13 @@ def _side_by_side(path: Path, threads: int, rounds: int) -> tuple:
     for _ in range(rounds):
         for times, n in ((seq, 1), (par, threads)):
             by_thread: dict[str, float] = {}
-            t, c = time.perf_counter(), time.process_time()
+            t, c, own = time.perf_counter(), time.process_time(), time.thread_time()
             replay_trace(path, pols, {}, None, None, prepared=prepared, threads=n, cpu=by_thread)
             times.append(time.perf_counter() - t)
             cpu[n].append(time.process_time() - c)
+            # this thread's whole CPU: one after the other it also replays (feed and finish,
+            # in by_thread) and between batches hands them out and keeps the timeline
+            by_thread["calling thread"] = time.thread_time() - own
             # on otherwise idle cores a pass takes at least its busiest thread's CPU time,
             # and at least all its CPU time spread over every core
             idle[n].append(max(max(by_thread.values()), cpu[n][-1] / cores))

@@ -325,6 +325,10 @@ def replay(
     for c in cells:
         for w in c["warnings"]:
             click.echo(f"warning: {c['trace']} x {c['policy']}: {w}", err=True)
+    if cells:
+        from altp2m_replay.terminal_summary import summary_text
+
+        click.echo(summary_text(out_dir, html=not no_html))
 
 
 # --------------------------------------------------------------------------- bench

@@ -4,6 +4,8 @@ by a real headless Chromium."""
 from __future__ import annotations
 
 import hashlib
+import html
+import itertools
 import json
 import re
 import shutil
@@ -17,6 +19,7 @@ from click.testing import CliRunner
 
 from altp2m_replay.cli import main
 from altp2m_replay.report import render_html, write_report
+from altp2m_replay.report.html import fmt_per_record, fmt_ratio
 
 POLICIES = ("none", "baseline", "xen-access-altp2m-write")
 HEADINGS = (
@@ -91,20 +94,27 @@ def test_page_shows_sections_and_readable_numbers(out_dir):
     assert "No crashes, no livelocks and no setup warnings" in page
 
 
-def test_crashes_and_warnings_are_shown_before_the_results(copy_dir):
-    summary = pl.read_parquet(copy_dir / "summary.parquet")
-    hit = pl.col("policy") == "baseline"
+def _crash(folder: Path, hit: pl.Expr, record: int, warnings=None) -> None:
+    """Mark the summary rows ``hit`` selects as crashed at ``record``; optionally give the
+    third cell of the manifest setup ``warnings``. The manifest lists the new summary."""
+    summary = pl.read_parquet(folder / "summary.parquet")
     summary = summary.with_columns(
         pl.when(hit).then(1).otherwise(pl.col("crashed")).alias("crashed"),
-        pl.when(hit).then(1234).otherwise(pl.col("crash_record")).alias("crash_record"),
+        pl.when(hit).then(record).otherwise(pl.col("crash_record")).alias("crash_record"),
     )
-    summary.write_parquet(copy_dir / "summary.parquet")
-    manifest = json.loads((copy_dir / "manifest.json").read_text())
-    manifest["cells"][2]["warnings"] = ['setup: gfn set "page_tables" is empty <b>']
+    summary.write_parquet(folder / "summary.parquet")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if warnings is not None:
+        manifest["cells"][2]["warnings"] = warnings
     manifest["files"]["summary.parquet"] = hashlib.sha256(
-        (copy_dir / "summary.parquet").read_bytes()
+        (folder / "summary.parquet").read_bytes()
     ).hexdigest()
-    (copy_dir / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_crashes_and_warnings_are_shown_before_the_results(copy_dir):
+    warning = 'setup: gfn set "page_tables" is empty <b>'
+    _crash(copy_dir, pl.col("policy") == "baseline", 1234, [warning])
     page = render_html(copy_dir)
     alerts = page.index('id="alerts"')
     assert alerts < page.index('id="comparison"')
@@ -150,7 +160,7 @@ def test_population_has_one_curve_per_view_per_policy(out_dir):
     assert f"{size / div:,.1f} {unit}" in page
     assert f"({pages:,} pages)</title>" in svgs[1]
     assert "view 1 · watch" in page
-    assert "Lazy copies (cumulative)" not in page and "Lazy copy pages (cumulative)" not in page
+    assert "Lazy copies (cumulative)" not in page
     assert "Views at the end of the run" in page
 
 
@@ -192,7 +202,7 @@ def test_older_folders_fall_back_to_the_cumulative_lazy_curve(copy_dir):
     (copy_dir / "by_ip.parquet").unlink()
     page = render_html(copy_dir)
     lazy = page[page.index('id="lazy"') : page.index('id="vcpus"')]
-    assert re.search(r"Lazy cop(ies|y pages) \(cumulative\)", lazy)
+    assert "Lazy copies (cumulative)" in lazy
     assert "No population.parquet in this folder" in lazy
     assert lazy.count("<polyline") == len(POLICIES)  # one cumulative curve per policy
     assert "Views at the end of the run" in lazy
@@ -387,3 +397,302 @@ def test_a_broken_manifest_is_one_error_line(copy_dir):
     (copy_dir / "manifest.json").write_text("{not json")
     r = cli("report", copy_dir)
     assert r.exit_code == 2 and "manifest.json: not readable JSON" in r.stderr
+
+
+# ----------------------------------------------------------------------------- corpora
+# every built-in policy: the widest tables a run of the built-ins makes
+CORPUS_POLICIES = (
+    "none",
+    "baseline",
+    "codemon-flip",
+    "drakvuf-hidden-breakpoints",
+    "drakvuf-hidden-breakpoints-fast",
+    "drakvuf-syscalls",
+    "hvmi-ve-pagetables",
+    "memaccess-write",
+    "smartvmi-breakpoints-emulate",
+    "split-rx",
+    "split-rx-mtf",
+    "xen-access-altp2m-exec",
+    "xen-access-altp2m-write",
+)
+# (name, workload, rows, vCPUs); the last trace loses its tsc column
+CORPUS_TRACES = (
+    ("kern", "kernel", 3_000, 2),
+    ("jit", "jit", 2_000, 1),
+    ("sandbox", "sandbox", 2_000, 2),
+    ("scan-notsc", "scan", 1_500, 1),
+)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Four small traces (one without tsc) × the 13 built-in policies, HTML on."""
+    root = tmp_path_factory.mktemp("corpus")
+    paths = []
+    for name, workload, rows, vcpus in CORPUS_TRACES:
+        path = root / f"{name}.parquet"
+        r = cli(
+            "trace", "generate", workload, "-n", rows, "--seed", 4, "--vcpus", vcpus, "-o", path
+        )
+        assert r.exit_code == 0, r.output
+        paths.append(path)
+    pl.read_parquet(paths[-1]).drop("tsc").write_parquet(paths[-1])
+    args = ["replay", *paths, "-o", root / "out", "--jobs", 1]
+    for p in CORPUS_POLICIES:
+        args += ["-p", p]
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    return root / "out"
+
+
+def _overview(page: str) -> str:
+    return page[page.index('<section class="card" id="overview">') : page.index('id="alerts"')]
+
+
+def _matrix(page: str) -> tuple[list[tuple[str, str, str]], dict[str, list[dict]]]:
+    """The overview's columns as (anchor, trace, measure) and its cells per policy row."""
+    ov = _overview(page)
+    columns = re.findall(
+        r'<th class="n trace-col"[^>]*><a href="#([^"]+)">([^<]+)</a><span class="measure">([^<]+)',
+        ov,
+    )
+    rows = {}
+    for row in re.findall(r"<tr[^>]*>\s*<td class=\"strong\">.*?</tr>", ov, re.S):
+        policy = re.search(r"</span>([^<]+)", row).group(1)
+        rows[policy] = [
+            {
+                "cls": m.group(1),
+                "bg": m.group(3),
+                "fg": m.group(4),
+                "body": m.group(5),
+                "text": re.match(r'(?:<span class="tick"[^>]*>✓</span>)?([^<]*)', m.group(5)).group(
+                    1
+                ),
+            }
+            for m in re.finditer(
+                r'<td class="n (heat[^"]*)"( style="background: (#[0-9a-f]{6}); '
+                r'color: (#[0-9a-f]{6})" title="[^"]*")?>(.*?)</td>',
+                row,
+                re.S,
+            )
+        ]
+    return columns, rows
+
+
+def _wcag_contrast(a: str, b: str) -> float:
+    """WCAG 2 contrast of two '#rrggbb' colours, written out here independently of charts."""
+
+    def lum(h: str) -> float:
+        chans = [int(h[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+        r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in chans)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    hi, lo = sorted((lum(a), lum(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_overview_matrix_answers_which_policy_is_cheapest(corpus_dir):
+    page = render_html(corpus_dir)
+    ov = _overview(page)
+    assert page.index('id="overview"') < page.index('id="alerts"') < page.index('id="comparison"')
+    assert '<a href="#overview">Overview</a>' in page  # first in the navigation
+    columns, rows = _matrix(page)
+    names = [name for name, *_ in CORPUS_TRACES]
+    assert [c[1] for c in columns] == names  # traces as columns, in the run's order
+    assert list(rows) == list(CORPUS_POLICIES)  # policies as rows, references first
+    # the trace without tsc has no slowdown: its column shows cycles per record
+    assert [c[2] for c in columns] == ["slowdown"] * 3 + ["cycles / record"]
+    summary = pl.read_parquet(corpus_dir / "summary.parquet").filter(pl.col("vcpu") == -1)
+    for j, (anchor, trace, measure) in enumerate(columns):
+        assert page.count(f'id="{anchor}"') == 1  # the link lands on the trace's section
+        sect = page[page.index(f'id="{anchor}"') :]
+        assert sect.index(f'<span class="trace-tag">{trace}</span>') < 200
+        col = "slowdown" if measure == "slowdown" else "cycles_per_record"
+        fmt = fmt_ratio if col == "slowdown" else fmt_per_record
+        by_policy = {r["policy"]: r for r in summary.filter(pl.col("trace") == trace).to_dicts()}
+        for p in CORPUS_POLICIES:
+            assert rows[p][j]["text"] == fmt(by_policy[p][col]), (trace, p)
+        # the cheapest: lowest value among policies that are no reference and did not stop
+        fair = {
+            p: r[col]
+            for p, r in by_policy.items()
+            if p not in ("none", "baseline") and not r["crashed"] and not r["livelocked"]
+        }
+        cheapest = {p for p, v in fair.items() if v == min(fair.values())}
+        marked = {p for p in CORPUS_POLICIES if "best" in rows[p][j]["cls"].split()}
+        assert marked == cheapest, (trace, marked, cheapest)
+        for p in CORPUS_POLICIES:  # a mark, not only an outline: the tick in the cell
+            ticked = rows[p][j]["body"].startswith(
+                '<span class="tick" role="img" aria-label="cheapest">✓'
+            )
+            assert ticked == (p in marked), (trace, p)
+        # stopped runs carry a label, not only a colour
+        for p, r in by_policy.items():
+            stopped = "✕ livelock @ " in rows[p][j]["body"]
+            assert stopped == bool(r["livelocked"]), (trace, p)
+            if stopped:
+                assert f"livelock @ {r['livelock_record']:,}<" in rows[p][j]["body"]
+    assert "✕ livelock @" in ov  # split-rx livelocks on these traces
+    # each policy's row says on how many traces it is the cheapest
+    for p in CORPUS_POLICIES:
+        wins = sum("best" in cell["cls"].split() for cell in rows[p])
+        said = re.search(rf"</span>{re.escape(p)}(<span[^>]*>[^<]*</span>)*</td>", ov).group(0)
+        claim = f"cheapest on {wins} of {len(names)} traces"
+        assert (claim in said) == (wins > 0), (p, said)
+    assert 'href="#trace-kern"' in ov and 'id="timeline-trace-kern"' in page
+
+
+@pytest.mark.parametrize("folder", ["corpus_dir", "out_dir"])
+def test_every_link_inside_the_page_has_a_target(folder, request):
+    page = render_html(request.getfixturevalue(folder))
+    targets = re.findall(r'href="#([^"]+)"', page)
+    ids = re.findall(r'\bid="([^"]+)"', page)
+    assert len(ids) == len(set(ids))  # ids are unique
+    assert targets and not set(targets) - set(ids), set(targets) - set(ids)
+    # in a corpus, each trace's comparison links to its part of the other sections
+    multi = folder == "corpus_dir"
+    assert ("hotspots-trace-sandbox" in targets) == multi
+
+
+def test_overview_colours_are_sequential_and_readable(corpus_dir):
+    columns, rows = _matrix(render_html(corpus_dir))
+    summary = pl.read_parquet(corpus_dir / "summary.parquet").filter(pl.col("vcpu") == -1)
+    for measure in ("slowdown", "cycles / record"):
+        col = "slowdown" if measure == "slowdown" else "cycles_per_record"
+        cells = []
+        for j, (_, trace, m) in enumerate(columns):
+            if m != measure:
+                continue
+            for p in CORPUS_POLICIES:
+                v = summary.filter((pl.col("trace") == trace) & (pl.col("policy") == p))[col][0]
+                cells.append((v, rows[p][j]["bg"], rows[p][j]["fg"]))
+        assert len({bg for _, bg, _ in cells}) >= 4  # the scale is used, not one colour
+        # a costlier cell is never lighter than a cheaper one of the same measure
+        cells.sort(key=lambda c: c[0])
+        lights = [_wcag_contrast(bg, "#000000") for _, bg, _ in cells]
+        assert all(a >= b - 1e-9 for a, b in itertools.pairwise(lights)), measure
+        for _, bg, fg in cells:
+            assert _wcag_contrast(bg, fg) >= 4.5, (bg, fg)
+
+
+def test_heat_scale_ends_and_contrast():
+    from altp2m_replay.report import charts
+
+    assert charts.heat(0.0)[0] == charts.HEAT_STOPS[0]
+    assert charts.heat(1.0)[0] == charts.HEAT_STOPS[-1]
+    assert charts.heat(-3.0) == charts.heat(0.0) and charts.heat(7.0) == charts.heat(1.0)
+    for i in range(101):
+        bg, fg = charts.heat(i / 100)
+        assert _wcag_contrast(bg, fg) >= 4.5, (i, bg, fg)
+
+
+def test_overview_of_one_trace_is_one_column(out_dir):
+    page = render_html(out_dir)
+    columns, rows = _matrix(page)
+    assert columns == [("trace-kern", "kern", "slowdown")]
+    assert page.count('id="trace-kern"') == 1
+    assert list(rows) == list(POLICIES) and all(len(c) == 1 for c in rows.values())
+    marked = [p for p in POLICIES if "best" in rows[p][0]["cls"].split()]
+    assert marked == ["xen-access-altp2m-write"]  # the only policy that is no reference
+
+
+def test_overview_labels_crashes(corpus_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(corpus_dir, copy)
+    _crash(copy, (pl.col("policy") == "hvmi-ve-pagetables") & (pl.col("trace") == "jit"), 1234)
+    columns, rows = _matrix(render_html(copy))
+    j = [c[1] for c in columns].index("jit")
+    cell = rows["hvmi-ve-pagetables"][j]
+    assert "✕ crashed @ 1,234" in cell["body"] and "best" not in cell["cls"]
+    assert "tick" not in cell["body"]
+    assert any("best" in rows[p][j]["cls"] for p in CORPUS_POLICIES)  # another one now
+
+
+# Injected before </body> of a copy of the page: opens every <details> (a table must fit
+# when its section is opened too), then records per table its width, its card's inner
+# width and whether the box around it has to scroll sideways.
+FIT_PROBE = """<script>
+(function () {
+  document.querySelectorAll("details").forEach(function (d) { d.open = true; });
+  var out = [];
+  document.querySelectorAll("table").forEach(function (t) {
+    var card = t.closest("section.card");
+    var cs = getComputedStyle(card);
+    var inner = card.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
+    var box = t.parentElement;
+    out.push([card.id, Math.ceil(t.getBoundingClientRect().width), t.scrollWidth,
+              Math.floor(inner), box.scrollWidth, box.clientWidth,
+              (t.querySelector("th") || {}).textContent].join("|"));
+  });
+  document.body.setAttribute("data-fit", out.join(";"));
+  var matrix = document.querySelector("table.matrix");
+  if (matrix) {
+    document.body.setAttribute("data-matrix-bottom", Math.ceil(matrix.getBoundingClientRect().bottom));
+  }
+})();
+</script>
+"""
+
+
+def _table_fit(page: Path, tmp_path: Path, width: int) -> tuple[list[list[str]], int | None]:
+    probe = tmp_path / f"fit-{width}.html"
+    probe.write_text(
+        page.read_text(encoding="utf-8").replace("</body>", FIT_PROBE + "</body>"),
+        encoding="utf-8",
+    )
+    r = _run_chromium(probe, tmp_path, "--dump-dom", f"--window-size={width},1000")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _body_ok(r.stdout) and not _console_errors(r.stderr)
+    found = re.search(r'<body[^>]*\bdata-fit="([^"]*)"', r.stdout)
+    assert found, "the fit probe did not run"
+    bottom = re.search(r'<body[^>]*\bdata-matrix-bottom="(\d+)"', r.stdout)
+    rows = [row.split("|") for row in html.unescape(found.group(1)).split(";")]
+    return rows, int(bottom.group(1)) if bottom else None
+
+
+def _overflowing(rows: list[list[str]]) -> list[list[str]]:
+    """Tables wider than their card, or whose box scrolls sideways."""
+    return [
+        r for r in rows if int(r[1]) > int(r[3]) or int(r[2]) > int(r[3]) or int(r[4]) > int(r[5])
+    ]
+
+
+def test_chromium_fit_probe_sees_a_table_wider_than_its_card(tmp_path):
+    """Negative control: the probe flags a table that cannot fit."""
+    wide = tmp_path / "wide.html"
+    cells = "".join(f"<td>{'x' * 40}</td>" for _ in range(12))
+    wide.write_text(
+        "<!DOCTYPE html><html><head><style>td { white-space: nowrap; } .scroll { overflow-x: auto; }"
+        "</style></head><body>"
+        '<section class="card" id="c"><div class="scroll"><table><tr><th>h</th>'
+        f"{cells}</tr></table></div></section>"
+        '<script>document.body.setAttribute("data-ok", "1");</script></body></html>'
+    )
+    rows, bottom = _table_fit(wide, tmp_path, 1280)
+    assert len(rows) == 1 and _overflowing(rows) == rows and bottom is None
+
+
+@pytest.mark.parametrize("width", [1280, 1920])
+def test_chromium_every_table_fits_its_card(corpus_dir, tmp_path, width):
+    page = corpus_dir / "report.html"
+    rows, bottom = _table_fit(page, tmp_path, width)
+    assert len(rows) == page.read_text(encoding="utf-8").count("<table")  # every table measured
+    assert {r[0] for r in rows} >= {"overview", "comparison", "lazy", "vcpus", "hotspots", "run"}
+    assert not _overflowing(rows), "\n".join("|".join(r) for r in _overflowing(rows))
+    # the whole overview of 4 traces × 13 policies is on the first screen of a 1080-pixel
+    # display (less about 130 px of browser toolbars), whatever the width
+    assert bottom is not None and bottom <= 950, bottom
+
+
+def test_trace_anchors_are_stable_and_unique():
+    from altp2m_replay.report.html import _anchors
+
+    names = ["Kern 2vcpu", "kern-2vcpu", "kern_2vcpu", "☃", "kern-2vcpu-2"]
+    first = _anchors(names)
+    assert first == _anchors(names)  # same names, same ids
+    assert first["Kern 2vcpu"] == "trace-kern-2vcpu"
+    assert first["kern-2vcpu"] == "trace-kern-2vcpu-2"  # taken: numbered
+    assert first["kern_2vcpu"] == "trace-kern_2vcpu" and first["☃"] == "trace-unnamed"
+    assert len(set(first.values())) == len(names)
+    assert all(re.fullmatch(r"trace-[a-z0-9_-]+", a) for a in first.values())

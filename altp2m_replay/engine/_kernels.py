@@ -348,7 +348,7 @@ def permits_any(e, lv):
     return e & 3 == LEAF and PERMITS[(e >> 2) & 15] != 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def alloc_node(pool, gs):
     n = gs[GS_NFREE]
     gs[GS_NFREE] = n + 1
@@ -493,7 +493,7 @@ def effective_entry(pool, roots, p, g):
     return np.int64(-1)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def tree_stats(pool, root):
     """(pages_mapped, leaves_4k, leaves_2m, leaves_1g) of one p2m."""
     pages = 0
@@ -529,7 +529,7 @@ def tree_stats(pool, root):
 
 
 # --------------------------------------------------------------------------- setup
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def map_host(pool, gs, roots, maxm, bases, levels, access, start):
     """Map host RAM pieces from index ``start``: ``bases`` int64 (n,) first gfns,
     ``levels`` int64 (n,) entry levels. Returns (status, index reached)."""
@@ -541,7 +541,7 @@ def map_host(pool, gs, roots, maxm, bases, levels, access, start):
     return ST_DONE, len(bases)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def setup_gfns(op, pool, gs, roots, maxm, active, dflt, dom, p, gfns, arg, start):
     """Apply one setup op to ``gfns`` (int64 (n,)) from index ``start``.
 
@@ -591,7 +591,7 @@ def setup_gfns(op, pool, gs, roots, maxm, active, dflt, dom, p, gfns, arg, start
     return ST_DONE, len(gfns)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def setup_breakpoints(pool, gs, roots, maxm, dflt, dom, p, addrs, keys, start):
     """``write_breakpoints`` into view p2m ``p`` (SPEC §4): keys[i] = mfn << 12 | offset of
     the frame ``p``'s effective entry maps at addrs[i] (int64 (n,) byte addresses), prepopulating
@@ -613,7 +613,7 @@ def setup_breakpoints(pool, gs, roots, maxm, dflt, dom, p, addrs, keys, start):
     return ST_DONE, len(addrs)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def setup_change_gfn(pool, gs, roots, maxm, dflt, dom, remap, p, olds, news, start):
     """``change_gfn`` pairs ``olds[i] -> news[i]`` (int64 (n,)) in view p2m ``p``."""
     for i in range(start, len(olds)):
@@ -704,7 +704,7 @@ def log_event(elog, gs, view, g, bits, has_ip, ipv):
     return j
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def drain_status(gs, htab, itab):
     """ST_DONE if draining the log keeps both tables at most 3/4 full, else which to grow."""
     if (gs[GS_HCOUNT] + gs[GS_LOGN]) * 4 > htab.shape[0] * 3:
@@ -714,7 +714,7 @@ def drain_status(gs, htab, itab):
     return ST_DONE
 
 
-@njit(cache=True, _nrt=False)  # no reference counting, as replay_batch
+@njit(cache=True, _nrt=False, nogil=True)  # no reference counting, as replay_batch
 def drain_log(elog, gs, htab, itab):
     """Add the logged events to the per-gfn and per-ip tables and empty the log.
 
@@ -1438,7 +1438,7 @@ def spill_open(vst, ibuf, gs, bt, has_ip, has_op, lut, start_row, n):
     return ST_DONE
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def snapshot(vc, pv, snaps, w, nslots):
     """Row ``w`` of ``snaps``: run totals of every counter, then each view's lazy-copy pages,
     then the domain row's EPT syncs."""
@@ -1765,7 +1765,7 @@ def track_tsc(tsc, vcpu, lut, seen, first, last, n, op, has_op):
         last[s] = tsc[i]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def finish(vst, vc, pv):
     """End every open instruction at the end of the trace."""
     for s in range(vst.shape[0]):
@@ -1773,7 +1773,7 @@ def finish(vst, vc, pv):
             end_instruction(vst, vc, pv, s)
 
 
-@njit(cache=True, _nrt=False)  # no reference counting, as replay_batch
+@njit(cache=True, _nrt=False, nogil=True)  # no reference counting, as replay_batch
 def rehash(old, new, ip_table, gs):
     """Insert every used row of hash table ``old`` into the empty, larger table ``new``
     (int64, rows a power of two): the per-ip table if ``ip_table``, else the per-gfn one.

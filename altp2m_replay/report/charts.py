@@ -241,3 +241,51 @@ def line_chart(
         )
     out.append("</svg>")
     return "".join(out)
+
+
+# ----------------------------------------------------------------------------- colour scale
+# A sequential scale for "more costly is darker": cream, amber, orange, red, deep red. The
+# stops are interpolated linearly in sRGB; the overview matrix colours its cells with it.
+HEAT_STOPS = ("#fffbeb", "#fde68a", "#fb923c", "#dc2626", "#7f1d1d")
+INK_DARK = "#111827"
+INK_LIGHT = "#ffffff"
+
+
+def _rgb(hex_colour: str) -> tuple[int, int, int]:
+    h = hex_colour.lstrip("#")
+    return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
+
+
+def luminance(hex_colour: str) -> float:
+    """WCAG 2 relative luminance of an sRGB colour."""
+
+    def lin(c: int) -> float:
+        s = c / 255
+        return s / 12.92 if s <= 0.04045 else ((s + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (lin(c) for c in _rgb(hex_colour))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a: str, b: str) -> float:
+    """WCAG 2 contrast ratio of two colours, 1 to 21."""
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def heat(t: float) -> tuple[str, str]:
+    """(background, text colour) at position ``t`` in [0, 1] of the sequential scale.
+
+    The text is the soft dark ink when it reads at WCAG AA (4.5:1) on the background, else
+    white when that does, else pure black (one of black and white always reaches 4.58:1).
+    """
+    t = min(1.0, max(0.0, t))
+    pos = t * (len(HEAT_STOPS) - 1)
+    i = min(int(pos), len(HEAT_STOPS) - 2)
+    f = pos - i
+    lo, hi = _rgb(HEAT_STOPS[i]), _rgb(HEAT_STOPS[i + 1])
+    bg = "#" + "".join(f"{round(a + (b - a) * f):02x}" for a, b in zip(lo, hi, strict=True))
+    for ink in (INK_DARK, INK_LIGHT):
+        if contrast(bg, ink) >= 4.5:
+            return bg, ink
+    return bg, "#000000"

@@ -7,11 +7,17 @@ docstring for why), and the only scripts are two tiny ones (a load marker and an
 recorder) that the headless-browser test reads.
 Identical inputs give identical bytes: nothing is timestamped, and every list is ordered
 (traces and policies in the manifest's order, then by name; rows by their keys).
+
+The page opens with an overview for corpora: a policy × trace matrix of slowdown (cycles
+per record for a trace without ``tsc``), coloured on a log scale, with the cheapest policy
+of each trace ticked and stopped runs labelled; each trace's name links to its part of
+the sections below (ids ``trace-<name>``, ``timeline-trace-<name>``, …).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import jinja2
@@ -43,6 +49,7 @@ TOP_IPS = 20
 PAGE = 4096  # bytes per 4 KiB page: population is counted in pages
 WIDE = 1180  # px of a full-width chart: the card's inner width at the page's max width
 PANEL = 580  # px of a chart in a two-column grid
+EXACT_CATEGORY_COLUMNS = 7  # policies whose cycles per category are shown exactly
 MAX_POINTS = 512  # timeline points per line; more windows are merged so the SVG stays small
 # (column, title); a panel per column the timeline table has (older folders lack some)
 TIMELINE_METRICS = (
@@ -160,6 +167,14 @@ def fmt_ratio(v) -> str:
         return "—"
     digits = 3 if v < 10 else 2 if v < 100 else 1 if v < 1000 else 0
     return f"{v:,.{digits}f}×"
+
+
+def fmt_per_record(v) -> str:
+    """Cycles per record: '2.37', '1,326.7', '188,999'; None -> '—'."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    digits = 2 if v < 100 else 1 if v < 10_000 else 0
+    return f"{v:,.{digits}f}"
 
 
 def fmt_float(v, digits: int = 2) -> str:
@@ -292,6 +307,126 @@ def _alerts(summary: pl.DataFrame, manifest: dict, traces, policies) -> dict:
     }
 
 
+def _anchors(traces) -> dict[str, str]:
+    """A stable, unique HTML id per trace, made from its name: 'kern-2vcpu' -> 'trace-kern-2vcpu'."""
+    out: dict[str, str] = {}
+    for t in traces:
+        base = "trace-" + (re.sub(r"[^a-z0-9_-]+", "-", t.lower()).strip("-") or "unnamed")
+        anchor, n = base, 2
+        while anchor in out.values():
+            anchor, n = f"{base}-{n}", n + 1
+        out[t] = anchor
+    return out
+
+
+def _bad(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+# the overview's two measures: summary column -> (label, formatter, the value at the light
+# end of the colour scale, position on the scale's log axis)
+OVERVIEW_METRICS = {
+    "slowdown": ("slowdown", fmt_ratio, 1.0, lambda v: math.log10(max(v, 1.0))),
+    "cycles_per_record": ("cycles / record", fmt_per_record, 0.0, lambda v: math.log10(1.0 + v)),
+}
+
+
+def _stopped(r: dict) -> str | None:
+    """'crashed @ 1,234' or 'livelock @ 103' for a run that stopped early, else None."""
+    if r["crashed"]:
+        return f"crashed @ {fmt_int(r['crash_record'])}"
+    if r.get("livelocked"):
+        return f"livelock @ {fmt_int(r['livelock_record'])}"
+    return None
+
+
+def _overview(summary: pl.DataFrame, traces, policies, pcolour, anchors) -> dict:
+    """The policy × trace matrix at the top of the page.
+
+    A trace's column shows slowdown when every policy has one (the trace has ``tsc``),
+    else cycles per record. Cells are coloured on a log scale shared by every column of the
+    same measure; the cheapest policy of a column is marked, counting only policies that
+    are not references and did not stop early (crash or livelock).
+    """
+    total = {(r["trace"], r["policy"]): r for r in summary.filter(pl.col("vcpu") == -1).to_dicts()}
+    columns = []
+    high: dict[str, float] = {}  # per measure, its largest value in the matrix
+    for t in traces:
+        rows = [total[(t, p)] for p in policies if (t, p) in total]
+        metric = "slowdown" if all(not _bad(r["slowdown"]) for r in rows) else "cycles_per_record"
+        values = [r[metric] for r in rows if not _bad(r[metric])]
+        if values:
+            high[metric] = max(high.get(metric, values[0]), *values)
+        fair = [
+            r[metric]
+            for r in rows
+            if r["policy"] not in REFERENCE_POLICIES and not _stopped(r) and not _bad(r[metric])
+        ]
+        columns.append(
+            {
+                "name": t,
+                "anchor": anchors[t],
+                "metric": metric,
+                "label": OVERVIEW_METRICS[metric][0],
+                "records": max((r["records"] for r in rows), default=None),
+                "best": min(fair) if fair else None,
+            }
+        )
+    rows = []
+    for p in policies:
+        cells = []
+        for c in columns:
+            r = total.get((c["name"], p))
+            v = None if r is None else r[c["metric"]]
+            if _bad(v):
+                cells.append({"text": "—", "bg": None, "fg": None, "best": False, "stopped": None})
+                continue
+            label, fmt, _, pos = OVERVIEW_METRICS[c["metric"]]
+            span = pos(high[c["metric"]])
+            bg, fg = charts.heat(pos(v) / span if span > 0 else 0.0)
+            stopped = _stopped(r)
+            best = v == c["best"] and p not in REFERENCE_POLICIES and stopped is None
+            cells.append(
+                {
+                    "text": fmt(v),
+                    "bg": bg,
+                    "fg": fg,
+                    "best": best,
+                    "stopped": stopped,
+                    "title": f"{p} on {c['name']}: {fmt(v)} {label}; "
+                    f"{fmt_int(r['cycles_total'])} cycles over {fmt_int(r['records'])} records"
+                    + (f"; {stopped}" if stopped else "")
+                    + ("; the cheapest on this trace" if best else ""),
+                }
+            )
+        rows.append(
+            {
+                "policy": p,
+                "colour": pcolour[p],
+                "reference": p in REFERENCE_POLICIES,
+                "cells": cells,
+                "wins": sum(1 for c in cells if c["best"]),
+            }
+        )
+    legends = [
+        {
+            "label": label,
+            "low": fmt(light),
+            "high": fmt(high[metric]),
+            "gradient": ", ".join(charts.HEAT_STOPS),
+        }
+        for metric, (label, fmt, light, _) in OVERVIEW_METRICS.items()
+        if metric in high
+    ]
+    return {
+        "columns": columns,
+        "rows": rows,
+        "legends": legends,
+        "measures": sorted({c["metric"] for c in columns}),
+        "any_best": any(c["best"] is not None for c in columns),
+    }
+
+
 def _comparison(summary: pl.DataFrame, trace: str, policies, pcolour, categories, ccolour) -> dict:
     total = summary.filter((pl.col("trace") == trace) & (pl.col("vcpu") == -1))
     by_policy = {r["policy"]: r for r in total.to_dicts()}
@@ -346,6 +481,9 @@ def _comparison(summary: pl.DataFrame, trace: str, policies, pcolour, categories
             if c in summary.columns and not any(by_policy[p][c] for p in names)
         ],
         "categories": table,
+        # exact numbers fit a card up to this many policies; beyond, '1.23G' with the
+        # exact value in the tooltip
+        "compact": len(names) > EXACT_CATEGORY_COLUMNS,
         "legend": [(k.replace("_", " "), ccolour[k]) for k in used],
         "bars": Markup(
             charts.stacked_bars(bars, series, width=WIDE, aria=f"cycles by category, {trace}")
@@ -386,10 +524,8 @@ def _timeline(
     if tl.height == 0:
         return None
     names = [p for p in policies if p in set(tl["policy"].to_list())]
-    # the lazy curve counts pages when a per-window page count exists, else copies
-    lazy_col = "lazy_copy_pages" if "lazy_copy_pages" in tl.columns else "lazy_copies"
     metrics = [(m, title) for m, title in TIMELINE_METRICS if m in tl.columns]
-    counters = sorted({m for m, _ in metrics} | {lazy_col})
+    counters = sorted({m for m, _ in metrics} | {"lazy_copies"})
     records = {
         r["policy"]: r["records"]
         for r in summary.filter((pl.col("trace") == trace) & (pl.col("vcpu") == -1)).to_dicts()
@@ -430,15 +566,12 @@ def _timeline(
         starts = df["first_record"].to_list()
         # cumulative value at the END of each window: the next window's start, the run's end last
         ends = [*starts[1:], records.get(p, starts[-1])]
-        cum = df[lazy_col].cum_sum().to_list()
+        cum = df["lazy_copies"].cum_sum().to_list()
         lazy_lines.append(
             charts.Line(p, pcolour[p], [0, *ends], [0, *cum], dashed=p in REFERENCE_POLICIES)
         )
-    lazy_title = (
-        "Lazy copy pages (cumulative)"
-        if lazy_col == "lazy_copy_pages"
-        else "Lazy copies (cumulative)"
-    )
+    # the timeline table counts copies, not pages (SPEC §7): the curve sums copies
+    lazy_title = "Lazy copies (cumulative)"
     return {
         "panels": panels,
         "legend": [(p, pcolour[p], p in REFERENCE_POLICIES) for p in names],
@@ -840,6 +973,7 @@ def build_context(out_dir) -> dict:
     described = {p.get("name"): p for p in manifest_policies}
     timings = manifest.get("timings") or {}
 
+    anchors = _anchors(traces)
     per_trace = []
     for t in traces:
         ip_hot = _ip_hotspots(by_ip, summary, t, policies, pcolour)
@@ -847,6 +981,7 @@ def build_context(out_dir) -> dict:
         per_trace.append(
             {
                 "name": t,
+                "anchor": anchors[t],
                 "comparison": _comparison(summary, t, policies, pcolour, categories, ccolour),
                 "timeline": _timeline(timeline, summary, t, policies, pcolour),
                 "population": _population(population, summary, t, policies, pcolour),
@@ -883,6 +1018,7 @@ def build_context(out_dir) -> dict:
         "costs": _cost_sets(manifest),
         "ghz": ghz[0] if len(ghz) == 1 else None,
         "alerts": _alerts(summary, manifest, traces, policies),
+        "overview": _overview(summary, traces, policies, pcolour, anchors),
         "per_trace": per_trace,
         "multi_trace": len(traces) > 1,
         "top_gfns": TOP_GFNS,

@@ -409,12 +409,9 @@ class Validator:
                 self.gfn_lo.append(int(g_all.min()))
                 self.gfn_hi.append(int(g_all.max()))
             if self.mergers is not None and len(g_acc):
-                uniq, inv = np.unique(g_acc, return_inverse=True)
-                m = len(uniq)
-                self.mergers["touched"].add(uniq, np.bincount(inv, minlength=m))
-                for key, bit in (("read", 1), ("written", 2), ("executed", 4)):
-                    sel = (a_acc & bit) != 0
-                    self.mergers[key].add(uniq, np.bincount(inv[sel], minlength=m))
+                keys, counts = _page_counts(g_acc, np.ascontiguousarray(a_acc))
+                for j, key in enumerate(("touched", "read", "written", "executed")):
+                    self.mergers[key].add(keys, counts[:, j])
             if self.insn_stats and self.byte_addresses:
                 self._insn_stats(values, starts, access, gfn)
         self.rows += n
@@ -513,6 +510,58 @@ def _scan_rows(
     if op is None:
         op_counts[0] += len(access)
     return longest
+
+
+@njit(cache=True, nogil=True)
+def _page_counts(gfn, access):
+    """Rows per distinct gfn of one batch: ``gfn`` uint64 (n,), ``access`` uint8 (n,) ->
+    (keys uint64 (m,) in order of first appearance, counts int64 (m, 4): rows, then rows
+    reading, writing, executing).
+
+    An open-addressing hash table that doubles as keys arrive: a batch touches far fewer
+    pages than it has rows, so the table stays in cache (sorting the batch, as np.unique
+    does, cost 15-20x more on the bench trace).
+    """
+    size = 1 << 12
+    slots = np.full(size, -1, np.int64)  # index into keys, -1: empty
+    keys = np.empty(size // 2, np.uint64)
+    counts = np.zeros((size // 2, 4), np.int64)
+    m = 0
+    for i in range(len(gfn)):
+        g = gfn[i]
+        j = _page_slot(slots, keys, g)
+        k = slots[j]
+        if k < 0:
+            if m == len(keys):  # half full: double, so probes stay short
+                grown = np.empty(2 * m, np.uint64)
+                grown[:m] = keys
+                keys = grown
+                more = np.zeros((2 * m, 4), np.int64)
+                more[:m] = counts
+                counts = more
+                slots = np.full(4 * m, -1, np.int64)
+                for q in range(m):
+                    slots[_page_slot(slots, keys, keys[q])] = q
+                j = _page_slot(slots, keys, g)
+            k = m
+            slots[j], keys[k] = k, g
+            m += 1
+        a = access[i]
+        counts[k, 0] += 1
+        counts[k, 1] += a & 1
+        counts[k, 2] += (a >> 1) & 1
+        counts[k, 3] += (a >> 2) & 1
+    return keys[:m], counts[:m]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _page_slot(slots, keys, g):
+    """Slot of ``g`` in :func:`_page_counts`' table, or the empty slot where it goes."""
+    mask = len(slots) - 1
+    j = np.int64((g * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)) & mask  # Fibonacci hash
+    while slots[j] >= 0 and keys[slots[j]] != g:
+        j = (j + 1) & mask
+    return j
 
 
 @njit(cache=True, nogil=True)
