@@ -609,9 +609,9 @@ def capture(
                 [(text[0] - KERNEL_TEXT_BASE) >> 12, (text[1] - 1 - KERNEL_TEXT_BASE) >> 12]
             ]
         if report.page_tables:
-            from altp2m_replay.importers import _merge_ranges
+            from altp2m_replay.ranges import merge_ranges
 
-            gfn_sets["page_tables"] = _merge_ranges([list(r) for r in report.page_tables])
+            gfn_sets["page_tables"] = merge_ranges(report.page_tables).tolist()
         source = (
             f"qemu-capture: QEMU {qemu_full} TCG (thread=single), {vcpus} vCPUs, "
             f"{memory} MiB; kernel {report.kernel or guest.kernel_package} "
