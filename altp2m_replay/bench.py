@@ -23,7 +23,8 @@ from numba import njit
 
 from altp2m_replay import generate, traces
 from altp2m_replay.engine import Replayer
-from altp2m_replay.policy import builtin_names, load_policy, needs_insn_stats, needs_page_counts
+from altp2m_replay.policy import builtin_names, load_policy
+from altp2m_replay.selectors import needs_insn_stats, needs_page_counts
 
 
 @njit(cache=True)
@@ -60,7 +61,8 @@ def run_bench(
     ``threads``: workers of the side-by-side figure (default: the number of cores; 0 skips
     the figure).
     """
-    from altp2m_replay.run import replay_trace, trace_facts
+    from altp2m_replay.traces import trace_facts
+    from altp2m_replay.unit import replay_trace
 
     p = load_policy(policy)
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,7 +162,8 @@ def _side_by_side(path: Path, threads: int, rounds: int) -> tuple:
     ``executed`` selector) are gathered once and given to both: that pass is the same
     whichever way the policies run, and is reported on its own.
     """
-    from altp2m_replay.run import replay_facts, replay_trace
+    from altp2m_replay.traces import replay_facts
+    from altp2m_replay.unit import replay_trace
 
     pols = [load_policy(n) for n in builtin_names()]
     t = time.perf_counter()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from altp2m_replay.errors import MemoryBudgetError, ReplayError
+from altp2m_replay.schema import PAGE_BYTES
 
 ENV = "ALTP2M_REPLAY_MAX_MEMORY"
 NODE_BYTES = 512 * 8  # one p2m table: 512 int64 entries
@@ -176,7 +177,8 @@ def estimate(policy, facts, rows: int, window: int | None = None, resolved=None)
     ``resolved``: ``resolve_all(policy, facts)`` when the caller has it."""
     from altp2m_replay.engine import _kernels as K
     from altp2m_replay.engine.simulate import PMAP_BYTES
-    from altp2m_replay.policy import intersect_ranges, merge_ranges, range_count, resolve_all
+    from altp2m_replay.ranges import intersect_ranges, merge_ranges, range_count
+    from altp2m_replay.selectors import resolve_all
 
     d = policy.domain
     ram, sels = resolved or resolve_all(policy, facts)
@@ -209,7 +211,9 @@ def estimate(policy, facts, rows: int, window: int | None = None, resolved=None)
     win = window or max(1, math.ceil(rows / 256))
     snaps = (math.ceil(max(rows, 1) / win) + 1) * (K.N_COUNTERS + n_p2m) * 8
     # the fast-path cache is touched a page per row and p2m at most
-    pmap = min(n_p2m * max(1, min(facts.max_gfn + 1, PMAP_BYTES // n_p2m)), rows * n_p2m * 4096)
+    pmap = min(
+        n_p2m * max(1, min(facts.max_gfn + 1, PMAP_BYTES // n_p2m)), rows * n_p2m * PAGE_BYTES
+    )
     needs.append(Need(f"policy {policy.name!r}: timeline and fast-path tables", snaps + pmap))
     return needs
 

@@ -5,19 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from altp2m_replay.engine._kernels import PERMITS
 from altp2m_replay.errors import PolicyError
-from altp2m_replay.policy import (
-    ACCESS_CODES,
-    KIND_CODES,
-    Policy,
-    load_policy,
-    needs_insn_stats,
-    needs_page_counts,
-)
-
-# which of r(1)/w(2)/x(4) each access permits, from the kernel's own table
-_PERMITS = {name: int(PERMITS[code]) for name, code in ACCESS_CODES.items()}
+from altp2m_replay.policy import ACCESS_PERMITS, KIND_CODES, Policy, load_policy
+from altp2m_replay.selectors import needs_insn_stats, needs_page_counts
 
 
 @dataclass
@@ -51,7 +41,7 @@ def coverage_gaps(p: Policy) -> tuple[list[str], list[str]]:
         for kind, bit in KIND_CODES.items():
             # rx2rw writes and n2rwx accesses never need a rule (no sync event).
             sync = [a for a in accesses if a != "n2rwx" and not (a == "rx2rw" and kind == "w")]
-            if all(_PERMITS[a] >> bit & 1 for a in sync):
+            if all(ACCESS_PERMITS[a] >> bit & 1 for a in sync):
                 continue
             matching = [
                 r
@@ -91,7 +81,7 @@ def check_policy(ref: str, trace_path: str | None = None) -> CheckReport:
     if trace_path is None:
         report.warnings += setup_warnings(p)
     else:
-        from altp2m_replay.run import trace_facts, trace_name
+        from altp2m_replay.traces import trace_facts, trace_name
 
         stats, facts = trace_facts(Path(trace_path), needs_page_counts(p), needs_insn_stats(p))
         rep = Replayer(p, facts, stats.vcpus, stats.rows)

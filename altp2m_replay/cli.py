@@ -9,6 +9,7 @@ import click
 
 from altp2m_replay import __version__
 from altp2m_replay.errors import ReplayError, escape
+from altp2m_replay.schema import GFN_LIMIT, VCPU_LIMIT
 
 
 def _fail(message: str, code: int):
@@ -78,7 +79,7 @@ class _GfnType(click.ParamType):
             g = int(str(value), 0)
         except ValueError:
             self.fail(f"{value!r} is not a gfn (decimal or 0x hex)", param, ctx)
-        if not 0 <= g < 1 << 36:
+        if not 0 <= g < GFN_LIMIT:
             self.fail(f"{value} is outside 0 .. 2^36-1", param, ctx)
         return g
 
@@ -122,7 +123,7 @@ def trace_validate(file):
 @click.argument("workload")
 @click.option("-n", "rows", type=click.IntRange(min=1), required=True, help="Number of rows.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--vcpus", type=click.IntRange(1, 4096), default=1, show_default=True)
+@click.option("--vcpus", type=click.IntRange(1, VCPU_LIMIT), default=1, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 def trace_generate(workload, rows, seed, vcpus, output):
     """Write a seeded synthetic trace of WORKLOAD to FILE (same seed, same bytes).
@@ -333,7 +334,7 @@ def replay(
 # --------------------------------------------------------------------------- bench
 @main.command()
 @click.option("-n", "rows", type=click.IntRange(min=1000), default=20_000_000, show_default=True)
-@click.option("--vcpus", type=click.IntRange(1, 4096), default=4, show_default=True)
+@click.option("--vcpus", type=click.IntRange(1, VCPU_LIMIT), default=4, show_default=True)
 @click.option("-p", "--policy", default="xen-access-altp2m-write", show_default=True)
 @click.option("--workload", default="kernel", show_default=True)
 @click.option(

@@ -21,10 +21,11 @@ import polars as pl
 
 from altp2m_replay.errors import OutputError, did_you_mean
 from altp2m_replay.outdir import check_output_set
-from altp2m_replay.report.data import read_manifest, read_table, results_dir
+from altp2m_replay.replay_folder import read_manifest, read_table, results_dir
+from altp2m_replay.schema import KEYS, columns
 
-DEFAULT_METRICS = ("cycles_total", "ept_exits", "vm_events")
-KEY = ("trace", "policy", "vcpu")
+DEFAULT_METRICS = columns("summary", "cycles_total", "ept_exits", "vm_events")
+KEY = (*KEYS, "vcpu")  # one row of the summary table
 FORMATS = ("text", "markdown", "json")
 STATUSES = ("grew", "invalid", "increased", "equal", "improved", "n/a")
 FAILING = ("grew", "invalid")

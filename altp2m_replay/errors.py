@@ -77,3 +77,10 @@ def did_you_mean(word: str, choices) -> str:
         return ""
     close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
     return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its class name when it has none: a library's
+    multi-line error becomes the one line an ``Error:`` message can carry."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -21,7 +21,8 @@ import numpy as np
 
 from altp2m_replay.errors import TraceError, did_you_mean
 from altp2m_replay.prefetch import prefetch
-from altp2m_replay.traces import DEFAULT_ROW_GROUP, VCPU_LIMIT, TraceWriter
+from altp2m_replay.schema import VCPU_LIMIT
+from altp2m_replay.traces import DEFAULT_ROW_GROUP, TraceWriter
 
 WORKLOADS: dict[str, str] = {
     "kernel": "kernel-like mix: Zipf-hot code pages executed, Zipf data reads/writes over "

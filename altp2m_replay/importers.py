@@ -40,8 +40,10 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from altp2m_replay.errors import ImportFormatError, did_you_mean
-from altp2m_replay.traces import GFN_LIMIT, GPA_LIMIT, VCPU_LIMIT, TraceWriter, _first_line
+from altp2m_replay.errors import ImportFormatError, did_you_mean, first_line
+from altp2m_replay.ranges import gfns_to_ranges, merge_ranges
+from altp2m_replay.schema import GFN_LIMIT, GPA_LIMIT, VCPU_LIMIT
+from altp2m_replay.traces import TraceWriter
 
 FORMATS = ("lackey", "qemu-mem", "csv", "qemu-capture")
 FLUSH_ROWS = 1 << 20  # rows buffered before a chunk goes to the writer
@@ -132,27 +134,6 @@ def _lines(fh, label: str):
         yield line
 
 
-def _ranges(gfns) -> list[list[int]]:
-    """Sorted unique gfns -> [[first, last], ...] runs of consecutive gfns."""
-    out: list[list[int]] = []
-    for g in sorted(gfns):
-        if out and g == out[-1][1] + 1:
-            out[-1][1] = g
-        else:
-            out.append([g, g])
-    return out
-
-
-def _merge_ranges(ranges) -> list[list[int]]:
-    out: list[list[int]] = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return out
-
-
 def _show(line: str) -> str:
     text = line.rstrip("\r\n")
     return repr(text[:60] + ("..." if len(text) > 60 else ""))
@@ -183,7 +164,7 @@ def import_trace(fmt: str, input_path, output, base_gfn: int = 0x1000) -> int:
             with _open_text(src) as fh:
                 rows = parse(fh, label, writer, base_gfn)
         except (OSError, EOFError, zlib.error) as exc:  # unreadable file, broken gzip stream
-            raise ImportFormatError(f"{label}: cannot read: {_first_line(exc)}") from None
+            raise ImportFormatError(f"{label}: cannot read: {first_line(exc)}") from None
         if rows == 0:
             raise ImportFormatError(f"{label}: no memory accesses found, expected at least one")
     return rows
@@ -252,7 +233,7 @@ def _lackey(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
         out.maybe_flush()
     out.flush()
     writer.meta["ram"] = alloc.ram()
-    writer.meta["gfn_sets"] = {"code": _ranges(code_gfns)}
+    writer.meta["gfn_sets"] = {"code": gfns_to_ranges(np.fromiter(code_gfns, np.int64)).tolist()}
     return rows
 
 
@@ -352,7 +333,7 @@ def _qemu_mem(fh, label: str, writer: TraceWriter, base_gfn: int) -> int:
         )
     out.flush()
     ram = alloc.ram() + ([[0, max_hw_gfn]] if max_hw_gfn >= 0 else [])
-    writer.meta["ram"] = _merge_ranges(ram)
+    writer.meta["ram"] = merge_ranges(ram).tolist()
     return rows
 
 
@@ -655,19 +636,9 @@ def _capture_header(stream: _CaptureStream, label: str) -> int:
         )
     if not 1 <= vcpus <= VCPU_LIMIT:
         raise ImportFormatError(
-            f"{label}: byte 16: expected a vCPU count in 1..4096, found {int(vcpus)}"
+            f"{label}: byte 16: expected a vCPU count in 1..{VCPU_LIMIT}, found {int(vcpus)}"
         )
     return int(vcpus)
-
-
-def _page_set(mask: np.ndarray) -> list[list[int]]:
-    g = np.flatnonzero(mask)
-    if not len(g):
-        return []
-    breaks = np.flatnonzero(np.diff(g) != 1)
-    starts = np.concatenate(([g[0]], g[breaks + 1]))
-    ends = np.concatenate((g[breaks], [g[-1]]))
-    return [[int(a), int(b)] for a, b in zip(starts, ends, strict=True)]
 
 
 def import_qemu_capture(
@@ -788,8 +759,8 @@ def import_qemu_capture(
             if rows == 0:
                 raise ImportFormatError(f"{label}: no memory accesses found, expected at least one")
             sets = {
-                "user_code": _page_set(user_pages),
-                "kernel_code_executed": _page_set(kern_pages),
+                "user_code": gfns_to_ranges(np.flatnonzero(user_pages)).tolist(),
+                "kernel_code_executed": gfns_to_ranges(np.flatnonzero(kern_pages)).tolist(),
             }
             extra = dict(meta or {})
             sets.update(extra.pop("gfn_sets", {}))

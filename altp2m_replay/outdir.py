@@ -32,8 +32,8 @@ from pathlib import Path
 import polars as pl
 
 from altp2m_replay.errors import OutputError
+from altp2m_replay.schema import TABLES
 
-TABLES = ("summary", "by_view", "by_gfn", "by_ip", "timeline", "population")
 LOCK = ".lock"
 SWITCH = ".switch"
 STAGING = ".staging-"

@@ -1,19 +1,25 @@
-"""Results: engine counters -> the polars tables of SPEC §10 (written by ``run`` via ``outdir``)."""
+"""Results: engine counters -> the polars tables of SPEC §10 (written by ``run`` via ``outdir``).
+
+Column names, order and dtypes come from ``schema``; this module only fills them in.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import polars as pl
 
-from altp2m_replay.costs import COSTS, cycles
-from altp2m_replay.engine.simulate import (
-    COUNTERS,
-    GFN_COUNTERS,
-    TIMELINE_COUNTERS,
-    VIEW_COUNTERS,
-    SimResult,
-)
-from altp2m_replay.outdir import TABLES  # noqa: F401 - the names of cell_tables' tables
+from altp2m_replay.costs import cycles
+from altp2m_replay.engine.simulate import SimResult
+from altp2m_replay.schema import GFN_COUNTERS, IP_COUNTERS, TABLES, TIMELINE_COUNTERS, polars_schema
+
+SUMMARY_SCHEMA = polars_schema("summary")
+BY_VIEW_SCHEMA = polars_schema("by_view")
+BY_GFN_SCHEMA = polars_schema("by_gfn")
+BY_IP_SCHEMA = polars_schema("by_ip")
+TIMELINE_SCHEMA = polars_schema("timeline")
+POPULATION_SCHEMA = polars_schema("population")
+
+__all__ = ["TABLES", "cell_tables"]
 
 
 def cell_tables(
@@ -35,30 +41,14 @@ def cell_tables(
         row["guest_cycles"] = guest
         row["slowdown"] = (guest + cyc["cycles_total"]) / guest if guest > 0 else None
         rows.append(row)
-    schema = {"trace": pl.Utf8, "policy": pl.Utf8, "vcpu": pl.Int32}
-    schema.update(dict.fromkeys(COUNTERS, pl.Int64))
-    schema.update({f"cycles_{k}": pl.Float64 for k in COSTS})
-    schema.update(
-        {
-            "cycles_total": pl.Float64,
-            "cycles_per_record": pl.Float64,
-            "overhead_us": pl.Float64,
-            "guest_cycles": pl.Int64,
-            "slowdown": pl.Float64,
-        }
-    )
-    summary = pl.DataFrame(rows, schema=schema, orient="row")
+    summary = pl.DataFrame(rows, schema=SUMMARY_SCHEMA, orient="row")
 
     view_rows = [
         {"trace": trace, "policy": policy.name, "view": v, "view_name": policy.view_name(v), **c}
         for v, c in sorted(res.views.items())
     ]
-    vschema = {"trace": pl.Utf8, "policy": pl.Utf8, "view": pl.Int32, "view_name": pl.Utf8}
-    vschema.update(dict.fromkeys(VIEW_COUNTERS, pl.Int64))
-    by_view = pl.DataFrame(view_rows, schema=vschema, orient="row")
+    by_view = pl.DataFrame(view_rows, schema=BY_VIEW_SCHEMA, orient="row")
 
-    gschema = {"trace": pl.Utf8, "policy": pl.Utf8, "view": pl.Int32, "gfn": pl.UInt64}
-    gschema.update(dict.fromkeys(GFN_COUNTERS, pl.Int64))
     n = len(res.gfn_keys)
     by_gfn = pl.DataFrame(
         {
@@ -68,39 +58,27 @@ def cell_tables(
             "gfn": res.gfn_keys[:, 1],
             **{c: res.gfn_values[:, i] for i, c in enumerate(GFN_COUNTERS)},
         }
-    ).cast(gschema)
+    ).cast(BY_GFN_SCHEMA)
 
     m = len(res.ip_keys)
-    ip_schema = {
-        "trace": pl.Utf8,
-        "policy": pl.Utf8,
-        "ip": pl.UInt64,
-        "ept_exits": pl.Int64,
-        "ve_delivered": pl.Int64,
-        "int3_exits": pl.Int64,
-    }
     by_ip = pl.DataFrame(
         {
             "trace": [trace] * m,
             "policy": [policy.name] * m,
             "ip": res.ip_keys,
-            "ept_exits": res.ip_values[:, 0],
-            "ve_delivered": res.ip_values[:, 1],
-            "int3_exits": res.ip_values[:, 2],
+            **{c: res.ip_values[:, i] for i, c in enumerate(IP_COUNTERS)},
         }
-    ).cast(ip_schema)
+    ).cast(BY_IP_SCHEMA)
     if any(res.ip_other):  # ips the bounded per-ip table folded together: one row, ip null
         other = [
             {
                 "trace": trace,
                 "policy": policy.name,
                 "ip": None,
-                "ept_exits": res.ip_other[0],
-                "ve_delivered": res.ip_other[1],
-                "int3_exits": res.ip_other[2],
+                **dict(zip(IP_COUNTERS, res.ip_other, strict=True)),
             }
         ]
-        by_ip = pl.concat([by_ip, pl.DataFrame(other, schema=ip_schema)])
+        by_ip = pl.concat([by_ip, pl.DataFrame(other, schema=BY_IP_SCHEMA)])
 
     tl = res.timeline
     win_cycles = np.asarray(cycles(tl, costs)["cycles_total"], dtype=float)
@@ -113,7 +91,7 @@ def cell_tables(
             **{name: tl[name] for name in TIMELINE_COUNTERS},
             "cycles_total": win_cycles,
         }
-    )
+    ).cast(TIMELINE_SCHEMA)
     nw = len(tl["window"])
     views = sorted(res.population)
     population = pl.DataFrame(
@@ -128,17 +106,7 @@ def cell_tables(
             if views
             else np.zeros(0, np.int64),
         }
-    ).cast(
-        {
-            "trace": pl.Utf8,
-            "policy": pl.Utf8,
-            "view": pl.Int32,
-            "view_name": pl.Utf8,
-            "window": pl.Int64,
-            "first_record": pl.Int64,
-            "pages_mapped": pl.Int64,
-        }
-    )
+    ).cast(POPULATION_SCHEMA)
     return {
         "summary": summary,
         "by_view": by_view,

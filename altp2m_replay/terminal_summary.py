@@ -11,6 +11,8 @@ from pathlib import Path
 
 import polars as pl
 
+from altp2m_replay.schema import KEYS, columns
+
 # traces shown in full; the rest are counted, and the report has them
 MAX_TRACES = 20
 _COLUMNS = ("policy", "exits", "events", "#VEs", "cycles", "slowdown")
@@ -46,9 +48,9 @@ def summary_text(out_dir: Path | str, html: bool = True) -> str:
     trace in the run's order, policies sorted by total cycles (crashed and livelocked
     cells last: their totals stop early)."""
     out = Path(out_dir)
-    cols = [
-        "trace",
-        "policy",
+    cols = columns(
+        "summary",
+        *KEYS,
         "vcpu",
         "records",
         "ept_exits",
@@ -61,8 +63,10 @@ def summary_text(out_dir: Path | str, html: bool = True) -> str:
         "crash_record",
         "livelocked",
         "livelock_record",
-    ]
-    total = pl.read_parquet(out / "summary.parquet", columns=cols).filter(pl.col("vcpu") == -1)
+    )
+    total = pl.read_parquet(out / "summary.parquet", columns=list(cols)).filter(
+        pl.col("vcpu") == -1
+    )
     traces = list(dict.fromkeys(total["trace"].to_list()))
     lines: list[str] = []
     for name in traces[:MAX_TRACES]:

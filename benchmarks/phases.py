@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from altp2m_replay import run, traces
+from altp2m_replay import run, traces, unit
 from altp2m_replay.costs import effective_costs
 from altp2m_replay.engine import Replayer
 from altp2m_replay.policy import load_policy
@@ -44,7 +44,7 @@ def main() -> None:
     path, pol, n = Path(a.trace), load_policy(a.policy), a.rounds
     tr = traces.open_trace(path)
     print(f"{tr.rows:,} rows, policy {pol.name}")
-    run.replay_trace(path, [pol], {}, None, None)  # load every kernel first
+    unit.replay_trace(path, [pol], {}, None, None)  # load every kernel first
 
     timed("sha256 of the file (manifest, cell keys)", lambda: run.sha256(path), n)
     timed(
@@ -55,7 +55,7 @@ def main() -> None:
         lambda: sum(1 for _ in tr.batches(columns=COLUMNS, validator=traces.Validator(tr))),
         n,
     )
-    stats, facts, _ = run.replay_facts(path, False)
+    stats, facts, _ = traces.replay_facts(path, False)
     batches = list(tr.batches(columns=COLUMNS))
 
     def replayed() -> Replayer:
@@ -73,7 +73,7 @@ def main() -> None:
     batches.clear()
     timed(
         "replay_trace: all of the above, overlapped",
-        lambda: run.replay_trace(path, [pol], {}, None, None),
+        lambda: unit.replay_trace(path, [pol], {}, None, None),
         n,
     )
     with tempfile.TemporaryDirectory() as tmp:

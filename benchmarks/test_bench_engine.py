@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from altp2m_replay import generate, run, traces
+from altp2m_replay import generate, traces, unit
 from altp2m_replay.engine import Replayer
 from altp2m_replay.policy import load_policy
 
@@ -19,7 +19,7 @@ def bench_trace(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "kernel.parquet"
     generate.generate("kernel", ROWS, seed=7, vcpus=4, output=path)
     tr = traces.open_trace(path)
-    stats, facts = run.trace_facts(path, page_counts=False)
+    stats, facts = traces.trace_facts(path, page_counts=False)
     batches = list(tr.batches(columns=("gfn", "access", "vcpu", "insn", "ip")))
     return path, facts, stats, batches
 
@@ -47,9 +47,9 @@ def test_kernel(benchmark, bench_trace, name):
 def test_end_to_end(benchmark, bench_trace):
     path = bench_trace[0]
     policy = load_policy("xen-access-altp2m-write")
-    run.replay_trace(path, [policy], {}, None, None)  # warm-up
+    unit.replay_trace(path, [policy], {}, None, None)  # warm-up
     cells = benchmark.pedantic(
-        run.replay_trace, args=(path, [policy], {}, None, None), rounds=3, iterations=1
+        unit.replay_trace, args=(path, [policy], {}, None, None), rounds=3, iterations=1
     )
     if benchmark.stats:  # None under --benchmark-disable
         benchmark.extra_info["rows_per_s"] = ROWS / benchmark.stats.stats.mean

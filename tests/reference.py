@@ -18,7 +18,9 @@ from typing import NamedTuple
 import numpy as np
 
 from altp2m_replay.errors import PolicyError, ReplayRuntimeError
-from altp2m_replay.policy import Policy, expand, facts_from_arrays, resolve_all
+from altp2m_replay.policy import Policy
+from altp2m_replay.ranges import expand
+from altp2m_replay.selectors import facts_from_arrays, resolve_all
 
 TOTAL_COUNTERS = (
     "records",

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from altp2m_replay import run, traces
+from altp2m_replay import traces, unit
 from altp2m_replay.cli import main
 from altp2m_replay.errors import TraceError
 from altp2m_replay.policy import load_policy
@@ -196,7 +196,7 @@ def test_replay_checking_while_it_replays_gives_the_validate_message(tmp_path):
     p = write_trace(cols, tmp_path / "t.parquet", row_group_size=1000)
     assert traces.quick_stats(p) is not None  # the replay does not validate up front
     with pytest.raises(TraceError) as exc:
-        run.replay_trace(p, [load_policy("baseline")], {}, None, None)
+        unit.replay_trace(p, [load_policy("baseline")], {}, None, None)
     assert str(exc.value) == f"{p}: row 5024: {LIMIT_MSG}: vCPU 0, insn 4000"
     fails_everywhere(tmp_path, p, "row 5024")
 
@@ -250,13 +250,13 @@ def test_control_rows_its_statistics_hide_are_still_replayed(tmp_path, monkeypat
     p = write_trace(
         table(gfn=[1, 2, 3, 4], access=[4, 1, 0, 4], op=[0, 0, 1, 0]), tmp_path / "t.parquet"
     )
-    checked_cells = run.replay_trace(p, [load_policy("baseline")], {}, None, None)
+    checked_cells = unit.replay_trace(p, [load_policy("baseline")], {}, None, None)
     monkeypatch.setattr(
-        traces, "_proven_clean", lambda col, stat: (0, 0) if col == "op" else (1, 4)
+        traces.checker, "_proven_clean", lambda col, stat: (0, 0) if col == "op" else (1, 4)
     )
-    stats, facts, checked = run.replay_facts(p, False)
+    stats, facts, checked = traces.replay_facts(p, False)
     assert not checked
-    (cell,) = run.replay_trace(
+    (cell,) = unit.replay_trace(
         p, [load_policy("baseline")], {}, None, None, prepared=(stats, facts, checked)
     )
     assert cell.tables["summary"].equals(checked_cells[0].tables["summary"])

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from altp2m_replay import run, traces
-from altp2m_replay.policy import facts_from_arrays
+from altp2m_replay import traces
+from altp2m_replay.selectors import facts_from_arrays
 from altp2m_replay.traces import open_trace, validate, write_trace
 
 U = np.uint64
@@ -117,7 +117,7 @@ def test_gfn_without_ip_has_no_byte_addresses(tmp_path):
     assert not open_trace(p).byte_addresses
     st = validate(p, insn_stats=True)
     assert len(st.insn_starts[0]) == 0 and len(st.ip_first[0]) == 0
-    _, facts = run.trace_facts(p, False, insn_stats=True)
+    _, facts = traces.trace_facts(p, False, insn_stats=True)
     assert facts.byte_addresses is False
 
 
@@ -194,15 +194,15 @@ def test_run_facts_carry_metadata_and_stats(tmp_path):
         "processes": {"bash": 0x1A2B000},
     }
     p = write_trace(columns(), tmp_path / "t.parquet", meta=meta, row_group_size=4)
-    stats, facts = run.trace_facts(p, False, insn_stats=True)
+    stats, facts = traces.trace_facts(p, False, insn_stats=True)
     assert facts.symbols == meta["symbols"] and facts.processes == meta["processes"]
     assert facts.byte_addresses is True and facts.max_gfn == 0x700
     assert facts.insn_starts[0].tolist() == STARTS[0] and facts.ip_first[1].tolist() == IP_FIRST[1]
     # without the flag: no stats, metadata still there
-    _, facts = run.trace_facts(p, False)
+    _, facts = traces.trace_facts(p, False)
     assert facts.insn_starts is None and facts.ip_first is None and facts.symbols == meta["symbols"]
     # replay_facts with insn_stats takes the full pass (values checked), control rows and all
-    stats, facts, checked = run.replay_facts(p, False, insn_stats=True)
+    stats, facts, checked = traces.replay_facts(p, False, insn_stats=True)
     assert checked and stats.control_records > 0
     assert facts.insn_starts[0].tolist() == STARTS[0]
 
@@ -212,12 +212,12 @@ def test_replay_facts_with_insn_stats_on_a_trace_without_control_rows(tmp_path):
     cols = columns(rows)
     del cols["op"], cols["arg"]
     p = write_trace(cols, tmp_path / "t.parquet", meta={"processes": {"init": 0x1000}})
-    _stats, facts, checked = run.replay_facts(p, False, insn_stats=True)
+    _stats, facts, checked = traces.replay_facts(p, False, insn_stats=True)
     assert checked and facts.processes == {"init": 0x1000}
     assert facts.insn_starts[0].tolist() == STARTS[0] and facts.insn_starts[1].tolist() == STARTS[1]
     assert facts.ip_first[0].tolist() == IP_FIRST[0] and facts.ip_first[1].tolist() == IP_FIRST[1]
     # the quick path (no flag) leaves them out
-    _, facts, checked = run.replay_facts(p, False)
+    _, facts, checked = traces.replay_facts(p, False)
     assert not checked and facts.insn_starts is None and facts.byte_addresses
 
 
@@ -249,7 +249,7 @@ def control_traces(draw):
 )
 @given(cols=control_traces(), batch_rows=st.integers(1, 9))
 def test_streaming_stats_match_policy_row_walk(tmp_path, cols, batch_rows):
-    """The streaming pass and policy.facts_from_arrays (one row at a time, in Python) agree."""
+    """The streaming pass and selectors.facts_from_arrays (one row at a time, in Python) agree."""
     p = write_trace(cols, tmp_path / "h.parquet", row_group_size=5)
     tr = open_trace(p)
     v = traces.Validator(tr, insn_stats=True)

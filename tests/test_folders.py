@@ -19,7 +19,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from altp2m_replay import outdir, run
+from altp2m_replay import cells, outdir, run
 from altp2m_replay.cli import main
 from altp2m_replay.outdir import FILES, TABLES, FolderLock
 from altp2m_replay.traces import write_trace
@@ -353,7 +353,8 @@ def test_enospc_at_each_write_names_the_file(corpus, tmp_path, monkeypatch, vict
         return real(path, no_space if hit else write, shown)
 
     monkeypatch.setattr(outdir, "write_checked", full)  # tables
-    monkeypatch.setattr(run, "write_checked", full)  # manifest, report, cell.json
+    monkeypatch.setattr(run, "write_checked", full)  # manifest, report
+    monkeypatch.setattr(cells, "write_checked", full)  # cell.json
     line = one_error(cli("replay", corpus, *pargs(*POLICIES), "--jobs", 1, "-o", out))
     want = f"{out}/.cells/" if victim == "cell" else f"{out / victim}: "
     assert line.startswith(f"Error: {want}") and "No space left on device" in line, line

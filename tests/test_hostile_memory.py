@@ -21,7 +21,8 @@ from click.testing import CliRunner
 from altp2m_replay import budget, run, traces
 from altp2m_replay.cli import main
 from altp2m_replay.errors import MemoryBudgetError
-from altp2m_replay.policy import TraceFacts, load_policy, parse_policy
+from altp2m_replay.policy import load_policy, parse_policy
+from altp2m_replay.selectors import TraceFacts
 
 BUDGET = "768M"
 RSS_CAP = 1 << 30  # the watchdog's line: the budget plus what a sample can miss
@@ -429,7 +430,7 @@ def test_statistics_are_read_again_only_when_they_would_size_a_big_host(tmp_path
     passes = []
     real = traces.validate
     monkeypatch.setattr(traces, "validate", lambda *a, **k: passes.append(a) or real(*a, **k))
-    prepared = [run.replay_facts(path, False)]
+    prepared = [traces.replay_facts(path, False)]
     assert prepared[0][2] is False  # sized from statistics, values not checked yet
     assert budget.check_run([path], pols, prepared, None)[0][2] is False and passes == []
     stats, _facts, _ = prepared[0]

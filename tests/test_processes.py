@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from altp2m_replay import generate, run
+from altp2m_replay import executors, generate, run
 from altp2m_replay.outdir import LOCK, TABLES
 
 POLICIES = ("xen-access-altp2m-write", "codemon-flip")
@@ -122,9 +122,9 @@ def same_tables(a: Path, b: Path) -> None:
 # --------------------------------------------------------------------------- orphans
 WATCHED = """
 import os, sys, time
-from altp2m_replay.run import _Processes
+from altp2m_replay.executors import Processes
 if __name__ == "__main__":
-    pool = _Processes(2)
+    pool = Processes(2)
     for _ in pool.submit_all(time.sleep, [600, 600]):
         pass
 """
@@ -248,13 +248,13 @@ def test_dask_sends_each_trace_facts_once(tmp_path, monkeypatch):
     generate.generate("jit", 20_000, seed=4, vcpus=2, output=corpus / "j.parquet")
     pols = ["codemon-flip", "split-rx", "memaccess-write"]  # each needs page counts
     sent = []
-    real = run._Dask.submit_all
+    real = executors.Dask.submit_all
 
     def spy(self, fn, items):
         sent.extend(items)
         return real(self, fn, items)
 
-    monkeypatch.setattr(run._Dask, "submit_all", spy)
+    monkeypatch.setattr(executors.Dask, "submit_all", spy)
     with LocalCluster(
         n_workers=2,
         threads_per_worker=1,

@@ -1,4 +1,4 @@
-"""The pure-Python reference (tests/reference.py) against the Numba engine, plus hand checks.
+"""The pure-Python reference (tests/reference.py) against the Numba engine.
 
 The property tests feed both engines random policies and traces (tests/strategies.py) and
 want identical counters, or the same error class. The hand-derived scenarios of

@@ -1,4 +1,4 @@
-"""Replay checks trace values on the batches it decodes (run.replay_facts, traces.Validator):
+"""Replay checks trace values on the batches it decodes (traces.replay_facts, traces.Validator):
 the same errors as ``trace validate``, the same tables as a run checked up front."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from altp2m_replay import run, traces
+from altp2m_replay import run, traces, unit
 from altp2m_replay.cli import main
 from altp2m_replay.errors import TraceError
 from altp2m_replay.policy import load_policy
@@ -53,7 +53,7 @@ def test_without_statistics_replay_checks_up_front_and_agrees(tmp_path):
     table = pq.read_table(path)
     pq.write_table(table, bare, row_group_size=500, write_statistics=False)
     assert traces.quick_stats(bare) is None
-    stats, _facts, checked = run.replay_facts(bare, False)
+    stats, _facts, checked = traces.replay_facts(bare, False)
     assert checked and stats.max_gfn == int(data["gfn"].max())
     run.replay([path], POLICIES, tmp_path / "a", jobs=1, html=False)
     run.replay([bare], POLICIES, tmp_path / "b", jobs=1, html=False)
@@ -68,10 +68,10 @@ def test_without_statistics_replay_checks_up_front_and_agrees(tmp_path):
 def test_checked_while_replaying_gives_the_tables_of_a_checked_run(tmp_path):
     path, _ = _grouped_trace(tmp_path / "t.parquet")
     pols = [load_policy(p) for p in POLICIES]
-    streamed = run.replay_trace(path, pols, {}, None, None)
-    assert run.replay_facts(path, False)[2] is False  # this trace takes the streaming path
-    checked = run.replay_trace(
-        path, pols, {}, None, None, prepared=(*run.trace_facts(path, False), True)
+    streamed = unit.replay_trace(path, pols, {}, None, None)
+    assert traces.replay_facts(path, False)[2] is False  # this trace takes the streaming path
+    checked = unit.replay_trace(
+        path, pols, {}, None, None, prepared=(*traces.trace_facts(path, False), True)
     )
     for s, c in zip(streamed, checked, strict=True):
         for t in TABLES:
@@ -94,7 +94,7 @@ def test_a_bad_row_in_a_late_row_group_stops_replay_with_the_validate_message(
         traces.validate(path)
     assert needle in str(expected.value)
     with pytest.raises(TraceError) as got:
-        run.replay_trace(path, [load_policy("xen-access-altp2m-write")], {}, None, None)
+        unit.replay_trace(path, [load_policy("xen-access-altp2m-write")], {}, None, None)
     assert str(got.value) == str(expected.value)
     # through the CLI: one Error line, exit 2, no output folder left behind
     out = tmp_path / "out"
@@ -114,15 +114,15 @@ def test_rows_after_a_crash_are_still_checked(tmp_path):
         encoding="utf-8",
     )
     with pytest.raises(TraceError, match='row 3500, column "tsc"'):
-        run.replay_trace(path, [load_policy(str(crash))], {}, None, None)
+        unit.replay_trace(path, [load_policy(str(crash))], {}, None, None)
 
 
 def test_statistics_that_disagree_with_the_values_are_not_trusted(tmp_path, monkeypatch):
     """If the metadata's gfn range were wrong, the replay is redone from checked facts."""
     path, data = _grouped_trace(tmp_path / "t.parquet")
     pols = [load_policy(p) for p in POLICIES]
-    expected = run.replay_trace(
-        path, pols, {}, None, None, prepared=(*run.trace_facts(path, False), True)
+    expected = unit.replay_trace(
+        path, pols, {}, None, None, prepared=(*traces.trace_facts(path, False), True)
     )
     real = traces.quick_stats
 
@@ -132,12 +132,12 @@ def test_statistics_that_disagree_with_the_values_are_not_trusted(tmp_path, monk
         return st
 
     made = []
-    real_replayer = run.Replayer
-    monkeypatch.setattr(traces, "quick_stats", lying)
+    real_replayer = unit.Replayer
+    monkeypatch.setattr(traces.facts, "quick_stats", lying)  # where replay_facts looks it up
     monkeypatch.setattr(
-        run, "Replayer", lambda *a, **k: made.append(a[0].name) or real_replayer(*a, **k)
+        unit, "Replayer", lambda *a, **k: made.append(a[0].name) or real_replayer(*a, **k)
     )
-    got = run.replay_trace(path, pols, {}, None, None)
+    got = unit.replay_trace(path, pols, {}, None, None)
     assert made == POLICIES * 2  # the replay was redone once the checks knew the real range
     for g, e in zip(got, expected, strict=True):
         for t in TABLES:
@@ -156,7 +156,7 @@ def test_a_null_vcpu_falls_back_to_the_full_pass(tmp_path):
     pq.write_table(nulls.replace_schema_metadata(table.schema.metadata), bad, row_group_size=500)
     assert traces.quick_stats(bad) is None
     with pytest.raises(TraceError, match='row 3333, column "vcpu": expected a value'):
-        run.replay_trace(bad, [load_policy("none")], {}, None, None)
+        unit.replay_trace(bad, [load_policy("none")], {}, None, None)
 
 
 def test_vcpu_numbers_with_gaps_report_only_the_vcpus_in_the_trace(tmp_path):
@@ -187,7 +187,7 @@ def test_gfns_past_2_63_never_index_the_fast_path_cache(monkeypatch):
     before they reach it, but a file whose statistics lie could slip one past; the cache must
     then be skipped, giving what a run without the cache gives (and no crash)."""
     from altp2m_replay.engine import Replayer, simulate
-    from altp2m_replay.policy import TraceFacts
+    from altp2m_replay.selectors import TraceFacts
 
     gfn = np.array([5, 1 << 63, (1 << 64) - 1, 6, 1 << 63, 5], np.uint64)
     access = np.array([2, 2, 1, 4, 1, 1], np.uint8)

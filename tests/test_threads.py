@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from altp2m_replay import run
+from altp2m_replay import executors, run, unit
 from altp2m_replay.bench import format_bench, run_bench
 from altp2m_replay.cli import main
 from altp2m_replay.errors import ReplayRuntimeError, TraceError
@@ -81,7 +81,7 @@ def test_threads_inside_processes_give_the_same_bytes(kernel_trace, jit_trace, t
 
 def test_replay_trace_cells_come_back_in_policy_order(kernel_trace):
     pols = [load_policy(n) for n in reversed(BUILTIN)]
-    cells = run.replay_trace(kernel_trace, pols, {}, None, None, batch_rows=4096, threads=3)
+    cells = unit.replay_trace(kernel_trace, pols, {}, None, None, batch_rows=4096, threads=3)
     assert [c.policy for c in cells] == [p.name for p in pols]
     # every cell replays the whole trace, but for a policy that hangs the guest (split-rx
     # livelocks on this trace: SPEC §5), whose replay stops at the livelock
@@ -132,7 +132,7 @@ def _write_trace(tmp_path: Path, bad_tsc_row: int | None = None) -> Path:
 
 def _error(trace, pols, batch_rows, threads):
     with pytest.raises((ReplayRuntimeError, TraceError)) as info:
-        run.replay_trace(trace, pols, {}, None, None, batch_rows=batch_rows, threads=threads)
+        unit.replay_trace(trace, pols, {}, None, None, batch_rows=batch_rows, threads=threads)
     assert _workers_alive() == []
     return type(info.value), str(info.value)
 
@@ -183,7 +183,7 @@ def test_an_interrupt_stops_every_worker(kernel_trace):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run.replay_trace(
+        unit.replay_trace(
             kernel_trace, pols, {}, None, None, batch_rows=500, progress=progress, threads=3
         )
     assert len(calls) == 3
@@ -204,7 +204,7 @@ def test_an_interrupt_stops_every_worker(kernel_trace):
     ],
 )
 def test_plan_workers(traces, jobs, explicit, threads, cores, expected):
-    assert run.plan_workers(traces, jobs, explicit, threads, cores) == expected
+    assert executors.plan_workers(traces, jobs, explicit, threads, cores) == expected
 
 
 def test_help_says_how_jobs_and_threads_combine():

@@ -1,4 +1,4 @@
-"""Start-up: cached kernels load without Numba's whole lowering library (run.lean_kernel_loads),
+"""Start-up: cached kernels load without Numba's whole lowering library (unit.lean_kernel_loads),
 with the same results; the command line imports nothing heavy before it needs it."""
 
 from __future__ import annotations

@@ -276,11 +276,6 @@ def make_leaf(mfn, access, sve):
 
 
 @njit(cache=True)
-def e_kind(e):
-    return e & 3
-
-
-@njit(cache=True)
 def e_access(e):
     return (e >> 2) & 15
 
@@ -288,11 +283,6 @@ def e_access(e):
 @njit(cache=True)
 def e_sve(e):
     return (e >> 6) & 1
-
-
-@njit(cache=True)
-def e_ptr(e):
-    return e >> MFN_SHIFT
 
 
 @njit(cache=True)

@@ -17,23 +17,28 @@ import numpy as np
 from altp2m_replay import budget
 from altp2m_replay.engine import _kernels as K
 from altp2m_replay.errors import PolicyError, ReplayRuntimeError, TraceError
-from altp2m_replay.policy import (
-    ACCESS_CODES,
-    KIND_CODES,
-    RESPONSE_CODES,
-    VE_CODES,
-    Policy,
-    TraceFacts,
+from altp2m_replay.policy import ACCESS_CODES, KIND_CODES, PERMITS, RESPONSE_CODES, VE_CODES, Policy
+from altp2m_replay.ranges import (
     expand,
-    facts_from_arrays,
     first_outside,
     intersect_ranges,
     iter_gfn_chunks,
     merge_ranges,
-    needs_insn_stats,
     range_count,
-    resolve_all,
 )
+from altp2m_replay.schema import (
+    COUNTERS,
+    DERIVED_COUNTERS,
+    GFN_BITS,
+    GFN_COUNTERS,
+    GFN_LIMIT,
+    GFN_MASK,
+    RUN_COUNTERS,
+    SETUP_COUNTERS,
+    VCPU_LIMIT,
+    VIEW_COUNTERS,
+)
+from altp2m_replay.selectors import TraceFacts, facts_from_arrays, needs_insn_stats, resolve_all
 
 # change_gfn pairs and add_ram are applied gfn by gfn from explicit lists; bound them.
 MAX_EXPLICIT_GFNS = 1 << 24
@@ -45,144 +50,54 @@ IP_ROWS = 1 << 20
 # Most bytes of the fast-path cache (one per p2m and gfn); gfns past it are walked every time.
 PMAP_BYTES = 1 << 27
 
-# SPEC §7 order of the run / vCPU counters.
-COUNTERS = (
-    "records",
-    "instructions",
-    "ept_exits",
-    "lazy_copies",
-    "lazy_copies_4k",
-    "lazy_copies_2m",
-    "lazy_copies_1g",
-    "lazy_copy_pages",
-    "access_violations",
-    "mem_access_events",
-    "singlestep_events",
-    "async_events",
-    "breakpoint_events",
-    "cr3_events",
-    "vm_events",
-    "ve_delivered",
-    "ve_blocked",
-    "ve_emulations",
-    "mtf_exits",
-    "switches_vm_event",
-    "switches_fast_ss",
-    "switches_vmfunc",
-    "view_switches",
-    "emulations",
-    "records_emulated",
-    "access_changes",
-    "superpage_splits",
-    "shatters",
-    "mmio_accesses",
-    "restarts",
-    "int3_exits",
-    "control_records",
-    "cr3_writes",
-    "cr3_exits",
-    "guest_vmfuncs",
-    "vmfunc_exits",
-    "host_drops",
-    "host_maps",
-    "view_resets",
-    "ept_syncs",
-    "ept_sync_ipis",
-    "crashed",
-    "crash_record",
-    "livelocked",
-    "livelock_record",
-    "setup_splits",
-    "setup_skipped",
-)
-# Outcomes of the whole run, repeated in every vCPU row (SPEC §7).
-RUN_COUNTERS = ("crashed", "crash_record", "livelocked", "livelock_record")
-VIEW_COUNTERS = (
-    "records_completed",
-    "ept_exits",
-    "int3_exits",
-    "lazy_copies",
-    "lazy_copy_pages",
-    "access_violations",
-    "ve_delivered",
-    "switches_in",
-    "resets",
-    "pages_mapped",
-    "leaves_4k",
-    "leaves_2m",
-    "leaves_1g",
-)
-GFN_COUNTERS = (
-    "ept_exits",
-    "int3_exits",
-    "viol_r",
-    "viol_w",
-    "viol_x",
-    "ve_delivered",
-    "lazy_copies",
-)
-TIMELINE_COUNTERS = (
-    "ept_exits",
-    "int3_exits",
-    "vm_events",
-    "ve_delivered",
-    "lazy_copies",
-    "view_switches",
-)
-# Kernel counter columns, in C_* order (_kernels).
-KERNEL_COUNTERS = (
-    "records",
-    "instructions",
-    "ept_exits",
-    "lazy_copies",
-    "lazy_copies_4k",
-    "lazy_copies_2m",
-    "lazy_copies_1g",
-    "lazy_copy_pages",
-    "access_violations",
-    "mem_access_events",
-    "singlestep_events",
-    "async_events",
-    "ve_delivered",
-    "ve_blocked",
-    "ve_emulations",
-    "mtf_exits",
-    "switches_vm_event",
-    "switches_fast_ss",
-    "switches_vmfunc",
-    "emulations",
-    "records_emulated",
-    "access_changes",
-    "superpage_splits",
-    "shatters",
-    "mmio_accesses",
-    "restarts",
-    "ept_syncs",
-    "breakpoint_events",
-    "cr3_events",
-    "int3_exits",
-    "control_records",
-    "cr3_writes",
-    "cr3_exits",
-    "guest_vmfuncs",
-    "vmfunc_exits",
-    "host_drops",
-    "host_maps",
-    "view_resets",
-)
-assert len(KERNEL_COUNTERS) == K.N_COUNTERS and KERNEL_COUNTERS[K.C_MMIO] == "mmio_accesses"
-assert (
-    KERNEL_COUNTERS[K.C_RESTARTS] == "restarts"
-    and KERNEL_COUNTERS[K.C_VIEW_RESETS] == "view_resets"
-)
-assert set(KERNEL_COUNTERS) | {
-    "vm_events",
-    "view_switches",
-    "ept_sync_ipis",
-    *RUN_COUNTERS,
-    "setup_splits",
-    "setup_skipped",
-} == set(COUNTERS)
+# Kernel counter columns (C_*) by the schema's names; the rest of COUNTERS is derived here.
+_KERNEL_COLUMN = {
+    "records": K.C_RECORDS,
+    "instructions": K.C_INSTRUCTIONS,
+    "ept_exits": K.C_EPT_EXITS,
+    "lazy_copies": K.C_LAZY,
+    "lazy_copies_4k": K.C_LAZY_4K,
+    "lazy_copies_2m": K.C_LAZY_2M,
+    "lazy_copies_1g": K.C_LAZY_1G,
+    "lazy_copy_pages": K.C_LAZY_PAGES,
+    "access_violations": K.C_VIOLATIONS,
+    "mem_access_events": K.C_MEM_ACCESS,
+    "singlestep_events": K.C_SINGLESTEP,
+    "async_events": K.C_ASYNC,
+    "ve_delivered": K.C_VE,
+    "ve_blocked": K.C_VE_BLOCKED,
+    "ve_emulations": K.C_VE_EMUL,
+    "mtf_exits": K.C_MTF,
+    "switches_vm_event": K.C_SW_EVENT,
+    "switches_fast_ss": K.C_SW_FAST,
+    "switches_vmfunc": K.C_SW_VMFUNC,
+    "emulations": K.C_EMULATIONS,
+    "records_emulated": K.C_REC_EMUL,
+    "access_changes": K.C_ACCESS_CHANGES,
+    "superpage_splits": K.C_SPLITS,
+    "shatters": K.C_SHATTERS,
+    "mmio_accesses": K.C_MMIO,
+    "restarts": K.C_RESTARTS,
+    "ept_syncs": K.C_EPT_SYNCS,
+    "breakpoint_events": K.C_BP_EVENTS,
+    "cr3_events": K.C_CR3_EVENTS,
+    "int3_exits": K.C_INT3,
+    "control_records": K.C_CONTROL,
+    "cr3_writes": K.C_CR3_WRITES,
+    "cr3_exits": K.C_CR3_EXITS,
+    "guest_vmfuncs": K.C_GUEST_VMFUNCS,
+    "vmfunc_exits": K.C_VMFUNC_EXITS,
+    "host_drops": K.C_HOST_DROPS,
+    "host_maps": K.C_HOST_MAPS,
+    "view_resets": K.C_VIEW_RESETS,
+}
+# Kernel counter columns, in C_* order.
+KERNEL_COUNTERS = tuple(sorted(_KERNEL_COLUMN, key=_KERNEL_COLUMN.__getitem__))
+assert sorted(_KERNEL_COLUMN.values()) == list(range(K.N_COUNTERS))
+assert set(KERNEL_COUNTERS).isdisjoint(DERIVED_COUNTERS + RUN_COUNTERS + SETUP_COUNTERS)
+assert set(KERNEL_COUNTERS) | {*DERIVED_COUNTERS, *RUN_COUNTERS, *SETUP_COUNTERS} == set(COUNTERS)
+# The kernel keeps its own copy of the permission table; it must be the policy model's.
+assert (K.PERMITS == PERMITS).all()
 # Kernel per-view columns (V_*) and per-gfn columns (G_*, after the key) by name.
 _VIEW_KERNEL = {
     "records_completed": K.V_COMPLETED,
@@ -312,7 +227,7 @@ class Replayer:
         budget.check_cell(policy, facts, self.total_rows, self.window, (self.ram, sels))
 
         self.vcpu_list = [int(v) for v in vcpus]
-        self.lut = np.zeros(4096, dtype=np.int64)
+        self.lut = np.zeros(VCPU_LIMIT, dtype=np.int64)
         self.lut[self.vcpu_list] = np.arange(len(self.vcpu_list))
         nslots = max(1, len(self.vcpu_list))
 
@@ -842,7 +757,7 @@ class Replayer:
             | (self.htab[used, K.G_VE] > 0)
             | (self.htab[used, K.G_INT3] > 0)
         )
-        views_, gfns_ = keys[keep] >> 36, keys[keep] & ((1 << 36) - 1)
+        views_, gfns_ = keys[keep] >> GFN_BITS, keys[keep] & GFN_MASK
         order = np.lexsort((gfns_, views_))
         gfn_keys = np.stack([views_[order], gfns_[order]], axis=1)
         gfn_values = vals[keep][order]
@@ -869,7 +784,7 @@ class Replayer:
         )
         ips = self.itab[used_ip, K.I_IP].view(np.uint64)
         iorder = np.argsort(ips)  # ips are unique: any sort gives one order
-        rows = used_ip[iorder]  # one gather per column: 2-D fancy indexing took 60 ms here
+        rows = used_ip[iorder]  # one gather per column: 2-D fancy indexing is much slower
         ip_values = np.stack(
             [self.itab[rows, K.I_EXITS], self.itab[rows, K.I_VE], self.itab[rows, K.I_INT3]], axis=1
         )
@@ -901,9 +816,9 @@ def _grown(table: np.ndarray, ip_table: bool) -> np.ndarray:
     """A hash table of twice the rows holding ``table``'s entries.
 
     The memory is an anonymous mmap (zero-filled) rather than np.zeros: numpy asks for
-    transparent huge pages on large arrays, and the first touch of a 24 MiB per-ip table
-    then waited on page compaction, 0.31-0.44 s for a 0.30 s kernel pass depending on the
-    OS's free huge pages; with 4 KiB pages the first pass is a steady 0.33-0.35 s.
+    transparent huge pages on large arrays, and the first touch of a large table then waits
+    on page compaction for a time that depends on the OS's free huge pages; with 4 KiB
+    pages the first pass takes the same time on every run (docs/performance.md).
     """
     rows, cols = 2 * table.shape[0], table.shape[1]
     new = np.frombuffer(mmap.mmap(-1, rows * cols * 8), dtype=np.int64).reshape(rows, cols)
@@ -996,7 +911,7 @@ def simulate_arrays(
         raise ValueError(
             "access values must be 1..7 on access rows and 0 on control rows (SPEC §2)"
         )
-    if n and gfn.max() >= 1 << 36:
+    if n and gfn.max() >= GFN_LIMIT:
         raise ValueError("gfn values must be below 2^36 (SPEC §2)")
     vcpu = arrays.get("vcpu")
     vcpu = np.zeros(n, dtype=np.uint16) if vcpu is None else np.asarray(vcpu, dtype=np.uint16)

@@ -1,24 +1,41 @@
-"""Read a ``replay`` output folder back: checked Parquet tables and the manifest."""
+"""What the report reads of a ``replay`` output folder: the columns it needs, trace symbols.
+
+Reading the folder itself (checked tables, the manifest) is ``replay_folder``'s job; its
+functions are re-exported here for the report.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import polars as pl
 import pyarrow.parquet as pq
 
-from altp2m_replay.errors import OutputError
+from altp2m_replay.replay_folder import read_manifest, read_table, results_dir
+from altp2m_replay.schema import DTYPES, KEYS, VIEW_SHAPE_COUNTERS, columns
 
-KEYS = ("trace", "policy")
-# Columns every folder must have. Columns added later (Revision 2: int3_exits,
-# breakpoint_events, cr3_events, restarts, livelocked, livelock_record, resets, the new
-# cycles_<key>) are optional: a folder written before them still renders, without them.
-SUMMARY_REQUIRED = (
-    "trace",
-    "policy",
+__all__ = [
+    "BY_GFN_REQUIRED",
+    "BY_IP_REQUIRED",
+    "BY_VIEW_REQUIRED",
+    "POPULATION_REQUIRED",
+    "SUMMARY_REQUIRED",
+    "TIMELINE_REQUIRED",
+    "Symbols",
+    "read_manifest",
+    "read_table",
+    "results_dir",
+    "trace_symbols",
+]
+
+# Columns every folder must have (checked against schema.py's tables). Columns added later
+# (Revision 2: int3_exits, breakpoint_events, cr3_events, restarts, livelocked,
+# livelock_record, resets, the new cycles_<key>) are optional: a folder written before them
+# still renders, without them.
+SUMMARY_REQUIRED = columns(
+    "summary",
+    *KEYS,
     "vcpu",
     "records",
     "ept_exits",
@@ -33,9 +50,9 @@ SUMMARY_REQUIRED = (
     "overhead_us",
     "slowdown",
 )
-BY_VIEW_REQUIRED = (
-    "trace",
-    "policy",
+BY_VIEW_REQUIRED = columns(
+    "by_view",
+    *KEYS,
     "view",
     "view_name",
     "records_completed",
@@ -43,14 +60,11 @@ BY_VIEW_REQUIRED = (
     "lazy_copies",
     "lazy_copy_pages",
     "switches_in",
-    "pages_mapped",
-    "leaves_4k",
-    "leaves_2m",
-    "leaves_1g",
+    *VIEW_SHAPE_COUNTERS,
 )
-BY_GFN_REQUIRED = (
-    "trace",
-    "policy",
+BY_GFN_REQUIRED = columns(
+    "by_gfn",
+    *KEYS,
     "view",
     "gfn",
     "ept_exits",
@@ -60,9 +74,9 @@ BY_GFN_REQUIRED = (
     "ve_delivered",
     "lazy_copies",
 )
-TIMELINE_REQUIRED = (
-    "trace",
-    "policy",
+TIMELINE_REQUIRED = columns(
+    "timeline",
+    *KEYS,
     "window",
     "first_record",
     "ept_exits",
@@ -70,99 +84,8 @@ TIMELINE_REQUIRED = (
     "ve_delivered",
     "lazy_copies",
 )
-BY_IP_REQUIRED = ("trace", "policy", "ip", "ept_exits", "ve_delivered")
-POPULATION_REQUIRED = (
-    "trace",
-    "policy",
-    "view",
-    "view_name",
-    "window",
-    "first_record",
-    "pages_mapped",
-)
-
-
-def results_dir(path) -> Path:
-    """``path`` as a folder that holds ``summary.parquet``, or an ``OutputError``."""
-    d = Path(path)
-    if not d.exists():
-        raise OutputError(f"{path}: no such folder")
-    if not d.is_dir():
-        raise OutputError(f"{path}: not a folder; expected a `replay` output folder")
-    if not (d / "summary.parquet").is_file():
-        raise OutputError(f"{path}: no summary.parquet; expected a `replay` output folder")
-    return d
-
-
-def read_table(
-    d: Path, name: str, required: Sequence[str], *, optional: bool = False
-) -> pl.DataFrame | None:
-    """``d/name.parquet`` with ``required`` columns; None when absent and ``optional``."""
-    path = d / f"{name}.parquet"
-    if not path.is_file():
-        if optional:
-            return None
-        raise OutputError(f"{path}: no such file")
-    try:
-        df = pl.read_parquet(path)
-    except Exception as exc:  # polars/arrow raise several types for a corrupt file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OutputError(f"{path}: not a readable Parquet table ({reason})") from None
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise OutputError(
-            f"{path}: missing column(s) {', '.join(missing)}; "
-            f"expected the {name} table that `replay` writes"
-        )
-    _refuse_infinite(df, path)
-    return df
-
-
-def _refuse_infinite(df: pl.DataFrame, path: Path) -> None:
-    """No report or gate can rank an infinite number (replay refuses costs that overflow)."""
-    for col, dtype in df.schema.items():
-        if dtype.is_float():
-            bad = df[col].is_infinite().fill_null(False)
-            if bad.any():
-                row = int(bad.arg_max())
-                raise OutputError(
-                    f'{path}: row {row}, column "{col}": expected a finite number, '
-                    f"found {df[col][row]}"
-                )
-
-
-def read_manifest(d: Path) -> dict:
-    """``manifest.json`` as a dict; {} when absent (the Parquet alone can still be rendered)."""
-    path = d / "manifest.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OutputError(f"{path}: not readable JSON ({exc})") from None
-    except RecursionError:
-        raise OutputError(
-            f"{path}: not readable JSON (arrays or objects nested too deeply)"
-        ) from None
-    if not isinstance(data, dict):
-        raise OutputError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    # the report trusts these shapes below, so a hand-edited manifest fails here, by name
-    for key in ("inputs", "policies", "cells"):
-        items = data.setdefault(key, [])
-        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-            raise OutputError(f'{path}: "{key}" must be a list of objects')
-    for i, cell in enumerate(data["cells"]):
-        costs = cell.setdefault("costs", {})
-        if not isinstance(costs, dict):
-            raise OutputError(f"{path}: cells[{i}].costs must be an object")
-        for k, v in costs.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise OutputError(f'{path}: cells[{i}].costs "{k}" must be a number, found {v!r}')
-        if not isinstance(cell.setdefault("warnings", []), list):
-            raise OutputError(f"{path}: cells[{i}].warnings must be a list")
-    if not isinstance(data.get("timings", {}), dict):
-        raise OutputError(f'{path}: "timings" must be an object')
-    return data
+BY_IP_REQUIRED = columns("by_ip", *KEYS, "ip", "ept_exits", "ve_delivered")
+POPULATION_REQUIRED = tuple(DTYPES["population"])
 
 
 META_KEY = "altp2m_replay"  # the trace metadata key (SPEC §2)
