@@ -235,6 +235,9 @@ MAX_RESTARTS = 64  # an instruction restarted more than this livelocks (SPEC §5
 LOG_SLACK = 4  # log entries kept free before a row; execute checks before each attempt
 
 # Which of r(1)/w(2)/x(4) each p2m_access_t permits; rx2rw permits rx, n2rwx nothing.
+# A copy of policy.PERMITS (engine/simulate.py asserts they agree): Numba freezes a global
+# array into the compiled kernel and its cache only notices changes to this file, so an
+# imported table could change without the cached kernels being rebuilt.
 PERMITS = np.array([0, 1, 2, 3, 4, 5, 6, 7, 5, 0], dtype=np.int64)
 # The kind of an access value (SPEC §2) as a permission bit: x if bit 4, else w if bit 2, else r.
 KIND_BIT = np.array([1, 1, 2, 2, 4, 4, 4, 4], dtype=np.int64)
