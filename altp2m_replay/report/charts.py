@@ -19,7 +19,6 @@ from html import escape
 
 FONT_PX = 12
 CHAR_PX = 7.0  # average glyph width of the 12 px sans-serif stack, for label layout only
-MUTED = "#6b7280"
 GRID = "#e5e7eb"
 AXIS = "#9ca3af"
 
