@@ -1066,7 +1066,8 @@ def slot_holds_table(pool, root, g, level):
 
 
 # Not inlined: inlined into the replay loop it tripled the kernels' compile time for no
-# measurable gain; compiled without reference counting, as replay_batch, so a call does not
+# measurable gain. Both calls pass the same types (np.int64, never a bare literal such as
+# -1, 0 or True): Numba compiles a separate copy per literal value, 17 s each; compiled without reference counting, as replay_batch, so a call does not
 # incref and decref its ~30 arrays. ``bt`` is the batch: (gfn int64, access uint8, vcpu uint16, ip int64, op uint8, arg int64,
 # boff int64), each (n,); ``aux`` the run's lookup tables: (bpmfn, bpkey, cr3r, vis, pseg),
 # see replay_batch.
@@ -1155,7 +1156,7 @@ def execute(
             continue
         view, p, root = current_view(vst, roots, s, altp2m)
         if has_walk:
-            has_walk = False
+            has_walk = 0
             done = False
         else:
             done, e, lv = completes(pmap, pool, root, p, g, kb, exec_sp, bpmfn)
@@ -1585,8 +1586,8 @@ def replay_batch(
             vst[s, S_EXEC_J],
             vst[s, S_EXEC_K],
             np.int64(0),
-            0,
-            False,
+            np.int64(0),
+            np.int64(0),
         )
         if st != ST_DONE:
             return st, begin + (st in (ST_CRASH, ST_LIVELOCK, ST_UNMATCHED, ST_LONG_INSN))
@@ -1735,11 +1736,11 @@ def replay_batch(
             lut,
             start_row,
             s,
-            -1,
+            np.int64(-1),
             i,
             e,
             lv,
-            True,
+            np.int64(1),
         )
         if st != ST_DONE:
             if st in (ST_CRASH, ST_LIVELOCK, ST_UNMATCHED, ST_LONG_INSN):
