@@ -21,7 +21,7 @@ from pathlib import Path
 
 import polars as pl
 
-from altp2m_replay import __version__, budget, traces
+from altp2m_replay import __version__, traces
 from altp2m_replay.cells import (
     CELLS,
     cell_key,
@@ -32,6 +32,7 @@ from altp2m_replay.cells import (
 )
 from altp2m_replay.checks import coverage_gaps
 from altp2m_replay.costs import effective_costs
+from altp2m_replay.engine import sizing
 from altp2m_replay.errors import (
     Interrupted,
     OutputError,
@@ -320,7 +321,7 @@ def _replay_cells(
         need_stats = any(needs_insn_stats(p) for p in policies)
         prepared = ex.keep(validate_unit, [(p, need_counts, need_stats) for p in paths])
         if not scheduler:  # Dask keeps the facts on the cluster; its workers have their own budget
-            prepared = budget.check_run(paths, policies, prepared, window)  # before any cell runs
+            prepared = sizing.check_run(paths, policies, prepared, window)  # before any cell runs
         # Which cells still need computing (all of them unless resuming).
         done: dict[tuple[str, str], CellOutput] = {}
         todo: dict[int, list[Policy]] = {}

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from altp2m_replay import budget, run, traces
 from altp2m_replay.cli import main
+from altp2m_replay.engine import sizing
 from altp2m_replay.errors import MemoryBudgetError
 from altp2m_replay.policy import load_policy, parse_policy
 from altp2m_replay.selectors import TraceFacts
@@ -296,7 +297,7 @@ def test_host_estimate_matches_the_engine(ram, order):
     pol = parse_policy(
         f'name = "h"\n[domain]\naltp2m = false\nhost_order = {order}\nram = {ram}\n', "h"
     )
-    leaves, nodes = budget.host_need(np.asarray(ram, np.int64), order)
+    leaves, nodes = sizing.host_need(np.asarray(ram, np.int64), order)
     assert leaves == len(carve_ram(np.asarray(ram), order)[0])
     rep = Replayer(pol, TraceFacts(max_gfn=0x10), [0], 1)
     assert int(rep.gs[K.GS_NFREE]) == nodes
@@ -312,7 +313,7 @@ def test_the_estimate_names_the_op_that_passes_the_budget(monkeypatch):
         for i in range(3)
     )
     pol = parse_policy('name = "a"\n' + ops, "a.toml")
-    needs = budget.estimate(pol, TraceFacts(max_gfn=0x10), 10)
+    needs = sizing.estimate(pol, TraceFacts(max_gfn=0x10), 10)
     assert [n.what.split(" (")[0] for n in needs[1:4]] == [f"a.toml: setup[{i}]" for i in range(3)]
     # each op: 2^24 gfns as 4 KiB entries = 2^15 tables + 64 + 1 above them, twice (growth)
     assert needs[1].nbytes == ((1 << 15) + 64 + 1) * 4096 * 2
@@ -320,7 +321,7 @@ def test_the_estimate_names_the_op_that_passes_the_budget(monkeypatch):
         MemoryBudgetError,
         match=r"a.toml: setup\[1\] \(add_ram\) \(16,777,216 gfns\) asks for 256.5 MiB",
     ):
-        budget.check(needs, "")
+        sizing.check(needs, "")
 
 
 # --------------------------------------------------------------------------- runtime guards
@@ -343,8 +344,8 @@ def test_growth_past_the_budget_is_one_clean_error(tmp_path, monkeypatch, pol):
     many gfns and ips): the first growth that does not fit stops it with one Error line
     naming the trace, the policy and the table, and no output folder."""
     path = _random_trace(tmp_path / "t.parquet")
-    monkeypatch.setattr(budget, "check_cell", lambda *a, **k: None)
-    monkeypatch.setattr(budget, "check_run", lambda paths, pols, prepared, window: prepared)
+    monkeypatch.setattr(sizing, "check_cell", lambda *a, **k: None)
+    monkeypatch.setattr(sizing, "check_run", lambda paths, pols, prepared, window: prepared)
     monkeypatch.setattr(budget, "rss", budget.limit)  # no room left at all
     result = CliRunner().invoke(
         main, ["replay", str(path), "-p", pol, "-o", str(tmp_path / "out"), "--jobs", "1"]
@@ -432,8 +433,8 @@ def test_statistics_are_read_again_only_when_they_would_size_a_big_host(tmp_path
     monkeypatch.setattr(traces, "validate", lambda *a, **k: passes.append(a) or real(*a, **k))
     prepared = [traces.replay_facts(path, False)]
     assert prepared[0][2] is False  # sized from statistics, values not checked yet
-    assert budget.check_run([path], pols, prepared, None)[0][2] is False and passes == []
+    assert sizing.check_run([path], pols, prepared, None)[0][2] is False and passes == []
     stats, _facts, _ = prepared[0]
     lying = TraceFacts(max_gfn=1 << 35, meta_ram=None)
-    out = budget.check_run([path], pols, [(stats, lying, False)], None)
+    out = sizing.check_run([path], pols, [(stats, lying, False)], None)
     assert len(passes) == 1 and out[0][2] is True and out[0][1].max_gfn == stats.max_gfn

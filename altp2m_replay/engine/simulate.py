@@ -16,6 +16,7 @@ import numpy as np
 
 from altp2m_replay import budget
 from altp2m_replay.engine import _kernels as K
+from altp2m_replay.engine import sizing
 from altp2m_replay.errors import PolicyError, ReplayRuntimeError, TraceError
 from altp2m_replay.policy import ACCESS_CODES, KIND_CODES, PERMITS, RESPONSE_CODES, VE_CODES, Policy
 from altp2m_replay.ranges import (
@@ -47,8 +48,9 @@ LOG_ROWS = K.LOG_ROWS
 # Most rows of the per-ip table (24 bytes each): past it, the ips with the fewest events fold
 # into one "other" count (SimResult.ip_other).
 IP_ROWS = 1 << 20
-# Most bytes of the fast-path cache (one per p2m and gfn); gfns past it are walked every time.
-PMAP_BYTES = 1 << 27
+# Most bytes of the fast-path cache (one per p2m and gfn); gfns past it are walked every time
+# (a module global, so tests can shrink it; sizing is told the value in use).
+PMAP_BYTES = sizing.PMAP_BYTES
 
 # Kernel counter columns (C_*) by the schema's names; the rest of COUNTERS is derived here.
 _KERNEL_COLUMN = {
@@ -224,7 +226,7 @@ class Replayer:
         self.total_rows = int(total_rows)
         self.window = int(window or max(1, math.ceil(self.total_rows / 256)))
         self.n_windows = max(1, math.ceil(self.total_rows / self.window))
-        budget.check_cell(policy, facts, self.total_rows, self.window, (self.ram, sels))
+        sizing.check_cell(policy, facts, self.total_rows, self.window, (self.ram, sels), PMAP_BYTES)
 
         self.vcpu_list = [int(v) for v in vcpus]
         self.lut = np.zeros(VCPU_LIMIT, dtype=np.int64)
@@ -336,9 +338,9 @@ class Replayer:
         used = int(self.gs[K.GS_NFREE])
         least = used + 2 * self.headroom
         # double, or less when the budget has less room; the copy holds both pools a while
-        rows = max(least, min(2 * self.pool.shape[0], budget.room() // budget.NODE_BYTES))
+        rows = max(least, min(2 * self.pool.shape[0], budget.room() // sizing.NODE_BYTES))
         budget.ensure(
-            rows * budget.NODE_BYTES,
+            rows * sizing.NODE_BYTES,
             f"policy {self.policy.name!r}: the p2m tables ({rows:,} nodes of 4 KiB)",
         )
         new = np.zeros((rows, 512), dtype=np.int64)
