@@ -54,68 +54,55 @@ class TraceStats:
         return int(self.op_counts[1:].sum())
 
 
-class _CountMerger:
-    """Sums (key, count) pairs streamed in batches; memory ~ distinct keys, not rows."""
+# First capacity of a _Tally (keys); tests shrink it so tables grow many times.
+_TALLY_START = 1 << 11
 
-    def __init__(self, label: str = "trace"):
-        self.label = label
-        self.keys = np.empty(0, np.uint64)
-        self.counts = np.empty(0, np.int64)
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
-        self._pending_len = 0
 
-    def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
-        keep = counts > 0
-        self._pending.append((keys[keep], counts[keep]))
-        self._pending_len += int(keep.sum())
-        # Merge lazily: re-sorting the accumulated keys on every batch would be quadratic.
-        if self._pending_len > max(1 << 22, 2 * len(self.keys)):
-            self._merge()
+class _Tally:
+    """Per distinct uint64 key over every batch fed (in order): ``cols`` int64 counts, or the
+    first value seen (``first``). Memory ~ distinct keys, not rows.
 
-    def _merge(self) -> None:
-        if not self._pending:
-            return
-        n = len(self.keys) + sum(len(k) for k, _ in self._pending)
-        # concatenated keys and counts, the sort order and the sorted copies: 40 bytes a key
-        budget.ensure(40 * n, f"{self.label}: counting rows per page ({n:,} gfn counts)")
-        keys = np.concatenate([self.keys] + [k for k, _ in self._pending])
-        counts = np.concatenate([self.counts] + [c for _, c in self._pending])
-        self._pending, self._pending_len = [], 0
-        order = np.argsort(keys, kind="stable")
-        keys, counts = keys[order], counts[order]
-        if len(keys) == 0:
-            self.keys, self.counts = keys, counts
-            return
-        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-        self.keys = keys[starts]
-        self.counts = np.add.reduceat(counts, starts).astype(np.int64)
+    An open-addressing hash table (Numba kernels below) that doubles at half full, asking the
+    budget first; a batch's rows go straight into it, so nothing is sorted until ``result()``
+    sorts the keys once (sorting every batch and merging sorted runs, as before, cost 2-3x the
+    whole validation pass on the bench trace).
+    """
+
+    def __init__(self, cols: int, first: bool, what: str, unit: str):
+        self.first, self.what, self.unit = first, what, unit
+        self.keys = np.empty(_TALLY_START, np.uint64)
+        self.vals = np.zeros((_TALLY_START, cols), np.uint64 if first else np.int64)
+        self.slots = np.full(2 * _TALLY_START, -1, np.int64)  # index into keys, -1: empty
+        self.m = 0
+
+    def feed(self, kernel, *args) -> None:
+        """Run ``kernel(slots, keys, vals, m, *args, i)`` from row 0, growing the table each
+        time it stops for room, until it has taken every row."""
+        i, n = 0, len(args[0])
+        while True:
+            i, self.m = kernel(self.slots, self.keys, self.vals, self.m, *args, i)
+            if i == n:
+                return
+            self._grow()
+
+    def _grow(self) -> None:
+        cap = 2 * len(self.keys)
+        # the new keys, values and slots, while the old ones are still held
+        need = cap * (self.keys.itemsize + self.vals.itemsize * self.vals.shape[1] + 16)
+        budget.ensure(need, f"{self.what} ({cap:,} {self.unit})")
+        keys = np.empty(cap, np.uint64)
+        keys[: self.m] = self.keys[: self.m]
+        vals = np.zeros((cap, self.vals.shape[1]), self.vals.dtype)
+        vals[: self.m] = self.vals[: self.m]
+        self.keys, self.vals = keys, vals
+        self.slots = np.full(2 * cap, -1, np.int64)
+        _tally_rehash(self.slots, self.keys, self.m)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
-        self._merge()
-        return self.keys, self.counts
-
-
-class _FirstMerger(_CountMerger):
-    """Keeps, per key, the value fed with its first occurrence (batches fed in order);
-    memory ~ distinct keys. ``result()`` gives (sorted uint64 keys, uint64 values)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = np.empty(0, np.uint64)  # the values
-
-    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
-        self._pending.append((keys, values))
-        self._pending_len += len(keys)
-        if self._pending_len > max(1 << 22, 2 * len(self.keys)):
-            self._merge()
-
-    def _merge(self) -> None:
-        if self._pending:
-            keys = np.concatenate([self.keys] + [k for k, _ in self._pending])
-            values = np.concatenate([self.counts] + [v for _, v in self._pending])
-            self._pending, self._pending_len = [], 0
-            self.keys, first = np.unique(keys, return_index=True)  # first occurrences
-            self.counts = values[first]
+        """(keys uint64 sorted, their values: (m, cols), or (m,) for one column)."""
+        order = np.argsort(self.keys[: self.m], kind="stable")
+        vals = self.vals[: self.m][order]
+        return self.keys[: self.m][order], vals[:, 0] if vals.shape[1] == 1 else vals
 
 
 def _first_true(mask: np.ndarray) -> int | None:
@@ -273,11 +260,8 @@ class Validator:
         self.last_row = np.full(VCPU_LIMIT, -1, dtype=np.int64)
         self.gfn_lo: list[int] = []
         self.gfn_hi: list[int] = []
-        self.mergers = (
-            {k: _CountMerger(self.label) for k in ("read", "written", "executed", "touched")}
-            if page_counts
-            else None
-        )
+        what = f"{self.label}: counting rows per page"
+        self.pages = _Tally(4, False, what, "gfn counts") if page_counts else None
         self.shift = 12 if self.addr == "gpa" else 0
         # control rows and instructions: op decides what access may be; insn the 1024-row limit
         self.has_op = "op" in tr.columns
@@ -287,8 +271,9 @@ class Validator:
         self.run_len = np.zeros(VCPU_LIMIT, dtype=np.int64)  # its rows so far (0: none yet)
         self.insn_stats = insn_stats
         self.byte_addresses = tr.byte_addresses
-        self.starts = _CountMerger() if insn_stats else None
-        self.ip_first = _FirstMerger() if insn_stats else None
+        what = f"{self.label}: counting instruction starts"
+        self.starts = _Tally(1, False, what, "byte addresses") if insn_stats else None
+        self.ip_first = _Tally(1, True, what, "ips") if insn_stats else None
         self.always = set(_ALWAYS_READ) | {"op", "insn"} | ({"ip"} if insn_stats else set())
 
     def plan(self, pf, g) -> list[str]:
@@ -408,10 +393,8 @@ class Validator:
             if len(g_all):
                 self.gfn_lo.append(int(g_all.min()))
                 self.gfn_hi.append(int(g_all.max()))
-            if self.mergers is not None and len(g_acc):
-                keys, counts = _page_counts(g_acc, np.ascontiguousarray(a_acc))
-                for j, key in enumerate(("touched", "read", "written", "executed")):
-                    self.mergers[key].add(keys, counts[:, j])
+            if self.pages is not None and len(g_acc):
+                self.pages.feed(_tally_pages, g_acc, np.ascontiguousarray(a_acc))
             if self.insn_stats and self.byte_addresses:
                 self._insn_stats(values, starts, access, gfn)
         self.rows += n
@@ -425,19 +408,21 @@ class Validator:
             addr = values["gpa"][idx].astype(np.uint64, copy=False)
         else:
             addr = (gfn[idx] << np.uint64(12)) | (ip & np.uint64(0xFFF))
-        uniq, counts = np.unique(addr, return_counts=True)
-        self.starts.add(uniq, counts)
+        self.starts.feed(_tally_rows, np.ascontiguousarray(addr))
         if ip is not None:
-            uniq, first = np.unique(ip, return_index=True)
-            self.ip_first.add(uniq, addr[first])
+            self.ip_first.feed(_tally_first, np.ascontiguousarray(ip), addr)
 
     def result(self) -> TraceStats:
         """TraceStats of every row checked so far (the whole trace once it has been fed)."""
         counts = None
         distinct = None
-        if self.mergers is not None:
-            counts = {k: m.result() for k, m in self.mergers.items()}
-            distinct = len(counts["touched"][0])
+        if self.pages is not None:
+            gfns, per = self.pages.result()
+            counts = {}
+            for j, key in enumerate(("touched", "read", "written", "executed")):
+                seen = per[:, j] > 0
+                counts[key] = (gfns[seen], per[seen, j])
+            distinct = len(gfns)
         insn_starts = ip_first = None
         if self.insn_stats:
             insn_starts = self.starts.result()
@@ -512,56 +497,83 @@ def _scan_rows(
     return longest
 
 
-@njit(cache=True, nogil=True)
-def _page_counts(gfn, access):
-    """Rows per distinct gfn of one batch: ``gfn`` uint64 (n,), ``access`` uint8 (n,) ->
-    (keys uint64 (m,) in order of first appearance, counts int64 (m, 4): rows, then rows
-    reading, writing, executing).
-
-    An open-addressing hash table that doubles as keys arrive: a batch touches far fewer
-    pages than it has rows, so the table stays in cache (sorting the batch, as np.unique
-    does, cost 15-20x more on the bench trace).
-    """
-    size = 1 << 12
-    slots = np.full(size, -1, np.int64)  # index into keys, -1: empty
-    keys = np.empty(size // 2, np.uint64)
-    counts = np.zeros((size // 2, 4), np.int64)
-    m = 0
-    for i in range(len(gfn)):
-        g = gfn[i]
-        j = _page_slot(slots, keys, g)
-        k = slots[j]
-        if k < 0:
-            if m == len(keys):  # half full: double, so probes stay short
-                grown = np.empty(2 * m, np.uint64)
-                grown[:m] = keys
-                keys = grown
-                more = np.zeros((2 * m, 4), np.int64)
-                more[:m] = counts
-                counts = more
-                slots = np.full(4 * m, -1, np.int64)
-                for q in range(m):
-                    slots[_page_slot(slots, keys, keys[q])] = q
-                j = _page_slot(slots, keys, g)
-            k = m
-            slots[j], keys[k] = k, g
-            m += 1
-        a = access[i]
-        counts[k, 0] += 1
-        counts[k, 1] += a & 1
-        counts[k, 2] += (a >> 1) & 1
-        counts[k, 3] += (a >> 2) & 1
-    return keys[:m], counts[:m]
+@njit(cache=True, nogil=True, inline="always")
+def _tally_slot(slots, keys, key):
+    """Slot of ``key`` in a _Tally's table (``slots`` int64, a power of two, -1 empty; an
+    entry is an index into ``keys`` uint64), or the empty slot where it goes."""
+    mask = len(slots) - 1
+    j = np.int64((key * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)) & mask  # Fibonacci hash
+    while slots[j] >= 0 and keys[slots[j]] != key:
+        j = (j + 1) & mask
+    return j
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _page_slot(slots, keys, g):
-    """Slot of ``g`` in :func:`_page_counts`' table, or the empty slot where it goes."""
-    mask = len(slots) - 1
-    j = np.int64((g * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)) & mask  # Fibonacci hash
-    while slots[j] >= 0 and keys[slots[j]] != g:
-        j = (j + 1) & mask
-    return j
+def _tally_entry(slots, keys, m, key):
+    """(entry of ``key``, entries after it): the entry is new when it equals ``m``, or -1
+    when the table is half full and must grow first."""
+    j = _tally_slot(slots, keys, key)
+    k = slots[j]
+    if k >= 0:
+        return k, m
+    if m == len(keys):  # as many keys as half the slots: grow, so probes stay short
+        return np.int64(-1), m
+    slots[j] = m
+    keys[m] = key
+    return m, m + 1
+
+
+@njit(cache=True, nogil=True)
+def _tally_rehash(slots, keys, m):
+    """Put entries ``0..m`` of ``keys`` into the empty ``slots``."""
+    for k in range(m):
+        slots[_tally_slot(slots, keys, keys[k])] = k
+
+
+@njit(cache=True, nogil=True)
+def _tally_pages(slots, keys, vals, m, gfn, access, i):
+    """Count rows ``i..`` per gfn (uint64 (n,)) into ``vals`` int64 (cap, 4): rows, then rows
+    reading, writing, executing (``access`` uint8 (n,)). Returns (row it stopped at, n when
+    done; entries): it stops where the table must grow."""
+    while i < len(gfn):
+        k, m = _tally_entry(slots, keys, m, gfn[i])
+        if k < 0:
+            break
+        a = access[i]
+        vals[k, 0] += 1
+        vals[k, 1] += a & 1
+        vals[k, 2] += (a >> 1) & 1
+        vals[k, 3] += (a >> 2) & 1
+        i += 1
+    return i, m
+
+
+@njit(cache=True, nogil=True)
+def _tally_rows(slots, keys, vals, m, key, i):
+    """Count rows ``i..`` per ``key`` (uint64 (n,)) into ``vals`` int64 (cap, 1); as
+    :func:`_tally_pages`."""
+    while i < len(key):
+        k, m = _tally_entry(slots, keys, m, key[i])
+        if k < 0:
+            break
+        vals[k, 0] += 1
+        i += 1
+    return i, m
+
+
+@njit(cache=True, nogil=True)
+def _tally_first(slots, keys, vals, m, key, value, i):
+    """Keep, per ``key`` (uint64 (n,)), the ``value`` (uint64 (n,)) of its first row in
+    ``vals`` uint64 (cap, 1); as :func:`_tally_pages`."""
+    while i < len(key):
+        k, m2 = _tally_entry(slots, keys, m, key[i])
+        if k < 0:
+            break
+        if m2 > m:
+            vals[k, 0] = value[i]
+        m = m2
+        i += 1
+    return i, m
 
 
 @njit(cache=True, nogil=True)
