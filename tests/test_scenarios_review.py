@@ -1,0 +1,1153 @@
+"""Independent fidelity review: more hand-derived scenarios (SPEC §3-§8, Revision 2).
+
+Each expectation below was derived by hand from SPEC.md; the comment above it shows how.
+The notation is the one of ``test_scenarios.py`` (``exit(V)``, ``lazy 4K (V)``,
+``done(V)``, ``svm`` / ``sfs`` / ``svf``, ``mm`` for ``max_mapped``), and the helpers
+there assert every counter (unlisted ones must be 0).
+
+Unless a test says otherwise the domain has ``ram = [[0, 1023]]``: the host maps gfns
+0-511 and 512-1023 with two 2 MiB leaves, access rwx (origin "create": host_order 18, but
+no 1 GiB page lies wholly in RAM), xen 4.22, one vCPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_scenarios import (
+    ENGINES,
+    RAM_1K,
+    _runner,
+    check,
+    make_policy,
+    make_trace,
+    make_trace2,
+)
+
+from altp2m_replay.costs import COSTS, cycles, effective_costs
+
+
+@pytest.fixture(params=ENGINES)
+def sim(request):
+    return _runner(request, make_trace)
+
+
+@pytest.fixture(params=ENGINES)
+def sim2(request):
+    return _runner(request, make_trace2)
+
+
+@pytest.fixture(params=ENGINES)
+def sim_arrays(request):
+    """``sim_arrays(policy_body, [arrays])``: the trace is given as a dict of arrays."""
+    return _runner(request, lambda arrays: arrays)
+
+
+RO_VIEW = (
+    RAM_1K
+    + """
+[[view]]
+name = "ro"
+default_access = "r"
+
+[[setup]]
+op = "switch_p2m"
+view = "ro"
+"""
+)
+
+
+# =========================================================================== CR3 rules (§6.5)
+def test_restarted_cr3_write_is_unchanged_on_the_second_pass(sim2):
+    res = sim2(RAM_1K + "[on_cr3]\n", ["i1 cr3 0x1000", "i1 r 5"])
+    # §6.5, onchangeonly defaults to true. row0 (insn 1) cr3 0x1000: [on_cr3] -> exit
+    #   (cr3_exits 1); the vCPU's first write is a change -> sync cr3 event 1; no switch rule.
+    # row1 r 5: view 0 fresh -> exit(0), lazy 4K -> restart -> the pass executes the CR3
+    #   write again (§5: a control row of a restarted instruction runs again): cr3_writes 2,
+    #   cr3_exits 2, but the value equals the vCPU's current CR3 -> no event. r 5 done(0).
+    check(
+        res,
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 1,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "control_records": 1,
+            "cr3_writes": 2,
+            "cr3_exits": 2,
+            "cr3_events": 1,
+        },
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
+        gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_cr3_current_value_is_per_vcpu(sim2):
+    res = sim2(
+        RAM_1K + "[on_cr3]\nsync = false\n",
+        ["v0 cr3 0x1000", "v1 cr3 0x1000", "v1 cr3 0x1000", "v0 cr3 0x2000"],
+    )
+    # §6.5: "a vCPU's first write is always a change" - v1's first write of the value v0
+    # already holds is still a change. Every write exits ([on_cr3]).
+    # v0 0x1000: first -> async event. v1 0x1000: v1's first -> async event.
+    # v1 0x1000: unchanged for v1 -> no event. v0 0x2000: changed -> async event.
+    # Async CR3 events restart nothing (the write completes).
+    v0 = {
+        "instructions": 2,
+        "control_records": 2,
+        "cr3_writes": 2,
+        "cr3_exits": 2,
+        "async_events": 2,
+        "restarts": 0,
+    }
+    v1 = {
+        "instructions": 2,
+        "control_records": 2,
+        "cr3_writes": 2,
+        "cr3_exits": 2,
+        "async_events": 1,
+        "restarts": 0,
+    }
+    check(
+        res,
+        {k: v0[k] + v1[k] for k in v0},
+        vcpus={0: v0, 1: v1},
+        views={},
+        gfns={},
+    )
+
+
+def test_cr3_without_on_cr3_counts_writes_only_and_rules_pick_the_first_match(sim2):
+    body = (
+        RAM_1K
+        + """
+        [[view]]
+        name = "a"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "a"
+        """
+    )
+    res = sim2(body, ["cr3 0x1000", "cr3 0x2000"])
+    # No [on_cr3]: CR3-load exiting is off -> cr3_writes only, no exit, no event.
+    check(
+        res,
+        {"instructions": 2, "control_records": 2, "cr3_writes": 2},
+        views={},
+        gfns={},
+    )
+
+    res = sim2(
+        body
+        + """
+        [on_cr3]
+
+        [[on_cr3.switch]]
+        cr3 = [0x3000, 0x1000]
+        to = "a"
+
+        [[on_cr3.switch]]
+        cr3 = "other"
+        to = 0
+        """,
+        ["cr3 0x1000", "cr3 0x2000", "cr3 0x3000"],
+    )
+    # cr3 0x1000: first write -> exit, sync event 1; rule 1 (a list holding 0x1000) -> to
+    #   "a", where the vCPU already is: no switch counted (§5: only actual changes count).
+    # cr3 0x2000: exit, event 2; rule 2 ("other") -> view 0: svm 1 (switches_in[0]).
+    # cr3 0x3000: exit, event 3; rule 1 -> a: svm 2 (switches_in[1]).
+    check(
+        res,
+        {
+            "instructions": 3,
+            "control_records": 3,
+            "cr3_writes": 3,
+            "cr3_exits": 3,
+            "cr3_events": 3,
+            "switches_vm_event": 2,
+        },
+        views={0: {"switches_in": 1}, 1: {"switches_in": 1}},
+        gfns={},
+    )
+
+
+def test_cr3_write_takes_effect_in_an_emulated_instruction(sim2):
+    res = sim2(
+        RO_VIEW
+        + """
+        [[on_violation]]
+        kind = "w"
+        action = "emulate"
+
+        [on_cr3]
+
+        [[on_cr3.switch]]
+        cr3 = "other"
+        to = 0
+        """,
+        ["i1 w 5", "i1 cr3 0x1000", "i2 r 5"],
+    )
+    # row0 w 5 in ro (fresh): exit(1), lazy 4K (r) -> restart -> viol_w (1,5), exit(1), event
+    #   -> emulate (§6.1): emulations 1, this row and the rest of insn 1 complete unchecked:
+    #   records_emulated 1.
+    # row1 cr3 in the emulated instruction: still takes effect (§5, Xen emulates mov cr3):
+    #   cr3_writes, cr3_exits, sync cr3 event -> "other" -> view 0 (svm 1). It is a control
+    #   row, not an access row: records_emulated stays 1 (records counts access rows).
+    # row2 (insn 2) r 5 in view 0 (fresh): exit(0), lazy 4K -> restart -> done(0).
+    check(
+        res,
+        {
+            "records": 2,
+            "instructions": 2,
+            "ept_exits": 3,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "emulations": 1,
+            "records_emulated": 1,
+            "control_records": 1,
+            "cr3_writes": 1,
+            "cr3_exits": 1,
+            "cr3_events": 1,
+            "switches_vm_event": 1,
+        },
+        views={
+            1: {
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+        },
+    )
+
+
+# =========================================================================== guest VMFUNC (§6.5)
+def test_guest_vmfunc_to_view0_current_view_and_a_view_hidden_by_set_visibility(sim2):
+    res = sim2(
+        RAM_1K
+        + """
+        [[view]]
+        name = "a"
+
+        [[view]]
+        name = "b"
+
+        [[setup]]
+        op = "set_visibility"
+        view = "b"
+        visible = false
+
+        [[setup]]
+        op = "enable_notify"
+        vcpus = "all"
+        """,
+        ["vmfunc 0", "vmfunc 1", "vmfunc 1", "vmfunc 2", "vmfunc 0"],
+    )
+    # vmfunc 0: enabled, view 0 active and visible, already current: guest_vmfuncs 1, no
+    #   switch. vmfunc 1: guest_vmfuncs 2, svf 1 (switches_in[1]). vmfunc 1 again: 3, no switch.
+    # vmfunc 2: b was made invisible by set_visibility -> exit + #UD (vmfunc_exits 1).
+    # vmfunc 0: guest_vmfuncs 4, svf 2 (switches_in[0]).
+    check(
+        res,
+        {
+            "instructions": 5,
+            "control_records": 5,
+            "guest_vmfuncs": 4,
+            "switches_vmfunc": 2,
+            "vmfunc_exits": 1,
+        },
+        views={0: {"switches_in": 1}, 1: {"switches_in": 1}},
+        gfns={},
+    )
+
+
+def test_guest_vmfunc_with_altp2m_off_raises_ud(sim2):
+    res = sim2(
+        """
+        [domain]
+        altp2m = false
+        ram = [[0, 1023]]
+        """,
+        ["vmfunc 0", "r 5"],
+    )
+    # §6.5: #VE/VMFUNC is never enabled with altp2m off -> vmfunc_exits even for view 0.
+    # r 5 walks the host p2m (2M rwx) -> done(0), no exit.
+    check(
+        res,
+        {"records": 1, "instructions": 2, "control_records": 1, "vmfunc_exits": 1},
+        views={0: {"records_completed": 1, "pages_mapped": 1024, "leaves_2m": 2}},
+        gfns={},
+    )
+
+
+# =========================================================================== breakpoints (§2, §4, §5.2, §6.4)
+def test_breakpoint_traps_only_on_a_first_row_fetch_and_skips_non_ram(sim2):
+    res = sim2(
+        RAM_1K
+        + """
+        [breakpoints]
+        at = [0x5010, 0x7d0010]
+
+        [[setup]]
+        op = "write_breakpoints"
+        view = 0
+
+        [on_breakpoint]
+        action = "emulate"
+        """,
+        ["i1 x 6", "i1 x 5@0x10", "i2 r 5@0x10", "i3 x 5@0x10"],
+    )
+    # Setup: write_breakpoints view 0: view 0 holds nothing -> the host's frame of gfn 5 gets
+    #   the INT3 at 0x10 (no prepopulate). 0x7d0010 is gfn 2000, not RAM: setup_skipped 1.
+    # row0 (insn 1) x 6: view 0 fresh: exit(0), lazy 4K (6 > mm 0, regions at 0) -> restart
+    #   -> done(0) (byte address 0x6000: no INT3).
+    # row1 (insn 1) x 5@0x10: no leaf: exit(0), lazy 4K (walk: entry 5 empty) -> restart:
+    #   row0 done(0); row1 fetches the INT3 byte but is not the instruction's first row
+    #   (§5.2) -> done(0).
+    # row2 (insn 2) r 5@0x10: first row is a read, not a fetch -> no byte address -> done(0).
+    # row3 (insn 3) x 5@0x10: first row, a fetch at 0x5010 whose leaf maps the frame holding
+    #   the INT3 -> trap (§6.4): int3_exits (0, 5), breakpoint event -> emulate: emulations 1,
+    #   records_emulated 1; a trapping fetch is never a completion.
+    check(
+        res,
+        {
+            "records": 4,
+            "instructions": 3,
+            "ept_exits": 2,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "int3_exits": 1,
+            "breakpoint_events": 1,
+            "emulations": 1,
+            "records_emulated": 1,
+            "setup_skipped": 1,
+        },
+        views={
+            0: {
+                "records_completed": 3,
+                "ept_exits": 2,
+                "int3_exits": 1,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            }
+        },
+        gfns={
+            (0, 6): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1, "int3_exits": 1},
+        },
+    )
+
+
+def test_breakpoint_written_through_an_unremapped_view_shows_in_view0(sim2):
+    res = sim2(
+        RAM_1K
+        + """
+        [[view]]
+        name = "x"
+
+        [breakpoints]
+        at = 0x5010
+
+        [[setup]]
+        op = "write_breakpoints"
+        view = "x"
+
+        [on_breakpoint]
+        action = "emulate"
+        """,
+        ["x 5@0x10"],
+    )
+    # Setup: write_breakpoints x: x holds nothing for gfn 5 -> prepopulate as set_mem_access
+    #   does: the host's 2M leaf [0,511] copied at host order (x: one 2M leaf, no split: no
+    #   entry is rewritten); x maps gfn 5 to the host frame, which gets the INT3 (§4: a
+    #   breakpoint belongs to the frame, not the view).
+    # x 5@0x10 in view 0 (the vCPU never left it): exit(0), lazy 4K -> restart -> the fetch
+    #   maps the same frame -> trap: int3_exits(0, 5), event -> emulate.
+    check(
+        res,
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 1,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "int3_exits": 1,
+            "breakpoint_events": 1,
+            "emulations": 1,
+            "records_emulated": 1,
+        },
+        views={
+            0: {
+                "ept_exits": 1,
+                "int3_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            1: {"pages_mapped": 512, "leaves_2m": 1},
+        },
+        gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1, "int3_exits": 1}},
+    )
+
+
+def test_breakpoint_trap_is_never_a_ve_and_write_breakpoints_keeps_an_existing_leaf(sim2):
+    res = sim2(
+        RAM_1K
+        + """
+        [[view]]
+        name = "x"
+
+        [breakpoints]
+        at = 0x5010
+
+        [[setup]]
+        op = "set_suppress_ve"
+        view = "x"
+        gfns = 5
+        suppress = false
+
+        [[setup]]
+        op = "write_breakpoints"
+        view = "x"
+
+        [[setup]]
+        op = "enable_notify"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "x"
+
+        [on_ve]
+        action = "emulate"
+
+        [on_breakpoint]
+        action = "emulate"
+        """,
+        ["x 5@0x10"],
+    )
+    # Setup: set_suppress_ve on x (view >= 1) takes the host's RAM leaf WITHOUT prepopulate:
+    #   x gets one 4K leaf at 5 (rwx, suppress-VE 0). write_breakpoints x: x holds a valid
+    #   leaf for 5 -> no prepopulate; the INT3 goes into the host frame of 5.
+    # x 5@0x10 in x: the leaf permits x -> first-row fetch on the INT3 -> trap: int3 exit,
+    #   breakpoint event -> emulate. #VE is enabled and the bit is 0, but a trap is never
+    #   converted to #VE (§6.4): no ve_delivered.
+    check(
+        res,
+        {
+            "records": 1,
+            "instructions": 1,
+            "int3_exits": 1,
+            "breakpoint_events": 1,
+            "emulations": 1,
+            "records_emulated": 1,
+        },
+        views={1: {"int3_exits": 1, "pages_mapped": 1, "leaves_4k": 1}},
+        gfns={(1, 5): {"int3_exits": 1}},
+    )
+
+
+def test_breakpoint_byte_address_from_gfn_and_ip_with_an_ip_selector(sim_arrays):
+    ip0 = 0xFFFFFFFF81000010
+    arrays = {
+        "gfn": np.array([5, 5, 5], dtype=np.uint64),
+        "access": np.array([4, 4, 4], dtype=np.uint8),
+        "ip": np.array([ip0, ip0 + 0x10, ip0], dtype=np.uint64),
+    }
+    res = sim_arrays(
+        RAM_1K
+        + f"""
+        [breakpoints]
+        at = {{ ip = [{ip0}] }}
+
+        [[setup]]
+        op = "write_breakpoints"
+        view = 0
+
+        [on_breakpoint]
+        action = "emulate"
+        """,
+        [arrays],
+    )
+    # §2: without gpa the byte address is (gfn << 12) | (ip & 0xfff): rows 0 and 2 are at
+    #   0x5010, row 1 at 0x5020. §4 { ip = [...] }: the first instruction starting with a
+    #   fetch at ip0 is row 0 -> breakpoint at 0x5010, written into the host frame of 5.
+    # row0: view 0 fresh: exit(0), lazy 4K -> restart -> trap: int3 (0,5), event, emulate.
+    # row1: 0x5020, no INT3 -> done(0). row2: 0x5010 -> trap again: int3, event, emulate.
+    check(
+        res,
+        {
+            "records": 3,
+            "instructions": 3,
+            "ept_exits": 1,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "int3_exits": 2,
+            "breakpoint_events": 2,
+            "emulations": 2,
+            "records_emulated": 2,
+        },
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "int3_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
+        gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1, "int3_exits": 2}},
+    )
+
+
+# =========================================================================== emulate (§6.1)
+def test_emulate_completes_later_rows_unchecked_even_at_a_hole(sim):
+    res = sim(
+        RO_VIEW
+        + """
+        [[on_violation]]
+        kind = "w"
+        action = "emulate"
+        """,
+        ["i1 r 6", "i1 w 5", "i1 r 2000", "i2 r 6"],
+    )
+    # row0 r 6 in ro: exit(1), lazy 4K (6 > mm 0) -> restart -> done(1).
+    # row1 w 5: no leaf: exit(1), lazy 4K (5 <= mm 6, entry 5 empty) r -> restart: row0
+    #   done(1); row1 viol_w (1,5), exit(1), event -> emulate: emulations 1, records_emulated 1.
+    # row2 r 2000 (a hole) in the emulated instruction: completes unchecked: records_emulated
+    #   2, no exit, no mmio_accesses.
+    # row3 (insn 2) r 6: done(1).
+    # records_completed[ro]: insn 1's final pass is the emulated one: row0 counts (1); row3 (2).
+    check(
+        res,
+        {
+            "records": 4,
+            "instructions": 2,
+            "ept_exits": 3,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "emulations": 1,
+            "records_emulated": 2,
+        },
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 3,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 1,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            }
+        },
+        gfns={
+            (1, 6): {"ept_exits": 1, "lazy_copies": 1},
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+        },
+    )
+
+
+def test_crash_mid_instruction_counts_the_pass_in_progress(sim):
+    res = sim(
+        """
+        [domain]
+        altp2m = false
+        monitor = false
+        ram = [[0, 1023]]
+
+        [[setup]]
+        op = "set_mem_access"
+        view = 0
+        gfns = 6
+        access = "r"
+        """,
+        ["i1 r 5", "i1 w 6", "i2 r 7"],
+    )
+    # Setup: view-0 set_mem_access (altp2m off) writes the host's 4K leaf 6 r: the 2M leaf
+    #   [0,511] splits (setup_splits 1).
+    # row0 r 5: host 4K piece rwx -> done(0).
+    # row1 w 6: leaf r -> EPT violation: exit(0), viol_w (0,6); no monitor, access_required
+    #   -> crash: crashed 1, crash_record 1. records 2 (the stopping row included);
+    #   records_completed counts the pass in progress: row0 (1). Row 2 is never processed.
+    check(
+        res,
+        {
+            "records": 2,
+            "instructions": 1,
+            "ept_exits": 1,
+            "access_violations": 1,
+            "crashed": 1,
+            "crash_record": 1,
+            "setup_splits": 1,
+        },
+        vcpus={
+            0: {
+                "records": 2,
+                "instructions": 1,
+                "ept_exits": 1,
+                "access_violations": 1,
+                "crashed": 1,
+                "crash_record": 1,
+            }
+        },
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "access_violations": 1,
+                "pages_mapped": 1024,
+                "leaves_4k": 512,
+                "leaves_2m": 1,
+            }
+        },
+        gfns={(0, 6): {"ept_exits": 1, "viol_w": 1}},
+    )
+
+
+# =========================================================================== EPT syncs (§5)
+def test_set_access_on_a_no_permission_leaf_causes_no_ept_sync(sim):
+    res = sim(
+        RAM_1K
+        + """
+        [[view]]
+        name = "nv"
+        default_access = "n"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "nv"
+
+        [[on_violation]]
+        action = "set-access"
+        """,
+        ["v0 w 5", "v1 r 6"],
+    )
+    # v0 w 5 in nv: exit(1), lazy 4K (n) -> restart -> viol_w, exit(1), event -> set-access
+    #   rwx: rewrites a leaf that permitted nothing -> access_changes 1, no ept_sync (§5) ->
+    #   restart -> done(1).
+    # v1 r 6 in nv: 6 > mm 5, regions at 0 -> exit, lazy 4K (n) -> viol_r, exit, event,
+    #   set-access -> done(1). Again no sync, so no IPI to the other vCPU.
+    one = {
+        "records": 1,
+        "instructions": 1,
+        "ept_exits": 2,
+        "lazy_copies": 1,
+        "lazy_copies_4k": 1,
+        "lazy_copy_pages": 1,
+        "access_violations": 1,
+        "mem_access_events": 1,
+        "access_changes": 1,
+    }
+    check(
+        res,
+        {k: 2 * v for k, v in one.items()},
+        vcpus={0: one, 1: one},
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 4,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 2,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            }
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (1, 6): {"ept_exits": 2, "lazy_copies": 1, "viol_r": 1},
+        },
+    )
+
+
+def test_rx2rw_on_a_superpage_splits_and_syncs_the_other_vcpu(sim):
+    res = sim(
+        RAM_1K
+        + """
+        [[view]]
+        name = "p"
+        default_access = "rx2rw"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "p"
+        """,
+        ["v0 r 600", "v1 w 700"],
+    )
+    # v0 r 600 in p: 600 > mm 0, 2M region 512 above it -> hole 9: exit(1), lazy 2M rx2rw
+    #   -> restart -> r permitted -> done(1).
+    # v1 w 700: the 2M rx2rw leaf forbids w (counts as rx): exit(1), viol_w (1,700) -> §5.7
+    #   rx2rw: rewrite 700 as 4K rw: the 2M leaf splits (superpage_splits 1), access_changes
+    #   1; the entry permitted r/x -> one ept_sync in p, one IPI (to v0) -> restart -> done(1).
+    #   No event.
+    v0 = {
+        "records": 1,
+        "instructions": 1,
+        "ept_exits": 1,
+        "lazy_copies": 1,
+        "lazy_copies_2m": 1,
+        "lazy_copy_pages": 512,
+        "restarts": 1,
+    }
+    v1 = {
+        "records": 1,
+        "instructions": 1,
+        "ept_exits": 1,
+        "access_violations": 1,
+        "access_changes": 1,
+        "superpage_splits": 1,
+        "ept_syncs": 1,
+        "ept_sync_ipis": 1,
+        "restarts": 1,
+    }
+    check(
+        res,
+        {k: v0.get(k, 0) + v1.get(k, 0) for k in set(v0) | set(v1)},
+        vcpus={0: v0, 1: v1},
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 512,
+                "access_violations": 1,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            }
+        },
+        gfns={
+            (1, 600): {"ept_exits": 1, "lazy_copies": 1},
+            (1, 700): {"ept_exits": 1, "viol_w": 1},
+        },
+    )
+
+
+def test_xen_416_lazy_copy_over_a_table_is_an_ept_sync(sim):
+    res = sim(
+        """
+        [domain]
+        ram = [[0, 1023]]
+        xen = "4.16"
+
+        [[view]]
+        name = "v"
+
+        [[setup]]
+        op = "set_mem_access"
+        view = "v"
+        gfns = 5
+        access = "r"
+
+        [[setup]]
+        op = "change_gfn"
+        view = "v"
+        old = 6
+        new = "invalid"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "v"
+        """,
+        ["v0 r 6", "v1 r 7"],
+    )
+    # Setup: set_mem_access v 5: v holds nothing -> prepopulate the host's 2M [0,511] at host
+    #   order (xen < 4.22: host access rwx), then rewrite 5 as 4K r: split (setup_splits 1).
+    #   change_gfn 6 invalid: v's 4K leaf 6 removed.
+    # v0 r 6 in v: no valid leaf -> exit(1) -> lazy copy at the HOST order (xen < 4.17): the
+    #   2M leaf [0,511], host access (xen < 4.19). It replaces v's 4K table, whose leaves
+    #   permitted something -> one ept_sync (§5), one IPI (to v1). -> restart -> done(1).
+    # v1 r 7: inside the 2M leaf -> done(1).
+    v0 = {
+        "records": 1,
+        "instructions": 1,
+        "ept_exits": 1,
+        "lazy_copies": 1,
+        "lazy_copies_2m": 1,
+        "lazy_copy_pages": 512,
+        "ept_syncs": 1,
+        "ept_sync_ipis": 1,
+    }
+    v1 = {"records": 1, "instructions": 1}
+    check(
+        res,
+        {k: v0.get(k, 0) + v1.get(k, 0) for k in set(v0) | set(v1)} | {"setup_splits": 1},
+        vcpus={0: v0, 1: v1},
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 512,
+                "pages_mapped": 512,
+                "leaves_2m": 1,
+            }
+        },
+        gfns={(1, 6): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+# =========================================================================== host drops and maps (§6.5)
+def test_host_drop_of_a_remapped_old_gfn_removes_it_and_map_brings_back_its_own_frame(sim2):
+    res = sim2(
+        RAM_1K
+        + """
+        [[view]]
+        name = "s"
+
+        [[setup]]
+        op = "change_gfn"
+        view = "s"
+        old = 5
+        new = 1000
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "s"
+        """,
+        ["r 5", "v3 drop 5", "r 5", "v3 map 5", "r 5"],
+    )
+    # Setup: change_gfn prepopulates s with 2M [0,511] and rewrites 5 as 4K (setup_splits 1):
+    #   s[5] -> frame of 1000; s's remap interval is [1000, 1000]; mm(s) 511.
+    # r 5: done(s).
+    # drop 5 (its vcpu column is ignored: op 3/4 belong to no vCPU): the host's 2M [0,511]
+    #   splits (superpage_splits 1) and 5 becomes a hole: it permitted rwx -> sync 1. View 0
+    #   holds nothing. s: 5 is not in its remap interval [1000,1000], but s holds a valid
+    #   leaf at 5 -> removed (4K, no split), it permitted rwx -> sync 2. No reset.
+    #   IPIs: all vCPUs of the trace for op 3 (one: vCPU 0) -> 2.
+    # r 5 in s: no valid leaf -> exit(1); the host no longer maps 5 -> MMIO (no completion).
+    # map 5: the host's hole becomes 4K RAM (nothing permitted before: no sync; already 4K:
+    #   no split); no view holds a valid leaf covering 5: nothing propagates.
+    # r 5 in s: exit(1), lazy: 5 <= mm 511, s's 4K table exists, entry 5 empty -> 4K, the
+    #   host frame of 5 (the remap is gone) -> restart -> done(1).
+    v0 = {
+        "records": 3,
+        "instructions": 3,
+        "ept_exits": 2,
+        "mmio_accesses": 1,
+        "lazy_copies": 1,
+        "lazy_copies_4k": 1,
+        "lazy_copy_pages": 1,
+    }
+    check(
+        res,
+        v0
+        | {
+            "control_records": 2,
+            "host_drops": 1,
+            "host_maps": 1,
+            "superpage_splits": 1,
+            "ept_syncs": 2,
+            "ept_sync_ipis": 2,
+            "setup_splits": 1,
+        },
+        vcpus={0: v0},
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            }
+        },
+        gfns={(1, 5): {"ept_exits": 2, "lazy_copies": 1}},
+    )
+
+
+def test_host_map_of_ram_inside_superpages_splits_and_syncs_each_p2m(sim2):
+    res = sim2(RAM_1K, ["v0 r 600", "v1 r 5", "map 700", "v0 r 700", "v1 r 6"])
+    # v0 r 600: view 0 fresh, 2M region 512 above mm 0 -> exit(0), lazy 2M [512,1023] -> done.
+    # v1 r 5: 5 <= mm 1023: walk; the 2M-level entry [0,511] is empty -> hole 9 -> lazy 2M.
+    # map 700 (already RAM): a 4K host write: the host's 2M leaf splits (superpage_splits 1),
+    #   the rewritten entry permitted rwx -> sync 1. Propagation: view 0 holds a valid 2M leaf
+    #   covering 700 -> 4K leaf at 700: split (superpage_splits 2), sync 2. IPIs: every vCPU
+    #   for op 4 (two) per sync -> 4. host_maps 1.
+    # v0 r 700: 4K rwx -> done. v1 r 6: 2M leaf [0,511] -> done.
+    one = {
+        "records": 2,
+        "instructions": 2,
+        "ept_exits": 1,
+        "lazy_copies": 1,
+        "lazy_copies_2m": 1,
+        "lazy_copy_pages": 512,
+    }
+    check(
+        res,
+        {k: 2 * v for k, v in one.items()}
+        | {
+            "control_records": 1,
+            "host_maps": 1,
+            "superpage_splits": 2,
+            "ept_syncs": 2,
+            "ept_sync_ipis": 4,
+        },
+        vcpus={0: one, 1: one},
+        views={
+            0: {
+                "records_completed": 4,
+                "ept_exits": 2,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 1024,
+                "pages_mapped": 1024,
+                "leaves_2m": 1,
+                "leaves_4k": 512,
+            }
+        },
+        gfns={
+            (0, 600): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+        },
+    )
+
+
+def test_host_drop_of_a_hole_then_map_beyond_ram(sim2):
+    res = sim2(RAM_1K, ["drop 2000", "map 2000", "r 2000"])
+    # drop 2000: already a hole: the host write still happens (host_drops 1) but removes no
+    #   entry that permitted anything -> no sync; no view holds it.
+    # map 2000: host maps 2000 as 4K RAM; nothing to propagate, nothing permitted before.
+    # r 2000 in view 0: 2000 > mm 0, 2M region 1536 above it -> hole 9; host order there 0
+    #   -> lazy 4K -> restart -> done(0).
+    v0 = {
+        "records": 1,
+        "instructions": 1,
+        "ept_exits": 1,
+        "lazy_copies": 1,
+        "lazy_copies_4k": 1,
+        "lazy_copy_pages": 1,
+    }
+    check(
+        res,
+        v0 | {"control_records": 2, "host_drops": 1, "host_maps": 1},
+        vcpus={0: v0},
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
+        gfns={(0, 2000): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_ve_from_a_leaf_removed_by_a_host_drop(sim2):
+    res = sim2(
+        RAM_1K
+        + """
+        [[view]]
+        name = "w"
+
+        [[setup]]
+        op = "set_suppress_ve"
+        view = "w"
+        gfns = 5
+        suppress = false
+
+        [[setup]]
+        op = "enable_notify"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "w"
+
+        [on_ve]
+        action = "emulate"
+        """,
+        ["i0 drop 5", "i1 r 5", "i2 r 6"],
+    )
+    # Setup: set_suppress_ve on w takes the host RAM leaf without prepopulate: w[5] = 4K rwx,
+    #   suppress-VE 0; mm(w) 5.
+    # drop 5: host 2M [0,511] splits (superpage_splits 1), 5 becomes a hole: sync 1. View 0
+    #   holds nothing. w: no remap interval; holds a valid leaf at 5 -> removed (it permitted
+    #   rwx: sync 2); the removed leaf keeps its suppress-VE bit 0. IPIs: 1 vCPU x 2.
+    # i1 r 5 in w: no valid leaf -> EPT violation; §5.3: #VE enabled, not busy, the deciding
+    #   entry is the removed leaf with bit 0 -> #VE (no exit, so no MMIO): ve_delivered (w,5),
+    #   busy; the agent emulates: ve_emulations 1, records_emulated 1.
+    # i2: insn 1 ends, busy clears. r 6 in w: 6 > mm 5, regions at 0 -> hole 0; the walk stops
+    #   at an empty slot (suppress-VE 1) -> exit(w), lazy 4K -> restart -> done(w).
+    v0 = {
+        "records": 2,
+        "instructions": 2,
+        "ve_delivered": 1,
+        "ve_emulations": 1,
+        "records_emulated": 1,
+        "ept_exits": 1,
+        "lazy_copies": 1,
+        "lazy_copies_4k": 1,
+        "lazy_copy_pages": 1,
+    }
+    check(
+        res,
+        v0
+        | {
+            "control_records": 1,
+            "host_drops": 1,
+            "superpage_splits": 1,
+            "ept_syncs": 2,
+            "ept_sync_ipis": 2,
+        },
+        vcpus={0: v0},
+        views={
+            1: {
+                "records_completed": 1,
+                "ve_delivered": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
+        gfns={(1, 5): {"ve_delivered": 1}, (1, 6): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+# =========================================================================== timeline (§7)
+@pytest.mark.parametrize("batch_rows", [1, 2, None])
+def test_timeline_instruction_end_goes_to_the_row_that_ends_it(batch_rows):
+    from altp2m_replay.engine import simulate_arrays
+
+    res = simulate_arrays(
+        make_policy(
+            RO_VIEW
+            + """
+            [[on_violation]]
+            kind = "w"
+            action = "step"
+            to = 0
+            """
+        ),
+        make_trace("v0 i1 w 5", "v1 i1 r 600", "v0 i2 r 5"),
+        window=1,
+        batch_rows=batch_rows,
+    )
+    # window = 1 row.
+    # row0 v0 w 5 in ro: exit(1), lazy 4K r -> restart -> viol_w, exit(1), event, step to 0
+    #   (svm) -> restart in 0: exit(0), lazy 4K -> restart -> done(0).
+    #   window 0: 3 exits, 2 lazy, 1 event, 1 switch.
+    # row1 v1 r 600 in ro: another vCPU's row does not end v0's instruction: 600 > mm 5,
+    #   2M region above -> exit(1), lazy 2M -> done(1). window 1: 1 exit, 1 lazy.
+    # row2 v0 i2: v0's insn 1 ends here: MTF exit, single-step event, switch back (svm) -
+    #   all in window 2; r 5 in ro: 4K r -> done.
+    # cycles (§8 defaults): w0 = 3*5000 + 2*500 + 90000 + 30000 + 200 = 136,200;
+    #   w1 = 5000 + 500 = 5,500; w2 = 3000 (mtf) + 90000 + 30000 + 200 = 123,200.
+    tl = res.timeline
+    assert list(tl["first_record"]) == [0, 1, 2]
+    assert list(tl["ept_exits"]) == [3, 1, 0]
+    assert list(tl["lazy_copies"]) == [2, 1, 0]
+    assert list(tl["vm_events"]) == [1, 0, 1]
+    assert list(tl["view_switches"]) == [1, 0, 1]
+    win_cycles = cycles(tl, effective_costs({}))["cycles_total"]
+    assert [int(c) for c in win_cycles] == [136_200, 5_500, 123_200]
+
+
+# =========================================================================== costs (§8)
+def test_cost_formula_charges_each_key_on_the_listed_counters():
+    # Distinct powers of two per counter, so every misplaced charge shows.
+    names = [
+        "ept_exits",
+        "lazy_copies",
+        "mem_access_events",
+        "singlestep_events",
+        "breakpoint_events",
+        "cr3_events",
+        "int3_exits",
+        "cr3_exits",
+        "vmfunc_exits",
+        "view_resets",
+        "ept_sync_ipis",
+        "async_events",
+        "mtf_exits",
+        "switches_vm_event",
+        "switches_fast_ss",
+        "switches_vmfunc",
+        "ve_delivered",
+        "emulations",
+        "ve_emulations",
+        "access_changes",
+        "superpage_splits",
+        "shatters",
+        "mmio_accesses",
+        "setup_splits",
+        "ept_syncs",
+        "guest_vmfuncs",
+    ]
+    c = {n: 1 << i for i, n in enumerate(names)}
+    got = cycles(c, effective_costs({}))
+    # §8 table, key by key, with the default profile xen-dom0.
+    sync_events = (
+        c["mem_access_events"] + c["singlestep_events"] + c["breakpoint_events"] + c["cr3_events"]
+    )
+    want = {
+        "ept_exit": 5000 * c["ept_exits"],
+        "lazy_copy": 500 * c["lazy_copies"],
+        "vm_event_sync": 90000 * sync_events,
+        "monitor_callback": 30000 * sync_events,
+        "int3_exit": 5000 * c["int3_exits"],
+        "cr3_exit": 3000 * c["cr3_exits"],
+        "vmfunc_exit": 5000 * c["vmfunc_exits"],
+        "view_reset": 20000 * c["view_resets"],
+        "ept_sync_ipi": 4000 * c["ept_sync_ipis"],
+        "vm_event_async": 5000 * c["async_events"],
+        "mtf_exit": 3000 * c["mtf_exits"],
+        "view_switch": 200 * (c["switches_vm_event"] + c["switches_fast_ss"]),
+        "vmfunc": 150 * c["switches_vmfunc"],
+        "ve_delivery": 500 * c["ve_delivered"],
+        "ve_agent": 2500 * c["ve_delivered"],
+        "emulation": 10000 * (c["emulations"] + c["ve_emulations"]),
+        "access_change": 3000 * c["access_changes"],
+        "superpage_split": 8000 * (c["superpage_splits"] + c["shatters"]),
+        "mmio": 40000 * c["mmio_accesses"],
+    }
+    assert set(COSTS) == set(want)
+    for key, value in want.items():
+        assert got[f"cycles_{key}"] == value, key
+    assert got["cycles_total"] == sum(want.values())
+    # Profile polling-agent: vm_event_sync 15000, monitor_callback 0.
+    polling = cycles(c, effective_costs({}, profile="polling-agent"))
+    assert polling["cycles_vm_event_sync"] == 15000 * sync_events
+    assert polling["cycles_monitor_callback"] == 0
