@@ -1151,3 +1151,368 @@ def test_cost_formula_charges_each_key_on_the_listed_counters():
     polling = cycles(c, effective_costs({}, profile="polling-agent"))
     assert polling["cycles_vm_event_sync"] == 15000 * sync_events
     assert polling["cycles_monitor_callback"] == 0
+
+
+# =========================================================================== more edge cases
+def test_livelock_record_is_the_row_of_the_attempt_not_the_arriving_row(sim):
+    res = sim(
+        RAM_1K
+        + """
+        [[view]]
+        name = "e"
+
+        [[view]]
+        name = "d"
+
+        [[setup]]
+        op = "set_mem_access"
+        view = "e"
+        gfns = 5
+        access = "x"
+
+        [[setup]]
+        op = "set_mem_access"
+        view = "d"
+        gfns = 5
+        access = "rw"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "d"
+
+        [[on_violation]]
+        view = "e"
+        action = "switch"
+        to = "d"
+
+        [[on_violation]]
+        view = "d"
+        action = "switch"
+        to = "e"
+        """,
+        ["v0 i1 x 5", "v1 i1 r 7", "v0 i1 r 5"],
+    )
+    # Setup: e and d each prepopulate the host's 2M [0,511] and split it for gfn 5
+    #   (setup_splits 2): e[5] x, d[5] rw, the other pieces rwx. Every vCPU in d.
+    # row0 (v0) x 5 in d: viol_x, exit(d), event, switch to e (svm) -> restart 1 -> x 5 in e
+    #   done(e) (on a pass that will be abandoned).
+    # row1 (v1) r 7 in d: 4K rwx piece -> done(d); v1's only pass.
+    # row2 (v0) r 5 in e: viol_r, exit(e), event, switch d -> restart 2 -> row0 in d: viol_x,
+    #   exit, event, switch e -> restart 3 -> row0 done(e), row2 viol_r -> restart 4 ...
+    #   Odd restarts come from row0's attempts in d, even ones from row2's in e. The attempt
+    #   that would be restart 65 is row0's (in d): livelock_record 0 (§5: "the row index of
+    #   the attempt"); its exit, event and switch count (as in test_scenarios). restarts 64.
+    # Violation attempts: 65 (d: restarts 1, 3, .., 65 = 33; e: 2, .., 64 = 32); switches
+    #   into e 33, into d 32. records_completed: the livelocked pass (in d since restart 64)
+    #   completed nothing; v1's row completed in d (1).
+    v0 = {
+        "records": 2,
+        "instructions": 1,
+        "ept_exits": 65,
+        "access_violations": 65,
+        "mem_access_events": 65,
+        "switches_vm_event": 65,
+        "restarts": 64,
+    }
+    v1 = {"records": 1, "instructions": 1, "restarts": 0}
+    ll = {"livelocked": 1, "livelock_record": 0}
+    check(
+        res,
+        v0 | {"records": 3, "instructions": 2, "setup_splits": 2} | ll,
+        vcpus={0: v0, 1: v1},
+        views={
+            1: {
+                "ept_exits": 32,
+                "access_violations": 32,
+                "switches_in": 33,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            },
+            2: {
+                "records_completed": 1,
+                "ept_exits": 33,
+                "access_violations": 33,
+                "switches_in": 32,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            },
+        },
+        gfns={(1, 5): {"ept_exits": 32, "viol_r": 32}, (2, 5): {"ept_exits": 33, "viol_x": 33}},
+    )
+
+
+def test_breakpoint_traps_when_a_restart_moves_the_first_fetch_into_the_shadow_view(sim2):
+    res = sim2(
+        RAM_1K
+        + """
+        [[view]]
+        name = "x"
+
+        [[view]]
+        name = "d"
+        default_access = "rx"
+
+        [breakpoints]
+        at = 0x5010
+
+        [[setup]]
+        op = "change_gfn"
+        view = "x"
+        old = 5
+        new = 1000
+
+        [[setup]]
+        op = "write_breakpoints"
+        view = "x"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "d"
+
+        [[on_violation]]
+        view = "d"
+        kind = "w"
+        action = "switch"
+        to = "x"
+
+        [on_breakpoint]
+        action = "emulate"
+        """,
+        ["i1 x 5@0x10", "i1 w 600"],
+    )
+    # Setup: change_gfn x 5 -> 1000: x prepopulated with 2M [0,511] and split (setup_splits
+    #   1); x[5] maps frame 1000 (rwx). write_breakpoints x: x's leaf at 5 -> the INT3 goes
+    #   into frame 1000 at 0x10. d (index 2, rx) maps 5 to its own frame: no INT3.
+    # row0 x 5@0x10 in d: exit(d), lazy 4K rx -> restart 1 -> done(d) (frame 5, no INT3).
+    # row1 w 600 in d: 600 > mm 5, 2M region above -> exit(d), lazy 2M rx -> restart 2: row0
+    #   done(d); row1 viol_w (d,600), exit(d), event -> switch x (svm) -> restart 3 in x:
+    #   row0 is again the instruction's first fetch, and x maps frame 1000 -> trap (§5.2):
+    #   int3_exits (x,5), breakpoint event -> emulate: the row and the rest of the instruction
+    #   (rows 0 and 1) complete unchecked: emulations 1, records_emulated 2. Nothing of the
+    #   final pass completed in a walk: records_completed 0 everywhere.
+    check(
+        res,
+        {
+            "records": 2,
+            "instructions": 1,
+            "ept_exits": 3,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 1,
+            "lazy_copies_2m": 1,
+            "lazy_copy_pages": 513,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "switches_vm_event": 1,
+            "int3_exits": 1,
+            "breakpoint_events": 1,
+            "emulations": 1,
+            "records_emulated": 2,
+            "setup_splits": 1,
+        },
+        views={
+            1: {"int3_exits": 1, "switches_in": 1, "pages_mapped": 512, "leaves_4k": 512},
+            2: {
+                "ept_exits": 3,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 513,
+                "access_violations": 1,
+                "pages_mapped": 513,
+                "leaves_4k": 1,
+                "leaves_2m": 1,
+            },
+        },
+        gfns={
+            (1, 5): {"int3_exits": 1},
+            (2, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (2, 600): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+        },
+    )
+
+
+def test_host_drop_between_two_remap_targets_resets_the_view(sim2):
+    res = sim2(
+        RAM_1K
+        + """
+        [[view]]
+        name = "s"
+
+        [[setup]]
+        op = "change_gfn"
+        view = "s"
+        old = 5
+        new = 1000
+
+        [[setup]]
+        op = "change_gfn"
+        view = "s"
+        old = 6
+        new = 1010
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "s"
+        """,
+        ["r 5", "drop 1005", "r 5"],
+    )
+    # Setup: change_gfn 5 -> 1000 prepopulates s with 2M [0,511] and splits it (setup_splits
+    #   1); change_gfn 6 -> 1010: s already holds 6 (no prepopulate, no split). The remap
+    #   interval widens to [1000, 1010]; mm(s) 511.
+    # r 5: done(s).
+    # drop 1005: nobody remaps 1005, but it lies in s's remap interval [1000,1010] (§6.5) ->
+    #   s is reset (view_resets 1; no sync for a reset). The host's 2M [512,1023] splits
+    #   (superpage_splits 1) and 1005 becomes a hole: sync 1, IPI to every vCPU (1). View 0
+    #   holds nothing.
+    # r 5 in s: empty -> exit(s); 5 <= mm 511, empty root -> hole 18; host 2M -> lazy 2M
+    #   [0,511] -> restart -> done(s).
+    v0 = {
+        "records": 2,
+        "instructions": 2,
+        "ept_exits": 1,
+        "lazy_copies": 1,
+        "lazy_copies_2m": 1,
+        "lazy_copy_pages": 512,
+    }
+    check(
+        res,
+        v0
+        | {
+            "control_records": 1,
+            "host_drops": 1,
+            "view_resets": 1,
+            "superpage_splits": 1,
+            "ept_syncs": 1,
+            "ept_sync_ipis": 1,
+            "setup_splits": 1,
+        },
+        vcpus={0: v0},
+        views={
+            1: {
+                "records_completed": 2,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 512,
+                "resets": 1,
+                "pages_mapped": 512,
+                "leaves_2m": 1,
+            }
+        },
+        gfns={(1, 5): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_cr3_rules_by_process_name(sim2):
+    res = sim2(
+        RAM_1K
+        + """
+        [[view]]
+        name = "a"
+
+        [on_cr3]
+
+        [[on_cr3.switch]]
+        cr3 = "process:missing"
+        to = 0
+
+        [[on_cr3.switch]]
+        cr3 = "process:init"
+        to = "a"
+
+        [[on_cr3.switch]]
+        cr3 = "other"
+        to = 0
+        """,
+        ["cr3 0x1000", "cr3 0x2000", "cr3 0x1000"],
+        processes={"init": 0x1000},
+    )
+    # cr3 0x1000: exit, event 1; "process:missing" matches nothing; "process:init" is 0x1000
+    #   -> a (svm 1). cr3 0x2000: exit, event 2; "other" -> view 0 (svm 2). cr3 0x1000: a
+    #   change again -> exit, event 3 -> a (svm 3).
+    check(
+        res,
+        {
+            "instructions": 3,
+            "control_records": 3,
+            "cr3_writes": 3,
+            "cr3_exits": 3,
+            "cr3_events": 3,
+            "switches_vm_event": 3,
+        },
+        views={0: {"switches_in": 1}, 1: {"switches_in": 2}},
+        gfns={},
+    )
+
+
+def test_cr3_switch_inside_a_single_stepped_instruction_is_undone_at_its_end(sim2):
+    res = sim2(
+        RO_VIEW
+        + """
+        [[view]]
+        name = "a"
+
+        [[on_violation]]
+        view = "ro"
+        kind = "w"
+        action = "step"
+        to = 0
+
+        [on_cr3]
+
+        [[on_cr3.switch]]
+        cr3 = "other"
+        to = "a"
+        """,
+        ["i1 w 5", "i1 cr3 0x1000", "i2 r 5"],
+    )
+    # ro = index 1 (r), a = index 2. Every vCPU in ro.
+    # row0 w 5 in ro: exit(1), lazy 4K r -> restart -> viol_w (1,5), exit(1), event -> step
+    #   to 0 (svm 1, single-step on, return ro) -> restart in 0: exit(0), lazy 4K -> restart
+    #   -> done(0).
+    # row1 cr3: exit, sync cr3 event -> "other" -> a (svm 2); the write completes, no restart.
+    # row2 (insn 2): insn 1 ends: MTF exit, single-step event, switch back to the return view
+    #   ro (svm 3). r 5 in ro: 4K r -> done(1).
+    check(
+        res,
+        {
+            "records": 2,
+            "instructions": 2,
+            "ept_exits": 3,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "singlestep_events": 1,
+            "mtf_exits": 1,
+            "switches_vm_event": 3,
+            "control_records": 1,
+            "cr3_writes": 1,
+            "cr3_exits": 1,
+            "cr3_events": 1,
+        },
+        views={
+            1: {
+                "records_completed": 1,
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            2: {"switches_in": 1},
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+        },
+    )
