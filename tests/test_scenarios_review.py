@@ -1516,3 +1516,311 @@ def test_cr3_switch_inside_a_single_stepped_instruction_is_undone_at_its_end(sim
             (0, 5): {"ept_exits": 1, "lazy_copies": 1},
         },
     )
+
+
+@pytest.mark.parametrize("batch_rows", [1, None])
+def test_guest_cycles_ignore_the_tsc_of_host_drop_rows(batch_rows):
+    from altp2m_replay.engine import simulate_arrays
+
+    arrays = {
+        "gfn": np.array([5, 7, 6, 8], dtype=np.uint64),
+        "access": np.array([1, 0, 1, 1], dtype=np.uint8),
+        "op": np.array([0, 3, 0, 0], dtype=np.uint8),
+        "arg": np.zeros(4, dtype=np.uint64),
+        "vcpu": np.array([0, 0, 0, 1], dtype=np.uint16),
+        "tsc": np.array([1000, 999_999, 2000, 50], dtype=np.uint64),
+    }
+    res = simulate_arrays(make_policy(RAM_1K), arrays, batch_rows=batch_rows)
+    # §2: op 3/4 rows belong to no vCPU, their vcpu is ignored everywhere (no tsc rule).
+    # §8: a vCPU's guest cycles = its last tsc minus its first, of the rows processed:
+    #   v0: rows 0 and 2 -> 2000 - 1000 = 1000; v1: one row -> 0. No vCPU row for the drop.
+    assert res.guest_cycles.get(0) == 1000
+    assert res.guest_cycles.get(1, 0) == 0
+    assert set(res.vcpus) == {0, 1}
+
+
+def test_host_superpages_with_access_n_are_holes_to_xens_lookups(sim):
+    res = sim(
+        """
+        [domain]
+        altp2m = false
+        host_access = "n"
+        ram = [[0, 1023]]
+
+        [[on_violation]]
+        action = "set-access"
+        """,
+        ["r 5", "r 6"],
+    )
+    # §3: the host maps RAM with two 2M leaves of access n. "Xen's own lookups do not see a
+    #   2 MiB or 1 GiB leaf whose bits permit nothing ... in any p2m, the host's included";
+    #   for every lookup (the effective entry ...) it is an empty slot. So the host does
+    #   not map 5 as RAM for §5.6 (as in Xen: get_entry gives an invalid mfn, the
+    #   mem_access check is skipped, the fault is handled as MMIO).
+    # r 5: the hardware walk faults: exit(0) -> hole -> MMIO. r 6: same.
+    check(
+        res,
+        {"records": 2, "instructions": 2, "ept_exits": 2, "mmio_accesses": 2},
+        views={0: {"ept_exits": 2, "pages_mapped": 1024, "leaves_2m": 2}},
+        gfns={(0, 5): {"ept_exits": 1}, (0, 6): {"ept_exits": 1}},
+    )
+
+
+def test_fast_step_then_a_non_fast_step_toggles_single_step_off(sim):
+    res = sim(
+        RAM_1K
+        + """
+        [[view]]
+        name = "a"
+        default_access = "r"
+
+        [[view]]
+        name = "b"
+        default_access = "rx"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "a"
+
+        [[on_violation]]
+        view = "a"
+        action = "step"
+        to = "b"
+        fast = true
+
+        [[on_violation]]
+        view = "b"
+        action = "step"
+        to = 0
+        """,
+        ["i1 w 5", "i2 r 5"],
+    )
+    # row0 w 5 in a: exit(1), lazy 4K r -> restart 1 -> viol_w, exit(1), event -> fast step
+    #   to b (svm 1; single-step on, fast, return a) -> restart 2 in b: exit(2), lazy 4K rx
+    #   -> restart 3 -> viol_w, exit(2), event -> non-fast step while single-stepping
+    #   (§6.1 TOGGLE_SINGLESTEP, whatever the first step's flag): switch to 0 (svm 2),
+    #   single-step off -> restart 4 in 0: exit(0), lazy 4K -> restart 5 -> done(0).
+    # row1 (insn 2): insn 1 ends with single-step off: no MTF, no switch back; r 5 done(0).
+    check(
+        res,
+        {
+            "records": 2,
+            "instructions": 2,
+            "ept_exits": 5,
+            "lazy_copies": 3,
+            "lazy_copies_4k": 3,
+            "lazy_copy_pages": 3,
+            "access_violations": 2,
+            "mem_access_events": 2,
+            "switches_vm_event": 2,
+        },
+        views={
+            1: {
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            2: {
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            0: {
+                "records_completed": 2,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (2, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+        },
+    )
+
+
+def test_breakpoint_step_while_single_stepping_toggles_it_off(sim2):
+    res = sim2(
+        RAM_1K
+        + """
+        [[view]]
+        name = "x"
+
+        [[view]]
+        name = "d"
+        default_access = "rx"
+
+        [breakpoints]
+        at = 0x5010
+
+        [[setup]]
+        op = "change_gfn"
+        view = "x"
+        old = 5
+        new = 1000
+
+        [[setup]]
+        op = "write_breakpoints"
+        view = "x"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "d"
+
+        [[on_violation]]
+        view = "d"
+        kind = "w"
+        action = "step"
+        to = "x"
+
+        [on_breakpoint]
+        action = "step"
+        to = 0
+        """,
+        ["i1 x 5@0x10", "i1 w 600"],
+    )
+    # Setup as in the shadow-view test: x[5] -> frame 1000 holding the INT3 (setup_splits 1).
+    # row0 in d: exit(d), lazy 4K rx -> restart 1 -> done(d) (frame 5).
+    # row1 w 600 in d: exit(d), lazy 2M rx -> restart 2: row0 done(d); row1 viol_w, exit(d),
+    #   event -> step (non-fast) to x (svm 1; single-step on, return d) -> restart 3 in x:
+    #   row0, the first fetch, maps frame 1000 -> trap: int3 (x,5), breakpoint event ->
+    #   step to 0 "as §6.1 step": already single-stepping, non-fast -> switch to 0 (svm 2),
+    #   single-step off -> restart 4 in 0: row0: exit(0), lazy 4K (5 > mm 0) -> restart 5
+    #   -> done(0); row1: 600 > mm 5, 2M region above -> exit(0), lazy 2M -> restart 6 ->
+    #   rows 0 and 1 done(0).
+    # End of trace: single-step is off: no MTF, no single-step event, no switch back.
+    check(
+        res,
+        {
+            "records": 2,
+            "instructions": 1,
+            "ept_exits": 5,
+            "lazy_copies": 4,
+            "lazy_copies_4k": 2,
+            "lazy_copies_2m": 2,
+            "lazy_copy_pages": 1026,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "int3_exits": 1,
+            "breakpoint_events": 1,
+            "switches_vm_event": 2,
+            "setup_splits": 1,
+        },
+        views={
+            1: {"int3_exits": 1, "switches_in": 1, "pages_mapped": 512, "leaves_4k": 512},
+            2: {
+                "ept_exits": 3,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 513,
+                "access_violations": 1,
+                "pages_mapped": 513,
+                "leaves_4k": 1,
+                "leaves_2m": 1,
+            },
+            0: {
+                "records_completed": 2,
+                "ept_exits": 2,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 513,
+                "switches_in": 1,
+                "pages_mapped": 513,
+                "leaves_4k": 1,
+                "leaves_2m": 1,
+            },
+        },
+        gfns={
+            (2, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (2, 600): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (1, 5): {"int3_exits": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 600): {"ept_exits": 1, "lazy_copies": 1},
+        },
+    )
+
+
+def test_mmio_row_of_a_restarted_instruction_counts_at_every_attempt(sim):
+    res = sim(RAM_1K, ["i1 r 2000", "i1 r 5"])
+    # row0 r 2000: exit(0), hole -> MMIO 1, completes (not a records_completed row).
+    # row1 r 5: exit(0), lazy 4K -> restart -> row0 again: exit(0), MMIO 2 (every attempt
+    #   counts, §5); row1 done(0).
+    check(
+        res,
+        {
+            "records": 2,
+            "instructions": 1,
+            "ept_exits": 3,
+            "mmio_accesses": 2,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+        },
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 3,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
+        gfns={(0, 2000): {"ept_exits": 2}, (0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_default_ram_reaches_a_host_map_row_and_the_map_splits_a_1g_host_page(sim2):
+    g = 1 << 18
+    res = sim2("", ["r 5", f"map {g}", f"r {g + 1}"])
+    # §3 default RAM: [0, 0x9f] and [0xc0, align_up(max_gfn + 1, 2^18) - 1], max_gfn over
+    #   access rows AND op 3/4 rows: 2^18 + 1 -> [0xc0, 2^19 - 1]. origin "create": host
+    #   order 18: [2^18, 2^19-1] is one 1G leaf; the first 2 MiB (VGA hole) are 4K pages.
+    # r 5: view 0 fresh, 5 > mm 0, regions at 0 -> hole 0 -> exit(0), lazy 4K -> done(0).
+    # map 2^18 (already RAM): a 4K host write into the 1G leaf: split down to 4K
+    #   (superpage_splits 513), the entry permitted rwx -> sync 1, IPI to every vCPU (1).
+    #   View 0 holds nothing there.
+    # r 2^18+1: > mm 5, 1G region above mm -> hole 18, host order now 0 -> lazy 4K -> done.
+    v0 = {
+        "records": 2,
+        "instructions": 2,
+        "ept_exits": 2,
+        "lazy_copies": 2,
+        "lazy_copies_4k": 2,
+        "lazy_copy_pages": 2,
+    }
+    check(
+        res,
+        v0
+        | {
+            "control_records": 1,
+            "host_maps": 1,
+            "superpage_splits": 513,
+            "ept_syncs": 1,
+            "ept_sync_ipis": 1,
+        },
+        vcpus={0: v0},
+        views={
+            0: {
+                "records_completed": 2,
+                "ept_exits": 2,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            }
+        },
+        gfns={
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (0, g + 1): {"ept_exits": 1, "lazy_copies": 1},
+        },
+    )
