@@ -2054,3 +2054,94 @@ def test_population_curve_of_an_invisible_superpage_livelock():
     assert res.total["livelocked"] == 1
     assert res.views[1]["pages_mapped"] == 512
     assert int(res.population[1][-1]) == 512
+
+
+def test_a_host_drop_row_neither_ends_nor_joins_the_vcpus_instruction(sim2):
+    res = sim2(
+        RO_VIEW
+        + """
+        [[on_violation]]
+        kind = "w"
+        action = "step"
+        to = 0
+        """,
+        ["v0 i1 w 5", "v0 i9 drop 700", "v0 i1 r 600", "v0 i2 r 6"],
+    )
+    # §2: op 3/4 rows belong to no instruction and no vCPU (their vcpu, and here their insn,
+    #   are ignored): the drop row does not end v0's insn 1, and a restart of insn 1 does
+    #   not execute it again.
+    # row0 w 5 in ro: exit(1), lazy 4K r -> restart -> viol_w, exit(1), event -> step to 0
+    #   (svm 1, single-step on, return ro) -> restart: exit(0), lazy 4K -> restart -> done(0).
+    # row1 drop 700: host 2M [512,1023] splits (superpage_splits 1), 700 a hole: sync 1, IPI
+    #   1. No view holds 700.
+    # row2 r 600, still insn 1, still in view 0: 600 > mm 5, 2M region above -> hole 9; the
+    #   host maps 600 with a 4K piece now -> lazy 4K -> restart -> rows 0, 2 done(0).
+    # row3 (insn 2): insn 1 ends: MTF, single-step event, back to ro (svm 2). r 6 in ro:
+    #   6 > mm 5 -> exit(1), lazy 4K r -> restart -> done(1).
+    v0 = {
+        "records": 3,
+        "instructions": 2,
+        "ept_exits": 5,
+        "lazy_copies": 4,
+        "lazy_copies_4k": 4,
+        "lazy_copy_pages": 4,
+        "access_violations": 1,
+        "mem_access_events": 1,
+        "singlestep_events": 1,
+        "mtf_exits": 1,
+        "switches_vm_event": 2,
+    }
+    check(
+        res,
+        v0
+        | {
+            "control_records": 1,
+            "host_drops": 1,
+            "superpage_splits": 1,
+            "ept_syncs": 1,
+            "ept_sync_ipis": 1,
+        },
+        vcpus={0: v0},
+        views={
+            1: {
+                "records_completed": 1,
+                "ept_exits": 3,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 1,
+                "switches_in": 1,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            },
+            0: {
+                "records_completed": 2,
+                "ept_exits": 2,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "switches_in": 1,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            },
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+            (0, 600): {"ept_exits": 1, "lazy_copies": 1},
+            (1, 6): {"ept_exits": 1, "lazy_copies": 1},
+        },
+    )
+
+
+def test_timeline_default_window_counts_control_rows():
+    from altp2m_replay.engine import simulate_arrays
+
+    rows = ["r 5"] * 511 + ["cr3 1", "cr3 2"]
+    res = simulate_arrays(make_policy(RAM_1K), make_trace2(*rows))
+    # §7: window = ceil(trace rows / 256) = ceil(513 / 256) = 3 (control rows are trace rows);
+    # 171 windows starting at rows 0, 3, 6, ...
+    assert res.window == 3
+    tl = res.timeline
+    assert len(tl["window"]) == 171
+    assert list(tl["first_record"][:3]) == [0, 3, 6]
+    assert int(tl["ept_exits"][0]) == 1
+    assert int(sum(tl["ept_exits"])) == 1
