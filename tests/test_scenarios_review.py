@@ -2145,3 +2145,104 @@ def test_timeline_default_window_counts_control_rows():
     assert list(tl["first_record"][:3]) == [0, 3, 6]
     assert int(tl["ept_exits"][0]) == 1
     assert int(sum(tl["ept_exits"])) == 1
+
+
+def test_an_instruction_starting_with_a_control_row_has_no_byte_address(sim2):
+    res = sim2(
+        RAM_1K
+        + """
+        [breakpoints]
+        at = 0x5010
+
+        [[setup]]
+        op = "write_breakpoints"
+        view = 0
+
+        [on_breakpoint]
+        action = "emulate"
+        """,
+        ["i1 vmfunc 0", "i1 x 5@0x10"],
+    )
+    # §2: an instruction's byte address is its FIRST row's address when that row is a fetch;
+    #   here the first row is a VMFUNC control row -> no byte address -> no trap (§5.2).
+    # row0 vmfunc 0: #VE/VMFUNC not enabled -> exit + #UD (vmfunc_exits 1); no restart.
+    # row1 x 5@0x10: exit(0), lazy 4K -> restart: the VMFUNC again (vmfunc_exits 2), then the
+    #   fetch completes (it is not the first row) -> done(0).
+    check(
+        res,
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 1,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "control_records": 1,
+            "vmfunc_exits": 2,
+        },
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
+        gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_executed_ips_top_breakpoints_rank_by_instruction_starts(sim2):
+    res = sim2(
+        RAM_1K
+        + """
+        [breakpoints]
+        at = { set = "executed_ips", top = 2 }
+
+        [[setup]]
+        op = "write_breakpoints"
+        view = 0
+
+        [on_breakpoint]
+        action = "emulate"
+        """,
+        ["x 5@0x10", "x 6@0x20", "x 7@0x0", "x 6@0x20", "x 5@0x10", "x 7@0x0", "x 6@0x20"],
+    )
+    # §4: instruction starts: 0x6020 x3, 0x5010 x2, 0x7000 x2 -> top 2 = 0x6020, then the tie
+    #   0x5010 / 0x7000 goes to the lower byte address 0x5010. INT3s in the host frames.
+    # row0 x 5@0x10: exit(0), lazy 4K -> restart -> trap (int3, event, emulate).
+    # row1 x 6@0x20: exit(0), lazy 4K -> trap. row2 x 7: exit(0), lazy 4K -> done(0).
+    # rows 3, 4, 6 trap (leaves present, no exit); row 5 done(0).
+    check(
+        res,
+        {
+            "records": 7,
+            "instructions": 7,
+            "ept_exits": 3,
+            "lazy_copies": 3,
+            "lazy_copies_4k": 3,
+            "lazy_copy_pages": 3,
+            "int3_exits": 5,
+            "breakpoint_events": 5,
+            "emulations": 5,
+            "records_emulated": 5,
+        },
+        views={
+            0: {
+                "records_completed": 2,
+                "ept_exits": 3,
+                "int3_exits": 5,
+                "lazy_copies": 3,
+                "lazy_copy_pages": 3,
+                "pages_mapped": 3,
+                "leaves_4k": 3,
+            }
+        },
+        gfns={
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1, "int3_exits": 2},
+            (0, 6): {"ept_exits": 1, "lazy_copies": 1, "int3_exits": 3},
+            (0, 7): {"ept_exits": 1, "lazy_copies": 1},
+        },
+    )
