@@ -2246,3 +2246,37 @@ def test_executed_ips_top_breakpoints_rank_by_instruction_starts(sim2):
             (0, 7): {"ept_exits": 1, "lazy_copies": 1},
         },
     )
+
+
+def test_slowdown_uses_the_tsc_of_rows_processed_before_a_crash():
+    from altp2m_replay.engine import simulate_arrays
+    from altp2m_replay.results import cell_tables
+
+    policy = make_policy(
+        """
+        [domain]
+        altp2m = false
+        monitor = false
+        ram = [[0, 1023]]
+
+        [[setup]]
+        op = "set_mem_access"
+        view = 0
+        gfns = 6
+        access = "r"
+        """
+    )
+    arrays = {
+        "gfn": np.array([5, 6, 7], dtype=np.uint64),
+        "access": np.array([1, 2, 1], dtype=np.uint8),
+        "tsc": np.array([100, 300, 10_000], dtype=np.uint64),
+    }
+    res = simulate_arrays(policy, arrays)
+    summary = cell_tables("t", policy, res, effective_costs({}))["summary"]
+    # row0 r 5: done. row1 w 6: exit, viol_w, no monitor -> crash at row 1; row 2 is never
+    # processed. §8: guest cycles = last tsc - first tsc of the rows processed = 300 - 100
+    # = 200; cycles_total = one ept_exit = 5000; slowdown = (200 + 5000) / 200 = 26.
+    total = summary.filter(summary["vcpu"] == -1).row(0, named=True)
+    assert total["crashed"] == 1
+    assert total["cycles_total"] == 5000
+    assert total["slowdown"] == pytest.approx(26.0)
