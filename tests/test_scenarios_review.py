@@ -2280,3 +2280,76 @@ def test_slowdown_uses_the_tsc_of_rows_processed_before_a_crash():
     assert total["crashed"] == 1
     assert total["cycles_total"] == 5000
     assert total["slowdown"] == pytest.approx(26.0)
+
+
+def test_rx2rw_in_view0_rewrites_view0_not_the_host(sim2):
+    res = sim2(
+        """
+        [domain]
+        ram = [[0, 1023]]
+        host_access = "rx2rw"
+
+        [[view]]
+        name = "o"
+
+        [[setup]]
+        op = "set_mem_access"
+        view = "o"
+        gfns = 5
+        access = "rx2rw"
+
+        [[setup]]
+        op = "enable_notify"
+        """,
+        ["w 5", "vmfunc 1", "w 5"],
+    )
+    # Host: two 2M leaves rx2rw; view 0 and o default to the host access (rx2rw).
+    # Setup: set_mem_access o 5: prepopulate o with 2M [0,511] (view default rx2rw), rewrite
+    #   5 as 4K rx2rw: split (setup_splits 1).
+    # row0 w 5 in view 0: fresh -> exit(0), lazy 4K rx2rw -> restart -> viol_w (counts as rx)
+    #   -> §5.7 rx2rw: the entry of V (view 0's own table, as Xen's mem_access check writes
+    #   the altp2m in use; only set-access is Xen's view-0 set_mem_access on the host) is
+    #   rewritten 4K rw: access_changes 1; it permitted r/x -> ept_sync 1 (view 0 only; no
+    #   host write, no propagation to o, no split) -> restart -> done(0).
+    # row1 vmfunc 1: guest_vmfuncs 1, svf 1.
+    # row2 w 5 in o: o's own leaf is still rx2rw -> exit(1), viol_w, rewrite 4K rw (already
+    #   4K), access_changes 2, sync 2 -> restart -> done(1).
+    check(
+        res,
+        {
+            "records": 2,
+            "instructions": 3,
+            "ept_exits": 3,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "access_violations": 2,
+            "access_changes": 2,
+            "ept_syncs": 2,
+            "control_records": 1,
+            "guest_vmfuncs": 1,
+            "switches_vmfunc": 1,
+            "restarts": 3,
+            "setup_splits": 1,
+        },
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            1: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "access_violations": 1,
+                "switches_in": 1,
+                "pages_mapped": 512,
+                "leaves_4k": 512,
+            },
+        },
+        gfns={(0, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1}, (1, 5): {"ept_exits": 1, "viol_w": 1}},
+    )
