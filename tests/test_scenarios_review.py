@@ -2353,3 +2353,92 @@ def test_rx2rw_in_view0_rewrites_view0_not_the_host(sim2):
         },
         gfns={(0, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1}, (1, 5): {"ept_exits": 1, "viol_w": 1}},
     )
+
+
+def test_ipis_count_the_traces_vcpus_not_the_highest_number(sim2):
+    res = sim2(
+        """
+        [domain]
+        altp2m = false
+        host_access = "rx"
+        ram = [[0, 1023]]
+
+        [[on_violation]]
+        action = "set-access"
+        """,
+        ["v0 w 5", "v7 r 6", "v9 drop 900"],
+    )
+    # vCPUs of the trace: 0 and 7 (the drop row's vcpu 9 is ignored, §2).
+    # v0 w 5: host 2M rx -> exit(0), viol_w, event, set-access rwx: the host's 2M [0,511]
+    #   splits (superpage_splits 1), 5 rewritten: sync 1, IPIs to the other vCPUs: 1 (v7)
+    #   -> restart -> done(0).
+    # v7 r 6: rx piece -> done(0).
+    # drop 900: host 2M [512,1023] splits (superpage_splits 2), 900 removed (it permitted
+    #   r/x): sync 2, IPIs to every vCPU of the trace: +2 -> 3.
+    # Host at the end: 1024 - 1 pages, all 4K leaves.
+    v0 = {
+        "records": 1,
+        "instructions": 1,
+        "ept_exits": 1,
+        "access_violations": 1,
+        "mem_access_events": 1,
+        "access_changes": 1,
+        "superpage_splits": 1,
+        "ept_syncs": 1,
+        "ept_sync_ipis": 1,
+    }
+    v7 = {"records": 1, "instructions": 1}
+    check(
+        res,
+        v0
+        | {
+            "records": 2,
+            "instructions": 2,
+            "superpage_splits": 2,
+            "ept_syncs": 2,
+            "ept_sync_ipis": 3,
+            "control_records": 1,
+            "host_drops": 1,
+        },
+        vcpus={0: v0, 7: v7},
+        views={
+            0: {
+                "records_completed": 2,
+                "ept_exits": 1,
+                "access_violations": 1,
+                "pages_mapped": 1023,
+                "leaves_4k": 1023,
+            }
+        },
+        gfns={(0, 5): {"ept_exits": 1, "viol_w": 1}},
+    )
+
+
+def test_the_restart_budget_is_per_instruction(sim):
+    rows = [f"i1 r {g}" for g in range(1, 41)] + [f"i2 r {g}" for g in range(41, 81)]
+    res = sim(RAM_1K, rows)
+    # Each row reads a fresh gfn g > mm = g - 1 in view 0 (regions at 0 -> hole 0): one exit,
+    # one 4K lazy copy, one restart. Insn 1: 40 restarts, insn 2: 40 more - 80 in all, but
+    # never more than 64 for one instruction (§5): no livelock.
+    check(
+        res,
+        {
+            "records": 80,
+            "instructions": 2,
+            "ept_exits": 80,
+            "lazy_copies": 80,
+            "lazy_copies_4k": 80,
+            "lazy_copy_pages": 80,
+        },
+        views={
+            0: {
+                "records_completed": 80,
+                "ept_exits": 80,
+                "lazy_copies": 80,
+                "lazy_copy_pages": 80,
+                "pages_mapped": 80,
+                "leaves_4k": 80,
+            }
+        },
+        gfns={(0, g): {"ept_exits": 1, "lazy_copies": 1} for g in range(1, 81)},
+    )
