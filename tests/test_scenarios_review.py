@@ -2442,3 +2442,51 @@ def test_the_restart_budget_is_per_instruction(sim):
         },
         gfns={(0, g): {"ept_exits": 1, "lazy_copies": 1} for g in range(1, 81)},
     )
+
+
+def test_step_into_the_current_view_toggles_until_livelock(sim):
+    res = sim(
+        """
+        [domain]
+        ram = [[0, 1023]]
+        host_access = "rx"
+
+        [[on_violation]]
+        kind = "w"
+        action = "step"
+        """,
+        ["w 5"],
+    )
+    # View 0's default access is the host's (rx). A1: exit(0), lazy 4K rx -> restart 1.
+    # A2: viol_w, exit, event -> step to 0 (the default `to`): no switch (already there),
+    #   single-step on -> restart 2. A3: viol_w, event -> a non-fast step while stepping
+    #   toggles single-step off (§6.1) -> restart 3. A4: on again ... A65 would be restart
+    #   65: livelock at row 0, its exit and event counted. No switch ever counts (§5: only
+    #   actual view changes), and the instruction never ends: no MTF.
+    check(
+        res,
+        {
+            "records": 1,
+            "instructions": 1,
+            "ept_exits": 65,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "access_violations": 64,
+            "mem_access_events": 64,
+            "restarts": 64,
+            "livelocked": 1,
+            "livelock_record": 0,
+        },
+        views={
+            0: {
+                "ept_exits": 65,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 64,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
+        gfns={(0, 5): {"ept_exits": 65, "lazy_copies": 1, "viol_w": 64}},
+    )
