@@ -2490,3 +2490,64 @@ def test_step_into_the_current_view_toggles_until_livelock(sim):
         },
         gfns={(0, 5): {"ept_exits": 65, "lazy_copies": 1, "viol_w": 64}},
     )
+
+
+def test_symbol_pattern_breakpoints(sim_arrays):
+    ips = [0xFFFFFFFF81000010, 0xFFFFFFFF81001020, 0xFFFFFFFF81002030]
+    arrays = {
+        "gfn": np.array([5, 6, 7, 5], dtype=np.uint64),
+        "access": np.array([4, 4, 4, 4], dtype=np.uint8),
+        "ip": np.array([ips[0], ips[1], ips[2], ips[0]], dtype=np.uint64),
+    }
+    res = sim_arrays(
+        RAM_1K
+        + """
+        [breakpoints]
+        at = { symbol = ["__x64_sys_*"] }
+
+        [[setup]]
+        op = "write_breakpoints"
+        view = 0
+
+        [on_breakpoint]
+        action = "emulate"
+        """,
+        [arrays],
+        symbols={"__x64_sys_read": ips[0], "__x64_sys_write": ips[1], "schedule": ips[2]},
+    )
+    # §4: the pattern matches read and write -> their ips -> byte addresses of the first
+    #   instructions starting there: 0x5010 and 0x6020 (gfn << 12 | ip & 0xfff). schedule's
+    #   0x7030 is not a breakpoint.
+    # row0 x 5: exit(0), lazy 4K -> restart -> trap. row1 x 6: exit, lazy 4K -> trap.
+    # row2 x 7: exit, lazy 4K -> done(0). row3 x 5: trap. Each trap: int3, event, emulate.
+    check(
+        res,
+        {
+            "records": 4,
+            "instructions": 4,
+            "ept_exits": 3,
+            "lazy_copies": 3,
+            "lazy_copies_4k": 3,
+            "lazy_copy_pages": 3,
+            "int3_exits": 3,
+            "breakpoint_events": 3,
+            "emulations": 3,
+            "records_emulated": 3,
+        },
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 3,
+                "int3_exits": 3,
+                "lazy_copies": 3,
+                "lazy_copy_pages": 3,
+                "pages_mapped": 3,
+                "leaves_4k": 3,
+            }
+        },
+        gfns={
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1, "int3_exits": 2},
+            (0, 6): {"ept_exits": 1, "lazy_copies": 1, "int3_exits": 1},
+            (0, 7): {"ept_exits": 1, "lazy_copies": 1},
+        },
+    )
