@@ -2551,3 +2551,89 @@ def test_symbol_pattern_breakpoints(sim_arrays):
             (0, 7): {"ept_exits": 1, "lazy_copies": 1},
         },
     )
+
+
+# The gfn of an op 1/2 row is ignored (§2): it must not stretch the default RAM (§3).
+IGNORED_GFN_ROWS = {
+    "gfn": np.array([5, (1 << 18) + 10], dtype=np.uint64),
+    "access": np.array([1, 0], dtype=np.uint8),
+    "op": np.array([0, 2], dtype=np.uint8),
+    "arg": np.array([0, 0x1000], dtype=np.uint64),
+}
+IGNORED_GFN_POLICY = """
+[[setup]]
+op = "set_mem_access"
+view = 0
+gfns = 0x40003
+access = "r"
+
+[[on_violation]]
+action = "emulate"
+"""
+
+
+def test_default_ram_ignores_the_gfn_of_a_cr3_row(sim_arrays):
+    res = sim_arrays(IGNORED_GFN_POLICY, [IGNORED_GFN_ROWS])
+    # §3: max_gfn_in_trace is over access rows and op 3/4 rows: 5 -> RAM [0, 0x9f] and
+    #   [0xc0, 2^18 - 1]. gfn 0x40003 is not RAM: the view-0 set_mem_access skips it
+    #   (setup_skipped 1, no split). (Counting the CR3 row's ignored gfn 2^18 + 10 would
+    #   make it RAM, split a 1G host page: setup_splits 513.)
+    # r 5: view 0 fresh -> exit(0), lazy 4K (host 4K around the VGA hole) -> done(0).
+    # cr3 row: no [on_cr3]: cr3_writes 1 only.
+    check(
+        res,
+        {
+            "records": 1,
+            "instructions": 2,
+            "ept_exits": 1,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "control_records": 1,
+            "cr3_writes": 1,
+            "setup_skipped": 1,
+        },
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
+        gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1}},
+    )
+
+
+def test_default_ram_ignores_the_gfn_of_a_cr3_row_through_the_cli(tmp_path):
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from altp2m_replay.cli import main
+
+    cols = {
+        "gfn": pa.array(IGNORED_GFN_ROWS["gfn"], pa.uint64()),
+        "access": pa.array(IGNORED_GFN_ROWS["access"], pa.uint8()),
+        "op": pa.array(IGNORED_GFN_ROWS["op"], pa.uint8()),
+        "arg": pa.array(IGNORED_GFN_ROWS["arg"], pa.uint64()),
+    }
+    trace = tmp_path / "t.parquet"
+    pq.write_table(pa.table(cols), trace)
+    policy = tmp_path / "p.toml"
+    policy.write_text('name = "ign"\n' + IGNORED_GFN_POLICY)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(
+        main, ["replay", str(trace), "-p", str(policy), "-o", str(out), "--no-html", "--jobs", "1"]
+    )
+    assert r.exit_code == 0, r.output
+    summary = pl.read_parquet(out / "summary.parquet")
+    total = summary.filter(pl.col("vcpu") == -1).row(0, named=True)
+    # Same derivation as the test above.
+    assert total["setup_skipped"] == 1
+    assert total["setup_splits"] == 0
+    assert total["ept_exits"] == 1
+    assert total["lazy_copies_4k"] == 1
