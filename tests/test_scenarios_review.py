@@ -2637,3 +2637,104 @@ def test_default_ram_ignores_the_gfn_of_a_cr3_row_through_the_cli(tmp_path):
     assert total["setup_splits"] == 0
     assert total["ept_exits"] == 1
     assert total["lazy_copies_4k"] == 1
+
+
+def test_a_view_remapping_another_gfn_onto_the_breakpoint_frame_traps_there(sim2):
+    res = sim2(
+        RAM_1K
+        + """
+        [[view]]
+        name = "y"
+
+        [breakpoints]
+        at = 0x5010
+
+        [[setup]]
+        op = "write_breakpoints"
+        view = 0
+
+        [[setup]]
+        op = "change_gfn"
+        view = "y"
+        old = 9
+        new = 5
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "y"
+
+        [on_breakpoint]
+        action = "emulate"
+        """,
+        ["x 9@0x10", "x 9@0x20", "x 5@0x10"],
+    )
+    # Setup: write_breakpoints view 0 (nothing held: the host's frame of gfn 5 gets the INT3
+    #   at 0x10). change_gfn y 9 -> 5: prepopulate y with 2M [0,511], rewrite 9 as 4K with
+    #   frame 5 (setup_splits 1).
+    # §4: "every view that maps that frame - at any gfn - executes the INT3 at that offset".
+    # row0 x 9@0x10 in y: y[9] maps frame 5, offset 0x10 -> trap: int3 (y, 9), event, emulate.
+    # row1 x 9@0x20: no INT3 at 0x20 -> done(y).
+    # row2 x 5@0x10: y[5] (prepopulated piece) maps frame 5 -> trap: int3 (y, 5).
+    check(
+        res,
+        {
+            "records": 3,
+            "instructions": 3,
+            "int3_exits": 2,
+            "breakpoint_events": 2,
+            "emulations": 2,
+            "records_emulated": 2,
+            "setup_splits": 1,
+        },
+        views={1: {"records_completed": 1, "int3_exits": 2, "pages_mapped": 512, "leaves_4k": 512}},
+        gfns={(1, 9): {"int3_exits": 1}, (1, 5): {"int3_exits": 1}},
+    )
+
+
+def test_access_kind_of_combined_bits(sim):
+    res = sim(
+        RO_VIEW
+        + """
+        [[on_violation]]
+        kind = "r"
+        action = "switch"
+        to = 0
+
+        [[on_violation]]
+        action = "emulate"
+        """,
+        ["rw 5", "rx 6"],
+    )
+    # §2: the kind is x if bit 4 is set, else w if bit 2, else r.
+    # rw 5 in ro: exit(1), lazy 4K r -> restart -> kind w, r forbids it: viol_w (1,5), exit,
+    #   event; the kind-r rule does not match -> emulate.
+    # rx 6 in ro: exit(1), lazy 4K r -> restart -> kind x: viol_x (1,6), exit -> emulate.
+    check(
+        res,
+        {
+            "records": 2,
+            "instructions": 2,
+            "ept_exits": 4,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 2,
+            "mem_access_events": 2,
+            "emulations": 2,
+            "records_emulated": 2,
+        },
+        views={
+            1: {
+                "ept_exits": 4,
+                "lazy_copies": 2,
+                "lazy_copy_pages": 2,
+                "access_violations": 2,
+                "pages_mapped": 2,
+                "leaves_4k": 2,
+            }
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (1, 6): {"ept_exits": 2, "lazy_copies": 1, "viol_x": 1},
+        },
+    )
