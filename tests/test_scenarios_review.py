@@ -2738,3 +2738,81 @@ def test_access_kind_of_combined_bits(sim):
             (1, 6): {"ept_exits": 2, "lazy_copies": 1, "viol_x": 1},
         },
     )
+
+
+@pytest.mark.parametrize("fast", ["true", "false"])
+def test_switch_back_at_instruction_end_counts_only_a_change(sim2, fast):
+    res = sim2(
+        RAM_1K
+        + f"""
+        [[view]]
+        name = "a"
+        default_access = "r"
+
+        [[setup]]
+        op = "switch_p2m"
+        view = "a"
+
+        [[setup]]
+        op = "enable_notify"
+
+        [[on_violation]]
+        kind = "w"
+        action = "step"
+        fast = {fast}
+        """,
+        ["i1 w 5", "i1 vmfunc 1", "i2 r 5"],
+    )
+    # row0 w 5 in a: exit(1), lazy 4K r -> restart -> viol_w, exit(1), event -> step to 0
+    #   (svm 1; single-step on, return a) -> restart in 0: exit(0), lazy 4K -> restart ->
+    #   done(0).
+    # row1 guest VMFUNC to a (enabled, visible): guest_vmfuncs 1, svf 1.
+    # row2 (insn 2): insn 1 ends: MTF exit; the switch back to a (by Xen when fast, else by
+    #   the single-step event's response) finds the vCPU in a already: no switch counted
+    #   (§5: only actual changes). Not fast: one single-step event. r 5 in a -> done(1).
+    extra = {} if fast == "true" else {"singlestep_events": 1}
+    check(
+        res,
+        {
+            "records": 2,
+            "instructions": 2,
+            "ept_exits": 3,
+            "lazy_copies": 2,
+            "lazy_copies_4k": 2,
+            "lazy_copy_pages": 2,
+            "access_violations": 1,
+            "mem_access_events": 1,
+            "switches_vm_event": 1,
+            "mtf_exits": 1,
+            "control_records": 1,
+            "guest_vmfuncs": 1,
+            "switches_vmfunc": 1,
+            "restarts": 3,
+        }
+        | extra,
+        views={
+            1: {
+                "records_completed": 1,
+                "ept_exits": 2,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "access_violations": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "switches_in": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            },
+        },
+        gfns={
+            (1, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (0, 5): {"ept_exits": 1, "lazy_copies": 1},
+        },
+    )
