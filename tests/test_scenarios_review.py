@@ -2816,3 +2816,56 @@ def test_switch_back_at_instruction_end_counts_only_a_change(sim2, fast):
             (0, 5): {"ept_exits": 1, "lazy_copies": 1},
         },
     )
+
+
+def test_byte_address_prefers_gpa_over_ip(sim_arrays):
+    arrays = {
+        "gpa": np.array([0x5010, 0x5020], dtype=np.uint64),
+        "access": np.array([4, 4], dtype=np.uint8),
+        "ip": np.array([0xFFFFFFFF81000020, 0xFFFFFFFF81000010], dtype=np.uint64),
+    }
+    res = sim_arrays(
+        RAM_1K
+        + """
+        [breakpoints]
+        at = 0x5010
+
+        [[setup]]
+        op = "write_breakpoints"
+        view = 0
+
+        [on_breakpoint]
+        action = "emulate"
+        """,
+        [arrays],
+    )
+    # §2: the byte address is gpa when the trace has it (ip only without gpa): row0 is at
+    #   0x5010 (its ip's low bits say 0x020), row1 at 0x5020.
+    # row0: exit(0), lazy 4K -> restart -> trap: int3, event, emulate. row1: done(0).
+    check(
+        res,
+        {
+            "records": 2,
+            "instructions": 2,
+            "ept_exits": 1,
+            "lazy_copies": 1,
+            "lazy_copies_4k": 1,
+            "lazy_copy_pages": 1,
+            "int3_exits": 1,
+            "breakpoint_events": 1,
+            "emulations": 1,
+            "records_emulated": 1,
+        },
+        views={
+            0: {
+                "records_completed": 1,
+                "ept_exits": 1,
+                "int3_exits": 1,
+                "lazy_copies": 1,
+                "lazy_copy_pages": 1,
+                "pages_mapped": 1,
+                "leaves_4k": 1,
+            }
+        },
+        gfns={(0, 5): {"ept_exits": 1, "lazy_copies": 1, "int3_exits": 1}},
+    )
