@@ -2351,7 +2351,10 @@ def test_rx2rw_in_view0_rewrites_view0_not_the_host(sim2):
                 "leaves_4k": 512,
             },
         },
-        gfns={(0, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1}, (1, 5): {"ept_exits": 1, "viol_w": 1}},
+        gfns={
+            (0, 5): {"ept_exits": 2, "lazy_copies": 1, "viol_w": 1},
+            (1, 5): {"ept_exits": 1, "viol_w": 1},
+        },
     )
 
 
