@@ -2897,3 +2897,27 @@ def test_policy_check_needs_no_rule_for_a_restriction_lost_at_the_lazy_copy(tmp_
     )
     r = CliRunner().invoke(main, ["policy", "check", str(policy)])
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("batch_rows", [100, None])
+def test_a_control_row_counts_towards_the_1024_row_limit(batch_rows):
+    from altp2m_replay.engine import simulate_arrays
+    from altp2m_replay.errors import TraceError
+
+    # §2: an op 1/2 row belongs to its vCPU's instruction and counts towards the 1024-row
+    # limit: 1023 reads of gfn 5 then a CR3 write (row 1023, the 1024th row: still fine) and
+    # one more read (row 1024, the 1025th row): the error names row 1024.
+    n = 1025
+    op = np.zeros(n, np.uint8)
+    op[1023] = 2
+    access = np.ones(n, np.uint8)
+    access[1023] = 0
+    arrays = {
+        "gfn": np.full(n, 5, np.uint64),
+        "access": access,
+        "op": op,
+        "arg": np.zeros(n, np.uint64),
+        "insn": np.full(n, 7, np.uint64),
+    }
+    with pytest.raises(TraceError, match="row 1024"):
+        simulate_arrays(make_policy(RAM_1K), arrays, batch_rows=batch_rows)
