@@ -24,6 +24,12 @@ def coverage_gaps(p: Policy) -> tuple[list[str], list[str]]:
     set-access response can write, the host default) and asks, for each view and kind one
     of them forbids, whether a rule without a gfn filter matches. Only gfn-filtered rules
     matching gives a warning; no rule at all is an error.
+
+    A view-0 ``set_mem_access`` writes the host p2m. Before xen 4.19 (or with altp2m off)
+    every view can end up with its access: lazy copies take the host entry's. From 4.19 a
+    view copies with its own default, so the access reaches a view only by propagation into
+    a leaf the view already holds (SPEC §4) - and views start empty: only a view an earlier
+    setup op wrote into can hold one.
     """
     d = p.domain
     if not d.monitor:
@@ -31,11 +37,17 @@ def coverage_gaps(p: Policy) -> tuple[list[str], list[str]]:
     views = [0] + [v.index for v in p.views] if d.altp2m else [0]
     defaults = {0: d.host_access} | {v.index: v.default_access for v in p.views}
     everywhere = {d.host_access} | {r.access for r in p.rules if r.action == "set-access"}
-    everywhere |= {op.access for op in p.setup if op.op == "set_mem_access" and op.view == 0}
+    copies_host_access = not d.altp2m or d.xen < (4, 19)
     errors, warnings = [], []
     for view in views:
         accesses = {defaults[view]} | everywhere
-        accesses |= {op.access for op in p.setup if op.op == "set_mem_access" and op.view == view}
+        for i, op in enumerate(p.setup):
+            if op.op != "set_mem_access":
+                continue
+            if op.view == view and (view != 0 or not d.altp2m):
+                accesses.add(op.access)  # a view's own restriction (or the host's)
+            elif op.view == 0 and (copies_host_access or any(o.view == view for o in p.setup[:i])):
+                accesses.add(op.access)  # the host's, copied or propagated into the view
         if any(op.op == "change_gfn" and op.view == view for op in p.setup):
             accesses |= set(defaults.values())
         for kind, bit in KIND_CODES.items():

@@ -790,6 +790,53 @@ def test_coverage_gap_without_any_rule(tmp_path):
     )
 
 
+VIEW0_REACH = """
+    name = "x"
+    [domain]
+    ram = [[0, 1023]]
+    xen = "{xen}"
+    [[view]]
+    name = "a"
+    default_access = "rwx"
+    {earlier}
+    [[setup]]
+    op = "set_mem_access"
+    view = 0
+    gfns = 5
+    access = "r"
+    [[on_violation]]
+    view = "a"
+    kind = "x"
+    action = "step"
+    to = 0
+    """
+A_TOUCHES_5 = (
+    '[[setup]]\n    op = "set_mem_access"\n    view = "a"\n    gfns = 5\n    access = "rwx"'
+)
+
+
+@pytest.mark.parametrize(
+    ("xen", "earlier", "gap_in"),
+    [
+        # SPEC §4: before 4.19 lazy copies take the host entry's access, so the view-0 "r"
+        # reaches view 0 and view "a" alike: writes can fault in both, view 0 first
+        ("4.18", "", "'0'"),
+        # from 4.19 views copy with their own default: nothing holds gfn 5 when the host
+        # entry changes, so the restriction reaches no view and no rule is needed
+        ("4.19", "", None),
+        # ... unless an earlier op put gfn 5 into view "a" (prepopulate), where the host
+        # change propagates: a write can fault in "a"
+        ("4.22", A_TOUCHES_5, "'a'"),
+    ],
+)
+def test_a_view0_restriction_needs_rules_only_where_it_can_reach(tmp_path, xen, earlier, gap_in):
+    text = VIEW0_REACH.format(xen=xen, earlier=earlier)
+    if gap_in is None:
+        check_ok(write_policy(tmp_path, text))
+    else:
+        policy_error(tmp_path, text, "'w'", gap_in, "on_violation")
+
+
 def test_rule_covering_only_some_gfns_is_a_warning(tmp_path):
     result = check_ok(
         write_policy(

@@ -2874,12 +2874,6 @@ def test_byte_address_prefers_gpa_over_ip(sim_arrays):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine disagrees with SPEC §6.1/§4: policy check (and replay) demand a rule for a "
-    "'w' violation in view 0 that the policy cannot cause (the view-0 restriction is lost at "
-    "the lazy copy from xen 4.19, which the same check warns about)",
-)
 def test_policy_check_needs_no_rule_for_a_restriction_lost_at_the_lazy_copy(tmp_path):
     from click.testing import CliRunner
 
