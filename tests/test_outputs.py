@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 
 from altp2m_replay import run
@@ -118,3 +119,14 @@ def test_progress_line_counts_rows_and_is_quiet_off_terminal(monkeypatch):
     assert "100.0%" in text and "2.0/2.0 M rows" in text and "M rows/s" in text
     monkeypatch.setenv("CI", "true")
     assert Progress.for_terminal() is None
+
+
+def test_population_restarts_from_each_count_of_the_tree():
+    """Between counts of a view's tree (-1: none that window) the curve adds the pages lazy
+    copies added since the last count; before any count it starts from setup's pages."""
+    from altp2m_replay.engine.simulate import _population
+
+    lazy = np.array([0, 512, 1024, 1024, 1536], dtype=np.int64)  # cumulative, row 0 the start
+    counted = np.array([-1, -1, 0, -1, -1], dtype=np.int64)  # a reset emptied it in window 1
+    # window 0: 3 setup pages + 512; window 1: counted 0; 2: +0; 3: +512 since the count
+    assert _population(3, lazy, counted).tolist() == [515, 0, 0, 512]

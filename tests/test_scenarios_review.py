@@ -1996,15 +1996,6 @@ view = "s"
 )
 
 
-POPULATION_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="engine disagrees with SPEC §7/§10: the population curve (pages_mapped per window) "
-    "is setup pages + cumulative lazy_copy_pages, so it ignores resets, drops and lazy copies "
-    "that replace or re-copy pages; its last value differs from by_view pages_mapped",
-)
-
-
-@POPULATION_XFAIL
 @pytest.mark.parametrize("batch_rows", [1, None])
 def test_population_curve_ends_at_the_views_pages_mapped_after_a_reset(batch_rows):
     from altp2m_replay.engine import simulate_arrays
@@ -2024,7 +2015,6 @@ def test_population_curve_ends_at_the_views_pages_mapped_after_a_reset(batch_row
     assert list(res.population[1]) == [512, 0, 512]
 
 
-@POPULATION_XFAIL
 def test_population_curve_of_an_invisible_superpage_livelock():
     from altp2m_replay.engine import simulate_arrays
 

@@ -183,7 +183,10 @@ GS_LIVELOCK_ROW = 13
 GS_RESUME = 14  # 1 + the vCPU slot whose instruction execute left half done for room, else 0
 GS_SYNCS = 15  # scratch: p2ms synced by the current step
 GS_ERR_VIEW = 16
-N_GS = 17
+# 1 when a view may map fewer pages than after setup plus its lazy copies (a reset, a host
+# drop or map, a lazy copy over a leaf or a table): the next snapshot counts views exactly
+GS_POP_DIRTY = 17
+N_GS = 18
 
 # ---- domain scalars: dom[D_*]
 D_ALTP2M = 0
@@ -950,6 +953,9 @@ def attempt(
         base = g & ~((np.int64(1) << order) - 1)
         if not dom[D_LAZY_MIN] and slot_holds_table(pool, roots[p], base, level):
             vc[s, C_EPT_SYNCS] += 1  # the copy replaces a table: present entries go
+            gs[GS_POP_DIRTY] = 1
+        if e & 3 == LEAF:  # over an invisible superpage: its pages are not added again
+            gs[GS_POP_DIRTY] = 1
         access = dflt[p] if dom[D_LAZY_DEFAULT] else e_access(h)
         src = piece_at(h, hl, base)
         set_leaf(pool, gs, roots, maxm, p, base, level, with_sve(with_access(src, access), 1))
@@ -1343,6 +1349,7 @@ def reset_view(pool, gs, roots, remap, pmap, vc, pv, d, p):
     """Reset view p2m ``p`` (SPEC §6.5): every entry gone, remap interval cleared, max_mapped
     kept; its vCPUs stay and refill it lazily."""
     roots[p] = alloc_node(pool, gs)
+    gs[GS_POP_DIRTY] = 1
     remap[p, 0] = np.int64(1) << 62
     remap[p, 1] = -1
     pmap[p, :] = 0
@@ -1355,6 +1362,7 @@ def host_change(pool, gs, roots, maxm, active, dom, remap, pmap, vc, pv, o, g):
     """SPEC §6.5 host drop (op 3) or map (op 4) of gfn ``g``, counted in the domain row of
     ``vc`` (its last)."""
     d = vc.shape[0] - 1
+    gs[GS_POP_DIRTY] = 1
     e, lv = xwalk(pool, roots[0], g)
     vc[d, C_EPT_SYNCS] += permits_any(e, lv)
     for q in range(pmap.shape[0]):
@@ -1443,18 +1451,25 @@ def spill_open(vst, ibuf, gs, bt, has_ip, has_op, lut, start_row, n):
 
 
 @njit(cache=True, nogil=True)
-def snapshot(vc, pv, snaps, w, nslots):
+def snapshot(vc, pv, snaps, w, nslots, pool, roots, gs, altp2m):
     """Row ``w`` of ``snaps``: run totals of every counter, then each view's lazy-copy pages,
-    then the domain row's EPT syncs."""
+    then the domain row's EPT syncs, then each view's pages mapped, counted in its tree when
+    GS_POP_DIRTY says lazy copies alone no longer tell it (else -1)."""
     nc = vc.shape[1]
+    nv = pv.shape[0]
     for c in range(nc):
         t = 0
         for s in range(nslots):
             t += vc[s, c]
         snaps[w, c] = t
-    for v in range(pv.shape[0]):
+    for v in range(nv):
         snaps[w, nc + v] = pv[v, V_LAZY_PAGES]
-    snaps[w, nc + pv.shape[0]] = vc[nslots - 1, C_EPT_SYNCS]  # the domain's own syncs
+    snaps[w, nc + nv] = vc[nslots - 1, C_EPT_SYNCS]  # the domain's own syncs
+    for v in range(nv):
+        snaps[w, nc + nv + 1 + v] = -1
+        if gs[GS_POP_DIRTY]:
+            snaps[w, nc + nv + 1 + v] = tree_stats(pool, roots[v + 1 if altp2m else 0])[0]
+    gs[GS_POP_DIRTY] = 0
 
 
 @njit(cache=True, inline="always")
@@ -1629,7 +1644,7 @@ def replay_batch(
             recs = 0
             insns = 0
             comp = 0
-            snapshot(vc, pv, snaps, gs[GS_NEXT_WIN], nslots)
+            snapshot(vc, pv, snaps, gs[GS_NEXT_WIN], nslots, pool, roots, gs, altp2m)
             gs[GS_NEXT_WIN] += 1
             next_snap = gs[GS_NEXT_WIN] * window
         if has_op and op[i] >= 3:

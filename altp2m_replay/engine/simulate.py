@@ -307,9 +307,10 @@ class Replayer:
         self.pmap = np.zeros(
             (n_p2m, max(1, min(facts.max_gfn + 1, PMAP_BYTES // n_p2m))), dtype=np.uint8
         )
-        # per window: every counter, then each view's cumulative lazy-copy pages
+        # per window: every counter, each view's cumulative lazy-copy pages, the domain's
+        # EPT syncs, each view's pages mapped when counted (see K.snapshot)
         self.snaps = np.zeros(
-            (self.n_windows + 1, K.N_COUNTERS + self.pv.shape[0] + 1), dtype=np.int64
+            (self.n_windows + 1, K.N_COUNTERS + 2 * self.pv.shape[0] + 1), dtype=np.int64
         )
         self.rules, self.granges = rule_table(policy, sels.ranges)
         self.guest_seen = np.zeros(nslots, dtype=np.int64)
@@ -324,6 +325,7 @@ class Replayer:
             view: int(K.tree_stats(self.pool, self.roots[self._p2m(view)])[0])
             for view in self.view_ids
         }
+        self.gs[K.GS_POP_DIRTY] = 0  # setup_pages are exact
 
     @property
     def view_ids(self) -> list[int]:
@@ -709,7 +711,17 @@ class Replayer:
         K.drain_log(self.elog, self.gs, self.htab, self.itab)
         w = int(self.gs[K.GS_NEXT_WIN])
         for j in range(w, self.n_windows + 1):
-            K.snapshot(self.vc, self.pv, self.snaps, j, self.vc.shape[0])
+            K.snapshot(
+                self.vc,
+                self.pv,
+                self.snaps,
+                j,
+                self.vc.shape[0],
+                self.pool,
+                self.roots,
+                self.gs,
+                self.dom[K.D_ALTP2M],
+            )
         wanted = None if vcpus is None else {int(v) for v in vcpus}
         return self._collect(
             [(slot, v) for slot, v in enumerate(self.vcpu_list) if wanted is None or v in wanted]
@@ -770,11 +782,14 @@ class Replayer:
             "window": np.arange(self.n_windows, dtype=np.int64),
             "first_record": np.arange(self.n_windows, dtype=np.int64) * self.window,
         }
-        timeline.update(derive(tl, nvcpus, np.diff(self.snaps[:, -1])))
-        # pages mapped per view at the end of each window: after setup, plus lazy copies so far
-        # (exact from xen 4.17 on, where a lazy copy never covers pages the view maps already)
+        nv = self.pv.shape[0]
+        timeline.update(derive(tl, nvcpus, np.diff(self.snaps[:, K.N_COUNTERS + nv])))
         population = {
-            view: self.setup_pages[view] + self.snaps[1:, K.N_COUNTERS + view]
+            view: _population(
+                self.setup_pages[view],
+                self.snaps[:, K.N_COUNTERS + view],
+                self.snaps[:, K.N_COUNTERS + nv + 1 + view],
+            )
             for view in self.view_ids
         }
         guest = {}
@@ -812,6 +827,20 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     v = a.view()
     v.flags.writeable = False
     return v
+
+
+def _population(setup: int, lazy: np.ndarray, counted: np.ndarray) -> np.ndarray:
+    """A view's pages mapped at the end of each window, int64 (windows,): the last count of
+    its tree (``counted`` >= 0; ``setup`` before any) plus the pages lazy copies added since
+    (``lazy``: cumulative lazy-copy pages). ``lazy`` and ``counted`` are int64 (windows + 1,),
+    row 0 the start of the replay."""
+    out = np.empty(len(lazy) - 1, dtype=np.int64)
+    base, at = setup, 0
+    for w in range(1, len(lazy)):
+        if counted[w] >= 0:
+            base, at = int(counted[w]), int(lazy[w])
+        out[w - 1] = base + int(lazy[w]) - at
+    return out
 
 
 def _grown(table: np.ndarray, ip_table: bool) -> np.ndarray:
