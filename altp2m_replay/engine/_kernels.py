@@ -1467,8 +1467,9 @@ def snapshot(vc, pv, snaps, w, nslots, pool, roots, gs, altp2m):
     snaps[w, nc + nv] = vc[nslots - 1, C_EPT_SYNCS]  # the domain's own syncs
     for v in range(nv):
         snaps[w, nc + nv + 1 + v] = -1
-        if gs[GS_POP_DIRTY]:
-            snaps[w, nc + nv + 1 + v] = tree_stats(pool, roots[v + 1 if altp2m else 0])[0]
+        root = roots[v + 1 if altp2m else 0]
+        if gs[GS_POP_DIRTY] and root >= 0:  # -1: a view the policy does not use
+            snaps[w, nc + nv + 1 + v] = tree_stats(pool, root)[0]
     gs[GS_POP_DIRTY] = 0
 
 
