@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import ClassVar
 
@@ -19,6 +20,15 @@ def _fail(message: str, code: int):
     sys.exit(code)
 
 
+def _reader_left():
+    """Standard output's reader went away (``policy list | head``): stop quietly, as a tool
+    killed by SIGPIPE would, with the shell's code for it. Standard output now points at
+    /dev/null, so flushing it at exit raises nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(128 + 13)
+
+
 class _Group(click.Group):
     """A group that turns library errors into one ``Error:`` line and the SPEC §12 exit code."""
 
@@ -31,6 +41,8 @@ class _Group(click.Group):
             _fail("interrupted", 130)
         except FileNotFoundError as exc:
             _fail(f"{exc.filename}: no such file or directory", 2)
+        except BrokenPipeError:
+            _reader_left()
         except (OSError, MemoryError) as exc:
             # a path that is not a folder, no permission, a full disk, not enough memory
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
@@ -64,6 +76,10 @@ class _Root(_Group):
         except click.Abort:
             click.echo("Aborted.", err=True)
             sys.exit(1)
+        try:
+            sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at exit
+        except BrokenPipeError:
+            _reader_left()
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

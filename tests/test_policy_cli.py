@@ -1079,3 +1079,20 @@ def test_breakpoints_need_a_trace_with_byte_addresses(tmp_path):
     ).write_parquet(trace)
     policy = write_policy(tmp_path, BP_POLICY.format(writer="x", to=0))
     check_error(["policy", "check", policy, "--trace", trace], "byte addresses")
+
+
+def test_a_reader_that_goes_away_stops_the_listing_quietly():
+    """``policy list | head -1``: once the reader has gone, the listing stops with the shell's
+    SIGPIPE code and no error text (the reader closes its end before the CLI writes)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "altp2m_replay", "policy", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == b""
