@@ -4,20 +4,9 @@ what ``set = "executed"`` and the other page-count selectors read) and instructi
 
 import numpy as np
 import pytest
+from test_traces import brute_stats
 
 from altp2m_replay.traces import validate, write_trace
-
-
-def _expected(gfn, access, op):
-    keep = op == 0  # control rows touch no page
-    g, a = gfn[keep], access[keep]
-    uniq, inv = np.unique(g, return_inverse=True)
-    out = {}
-    for key, bits in (("touched", None), ("read", 1), ("written", 2), ("executed", 4)):
-        w = None if bits is None else ((a & bits) != 0).astype(np.int64)
-        c = np.bincount(inv, weights=w, minlength=len(uniq)).astype(np.int64)
-        out[key] = (uniq[c > 0], c[c > 0])
-    return out
 
 
 @pytest.mark.parametrize(
@@ -45,7 +34,7 @@ def test_page_counts_match_numpy(tmp_path, rows, pages, batch):
         row_group_size=batch,
     )
     st = validate(path, page_counts=True)
-    want = _expected(gfn, access, op)
+    want = brute_stats(gfn[op == 0], access[op == 0], None)  # control rows touch no page
     for key in ("touched", "read", "written", "executed"):
         got_keys, got_counts = st.page_counts[key]
         np.testing.assert_array_equal(got_keys, want[key][0], err_msg=key)

@@ -827,34 +827,36 @@ def test_an_unmatched_violation_names_the_row(tmp_path):
     assert "partial.parquet" in line  # SPEC §12: the line names the file
 
 
+# Two views that answer every violation by switching to the other: an instruction that
+# faults in both never retires (a livelock).
+SWITCH_LOOP = """
+    name = "loop"
+    [[view]]
+    name = "a"
+    default_access = "rx"
+    [[view]]
+    name = "b"
+    default_access = "rx"
+    [[setup]]
+    op = "switch_p2m"
+    view = "a"
+    [[on_violation]]
+    view = "a"
+    action = "switch"
+    to = "b"
+    [[on_violation]]
+    view = "b"
+    action = "switch"
+    to = "a"
+    """
+
+
 def test_a_switch_loop_is_a_livelock_result_naming_the_row(tmp_path):
     trace = write_trace(
         {"gfn": np.array([0x200, 0x300], np.uint64), "access": np.array([1, 2], np.uint8)},
         tmp_path / "loop.parquet",
     )
-    policy = write_policy(
-        tmp_path / "loop.toml",
-        """
-        name = "loop"
-        [[view]]
-        name = "a"
-        default_access = "rx"
-        [[view]]
-        name = "b"
-        default_access = "rx"
-        [[setup]]
-        op = "switch_p2m"
-        view = "a"
-        [[on_violation]]
-        view = "a"
-        action = "switch"
-        to = "b"
-        [[on_violation]]
-        view = "b"
-        action = "switch"
-        to = "a"
-        """,
-    )
+    policy = write_policy(tmp_path / "loop.toml", SWITCH_LOOP)
     # Row 0 (r 0x200) lazy-copies 2 MiB rx into a and completes. Row 1 (w 0x300) faults in a,
     # switches to b, lazy-copies there, faults, switches back, ...: after 64 restarts the
     # instruction never retires. SPEC §5: a livelock is a result (exit 0), not an error.

@@ -5,31 +5,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from click.testing import CliRunner
+from test_replay_cli import SWITCH_LOOP, write_policy
 
 from altp2m_replay.cli import main
 from altp2m_replay.terminal_summary import MAX_TRACES, summary_text
 from altp2m_replay.traces import write_trace
-
-LOOP = """
-name = "loop"
-[[view]]
-name = "a"
-default_access = "rx"
-[[view]]
-name = "b"
-default_access = "rx"
-[[setup]]
-op = "switch_p2m"
-view = "a"
-[[on_violation]]
-view = "a"
-action = "switch"
-to = "b"
-[[on_violation]]
-view = "b"
-action = "switch"
-to = "a"
-"""
 
 
 def _trace(path: Path, tsc=None) -> Path:
@@ -47,7 +27,7 @@ def _replay(tmp_path, *args):
 
 def test_policies_cheapest_first_and_a_livelock_last(tmp_path):
     trace = _trace(tmp_path / "loop.parquet")
-    (tmp_path / "loop.toml").write_text(LOOP)
+    write_policy(tmp_path / "loop.toml", SWITCH_LOOP)
     out = tmp_path / "out"
     pols = ("-p", tmp_path / "loop.toml", "-p", "xen-access-altp2m-write", "-p", "none")
     stdout = _replay(tmp_path, trace, *pols, "-o", out, "--no-html")

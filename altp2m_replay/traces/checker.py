@@ -69,7 +69,7 @@ class _Tally:
     """
 
     def __init__(self, cols: int, first: bool, what: str, unit: str):
-        self.first, self.what, self.unit = first, what, unit
+        self.what, self.unit = what, unit
         self.keys = np.empty(_TALLY_START, np.uint64)
         self.vals = np.zeros((_TALLY_START, cols), np.uint64 if first else np.int64)
         self.slots = np.full(2 * _TALLY_START, -1, np.int64)  # index into keys, -1: empty
