@@ -17,10 +17,12 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from altp2m_replay import budget, run, traces
 from altp2m_replay.cli import main
-from altp2m_replay.engine import sizing
+from altp2m_replay.engine import simulate, sizing
 from altp2m_replay.errors import MemoryBudgetError
 from altp2m_replay.policy import load_policy, parse_policy
 from altp2m_replay.selectors import TraceFacts
@@ -404,6 +406,23 @@ def test_per_ip_table_is_bounded_with_exact_totals(tmp_path, monkeypatch):
             pl.read_parquet(tmp_path / "full" / f"{t}.parquet")
         ), t
     assert "other ips" in (tmp_path / "capped" / "report.html").read_text(encoding="utf-8")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(-(2**63), 2**63 - 1), unique=True, max_size=60),
+    st.data(),
+)
+def test_compaction_keeps_the_ips_with_most_events(ips, data):
+    """The per-ip table's compaction keeps the rows first by (events descending, ip as
+    unsigned ascending): the same set a full sort picks, ties at the cut included."""
+    n = len(ips)
+    events = np.array(data.draw(st.lists(st.integers(1, 4), min_size=n, max_size=n)), np.int64)
+    keep = data.draw(st.integers(-1, n + 1))
+    ip = np.array(ips, dtype=np.int64)
+    order = np.lexsort((ip.view(np.uint64), -events))
+    got = simulate._most_events(ip, events, keep)
+    assert sorted(got.tolist()) == sorted(order[: max(keep, 0)].tolist())
 
 
 def test_page_counts_ask_the_budget_before_they_merge(tmp_path, monkeypatch):
