@@ -25,6 +25,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from numba.np.arrayobj import populate_array
 
 # ---- entry layout
 EMPTY = 0
@@ -273,6 +274,121 @@ def prefetch_row(typingctx, table, row):
         return context.get_dummy_value()
 
     return types.void(table, row), codegen
+
+
+# ---- the arrays execute reads, as one table of addresses and shapes
+# A call passes every array argument as its whole descriptor (7 to 11 machine words): the
+# ~30 arrays execute needs made each call ~250 words of stack traffic, about 45 ns of an exit
+# that costs 150-250 ns. replay_batch writes each array's address and shape into ``xtab``
+# (int64 (N_X, 4)) once per call, and execute rebuilds the arrays from it (array1, array2, array3).
+(
+    X_POOL,
+    X_GS,
+    X_ROOTS,
+    X_MAXM,
+    X_ACTIVE,
+    X_DFLT,
+    X_DOM,
+    X_VST,
+    X_VC,
+    X_PV,
+    X_ELOG,
+    X_HTAB,
+    X_ITAB,
+    X_RULES,
+    X_GRANGES,
+    X_IBUF,
+    X_PMAP,
+    X_GFN,
+    X_ACCESS,
+    X_VCPU,
+    X_IP,
+    X_OP,
+    X_ARG,
+    X_BOFF,
+    X_BPMFN,
+    X_BPKEY,
+    X_CR3R,
+    X_VIS,
+    X_PSEG,
+    X_LUT,
+    N_X,
+) = range(31)
+
+
+@intrinsic
+def address_of(typingctx, arr):
+    """The address of array ``arr``'s data, as an int64."""
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.ptrtoint(a.data, ir.IntType(64))
+
+    return types.int64(arr), codegen
+
+
+@intrinsic
+def array_at(typingctx, addr, shape, like):
+    """The C-ordered array of ``like``'s dtype at int64 ``addr``, of ``shape`` (int64 tuple).
+
+    Built in place (no runtime, no reference count), as numba.carray builds one; carray
+    itself cannot be used in kernels compiled without the runtime.
+    """
+    dtype = types.unliteral(like)
+    ndim = len(shape)
+    aty = types.Array(dtype, ndim, "C")
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(aty)(context, builder)
+        itemsize = context.get_constant(
+            types.intp, context.get_abi_sizeof(context.get_data_type(dtype))
+        )
+        dims = cgutils.unpack_tuple(builder, args[1], ndim)
+        strides = [itemsize]
+        for d in range(ndim - 1, 0, -1):
+            strides.insert(0, builder.mul(strides[0], dims[d]))
+        populate_array(
+            ary,
+            data=builder.inttoptr(args[0], context.get_data_type(dtype).as_pointer()),
+            shape=dims,
+            strides=strides,
+            itemsize=itemsize,
+            meminfo=None,
+        )
+        return ary._getvalue()
+
+    return aty(addr, shape, like), codegen
+
+
+@njit(cache=True, inline="always")
+def note_array(xtab, x, arr):
+    """Row ``x`` of ``xtab``: C-contiguous ``arr``'s address, then its shape."""
+    step = arr.itemsize  # execute rebuilds C-ordered arrays from address and shape alone
+    for d in range(arr.ndim - 1, -1, -1):
+        if arr.shape[d] > 1 and arr.strides[d] != step:
+            raise ValueError("execute's arrays must be C-contiguous")
+        step *= arr.shape[d]
+    xtab[x, 0] = address_of(arr)
+    for d in range(arr.ndim):
+        xtab[x, 1 + d] = arr.shape[d]
+
+
+@njit(cache=True, inline="always")
+def array1(xtab, x, like):
+    """The 1-D array of row ``x`` of ``xtab``, of ``like``'s dtype."""
+    return array_at(xtab[x, 0], (xtab[x, 1],), like)
+
+
+@njit(cache=True, inline="always")
+def array2(xtab, x, like):
+    """The 2-D array of row ``x`` of ``xtab``."""
+    return array_at(xtab[x, 0], (xtab[x, 1], xtab[x, 2]), like)
+
+
+@njit(cache=True, inline="always")
+def array3(xtab, x, like):
+    """The 3-D array of row ``x`` of ``xtab``."""
+    return array_at(xtab[x, 0], (xtab[x, 1], xtab[x, 2], xtab[x, 3]), like)
 
 
 # --------------------------------------------------------------------------- entries
@@ -1072,43 +1188,14 @@ def slot_holds_table(pool, root, g, level):
 
 
 # Not inlined: inlined into the replay loop it tripled the kernels' compile time for no
-# measurable gain. Both calls pass the same types (np.int64, never a bare literal such as
-# -1, 0 or True): Numba compiles a separate copy per literal value, 17 s each; compiled without reference counting, as replay_batch, so a call does not
-# incref and decref its ~30 arrays. ``bt`` is the batch: (gfn int64, access uint8, vcpu uint16, ip int64, op uint8, arg int64,
-# boff int64), each (n,); ``aux`` the run's lookup tables: (bpmfn, bpkey, cr3r, vis, pseg),
-# see replay_batch.
+# measurable gain. Both calls pass the same types (np.int64, never a bare literal such as -1, 0
+# or True): Numba compiles a separate copy per literal value, 17 s each. Compiled without
+# reference counting, as replay_batch. Its arrays come through ``xtab`` (see X_POOL): the
+# state as replay_batch names it, the batch (gfn int64, access uint8, vcpu uint16, ip int64,
+# op uint8, arg int64, boff int64, each (n,)) and the run's lookup tables (bpmfn, bpkey, cr3r,
+# vis, pseg, lut).
 @njit(cache=True, _nrt=False)
-def execute(
-    pool,
-    gs,
-    roots,
-    maxm,
-    active,
-    dflt,
-    dom,
-    vst,
-    vc,
-    pv,
-    elog,
-    htab,
-    itab,
-    rules,
-    granges,
-    ibuf,
-    pmap,
-    bt,
-    aux,
-    has_ip,
-    has_op,
-    lut,
-    start_row,
-    s,
-    j,
-    k,
-    e,
-    lv,
-    has_walk,
-):
+def execute(xtab, has_ip, has_op, start_row, s, j, k, e, lv, has_walk):
     """Execute vCPU slot ``s``'s instruction from its row ``j`` to its newest row (SPEC §5):
     one attempt per access row (control rows op 1 and 2 take effect again), and from the first
     row again after each restart, until the newest row completes. Returns an ST_* status.
@@ -1119,8 +1206,34 @@ def execute(
     room for its tree writes and its log entry; without it the place is saved (S_EXEC_J,
     S_EXEC_K, GS_RESUME) and the driver calls again after growing.
     """
-    _, _, vcpu, _, op, _, _ = bt  # the rows themselves come through insn_row
-    bpmfn, bpkey, cr3r, vis, pseg = aux
+    i64, u8 = np.int64(0), np.uint8(0)
+    pool, gs, roots = array2(xtab, X_POOL, i64), array1(xtab, X_GS, i64), array1(xtab, X_ROOTS, i64)
+    maxm, dflt, dom = array1(xtab, X_MAXM, i64), array1(xtab, X_DFLT, i64), array1(xtab, X_DOM, i64)
+    active = array1(xtab, X_ACTIVE, u8)  # numpy bool_: one byte, 0 or 1
+    vst, vc, pv = array2(xtab, X_VST, i64), array2(xtab, X_VC, i64), array2(xtab, X_PV, i64)
+    elog, htab, itab = (
+        array2(xtab, X_ELOG, i64),
+        array2(xtab, X_HTAB, i64),
+        array2(xtab, X_ITAB, i64),
+    )
+    rules, granges = array2(xtab, X_RULES, i64), array2(xtab, X_GRANGES, i64)
+    ibuf, pmap, lut = array3(xtab, X_IBUF, i64), array2(xtab, X_PMAP, u8), array1(xtab, X_LUT, i64)
+    vcpu, op = array1(xtab, X_VCPU, np.uint16(0)), array1(xtab, X_OP, u8)
+    bt = (
+        array1(xtab, X_GFN, i64),
+        array1(xtab, X_ACCESS, u8),
+        vcpu,
+        array1(xtab, X_IP, i64),
+        op,
+        array1(xtab, X_ARG, i64),
+        array1(xtab, X_BOFF, i64),
+    )
+    bpmfn, bpkey, vis = (
+        array1(xtab, X_BPMFN, i64),
+        array1(xtab, X_BPKEY, i64),
+        array1(xtab, X_VIS, i64),
+    )
+    cr3r, pseg = array2(xtab, X_CR3R, i64), array3(xtab, X_PSEG, i64)
     nsp, first = first_rows(vst, s)
     if j < 0:
         # the instruction's rows: the spilled ones, then the slot's rows from ``first`` to k
@@ -1544,6 +1657,7 @@ def replay_batch(
     cr3r,
     vis,
     pseg,
+    xtab,
 ):
     """Replay rows ``begin..`` of one batch; returns (status, index of the next row to do).
 
@@ -1555,7 +1669,8 @@ def replay_batch(
     counter slot (the last row of ``vc`` is the domain's). Breakpoints: ``bpmfn`` int64 sorted
     frames holding one, ``bpkey`` int64 sorted mfn << 12 | offset; ``cr3r`` int64 (m, 3)
     CR3 rules; ``vis`` int64 (views,) guest VMFUNC targets; ``pseg`` int64 (slots, 513, 2)
-    pass segments; ``remap`` int64 (p2ms, 2) remap intervals.
+    pass segments; ``remap`` int64 (p2ms, 2) remap intervals; ``xtab`` int64 (N_X, 4) scratch
+    for execute's arrays.
     A restart executes an instruction again from its rows in the batch and, for one that
     began in an earlier batch, from ``ibuf`` (int64 (slots, MAX_INSN_ROWS, B_WIDTH)). Exits and #VEs are logged in ``elog`` (int64
     (m, 3), m > LOG_SLACK) and drained into the per-gfn and per-ip tables when the log fills;
@@ -1570,33 +1685,44 @@ def replay_batch(
     nslots = vc.shape[0]
     n = len(gfn)
     bt = (gfn, access, vcpu, ip, op, arg, boff)
-    aux = (bpmfn, bpkey, cr3r, vis, pseg)
+    # execute's arrays, by address (see X_POOL)
+    note_array(xtab, X_POOL, pool)
+    note_array(xtab, X_GS, gs)
+    note_array(xtab, X_ROOTS, roots)
+    note_array(xtab, X_MAXM, maxm)
+    note_array(xtab, X_ACTIVE, active)
+    note_array(xtab, X_DFLT, dflt)
+    note_array(xtab, X_DOM, dom)
+    note_array(xtab, X_VST, vst)
+    note_array(xtab, X_VC, vc)
+    note_array(xtab, X_PV, pv)
+    note_array(xtab, X_ELOG, elog)
+    note_array(xtab, X_HTAB, htab)
+    note_array(xtab, X_ITAB, itab)
+    note_array(xtab, X_RULES, rules)
+    note_array(xtab, X_GRANGES, granges)
+    note_array(xtab, X_IBUF, ibuf)
+    note_array(xtab, X_PMAP, pmap)
+    note_array(xtab, X_GFN, gfn)
+    note_array(xtab, X_ACCESS, access)
+    note_array(xtab, X_VCPU, vcpu)
+    note_array(xtab, X_IP, ip)
+    note_array(xtab, X_OP, op)
+    note_array(xtab, X_ARG, arg)
+    note_array(xtab, X_BOFF, boff)
+    note_array(xtab, X_BPMFN, bpmfn)
+    note_array(xtab, X_BPKEY, bpkey)
+    note_array(xtab, X_CR3R, cr3r)
+    note_array(xtab, X_VIS, vis)
+    note_array(xtab, X_PSEG, pseg)
+    note_array(xtab, X_LUT, lut)
     if gs[GS_RESUME]:
         s = gs[GS_RESUME] - 1
         gs[GS_RESUME] = 0
         st = execute(
-            pool,
-            gs,
-            roots,
-            maxm,
-            active,
-            dflt,
-            dom,
-            vst,
-            vc,
-            pv,
-            elog,
-            htab,
-            itab,
-            rules,
-            granges,
-            ibuf,
-            pmap,
-            bt,
-            aux,
+            xtab,
             has_ip,
             has_op,
-            lut,
             start_row,
             s,
             vst[s, S_EXEC_J],
@@ -1727,37 +1853,7 @@ def replay_batch(
         recs = 0
         insns = 0
         comp = 0
-        st = execute(
-            pool,
-            gs,
-            roots,
-            maxm,
-            active,
-            dflt,
-            dom,
-            vst,
-            vc,
-            pv,
-            elog,
-            htab,
-            itab,
-            rules,
-            granges,
-            ibuf,
-            pmap,
-            bt,
-            aux,
-            has_ip,
-            has_op,
-            lut,
-            start_row,
-            s,
-            np.int64(-1),
-            i,
-            e,
-            lv,
-            np.int64(1),
-        )
+        st = execute(xtab, has_ip, has_op, start_row, s, np.int64(-1), i, e, lv, np.int64(1))
         if st != ST_DONE:
             if st in (ST_CRASH, ST_LIVELOCK, ST_UNMATCHED, ST_LONG_INSN):
                 return st, i + 1

@@ -301,6 +301,7 @@ class Replayer:
         self.ip_other = np.zeros(
             3, dtype=np.int64
         )  # ept_exits, ve_delivered, int3_exits of compacted ips
+        self.xtab = np.zeros((K.N_X, 4), dtype=np.int64)  # execute's arrays (K.X_POOL)
         self.elog = np.zeros((max(LOG_ROWS, K.LOG_SLACK + 1), 3), dtype=np.int64)
         # fast-path cache over the gfns the trace can touch, within PMAP_BYTES (pages of it
         # that no access reaches are never touched, so cost no memory)
@@ -622,6 +623,7 @@ class Replayer:
                 self.cr3r,
                 self.vis,
                 self.pseg,
+                self.xtab,
             )
             if st == K.ST_NEED_NODES:
                 self._grow_pool()
