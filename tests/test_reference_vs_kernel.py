@@ -88,6 +88,41 @@ def compare(case, batch_rows=None) -> None:
     )
 
 
+# --------------------------------------------------------------------------- examples
+def test_a_rule_over_an_empty_gfn_set_reaches_execute():
+    """A rule whose gfn set is empty leaves the kernel an empty range table, and numpy gives
+    an empty concatenation strides (0, 0): execute, which rebuilds its arrays from address and
+    shape, must still accept it (found by the property test below)."""
+    import numpy as np
+    from strategies import Case
+
+    from altp2m_replay.policy import parse_policy
+
+    text = """name = "empty-set"
+description = "a rule over an empty metadata set"
+[domain]
+monitor = false
+[[view]]
+name = "v1"
+default_access = "n"
+[[setup]]
+op = "switch_p2m"
+view = "v1"
+[[on_violation]]
+view = "v1"
+gfns = { set = "meta:hot" }
+action = "emulate"
+[[on_violation]]
+action = "emulate"
+"""
+    arrays = {
+        "gfn": np.array([1, 2, 1], dtype=np.uint64),
+        "access": np.array([1, 2, 4], dtype=np.uint8),
+        "vcpu": np.zeros(3, dtype=np.uint16),
+    }
+    compare(Case(text, parse_policy(text, "test"), arrays, gfn_sets={"hot": []}))
+
+
 # --------------------------------------------------------------------------- properties
 @settings(max_examples=examples(300), deadline=None, suppress_health_check=SLOW_OK)
 @given(case=cases())

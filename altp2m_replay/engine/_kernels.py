@@ -364,8 +364,8 @@ def array_at(typingctx, addr, shape, like):
 def note_array(xtab, x, arr):
     """Row ``x`` of ``xtab``: C-contiguous ``arr``'s address, then its shape."""
     step = arr.itemsize  # execute rebuilds C-ordered arrays from address and shape alone
-    for d in range(arr.ndim - 1, -1, -1):
-        if arr.shape[d] > 1 and arr.strides[d] != step:
+    for d in range(arr.ndim - 1, -1, -1):  # (an empty array's strides mean nothing)
+        if arr.size and arr.shape[d] > 1 and arr.strides[d] != step:
             raise ValueError("execute's arrays must be C-contiguous")
         step *= arr.shape[d]
     xtab[x, 0] = address_of(arr)
