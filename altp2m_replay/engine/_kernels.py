@@ -25,7 +25,6 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from numba.np.arrayobj import populate_array
 
 # ---- entry layout
 EMPTY = 0
@@ -339,6 +338,10 @@ def array_at(typingctx, addr, shape, like):
     aty = types.Array(dtype, ndim, "C")
 
     def codegen(context, builder, sig, args):
+        # imported here: codegen runs only when compiling, and importing numba.np.arrayobj
+        # costs 60 ms of every replay's start-up
+        from numba.np.arrayobj import populate_array
+
         ary = context.make_array(aty)(context, builder)
         itemsize = context.get_constant(
             types.intp, context.get_abi_sizeof(context.get_data_type(dtype))
