@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import reference_simulate
-from strategies import cases
+from strategies import Case, cases
 
 from altp2m_replay.errors import ReplayError
+from altp2m_replay.policy import parse_policy
 
 
 def examples(n: int) -> int:
@@ -93,11 +95,6 @@ def test_a_rule_over_an_empty_gfn_set_reaches_execute():
     """A rule whose gfn set is empty leaves the kernel an empty range table, and numpy gives
     an empty concatenation strides (0, 0): execute, which rebuilds its arrays from address and
     shape, must still accept it (found by the property test below)."""
-    import numpy as np
-    from strategies import Case
-
-    from altp2m_replay.policy import parse_policy
-
     text = """name = "empty-set"
 description = "a rule over an empty metadata set"
 [domain]
