@@ -363,7 +363,9 @@ def array_at(typingctx, addr, shape, like):
     return aty(addr, shape, like), codegen
 
 
-@njit(cache=True, inline="always")
+@njit(
+    cache=True, _nrt=False
+)  # not inlined: called once per batch, and 30 inlined copies slowed compiling
 def note_array(xtab, x, arr):
     """Row ``x`` of ``xtab``: C-contiguous ``arr``'s address, then its shape."""
     step = arr.itemsize  # execute rebuilds C-ordered arrays from address and shape alone
