@@ -363,9 +363,8 @@ def array_at(typingctx, addr, shape, like):
     return aty(addr, shape, like), codegen
 
 
-@njit(
-    cache=True, _nrt=False
-)  # not inlined: called once per batch, and 30 inlined copies slowed compiling
+# Not inlined: called once per batch, and 30 inlined copies in replay_batch slowed compiling.
+@njit(cache=True, _nrt=False)
 def note_array(xtab, x, arr):
     """Row ``x`` of ``xtab``: C-contiguous ``arr``'s address, then its shape."""
     step = arr.itemsize  # execute rebuilds C-ordered arrays from address and shape alone
