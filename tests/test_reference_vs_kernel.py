@@ -120,6 +120,20 @@ action = "emulate"
     compare(Case(text, parse_policy(text, "test"), arrays, gfn_sets={"hot": []}))
 
 
+def test_the_kernel_is_given_c_ordered_arrays_only():
+    """execute rebuilds its arrays from address and shape alone, so the driver refuses a
+    strided array; an empty one passes whatever its strides."""
+    import pytest
+
+    from altp2m_replay.engine.simulate import _check_c_order
+
+    empty = np.concatenate([np.zeros((0, 2), dtype=np.int64)])
+    assert empty.strides == (0, 0)
+    _check_c_order((empty, np.zeros((3, 2), dtype=np.int64), 5, True))
+    with pytest.raises(AssertionError, match="C-contiguous"):
+        _check_c_order((np.zeros((3, 4), dtype=np.int64)[:, ::2],))
+
+
 # --------------------------------------------------------------------------- properties
 @settings(max_examples=examples(300), deadline=None, suppress_health_check=SLOW_OK)
 @given(case=cases())

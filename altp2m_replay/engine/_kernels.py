@@ -279,7 +279,8 @@ def prefetch_row(typingctx, table, row):
 # A call passes every array argument as its whole descriptor (7 to 11 machine words): the
 # ~30 arrays execute needs made each call ~250 words of stack traffic, about 45 ns of an exit
 # that costs 150-250 ns. replay_batch writes each array's address and shape into ``xtab``
-# (int64 (N_X, 4)) once per call, and execute rebuilds the arrays from it (array1, array2, array3).
+# (int64 (N_X, 4)) once per call, and execute rebuilds the arrays from it (array1, array2,
+# array3).
 (
     X_POOL,
     X_GS,
@@ -315,84 +316,76 @@ def prefetch_row(typingctx, table, row):
 ) = range(31)
 
 
-@intrinsic
-def address_of(typingctx, arr):
-    """The address of array ``arr``'s data, as an int64."""
-
-    def codegen(context, builder, sig, args):
-        a = context.make_array(sig.args[0])(context, builder, args[0])
-        return builder.ptrtoint(a.data, ir.IntType(64))
-
-    return types.int64(arr), codegen
+def _xtab_cell(context, builder, tabty, tab, x, col):
+    """Code generation: a pointer to ``xtab[x, col]``."""
+    arr = context.make_array(tabty)(context, builder, tab)
+    idx = [x, context.get_constant(types.intp, col)]
+    return cgutils.get_item_pointer(context, builder, tabty, arr, idx)
 
 
 @intrinsic
-def array_at(typingctx, addr, shape, like):
-    """The C-ordered array of ``like``'s dtype at int64 ``addr``, of ``shape`` (int64 tuple).
+def note_array(typingctx, xtab, x, arr):
+    """Row ``x`` of ``xtab``: ``arr``'s data address, then its shape. ``arr`` must be
+    C-contiguous: execute rebuilds it from these alone (Replayer.feed checks).
 
-    Built in place (no runtime, no reference count), as numba.carray builds one; carray
-    itself cannot be used in kernels compiled without the runtime.
-    """
-    dtype = types.unliteral(like)
-    ndim = len(shape)
-    aty = types.Array(dtype, ndim, "C")
+    Code, not a jitted function: 30 inlined copies of one in replay_batch, or its variant per
+    array type, added 6-12 s to a cold compile."""
 
     def codegen(context, builder, sig, args):
-        # imported here: codegen runs only when compiling, and importing numba.np.arrayobj
-        # costs 60 ms of every replay's start-up
-        from numba.np.arrayobj import populate_array
+        tabty, xty, aty = sig.args
+        a = context.make_array(aty)(context, builder, args[2])
+        x = context.cast(builder, args[1], xty, types.intp)
+        address = builder.ptrtoint(a.data, ir.IntType(64))
+        builder.store(address, _xtab_cell(context, builder, tabty, args[0], x, 0))
+        for d, dim in enumerate(cgutils.unpack_tuple(builder, a.shape, aty.ndim)):
+            builder.store(dim, _xtab_cell(context, builder, tabty, args[0], x, 1 + d))
+        return context.get_dummy_value()
 
-        ary = context.make_array(aty)(context, builder)
-        itemsize = context.get_constant(
-            types.intp, context.get_abi_sizeof(context.get_data_type(dtype))
-        )
-        dims = cgutils.unpack_tuple(builder, args[1], ndim)
-        strides = [itemsize]
-        for d in range(ndim - 1, 0, -1):
-            strides.insert(0, builder.mul(strides[0], dims[d]))
-        populate_array(
-            ary,
-            data=builder.inttoptr(args[0], context.get_data_type(dtype).as_pointer()),
-            shape=dims,
-            strides=strides,
-            itemsize=itemsize,
-            meminfo=None,
-        )
-        return ary._getvalue()
-
-    return aty(addr, shape, like), codegen
+    return types.void(xtab, x, arr), codegen
 
 
-# Not inlined: called once per batch, and 30 inlined copies in replay_batch slowed compiling.
-@njit(cache=True, _nrt=False)
-def note_array(xtab, x, arr):
-    """Row ``x`` of ``xtab``: C-contiguous ``arr``'s address, then its shape."""
-    step = arr.itemsize  # execute rebuilds C-ordered arrays from address and shape alone
-    for d in range(arr.ndim - 1, -1, -1):  # (an empty array's strides mean nothing)
-        if arr.size and arr.shape[d] > 1 and arr.strides[d] != step:
-            raise ValueError("execute's arrays must be C-contiguous")
-        step *= arr.shape[d]
-    xtab[x, 0] = address_of(arr)
-    for d in range(arr.ndim):
-        xtab[x, 1 + d] = arr.shape[d]
+def _array_reader(ndim: int):
+    """An intrinsic (xtab, x, like) -> the C-ordered ``ndim``-D array of ``like``'s dtype that
+    row ``x`` of ``xtab`` describes, built in place as numba.carray builds one (carray itself
+    needs the runtime these kernels are compiled without)."""
+
+    def typer(typingctx, xtab, x, like):
+        dtype = types.unliteral(like)
+        aty = types.Array(dtype, ndim, "C")
+
+        def codegen(context, builder, sig, args):
+            # imported here: codegen runs only when compiling, and importing
+            # numba.np.arrayobj costs 60 ms of every replay's start-up
+            from numba.np.arrayobj import populate_array
+
+            tabty, xty, _ = sig.args
+            x = context.cast(builder, args[1], xty, types.intp)
+            cell = [_xtab_cell(context, builder, tabty, args[0], x, c) for c in range(1 + ndim)]
+            dims = [builder.load(c) for c in cell[1:]]
+            itemsize = context.get_constant(
+                types.intp, context.get_abi_sizeof(context.get_data_type(dtype))
+            )
+            strides = [itemsize]
+            for d in range(ndim - 1, 0, -1):
+                strides.insert(0, builder.mul(strides[0], dims[d]))
+            ary = context.make_array(aty)(context, builder)
+            data = builder.inttoptr(
+                builder.load(cell[0]), context.get_data_type(dtype).as_pointer()
+            )
+            populate_array(
+                ary, data=data, shape=dims, strides=strides, itemsize=itemsize, meminfo=None
+            )
+            return ary._getvalue()
+
+        return aty(xtab, x, like), codegen
+
+    typer.__name__ = f"array{ndim}"
+    return intrinsic(typer)
 
 
-@njit(cache=True, inline="always")
-def array1(xtab, x, like):
-    """The 1-D array of row ``x`` of ``xtab``, of ``like``'s dtype."""
-    return array_at(xtab[x, 0], (xtab[x, 1],), like)
-
-
-@njit(cache=True, inline="always")
-def array2(xtab, x, like):
-    """The 2-D array of row ``x`` of ``xtab``."""
-    return array_at(xtab[x, 0], (xtab[x, 1], xtab[x, 2]), like)
-
-
-@njit(cache=True, inline="always")
-def array3(xtab, x, like):
-    """The 3-D array of row ``x`` of ``xtab``."""
-    return array_at(xtab[x, 0], (xtab[x, 1], xtab[x, 2], xtab[x, 3]), like)
+array1 = _array_reader(1)
+array2 = _array_reader(2)
+array3 = _array_reader(3)
 
 
 # --------------------------------------------------------------------------- entries

@@ -584,7 +584,7 @@ class Replayer:
         )
         i = 0
         while True:
-            st, i = K.replay_batch(
+            args = (
                 gfn,
                 access,
                 vcpu,
@@ -625,6 +625,8 @@ class Replayer:
                 self.pseg,
                 self.xtab,
             )
+            _check_c_order(args)  # execute rebuilds arrays from address and shape alone
+            st, i = K.replay_batch(*args)
             if st == K.ST_NEED_NODES:
                 self._grow_pool()
             elif st in (K.ST_NEED_HASH, K.ST_NEED_IPHASH):
@@ -820,6 +822,14 @@ class Replayer:
             guest,
             ip_other=(int(self.ip_other[0]), int(self.ip_other[1]), int(self.ip_other[2])),
         )
+
+
+def _check_c_order(args: tuple) -> None:
+    """Raise if an array among the kernel's arguments is not C-contiguous (numpy's flag: an
+    empty array always is)."""
+    for a in args:
+        if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
+            raise AssertionError("the replay kernel's arrays must be C-contiguous")
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
