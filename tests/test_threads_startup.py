@@ -103,3 +103,14 @@ def test_a_replay_from_the_cache_does_not_import_what_only_compiling_needs(cache
         "if m in sys.modules])",
     )
     assert _run(code, cached, tmp_path / "out") == "imported:"
+
+
+def test_the_execute_warm_up_compiles_is_the_one_replay_batch_calls(cached):
+    """warm_kernels compiles ``execute`` in a second process for execute_signature(), and
+    replay_batch then loads it from the cache only if it calls it with exactly those types
+    (else both compile it, and the cache holds two entries)."""
+    from altp2m_replay.engine import _kernels
+    from altp2m_replay.engine.simulate import execute_signature
+
+    index = _kernels.execute._cache._cache_file._load_index()
+    assert [key[0] for key in index] == [execute_signature()]

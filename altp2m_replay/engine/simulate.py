@@ -955,12 +955,14 @@ def simulate_arrays(
     processes=None,
     batch_rows: int | None = None,
     window: int | None = None,
+    before_feed=None,
 ) -> SimResult:
     """Replay an in-memory trace (dict of arrays: gfn or gpa, access, optional vcpu, insn,
     tsc, ip, op, arg) with optional metadata ``symbols`` / ``processes`` (SPEC §2).
 
     The arrays are trusted to follow SPEC §2 beyond the checks below (use
-    ``traces.validate`` on files).
+    ``traces.validate`` on files). ``before_feed``: called once the policy's setup has run,
+    before the first row.
     """
     gpa = arrays.get("gpa")
     gfn = np.asarray(
@@ -989,6 +991,8 @@ def simulate_arrays(
     )
     domain_rows = np.zeros(n, dtype=bool) if op is None else np.asarray(op) >= 3
     rep = Replayer(policy, facts, np.unique(vcpu[~domain_rows]), n, window=window)
+    if before_feed is not None:
+        before_feed()
     step = batch_rows or max(n, 1)
     for a in range(0, n, step):
         b = min(n, a + step)
@@ -1062,10 +1066,33 @@ action = "emulate"
 """
 
 
+def execute_signature() -> tuple:
+    """``execute``'s argument types as replay_batch calls it (xtab, has_ip, has_op, start_row,
+    s, j, k, e, lv, has_walk): a tuple of types, not a string, because Numba's cache index
+    keys an entry by the signature as given. tests/test_threads_startup.py checks that the
+    cache holds this one only."""
+    from numba import types
+
+    i64 = types.int64
+    return (types.Array(i64, 2, "C"), types.boolean, types.boolean) + (i64,) * 7
+
+
+def _compile_execute() -> None:
+    """Compile ``execute`` into Numba's cache (warm_kernels' second process)."""
+    K.execute.compile(execute_signature())
+
+
 def warm_kernels() -> None:
     """Compile (or load) every kernel a replay calls, on a few rows: run once in the main
     process before worker processes start, so they load the kernels instead of each
-    compiling them."""
+    compiling them.
+
+    ``execute``, half of a cold compile, compiles meanwhile in a second process (Numba
+    compiles one function at a time per process); replay_batch, which calls it, waits for
+    it and then loads it from the cache. Should that process fail, replay_batch compiles it.
+    """
+    import multiprocessing
+
     from altp2m_replay.policy import parse_policy
 
     gfn = np.array([5, 6, 600, 7, 5, 3, 3], dtype=np.uint64)
@@ -1079,4 +1106,11 @@ def warm_kernels() -> None:
         "op": np.array([0, 0, 0, 0, 0, 2, 3], dtype=np.uint8),
         "arg": np.array([0, 0, 0, 0, 0, 0x1000, 0], dtype=np.uint64),
     }
-    simulate_arrays(parse_policy(WARM_POLICY, "warm-up"), arrays, batch_rows=4)
+    helper = multiprocessing.get_context("spawn").Process(target=_compile_execute, daemon=True)
+    helper.start()
+    try:
+        simulate_arrays(
+            parse_policy(WARM_POLICY, "warm-up"), arrays, batch_rows=4, before_feed=helper.join
+        )
+    finally:
+        helper.join()
