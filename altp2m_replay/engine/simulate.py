@@ -1078,7 +1078,7 @@ def execute_signature() -> tuple:
 
 
 def _compile_execute() -> None:
-    """Compile ``execute`` into Numba's cache (warm_kernels' second process)."""
+    """Compile ``execute`` into Numba's cache (run by warm_kernels in a second interpreter)."""
     K.execute.compile(execute_signature())
 
 
@@ -1091,7 +1091,8 @@ def warm_kernels() -> None:
     compiles one function at a time per process); replay_batch, which calls it, waits for
     it and then loads it from the cache. Should that process fail, replay_batch compiles it.
     """
-    import multiprocessing
+    import subprocess
+    import sys
 
     from altp2m_replay.policy import parse_policy
 
@@ -1106,11 +1107,27 @@ def warm_kernels() -> None:
         "op": np.array([0, 0, 0, 0, 0, 2, 3], dtype=np.uint8),
         "arg": np.array([0, 0, 0, 0, 0, 0x1000, 0], dtype=np.uint64),
     }
-    helper = multiprocessing.get_context("spawn").Process(target=_compile_execute, daemon=True)
-    helper.start()
+    # A plain interpreter, not multiprocessing: a spawned child would run the caller's main
+    # script again, and one without a __main__ guard would fail loudly. Its output is
+    # dropped: if it fails, replay_batch compiles execute itself.
+    code = "from altp2m_replay.engine.simulate import _compile_execute; _compile_execute()"
+    try:
+        helper = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError:
+        helper = None
     try:
         simulate_arrays(
-            parse_policy(WARM_POLICY, "warm-up"), arrays, batch_rows=4, before_feed=helper.join
+            parse_policy(WARM_POLICY, "warm-up"),
+            arrays,
+            batch_rows=4,
+            before_feed=None if helper is None else helper.wait,
         )
     finally:
-        helper.join()
+        if helper is not None and helper.poll() is None:  # the warm-up failed before its wait
+            helper.kill()
+            helper.wait()
