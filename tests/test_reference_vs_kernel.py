@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import reference_simulate
 from strategies import Case, cases
 
+from altp2m_replay.engine.simulate import _check_c_order
 from altp2m_replay.errors import ReplayError
 from altp2m_replay.policy import parse_policy
 
@@ -123,9 +125,6 @@ action = "emulate"
 def test_the_kernel_is_given_c_ordered_arrays_only():
     """execute rebuilds its arrays from address and shape alone, so the driver refuses a
     strided array; an empty one passes whatever its strides."""
-    import pytest
-
-    from altp2m_replay.engine.simulate import _check_c_order
 
     empty = np.concatenate([np.zeros((0, 2), dtype=np.int64)])
     assert empty.strides == (0, 0)

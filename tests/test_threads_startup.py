@@ -96,7 +96,7 @@ def test_a_replay_without_html_does_not_import_the_report(cached, tmp_path):
 
 def test_a_replay_from_the_cache_does_not_import_what_only_compiling_needs(cached, tmp_path):
     """numba.np.arrayobj (and what it pulls in: Numba's string and hashing support) is only
-    needed to compile ``_kernels.array_at``; importing it cost every replay 60 ms."""
+    needed to compile ``_kernels.array1`` to ``array3``; importing it cost every replay 60 ms."""
     code = PROBE.replace(
         'print("full" if "numba.np.linalg" in sys.modules else "lean")',
         'print("imported:", *[m for m in ("numba.np.arrayobj", "numba.cpython.charseq") '

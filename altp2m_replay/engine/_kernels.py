@@ -250,6 +250,14 @@ KIND_OF_BIT = np.array([0, 0, 1, 0, 2], dtype=np.int64)
 PREFETCH_AHEAD = 16  # log entries between a table row's prefetch and its update (drain_log)
 
 
+def _item_pointer(context, builder, aty, value, row, col):
+    """Code generation: a pointer to ``value[row, col]`` of 2-D array type ``aty``; ``row`` an
+    intp value, ``col`` a constant."""
+    arr = context.make_array(aty)(context, builder, value)
+    idx = [row, context.get_constant(types.intp, col)]
+    return cgutils.get_item_pointer(context, builder, aty, arr, idx)
+
+
 @intrinsic
 def prefetch_row(typingctx, table, row):
     """Hint the CPU to start loading row ``row`` of a 2-D C-ordered array into cache.
@@ -258,9 +266,7 @@ def prefetch_row(typingctx, table, row):
     """
 
     def codegen(context, builder, sig, args):
-        arr = context.make_array(sig.args[0])(context, builder, args[0])
-        zero = context.get_constant(types.intp, 0)
-        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], arr, [args[1], zero])
+        ptr = _item_pointer(context, builder, sig.args[0], args[0], args[1], 0)
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
         fn = cgutils.get_or_insert_function(
@@ -316,13 +322,6 @@ def prefetch_row(typingctx, table, row):
 ) = range(31)
 
 
-def _xtab_cell(context, builder, tabty, tab, x, col):
-    """Code generation: a pointer to ``xtab[x, col]``."""
-    arr = context.make_array(tabty)(context, builder, tab)
-    idx = [x, context.get_constant(types.intp, col)]
-    return cgutils.get_item_pointer(context, builder, tabty, arr, idx)
-
-
 @intrinsic
 def note_array(typingctx, xtab, x, arr):
     """Row ``x`` of ``xtab``: ``arr``'s data address, then its shape. ``arr`` must be
@@ -336,9 +335,9 @@ def note_array(typingctx, xtab, x, arr):
         a = context.make_array(aty)(context, builder, args[2])
         x = context.cast(builder, args[1], xty, types.intp)
         address = builder.ptrtoint(a.data, ir.IntType(64))
-        builder.store(address, _xtab_cell(context, builder, tabty, args[0], x, 0))
+        builder.store(address, _item_pointer(context, builder, tabty, args[0], x, 0))
         for d, dim in enumerate(cgutils.unpack_tuple(builder, a.shape, aty.ndim)):
-            builder.store(dim, _xtab_cell(context, builder, tabty, args[0], x, 1 + d))
+            builder.store(dim, _item_pointer(context, builder, tabty, args[0], x, 1 + d))
         return context.get_dummy_value()
 
     return types.void(xtab, x, arr), codegen
@@ -360,7 +359,7 @@ def _array_reader(ndim: int):
 
             tabty, xty, _ = sig.args
             x = context.cast(builder, args[1], xty, types.intp)
-            cell = [_xtab_cell(context, builder, tabty, args[0], x, c) for c in range(1 + ndim)]
+            cell = [_item_pointer(context, builder, tabty, args[0], x, c) for c in range(1 + ndim)]
             dims = [builder.load(c) for c in cell[1:]]
             itemsize = context.get_constant(
                 types.intp, context.get_abi_sizeof(context.get_data_type(dtype))
